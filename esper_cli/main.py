@@ -1,0 +1,20 @@
+"""The `esper` command: one thin module per subcommand, registered here."""
+
+from __future__ import annotations
+
+import typer
+
+from esper_cli import pending, train
+
+app = typer.Typer(
+    name="esper",
+    help="Morphogenetic training for PyTorch: networks that grow seeds where they need capacity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("train")(train.train)
+app.command("resume")(pending.resume)
+app.command("compile")(pending.compile_)
+app.command("inspect-cache")(pending.inspect_cache)
+app.command("report")(pending.report)

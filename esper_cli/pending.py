@@ -1,0 +1,35 @@
+"""Commands whose machinery is still being built. They say so and exit 3 rather than pretend."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+NOT_YET = 3
+
+
+def _not_yet(command: str, what: str) -> None:
+    print(f"esper {command}: not available yet: {what}", file=sys.stderr)
+    raise typer.Exit(NOT_YET)
+
+
+def resume(checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint directory or run directory.")) -> None:
+    """Continue a run from a checkpoint (checkpoints are still to come)."""
+    _not_yet("resume", "training does not write checkpoints yet")
+
+
+def compile_(blueprints: list[Path] = typer.Argument(..., help="Blueprint YAML files.")) -> None:
+    """Compile blueprints into validated kernels (the kernel compiler is still to come)."""
+    _not_yet("compile", "the kernel compiler is still to come; `esper train` builds kernels in-process")
+
+
+def inspect_cache() -> None:
+    """Show the kernel cache tiers (the tiered cache is still to come)."""
+    _not_yet("inspect-cache", "the tiered kernel cache is still to come")
+
+
+def report(run: Path = typer.Argument(..., help="Run directory.")) -> None:
+    """Write a compliance report of a run (reports are still to come)."""
+    _not_yet("report", "compliance reports are still to come; see the run's summary.json and events.jsonl")

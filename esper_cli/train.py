@@ -1,0 +1,50 @@
+"""`esper train RECIPE [key=value ...]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from esper_cli.errors import reported
+from esper_cli.progress import make_progress
+from esper_core.training.trainer import Trainer
+
+
+@reported
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
+    overrides: list[str] = typer.Argument(None, help="Overrides such as trainer.max_steps=200 seeds.per_layer=2.",
+                                          show_default=False),
+) -> None:
+    """Train (and grow) a model as the recipe says."""
+    console = Console()
+    trainer = Trainer.from_recipe(recipe, overrides or [])
+    progress = make_progress(trainer.loaded.recipe.telemetry.progress, console)
+    try:
+        summary = trainer.fit(progress)
+    finally:
+        if progress is not None and hasattr(progress, "close"):
+            progress.close()
+    console.print(summary_table(summary))
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title=f"Run {summary['run_dir']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("steps", f"{summary['steps']}"),
+        ("device", summary["device"]),
+        ("val accuracy", f"{summary['val_accuracy']:.4f}"),
+        ("test accuracy", f"{summary['test_accuracy']:.4f}"),
+        ("params initial", f"{summary['params_initial']:,}"),
+        ("params final", f"{summary['params_final']:,}"),
+        ("seeds", ", ".join(f"{k} {v}" for k, v in summary["seeds"].items() if v) or "none"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

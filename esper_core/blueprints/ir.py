@@ -1,0 +1,95 @@
+"""The blueprint IR: a typed, canonical description of a seed module.
+
+A blueprint is a short sequence of ops whose sizes are symbolic (``in``, ``out``, ``rank`` and the
+blueprint's own ``dims``); :mod:`esper_core.blueprints.builder` resolves them against a host layer.
+The IR is deliberately small: every op here has an analytic parameter and FLOP count, which lets the
+compiler reject absurd blueprints before allocating anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Dim = Union[int, str]
+"""A size: a literal integer or an expression over symbolic dims (see :mod:`.dims`)."""
+
+Init = Literal["default", "zeros", "small"]
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class LinearOp(_Op):
+    op: Literal["linear"]
+    in_: Dim = Field(alias="in", description="Input features.")
+    out: Dim = Field(description="Output features.")
+    bias: bool = True
+    init: Init = "default"
+
+
+class Conv2dOp(_Op):
+    op: Literal["conv2d"]
+    in_: Dim = Field(alias="in", description="Input channels.")
+    out: Dim = Field(description="Output channels.")
+    geometry: Literal["host", "same"] = Field(
+        "same", description="`host` copies the host conv's kernel, stride, padding and dilation (so the "
+        "seed's output grid matches the host's); `same` is a stride-1 conv that keeps the grid.")
+    kernel: Dim = Field(3, description="Kernel size for `geometry: same` (odd).")
+    groups: Dim = Field(1, description="Channel groups (`in` for a depthwise conv).")
+    bias: bool = True
+    init: Init = "default"
+
+
+class ActivationOp(_Op):
+    op: Literal["relu", "gelu", "silu", "tanh", "sigmoid"]
+
+
+class DropoutOp(_Op):
+    op: Literal["dropout"]
+    p: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class AvgPoolOp(_Op):
+    """Average pooling with the host conv's kernel, stride and padding: a parameter-free way to land on
+    the host's output grid."""
+
+    op: Literal["avg_pool"]
+
+
+class SEGateOp(_Op):
+    """Squeeze-excitation: scale each channel by a gate computed from its global average."""
+
+    op: Literal["se_gate"]
+    channels: Dim
+    reduction: Dim = 4
+
+
+_OP_TYPES = (LinearOp, Conv2dOp, ActivationOp, DropoutOp, AvgPoolOp, SEGateOp)
+Op = Annotated[Union[_OP_TYPES], Field(discriminator="op")]  # type: ignore[valid-type]
+OP_NAMES = frozenset(name for cls in _OP_TYPES for name in get_args(cls.model_fields["op"].annotation))
+
+
+class Blueprint(BaseModel):
+    """One blueprint file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)
+    version: int = Field(1, ge=1)
+    description: str = ""
+    host: Literal["linear", "conv2d"] = Field(description="Host layer kind this blueprint grows on.")
+    dims: dict[str, Dim] = Field(default_factory=dict,
+                                 description="Named sizes, evaluated in order; may use in, out, rank and earlier dims.")
+    ops: list[Op] = Field(min_length=1, max_length=64)
+
+    def canonical_json(self) -> str:
+        """The IR with defaults filled in, keys sorted, no whitespace: the input of content hashes."""
+        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()

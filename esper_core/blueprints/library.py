@@ -1,0 +1,74 @@
+"""Finding and loading blueprints: the builtin library plus user directories.
+
+Blueprint files go through the same YAML reader and the same error locator as recipes, so a bad
+blueprint is reported as ``file:line: field: message`` like any other input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from esper_core.blueprints.builder import ResolveError
+from esper_core.blueprints.ir import OP_NAMES, Blueprint
+from esper_core.errors import ConfigError, Problem
+from esper_core.recipe.diagnostics import Locator, validation_problems
+from esper_core.recipe.yaml_source import read_yaml_file
+
+BUILTIN_DIR = Path(__file__).parent / "library"
+
+
+@dataclass(frozen=True)
+class BlueprintFile:
+    """A validated blueprint and the line map of the file it came from (for later errors)."""
+
+    blueprint: Blueprint
+    path: Path
+    source: str
+    lines: dict[str, int]
+
+    def problem(self, error: ResolveError) -> Problem:
+        """Locate a resolution error (a dim that does not resolve, a size mismatch) in the file."""
+        locator = Locator(self.source, self.lines, ())
+        return locator.problem(tuple(error.field.split(".")), error.message)
+
+
+def load_blueprint(path: str | Path) -> BlueprintFile:
+    source = str(path)
+    resolved = Path(path).expanduser().resolve()
+    document = read_yaml_file(resolved, source)
+    try:
+        blueprint = Blueprint.model_validate(document.data)
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(exc, Locator(source, document.lines, ()), Blueprint, OP_NAMES)) from None
+    return BlueprintFile(blueprint, resolved, source, document.lines)
+
+
+@dataclass
+class BlueprintLibrary:
+    """Blueprints by name: builtins first, then each extra directory (a later file of the same name wins)."""
+
+    files: dict[str, BlueprintFile] = field(default_factory=dict)
+
+    @classmethod
+    def discover(cls, extra_dirs: Iterable[Path] = ()) -> "BlueprintLibrary":
+        library = cls()
+        for directory in (BUILTIN_DIR, *extra_dirs):
+            if not directory.is_dir():
+                raise ConfigError(Problem(str(directory), "blueprint directory not found"))
+            for path in sorted(directory.glob("*.yaml")):
+                loaded = load_blueprint(path)
+                library.files[loaded.blueprint.name] = loaded
+        return library
+
+    def get(self, name: str) -> BlueprintFile:
+        try:
+            return self.files[name]
+        except KeyError:
+            raise KeyError(f"unknown blueprint {name!r} (known: {', '.join(sorted(self.files))})") from None
+
+    def names(self) -> list[str]:
+        return sorted(self.files)

@@ -1,0 +1,132 @@
+"""Turn recipe validation errors into located, readable problems.
+
+pydantic reports *what* is wrong at a ``loc`` inside the data; the user needs *where*: a line of the
+recipe file, or the command-line override that supplied the value. ``Locator`` answers where;
+``validation_problems`` rewrites pydantic's messages where a plainer one helps (unknown keys list
+the allowed ones, enums list the choices) and keeps them otherwise.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from esper_core.errors import Problem
+from esper_core.recipe.overrides import COMMAND_LINE, Override
+from esper_core.recipe.schema import Recipe
+
+Loc = tuple[str, ...]
+
+
+class Locator:
+    """Places a problem at a dotted field: in the file, or on the command line if an override set it."""
+
+    def __init__(self, source: str, lines: dict[str, int], overrides: Sequence[Override]) -> None:
+        self.source = source
+        self.lines = lines
+        self.overrides = overrides
+
+    def problem(self, loc: Loc, message: str) -> Problem:
+        field = ".".join(loc) or None
+        override = self._override_for(loc)
+        if override is not None:
+            return Problem(COMMAND_LINE, f"override {override.text!r}: {message}", field=field)
+        return Problem(self.source, message, line=self._line(loc), field=field)
+
+    def _line(self, loc: Loc) -> int | None:
+        """Line of the deepest part of ``loc`` written in the file (a missing key: its parent's)."""
+        for end in range(len(loc), 0, -1):
+            line = self.lines.get(".".join(loc[:end]))
+            if line is not None:
+                return line
+        return None
+
+    def _override_for(self, loc: Loc) -> Override | None:
+        """The last override that set ``loc`` or a mapping above it; failing that, when the file never
+        wrote ``loc``, the last one that set something below it (a section-level check it tripped)."""
+        above = [o for o in self.overrides if loc[: len(o.keys)] == o.keys]
+        if above:
+            return above[-1]
+        if ".".join(loc) in self.lines:
+            return None
+        below = [o for o in self.overrides if o.keys[: len(loc)] == loc]
+        return below[-1] if below else None
+
+
+def validation_problems(exc: ValidationError, locator: Locator, root: type[BaseModel] = Recipe,
+                        tags: frozenset[str] = frozenset()) -> list[Problem]:
+    """One problem per pydantic error, every one of them.
+
+    ``root`` is the model that was validated; ``tags`` are the discriminator values of tagged unions
+    (pydantic puts the chosen tag into the loc, but the user never wrote it as a key).
+    """
+    problems = []
+    for error in exc.errors(include_url=False):
+        # Drop pydantic's own loc parts such as "function-after[...]" or "[key]"; recipe keys never
+        # contain brackets or parentheses.
+        loc = tuple(str(part) for i, part in enumerate(error["loc"])
+                    if not (isinstance(part, str) and ("[" in part or "(" in part))
+                    and not (part in tags and i > 0 and isinstance(error["loc"][i - 1], int)))
+        problems.append(locator.problem(loc, _message(error, loc, root)))
+    return problems
+
+
+def _message(error: ErrorDetails, loc: Loc, root: type[BaseModel]) -> str:
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        return _unknown_key(loc, root)
+    if kind == "literal_error":
+        choices = _literal_choices(loc, root)
+        if choices:
+            return f"must be one of {', '.join(map(repr, choices))} (got {_show(value)})"
+    if kind == "model_type":
+        return f"must be a mapping of keys (got {_show(value)})"
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    if value is None or isinstance(value, (str, int, float)):
+        return f"{error['msg']} (got {_show(value)})"
+    return error["msg"]
+
+
+def _unknown_key(loc: Loc, root: type[BaseModel]) -> str:
+    model = _model_at(loc[:-1], root)
+    if model is None:
+        return "unknown key"
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], allowed, n=1)
+    hint = f", did you mean {close[0]!r}?" if close else ""
+    return f"unknown key{hint} (allowed: {', '.join(allowed)})"
+
+
+def _literal_choices(loc: Loc, root: type[BaseModel]) -> tuple[Any, ...]:
+    model = _model_at(loc[:-1], root)
+    field = model.model_fields.get(loc[-1]) if model is not None else None
+    if field is None or get_origin(field.annotation) is not Literal:
+        return ()
+    return get_args(field.annotation)
+
+
+def _model_at(loc: Loc, root: type[BaseModel]) -> type[BaseModel] | None:
+    """The section model found by following ``loc`` from ``root`` (``None`` if it leaves the models)."""
+    model: type[BaseModel] = root
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as the user would have written it in YAML, shortened."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

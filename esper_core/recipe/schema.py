@@ -1,0 +1,217 @@
+"""The recipe schema: every key a recipe may hold, its type, default and meaning.
+
+Each field's ``description`` is the user documentation: ``docs/recipe-reference.md`` is generated
+from this module, so the reference can never drift from what the loader accepts. Unknown keys are
+rejected everywhere (``extra="forbid"``) because a misspelt key that is silently ignored is the most
+expensive kind of configuration bug in a long training run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base of every recipe section: strict about unknown keys, immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    name: str = Field("run", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Run name; the run directory is `<output_dir>/<name>`.")
+    output_dir: str = Field("runs", min_length=1, description="Directory that holds run directories.")
+    seed: int = Field(0, ge=0, le=2**32 - 1,
+                      description="Seed for every random number generator and for the data split.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto` picks CUDA when available, else CPU; `cuda` fails if no GPU is present.")
+    deterministic: bool = Field(
+        True, description="Ask PyTorch for deterministic kernels (bit-exact reruns on the same hardware).")
+
+
+class SyntheticConfig(Section):
+    n_samples: int = Field(2000, ge=10, le=10_000_000, description="Number of generated samples.")
+    n_features: int = Field(20, ge=1, le=100_000, description="Number of input features.")
+    n_classes: int = Field(3, ge=2, le=1000, description="Number of classes.")
+    noise: float = Field(0.1, ge=0.0, le=10.0, description="Standard deviation of the added Gaussian noise.")
+
+
+class DataConfig(Section):
+    source: Literal["digits", "breast_cancer", "wine", "synthetic", "file", "factory"] = Field(
+        "digits", description="Built-in dataset (bundled with scikit-learn, nothing is downloaded), "
+        "`synthetic` (seeded generator), `file` (`.npz` or `.csv` at `path`) or `factory`.")
+    layout: Literal["image", "flat"] = Field(
+        "flat", description="`image` gives `digits` as 1x8x8 images; `flat` gives feature vectors. "
+        "Tabular sources are always flat.")
+    path: str | None = Field(None, description="Data file for `source: file`; relative paths are "
+                             "resolved against the recipe's directory. `.npz` needs arrays `x` and `y`; "
+                             "`.csv` is numeric with a header row and the label in `label_column`.")
+    label_column: str = Field("label", description="Label column of a `.csv` file.")
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                                description="`package.module:function` returning a torch Dataset, or a "
+                                "tuple `(train, val, test)` of Datasets, for `source: factory`.")
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `factory`.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Generator settings.")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of samples held out for validation.")
+    test_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of samples held out for test.")
+    standardize: bool = Field(True, description="Standardise features with statistics of the training split.")
+    batch_size: int = Field(64, ge=1, le=65536, description="Training batch size.")
+    eval_batch_size: int = Field(512, ge=1, le=65536, description="Batch size for validation and test.")
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "DataConfig":
+        if self.source == "file" and not self.path:
+            raise ValueError("`path` is required when source is 'file'")
+        if self.source == "factory" and not self.factory:
+            raise ValueError("`factory` is required when source is 'factory'")
+        return self
+
+
+class ModelConfig(Section):
+    arch: Literal["mlp", "cnn", "factory"] = Field(
+        "mlp", description="`mlp` (widths), `cnn` (a small ResNet-style CNN) or `factory`.")
+    widths: list[int] = Field(default_factory=lambda: [64], min_length=0, max_length=32,
+                              description="Hidden widths of the MLP.")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1, max_length=8,
+                                description="Channels of the CNN's stages (one residual block each).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in the zoo models.")
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                                description="`package.module:function` returning an nn.Module, called "
+                                "with `input_shape`, `num_classes` and `factory_kwargs`.")
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `factory`.")
+
+    # Per-field checks are field validators so that errors point at the field's own line.
+    @field_validator("widths")
+    @classmethod
+    def _widths_in_range(cls, widths: list[int]) -> list[int]:
+        if any(w < 1 or w > 1_000_000 for w in widths):
+            raise ValueError("every width must be between 1 and 1000000")
+        return widths
+
+    @field_validator("channels")
+    @classmethod
+    def _channels_in_range(cls, channels: list[int]) -> list[int]:
+        if any(c < 1 or c > 65536 for c in channels):
+            raise ValueError("every channel count must be between 1 and 65536")
+        return channels
+
+    @model_validator(mode="after")
+    def _arch_needs(self) -> "ModelConfig":
+        if self.arch == "factory" and not self.factory:
+            raise ValueError("`factory` is required when arch is 'factory'")
+        return self
+
+
+class SeedsConfig(Section):
+    targets: list[str] = Field(default_factory=lambda: ["type:Linear"], min_length=1,
+                               description="Which host layers to wrap: a glob on the module name "
+                               "(`features.*`), `re:<regex>`, or `type:Linear` / `type:Conv2d` "
+                               "(subclasses match). Matching nothing is an error.")
+    exclude: list[str] = Field(default_factory=list, description="Patterns (same syntax) to leave unwrapped, "
+                               "e.g. the classifier head.")
+    per_layer: int = Field(1, ge=1, le=16, description="Seed slots per wrapped layer.")
+    blueprints: list[str] = Field(default_factory=lambda: ["lowrank_adapter"], min_length=1,
+                                  description="Blueprint names the policy may germinate (builtin or found "
+                                  "in `blueprint_dirs`).")
+    blueprint_dirs: list[str] = Field(default_factory=list,
+                                      description="Extra directories of blueprint YAML files, relative to the recipe.")
+    rank: int = Field(8, ge=1, le=4096, description="Default value of the symbolic dim `rank`.")
+    incubation_steps: int = Field(100, ge=1, le=10_000_000,
+                                  description="Optimizer steps a seed trains gradient-isolated before blending.")
+    blend_steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps of the alpha ramp 0 -> 1.")
+    blend_schedule: Literal["linear", "cosine", "gated"] = Field(
+        "linear", description="Alpha ramp; `gated` advances only while the training loss is not rising.")
+    probation_steps: int = Field(50, ge=0, le=10_000_000,
+                                 description="Optimizer steps at full weight before the counterfactual verdict.")
+    embargo_steps: int = Field(100, ge=0, le=10_000_000,
+                               description="Optimizer steps a slot stays closed after a cull.")
+    eta: float = Field(1.0, gt=0.0, le=1e6, description="Incubation step size in per-sample units: the seed "
+                       "regresses onto `-eta * dL/dy` (proximal term `||g||^2 / (2 eta)`).")
+    fossilize_margin: float = Field(0.0, ge=-1.0, le=1.0,
+                                    description="Keep a seed only if muting it raises the validation loss by "
+                                    "more than this (counterfactual evaluation).")
+    eval_batches: int = Field(4, ge=1, le=10_000, description="Held-out batches for counterfactual evaluation.")
+    lr_scale: float = Field(1.0, gt=0.0, le=1000.0,
+                            description="Learning rate of seed parameters relative to the host's.")
+
+
+class PolicyConfig(Section):
+    trigger: Literal["plateau", "periodic"] = Field(
+        "plateau", description="Germinate on a validation plateau, or every `period_steps`.")
+    period_steps: int = Field(200, ge=1, le=10_000_000, description="Steps between growth for `periodic`.")
+    plateau_patience: int = Field(2, ge=1, le=10_000,
+                                  description="Evaluations without improvement that make a plateau.")
+    plateau_min_delta: float = Field(1e-3, ge=0.0, description="Improvement of validation loss that counts.")
+    growth_window: tuple[float, float] = Field(
+        (0.05, 0.7), description="Fractions of `trainer.max_steps` inside which growth may start; the rest "
+        "is kept for fine-tuning.")
+    merit_every: int = Field(10, ge=1, le=100_000,
+                             description="Steps between gradient-merit measurements (each costs one host-device sync).")
+    merit_decay: float = Field(0.8, ge=0.0, lt=1.0,
+                               description="Exponential averaging of merit across measurements (batches).")
+    merit_ratio: float = Field(0.5, ge=0.0, le=1.0,
+                               description="A layer is eligible only if its merit is at least this share of "
+                               "the best layer's.")
+    max_seeds: int = Field(4, ge=0, le=10_000, description="Most seeds alive (training, blending, probation "
+                           "or fossilized) at once.")
+    max_added_params: int = Field(1_000_000, ge=0, description="Most parameters growth may add.")
+
+    @field_validator("growth_window")
+    @classmethod
+    def _window_ordered(cls, window: tuple[float, float]) -> tuple[float, float]:
+        start, end = window
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"must satisfy 0 <= start < end <= 1 (got [{start}, {end}])")
+        return window
+
+
+class TrainerConfig(Section):
+    max_steps: int = Field(1000, ge=1, le=100_000_000, description="Optimizer steps to train.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0.0, le=10.0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Weight decay.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule over max_steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value.")
+    eval_every: int = Field(50, ge=1, description="Steps between validation passes.")
+    log_every: int = Field(10, ge=1, description="Steps between lines in metrics.jsonl.")
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
+    every_minutes: float | None = Field(None, gt=0.0, description="Write a checkpoint every N minutes.")
+    keep: int = Field(3, ge=1, le=1000, description="Checkpoints kept besides the best one.")
+
+
+class TelemetryConfig(Section):
+    progress: Literal["auto", "rich", "plain", "none"] = Field(
+        "auto", description="Terminal output: `auto` shows a live display on a terminal, plain lines otherwise.")
+    metrics_port: int | None = Field(None, ge=0, le=65535,
+                                     description="Serve Prometheus metrics on this port (0 picks a free port).")
+    metrics_bind: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
+
+
+class StorageConfig(Section):
+    workspace: str = Field(".esper", description="Directory for the kernel store and the local database, "
+                           "relative to the current directory.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the asset repository "
+                                     "(default: SQLite in the workspace; env `ESPER_DATABASE_URL`).")
+    redis_url: str | None = Field(None, description="Redis URL of the shared kernel cache "
+                                  "(optional; env `ESPER_REDIS_URL`).")
+
+
+class Recipe(Section):
+    """A whole recipe. Every section is optional; omitted sections take their defaults."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity and placement.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the samples come from.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The host network.")
+    seeds: SeedsConfig = Field(default_factory=SeedsConfig, description="Which layers host seeds and how seeds live.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="When and where to grow.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoint cadence.")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Progress and metrics.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Kernel store and asset repository.")

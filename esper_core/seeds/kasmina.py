@@ -1,0 +1,164 @@
+"""KasminaLayer: a host layer plus a few seed slots, computing ``y = f(x) + sum_s w_s * g_s(x)``.
+
+The layer owns the *mechanism* of each lifecycle state; when a state changes is decided by the
+:class:`~esper_core.seeds.manager.SeedManager` and the policy. What the forward pass sees of a seed
+is held in two tensors per slot, ``alpha`` (blend weight) and ``isolate`` (1 while incubating), so
+moving a seed from incubation through blending to probation changes no graph structure and does not
+make ``torch.compile`` recompile. Only germination and culling (a module appears or disappears)
+change the structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from esper_core.blueprints.host import HostSpec
+from esper_core.seeds.lifecycle import SeedState, check_transition
+
+
+class _Incubate(torch.autograd.Function):
+    """Straight-through incubation with a proximal pull towards zero.
+
+    Forward: zero, so the model's output is unchanged. Backward: the seed output receives
+    ``isolate * (dL/dy + g / (eta * B))``, which is the gradient of
+    ``<g, dL/dy> + ||g||^2 / (2 * eta * B)``; its minimiser is ``g = -eta * B * dL/dy``: the seed
+    regresses onto the part of the functional gradient the host is missing. Because the loss is
+    mean-reduced, ``B * dL/dy`` is a per-sample gradient, so ``eta`` is in per-sample units.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, isolate: torch.Tensor, eta: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(out, isolate)
+        ctx.eta = eta
+        return torch.zeros_like(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        out, isolate = ctx.saved_tensors
+        pull = out / (ctx.eta * out.shape[0])
+        return isolate * (grad + pull), None, None
+
+
+@dataclass
+class SlotInfo:
+    """Bookkeeping of one slot. Counters count optimizer steps."""
+
+    state: SeedState = SeedState.DORMANT
+    blueprint: str | None = None
+    kernel: str | None = None  # content address of the kernel the seed was built from
+    params: int = 0
+    steps_in_state: int = 0
+    embargo_left: int = 0
+    germinated_at: int | None = None
+
+
+class KasminaLayer(nn.Module):
+    """Wraps one host ``nn.Linear``/``nn.Conv2d``; see the module docstring."""
+
+    def __init__(self, host: nn.Module, slots: int, eta: float) -> None:
+        super().__init__()
+        self.host = host
+        self.spec = HostSpec.of(host)
+        self.eta = eta
+        self.seeds = nn.ModuleDict()
+        reference = next(host.parameters())
+        self.register_buffer("alpha", torch.zeros(slots, device=reference.device, dtype=reference.dtype))
+        self.register_buffer("isolate", torch.zeros(slots, device=reference.device, dtype=reference.dtype))
+        self.slots = [SlotInfo() for _ in range(slots)]
+        self._active: list[tuple[int, nn.Module]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.host(x)
+        for index, seed in self._active:
+            iso = self.isolate[index]
+            # lerp(x, x.detach(), iso) == x in value; the host gets (1 - iso) of the seed's gradient.
+            out = seed(torch.lerp(x, x.detach(), iso))
+            y = y + _Incubate.apply(out, iso, self.eta) + out * self.alpha[index]
+        return y
+
+    # --- mechanism of each transition (called by the SeedManager) ---------------------------------
+
+    def transition(self, index: int, target: SeedState) -> None:
+        slot = self.slots[index]
+        check_transition(slot.state, target)
+        slot.state = target
+        slot.steps_in_state = 0
+
+    def germinate(self, index: int, seed: nn.Module, blueprint: str, kernel: str, step: int) -> None:
+        """Reserve the slot for ``seed`` (DORMANT -> GERMINATED). It does not run until incubation."""
+        self.transition(index, SeedState.GERMINATED)
+        reference = next(self.host.parameters())
+        self.seeds[str(index)] = seed.to(device=reference.device, dtype=reference.dtype)
+        slot = self.slots[index]
+        slot.blueprint, slot.kernel, slot.germinated_at = blueprint, kernel, step
+        slot.params = sum(p.numel() for p in seed.parameters())
+
+    def start_incubation(self, index: int) -> None:
+        """GERMINATED -> TRAINING: the seed joins the forward pass with value exactly zero."""
+        self.transition(index, SeedState.TRAINING)
+        with torch.no_grad():
+            self.isolate[index] = 1.0
+            self.alpha[index] = 0.0
+        self._refresh_active()
+
+    def start_blending(self, index: int) -> None:
+        self.transition(index, SeedState.BLENDING)
+        with torch.no_grad():
+            self.isolate[index] = 0.0
+            self.alpha[index] = 0.0
+
+    def set_alpha(self, index: int, value: float) -> None:
+        with torch.no_grad():
+            self.alpha[index] = value
+
+    def start_probation(self, index: int) -> None:
+        self.transition(index, SeedState.PROBATION)
+        self.set_alpha(index, 1.0)
+
+    def fossilize(self, index: int) -> None:
+        self.transition(index, SeedState.FOSSILIZED)
+
+    def remove(self, index: int, target: SeedState, embargo: int) -> list[nn.Parameter]:
+        """Cull or roll back: the seed leaves the forward pass and the module; returns its parameters
+        so the caller can drop them from the optimizer."""
+        self.transition(index, target)
+        seed = self.seeds.pop(str(index))
+        with torch.no_grad():
+            self.isolate[index] = 0.0
+            self.alpha[index] = 0.0
+        slot = self.slots[index]
+        slot.embargo_left = embargo
+        self._refresh_active()
+        return list(seed.parameters())
+
+    def reopen(self, index: int) -> None:
+        """CULLED/ROLLED_BACK -> DORMANT after the embargo."""
+        self.transition(index, SeedState.DORMANT)
+        self.slots[index] = SlotInfo()
+
+    def muted(self, index: int) -> "_Muted":
+        """Context in which slot ``index`` contributes nothing (counterfactual evaluation)."""
+        return _Muted(self, index)
+
+    def seed_module(self, index: int) -> nn.Module:
+        return self.seeds[str(index)]
+
+    def _refresh_active(self) -> None:
+        self._active = [(i, self.seeds[str(i)]) for i, s in enumerate(self.slots)
+                        if s.state.contributes and str(i) in self.seeds]
+
+
+class _Muted:
+    def __init__(self, layer: KasminaLayer, index: int) -> None:
+        self.layer, self.index = layer, index
+
+    def __enter__(self) -> None:
+        self.saved = self.layer.alpha[self.index].clone()
+        self.layer.set_alpha(self.index, 0.0)
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            self.layer.alpha[self.index] = self.saved

@@ -1,0 +1,192 @@
+"""wrap() and the SeedManager: the one place that moves seeds through their lifecycle.
+
+The manager executes; it never decides. Where and what to germinate, and whether a seed is kept,
+come from the policy and the trainer's counterfactual evaluation (GradMax's split of "when" from
+"how"). Time-driven transitions (incubation over, blend ramp finished, embargo over) happen in
+:meth:`SeedManager.step`, called once per optimizer step, so every counter counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
+from esper_core.recipe.schema import SeedsConfig
+from esper_core.seeds.kasmina import KasminaLayer
+from esper_core.seeds.lifecycle import SeedState
+from esper_core.seeds.targets import TargetMismatch, match_targets
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    layer: str
+    index: int
+
+    @property
+    def key(self) -> str:
+        """Stable id of a slot, also the name of its optimizer parameter group."""
+        return f"{self.layer}#{self.index}"
+
+
+def alpha_at(schedule: str, progress: float) -> float:
+    """Blend weight after ``progress`` (0..1) of the ramp. ``gated`` ramps linearly, but its progress
+    only advances while the manager is told the training loss is not rising."""
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 - 0.5 * math.cos(math.pi * progress)
+    return progress
+
+
+class SeedManager:
+    """All Kasmina layers of one model, and the lifecycle clock that drives them."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, KasminaLayer], config: SeedsConfig) -> None:
+        self.model = model
+        self.layers = layers
+        self.config = config
+        self.step_count = 0
+
+    # --- queries ----------------------------------------------------------------------------------
+
+    def slots(self) -> Iterator[tuple[SlotRef, KasminaLayer]]:
+        for name, layer in self.layers.items():
+            for index in range(len(layer.slots)):
+                yield SlotRef(name, index), layer
+
+    def state(self, ref: SlotRef) -> SeedState:
+        return self.layers[ref.layer].slots[ref.index].state
+
+    def counts(self) -> dict[str, int]:
+        """Number of slots per lifecycle state (every state listed, zeros included)."""
+        counts = {s.name.lower(): 0 for s in SeedState}
+        for ref, layer in self.slots():
+            counts[layer.slots[ref.index].state.name.lower()] += 1
+        return counts
+
+    def occupied(self) -> int:
+        """Seeds that hold parameters (live or fossilized): what budgets count."""
+        return sum(1 for ref, layer in self.slots()
+                   if layer.slots[ref.index].state.live or layer.slots[ref.index].state == SeedState.FOSSILIZED)
+
+    def added_params(self) -> int:
+        return sum(layer.slots[ref.index].params for ref, layer in self.slots()
+                   if str(ref.index) in layer.seeds)
+
+    def free_slot(self, layer: str) -> int | None:
+        for index, slot in enumerate(self.layers[layer].slots):
+            if slot.state == SeedState.DORMANT:
+                return index
+        return None
+
+    def due_for_verdict(self) -> list[SlotRef]:
+        """Seeds that finished probation and wait for the counterfactual evaluation."""
+        return [ref for ref, layer in self.slots()
+                if layer.slots[ref.index].state == SeedState.PROBATION
+                and layer.slots[ref.index].steps_in_state >= self.config.probation_steps]
+
+    def seed_parameters(self, ref: SlotRef) -> list[nn.Parameter]:
+        return list(self.layers[ref.layer].seed_module(ref.index).parameters())
+
+    def topology(self) -> dict[str, Any]:
+        """JSON-ready description of every layer and slot: enough to rebuild the seeds."""
+        return {
+            "step": self.step_count,
+            "layers": {
+                name: {"host": layer.spec.to_json(), "slots": [
+                    {"state": s.state.name, "blueprint": s.blueprint, "kernel": s.kernel, "params": s.params,
+                     "steps_in_state": s.steps_in_state, "embargo_left": s.embargo_left,
+                     "germinated_at": s.germinated_at, "alpha": float(layer.alpha[i])}
+                    for i, s in enumerate(layer.slots)]}
+                for name, layer in self.layers.items()},
+        }
+
+    # --- transitions --------------------------------------------------------------------------------
+
+    def germinate(self, ref: SlotRef, seed: nn.Module, blueprint: str, kernel: str) -> Event:
+        layer = self.layers[ref.layer]
+        layer.germinate(ref.index, seed, blueprint, kernel, self.step_count)
+        return self._event("germinate", ref, params=layer.slots[ref.index].params)
+
+    def start_incubation(self, ref: SlotRef) -> Event:
+        self.layers[ref.layer].start_incubation(ref.index)
+        return self._event("incubate", ref)
+
+    def fossilize(self, ref: SlotRef, **evidence: Any) -> Event:
+        self.layers[ref.layer].fossilize(ref.index)
+        return self._event("fossilize", ref, **evidence)
+
+    def cull(self, ref: SlotRef, *, rolled_back: bool = False, **evidence: Any) -> tuple[Event, list[nn.Parameter]]:
+        """Remove a seed; returns its (now detached) parameters for the optimizer to forget."""
+        target = SeedState.ROLLED_BACK if rolled_back else SeedState.CULLED
+        blueprint = self.layers[ref.layer].slots[ref.index].blueprint
+        params = self.layers[ref.layer].remove(ref.index, target, self.config.embargo_steps)
+        return self._event("rollback" if rolled_back else "cull", ref, blueprint=blueprint, **evidence), params
+
+    def step(self, gate_open: bool = True) -> list[Event]:
+        """Advance every seed by one optimizer step; returns the lifecycle events that happened."""
+        self.step_count += 1
+        cfg, events = self.config, []
+        for ref, layer in self.slots():
+            slot = layer.slots[ref.index]
+            state = slot.state
+            if state == SeedState.TRAINING:
+                slot.steps_in_state += 1
+                if slot.steps_in_state >= cfg.incubation_steps:
+                    layer.start_blending(ref.index)
+                    events.append(self._event("blend", ref))
+            elif state == SeedState.BLENDING:
+                if gate_open or cfg.blend_schedule != "gated":
+                    slot.steps_in_state += 1
+                progress = slot.steps_in_state / cfg.blend_steps
+                if progress >= 1.0:
+                    layer.start_probation(ref.index)
+                    events.append(self._event("probation", ref))
+                else:
+                    layer.set_alpha(ref.index, alpha_at(cfg.blend_schedule, progress))
+            elif state == SeedState.PROBATION:
+                slot.steps_in_state += 1
+            elif state in (SeedState.CULLED, SeedState.ROLLED_BACK):
+                slot.embargo_left -= 1
+                if slot.embargo_left <= 0:
+                    layer.reopen(ref.index)
+                    events.append(self._event("reopen", ref))
+        return events
+
+    def _event(self, kind: str, ref: SlotRef, **fields: Any) -> Event:
+        slot = self.layers[ref.layer].slots[ref.index]
+        return {"event": kind, "step": self.step_count, "layer": ref.layer, "slot": ref.index,
+                "blueprint": fields.pop("blueprint", slot.blueprint), "state": slot.state.name, **fields}
+
+
+def wrap(model: nn.Module, targets: Sequence[str] | None = None, per_layer: int | None = None,
+         exclude: Sequence[str] | None = None, config: SeedsConfig | None = None) -> SeedManager:
+    """Wrap the selected layers of ``model`` in place and return their :class:`SeedManager`.
+
+    ``targets``/``per_layer``/``exclude`` override the same keys of ``config`` (defaults otherwise).
+    A pattern that matches nothing raises :class:`~esper_core.errors.ConfigError` listing the
+    module names that could have matched.
+    """
+    overrides = {k: v for k, v in (("targets", list(targets or [])), ("per_layer", per_layer),
+                                   ("exclude", list(exclude or []))) if v}
+    config = SeedsConfig.model_validate({**(config or SeedsConfig()).model_dump(), **overrides})
+    try:
+        names = match_targets(model, config.targets, config.exclude)
+    except TargetMismatch as exc:
+        raise ConfigError(Problem(source=RECIPE_FIELD, field=f"seeds.targets.{exc.index}", message=exc.message)) from None
+    if not names:
+        raise ConfigError(Problem(source=RECIPE_FIELD, field="seeds.exclude", message="excludes every targeted module"))
+    layers: dict[str, KasminaLayer] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = KasminaLayer(getattr(parent, child), config.per_layer, config.eta)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return SeedManager(model, layers, config)

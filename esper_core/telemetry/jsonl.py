@@ -1,0 +1,58 @@
+"""Append-only JSON-lines files: the run's metrics stream and its hash-chained event log.
+
+Each event carries ``prev`` (the sha256 of the previous line as written) and ``seq``, so deleting,
+reordering or editing any record breaks the chain at that point; ``esper report --verify`` walks it.
+Lines are flushed as written so a crash loses at most the line being written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+class JsonlWriter:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> str:
+        line = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=True)
+        self._file.write(line + "\n")
+        self._file.flush()
+        return line
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class EventLog(JsonlWriter):
+    """Lifecycle and policy events, each chained to the one before it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.seq = 0
+        self.prev = GENESIS
+
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        full = {"seq": self.seq, "time": round(time.time(), 6), "prev": self.prev, **record}
+        line = self.write(full)
+        self.prev = hashlib.sha256(line.encode("utf-8")).hexdigest()
+        self.seq += 1
+        return full
+
+
+def verify_chain(path: Path) -> int | None:
+    """Return the ``seq`` position of the first record that breaks the chain, or ``None`` if intact."""
+    prev = GENESIS
+    for position, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        record = json.loads(line)
+        if record.get("seq") != position or record.get("prev") != prev:
+            return position
+        prev = hashlib.sha256(line.encode("utf-8")).hexdigest()
+    return None
