@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from esper_cli import pending, train
+from esper_cli import pending, resume, train
 
 app = typer.Typer(
     name="esper",
@@ -14,7 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("train")(train.train)
-app.command("resume")(pending.resume)
+app.command("resume")(resume.resume)
 app.command("compile")(pending.compile_)
 app.command("inspect-cache")(pending.inspect_cache)
 app.command("report")(pending.report)

@@ -15,11 +15,6 @@ def _not_yet(command: str, what: str) -> None:
     raise typer.Exit(NOT_YET)
 
 
-def resume(checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint directory or run directory.")) -> None:
-    """Continue a run from a checkpoint (checkpoints are still to come)."""
-    _not_yet("resume", "training does not write checkpoints yet")
-
-
 def compile_(blueprints: list[Path] = typer.Argument(..., help="Blueprint YAML files.")) -> None:
     """Compile blueprints into validated kernels (the kernel compiler is still to come)."""
     _not_yet("compile", "the kernel compiler is still to come; `esper train` builds kernels in-process")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from esper_core.training.trainer import Progress
+if TYPE_CHECKING:
+    from esper_core.training.trainer import Progress
 
 _SHOWN_STATES = ("training", "blending", "probation", "fossilized", "culled")
 
@@ -66,15 +67,17 @@ class RichProgress:
         self.bar.update(self.task, completed=p.step)
         if p.last_event:
             self.console.print(f"  {p.last_event}")
-        elif p.loss == p.loss:
+        elif p.loss == p.loss or self.latest is None:
             self.latest = p
+        else:  # a validation-only report: keep showing the last training loss
+            self.latest = replace(p, loss=self.latest.loss)
         self.live.update(self._render())
 
     def close(self) -> None:
         self.live.stop()
 
 
-def make_progress(mode: str, console: Console) -> Callable[[Progress], None] | None:
+def make_progress(mode: str, console: Console) -> PlainProgress | RichProgress | None:
     """``auto`` is rich on a terminal and plain otherwise; ``none`` prints nothing during training."""
     if mode == "none":
         return None

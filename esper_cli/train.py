@@ -10,7 +10,6 @@ from rich.table import Table
 
 from esper_cli.errors import reported
 from esper_cli.progress import make_progress
-from esper_core.training.trainer import Trainer
 
 
 @reported
@@ -20,13 +19,15 @@ def train(
                                           show_default=False),
 ) -> None:
     """Train (and grow) a model as the recipe says."""
+    from esper_core.training.trainer import Trainer  # PyTorch loads only for commands that train
+
     console = Console()
     trainer = Trainer.from_recipe(recipe, overrides or [])
     progress = make_progress(trainer.loaded.recipe.telemetry.progress, console)
     try:
         summary = trainer.fit(progress)
     finally:
-        if progress is not None and hasattr(progress, "close"):
+        if progress is not None:
             progress.close()
     console.print(summary_table(summary))
 

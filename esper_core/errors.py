@@ -48,3 +48,9 @@ class ConfigError(EsperError):
     """A recipe, blueprint or command-line override that does not validate."""
 
     exit_code = 2
+
+
+class CheckpointError(EsperError):
+    """A checkpoint that is missing, incomplete or fails verification."""
+
+    exit_code = 3

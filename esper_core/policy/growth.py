@@ -108,6 +108,11 @@ class GrowthPolicy:
             return None
         return min(allowed, key=lambda b: self.tries.get((layer, b), 0))
 
+    def penalise(self, layer: str, blueprint: str | None, weight: int = 10) -> None:
+        """Make a (layer, blueprint) pair that caused a rollback the last choice for a while."""
+        if blueprint is not None:
+            self.tries[(layer, blueprint)] = self.tries.get((layer, blueprint), 0) + weight
+
     def state_dict(self) -> dict:
         return {"best": self.plateau.best, "stale": self.plateau.stale, "last_growth_step": self.last_growth_step,
                 "tries": [[layer, bp, n] for (layer, bp), n in self.tries.items()]}

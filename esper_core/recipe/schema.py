@@ -167,6 +167,14 @@ class PolicyConfig(Section):
         return window
 
 
+class GovernorConfig(Section):
+    enabled: bool = Field(True, description="Roll back to the last good snapshot when the loss is NaN/Inf or spikes.")
+    window: int = Field(20, ge=3, le=10_000, description="Logged losses the spike statistics are computed over.")
+    zscore: float = Field(6.0, gt=0.0, description="A logged loss above mean + zscore * std of the window is a spike.")
+    max_rollbacks: int = Field(3, ge=0, le=1000,
+                               description="Rollbacks after which the run stops with an error instead.")
+
+
 class TrainerConfig(Section):
     max_steps: int = Field(1000, ge=1, le=100_000_000, description="Optimizer steps to train.")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="Optimizer.")
@@ -177,7 +185,8 @@ class TrainerConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value.")
     eval_every: int = Field(50, ge=1, description="Steps between validation passes.")
-    log_every: int = Field(10, ge=1, description="Steps between lines in metrics.jsonl.")
+    log_every: int = Field(10, ge=1, description="Steps between lines in metrics.jsonl (and loss reads).")
+    governor: GovernorConfig = Field(default_factory=GovernorConfig, description="Anomaly rollback.")
 
 
 class CheckpointConfig(Section):
@@ -190,8 +199,20 @@ class TelemetryConfig(Section):
     progress: Literal["auto", "rich", "plain", "none"] = Field(
         "auto", description="Terminal output: `auto` shows a live display on a terminal, plain lines otherwise.")
     metrics_port: int | None = Field(None, ge=0, le=65535,
-                                     description="Serve Prometheus metrics on this port (0 picks a free port).")
-    metrics_bind: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
+                                     description="Serve Prometheus metrics on this port during training (0 picks "
+                                     "a free port, shown in the progress output and recorded in `run_start`).")
+    metrics_bind: str = Field("127.0.0.1", min_length=1, description="Address the metrics endpoint binds to; "
+                              "the default keeps it off the network.")
+    anomaly_window: int = Field(20, ge=4, le=10_000, description="Logged losses (and kernel builds) the anomaly "
+                                "detector's statistics are computed over.")
+    anomaly_spike_z: float = Field(4.0, gt=0.0, description="A logged loss this many standard deviations above "
+                                   "the window's mean is recorded as a `loss_spike` anomaly.")
+    anomaly_stall_improvement: float = Field(0.01, ge=0.0, le=1.0, description="A full window whose second half "
+                                             "improves on the first by less than this share is a `loss_stall`.")
+    anomaly_compile_failure_rate: float = Field(0.5, gt=0.0, le=1.0, description="Share of failed kernel builds "
+                                                "in the window that is a `compile_failures` anomaly.")
+    anomaly_memory_growth: float = Field(0.5, gt=0.0, description="Growth of resident memory over its baseline "
+                                         "(0.5 = +50%) that is a `memory_growth` anomaly.")
 
 
 class StorageConfig(Section):

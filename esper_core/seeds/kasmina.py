@@ -139,6 +139,17 @@ class KasminaLayer(nn.Module):
         self.transition(index, SeedState.DORMANT)
         self.slots[index] = SlotInfo()
 
+    def restore_slot(self, index: int, info: SlotInfo, seed: nn.Module | None) -> None:
+        """Put a slot back exactly as a checkpoint recorded it. Not a transition: the recorded state
+        was reached legally in the run that wrote the checkpoint. Buffers come from the state dict."""
+        self.slots[index] = info
+        if str(index) in self.seeds:
+            del self.seeds[str(index)]
+        if seed is not None:
+            reference = next(self.host.parameters())
+            self.seeds[str(index)] = seed.to(device=reference.device, dtype=reference.dtype)
+        self._refresh_active()
+
     def muted(self, index: int) -> "_Muted":
         """Context in which slot ``index`` contributes nothing (counterfactual evaluation)."""
         return _Muted(self, index)

@@ -9,7 +9,7 @@ come from the policy and the trainer's counterfactual evaluation (GradMax's spli
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.schema import SeedsConfig
-from esper_core.seeds.kasmina import KasminaLayer
+from esper_core.seeds.kasmina import KasminaLayer, SlotInfo
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.targets import TargetMismatch, match_targets
 
@@ -107,6 +107,23 @@ class SeedManager:
                 for name, layer in self.layers.items()},
         }
 
+    def restore(self, topology: dict[str, Any], build: Callable[[str, str], nn.Module]) -> list[SlotRef]:
+        """Recreate every seed a :meth:`topology` recorded (weights come later, from the state dict);
+        ``build(layer, blueprint)`` makes the module. Returns the slots that hold a module, in order."""
+        if set(topology["layers"]) != set(self.layers):
+            raise ValueError("checkpoint topology wraps different layers than the recipe")
+        self.step_count = topology["step"]
+        holding = []
+        for name, entry in topology["layers"].items():
+            for index, raw in enumerate(entry["slots"]):
+                info = SlotInfo(SeedState[raw["state"]], raw["blueprint"], raw["kernel"], raw["params"],
+                                raw["steps_in_state"], raw["embargo_left"], raw["germinated_at"])
+                seed = build(name, info.blueprint) if info.state.live or info.state == SeedState.FOSSILIZED else None
+                self.layers[name].restore_slot(index, info, seed)
+                if seed is not None:
+                    holding.append(SlotRef(name, index))
+        return holding
+
     # --- transitions --------------------------------------------------------------------------------
 
     def germinate(self, ref: SlotRef, seed: nn.Module, blueprint: str, kernel: str) -> Event:
@@ -173,8 +190,8 @@ def wrap(model: nn.Module, targets: Sequence[str] | None = None, per_layer: int 
     A pattern that matches nothing raises :class:`~esper_core.errors.ConfigError` listing the
     module names that could have matched.
     """
-    overrides = {k: v for k, v in (("targets", list(targets or [])), ("per_layer", per_layer),
-                                   ("exclude", list(exclude or []))) if v}
+    overrides = {k: v for k, v in (("targets", targets), ("per_layer", per_layer), ("exclude", exclude))
+                 if v is not None}
     config = SeedsConfig.model_validate({**(config or SeedsConfig()).model_dump(), **overrides})
     try:
         names = match_targets(model, config.targets, config.exclude)

@@ -55,6 +55,11 @@ class EpochSampler:
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
 
+    def seek(self, epoch: int, offset: int) -> None:
+        """Continue from a recorded :meth:`position` (the permutation is a function of the epoch)."""
+        self.epoch, self.offset = epoch, offset
+        self._perm = self._permutation(epoch)
+
 
 def ordered_batches(dataset: Dataset, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
     """Evaluation batches in dataset order (the same batches every time)."""

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from sklearn import datasets as sk_datasets
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
@@ -148,6 +147,8 @@ def _stats(batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _sklearn(source: str, layout: str) -> _Arrays:
+    from sklearn import datasets as sk_datasets  # imported here: it costs a second at start-up
+
     """A dataset bundled with scikit-learn (read from the installed package, never downloaded)."""
     loader = {"digits": sk_datasets.load_digits, "breast_cancer": sk_datasets.load_breast_cancer,
               "wine": sk_datasets.load_wine}[source]

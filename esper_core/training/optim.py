@@ -64,3 +64,46 @@ def apply_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainerConfig) ->
     factor = lr_factor(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
+
+
+def export_state(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state keyed by parameter *name* (tensors) plus group settings and scalar state (JSON).
+
+    Names, not positions, because seeds add and remove parameters: a position recorded before a
+    cull points at a different parameter after it.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        groups.append({"settings": settings, "params": [names[p] for p in group["params"]]})
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim/{names[p]}/{key}"] = value
+                else:
+                    scalars.setdefault(names[p], {})[key] = value
+    return tensors, {"groups": groups, "scalars": scalars}
+
+
+def import_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor],
+                 meta: dict) -> None:
+    """Inverse of :func:`export_state`; the optimizer must already have groups of the same names."""
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    if [g["settings"]["name"] for g in meta["groups"]] != [g["name"] for g in optimizer.param_groups]:
+        raise ValueError("checkpoint optimizer groups do not match the rebuilt model")
+    for saved in meta["groups"]:
+        group = by_name[saved["settings"]["name"]]
+        restored = [params[n] for n in saved["params"]]
+        if len(restored) != len(group["params"]) or any(a is not b for a, b in zip(restored, group["params"])):
+            raise ValueError(f"parameters of optimizer group {saved['settings']['name']!r} do not match")
+        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved["settings"].items()})
+    optimizer.state.clear()
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            name, _, field = key[len("optim/"):].rpartition("/")
+            param = params[name]
+            optimizer.state[param][field] = value.to(param.device) if field != "step" else value
+    for name, values in meta["scalars"].items():
+        optimizer.state[params[name]].update(values)

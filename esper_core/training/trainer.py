@@ -8,9 +8,13 @@ loss is read only every ``log_every`` steps and gradient merit only every ``meri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,18 +27,22 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from esper_core.blueprints.builder import ResolveError
+from esper_core.checkpoints import store
 from esper_core.blueprints.library import BlueprintLibrary
 from esper_core.compiler.kernels import KernelSpec, build_kernel
-from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError
+from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError, Problem
 from esper_core.policy.growth import GrowthDecision, GrowthPolicy
 from esper_core.policy.merit import GradientMerit
 from esper_core.recipe.load import LoadedRecipe, load_recipe, resolve_relative
+from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.seeds.manager import Event, SeedManager, SlotRef, wrap
 from esper_core.telemetry.jsonl import EventLog, JsonlWriter
-from esper_core.training import optim
+from esper_core.telemetry.run import RunTelemetry
+from esper_core.training import optim, snapshot
 from esper_core.training.batches import EpochSampler, ordered_batches
 from esper_core.training.data import build_data
 from esper_core.training.evaluate import Scores, counterfactual, evaluate
+from esper_core.training.governor import Governor
 from esper_core.training.models import build_model, count_parameters
 
 
@@ -78,23 +86,51 @@ def describe(event: Event) -> str:
     return " ".join(text.split())
 
 
+RESUMABLE_OVERRIDES = ("trainer.max_steps", "checkpoint.", "telemetry.")
+"""Keys an override may change at resume; anything else would make the continuation a different run."""
+
+
 @dataclass
 class Trainer:
-    """One run of one recipe. Build with :meth:`from_recipe`; :meth:`fit` trains and returns the summary."""
+    """One run of one recipe. Build with :meth:`from_recipe` or :meth:`resume`; :meth:`fit` trains
+    and returns the summary."""
 
     loaded: LoadedRecipe
+    base_dir: Path | None = None  # directory relative recipe paths resolve against
     device: torch.device = field(init=False)
 
     @classmethod
     def from_recipe(cls, path: str | Path, overrides: Sequence[str] = ()) -> "Trainer":
         return cls(load_recipe(path, overrides))
 
+    @classmethod
+    def resume(cls, target: str | Path, overrides: Sequence[str] = (), strict: bool = False,
+               warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> "Trainer":
+        """Rebuild a run from its newest verified checkpoint (or the one named) and continue it."""
+        bad = [o for o in overrides if not o.split("=", 1)[0].startswith(RESUMABLE_OVERRIDES)]
+        if bad:
+            raise ConfigError([Problem(COMMAND_LINE, f"override {o!r} cannot change at resume (allowed: "
+                                       f"trainer.max_steps, checkpoint.*, telemetry.*)") for o in bad])
+        checkpoint = store.find(Path(target), strict, warn)
+        run_dir = checkpoint.path.parent.parent
+        saved = run_dir / "recipe.yaml"
+        recorded = checkpoint.manifest.get("recipe_sha256")
+        if not saved.is_file() or hashlib.sha256(saved.read_bytes()).hexdigest() != recorded:
+            raise EsperError(Problem(str(saved), "missing or does not match the recipe hash in the checkpoint"))
+        trainer = cls(load_recipe(saved, overrides), Path(checkpoint.state["recipe_dir"]))
+        snapshot.restore(trainer, checkpoint.tensors, checkpoint.state)
+        trainer.governor.load_state_dict(checkpoint.state["governor"])
+        trainer.run_dir = run_dir
+        trainer._resumed_from = checkpoint
+        return trainer
+
     def __post_init__(self) -> None:
         recipe = self.loaded.recipe
+        self.base_dir = self.base_dir or self.loaded.path.parent
         self.device = select_device(recipe.run.device)
         seed_everything(recipe.run.seed, recipe.run.deterministic)
         try:
-            self.data = build_data(recipe.data, recipe.run.seed, self.loaded.path.parent)
+            self.data = build_data(recipe.data, recipe.run.seed, self.base_dir)
             self.model = build_model(recipe.model, self.data.input_shape, self.data.num_classes)
             self.manager: SeedManager = wrap(self.model, config=recipe.seeds)
         except ConfigError as exc:
@@ -102,19 +138,26 @@ class Trainer:
                                for p in exc.problems]) from None
         self.params_initial = count_parameters(self.model)
         self.model.to(self.device)
-        self.library = BlueprintLibrary.discover(resolve_relative(self.loaded, d) for d in recipe.seeds.blueprint_dirs)
+        self.library = BlueprintLibrary.discover(self.base_dir / d if not Path(d).is_absolute() else Path(d)
+                                                 for d in recipe.seeds.blueprint_dirs)
         self._check_blueprints()
         self.optimizer = optim.build_optimizer(self.model, recipe.trainer)
         self.merit = GradientMerit(recipe.policy.merit_decay)
         self.policy = GrowthPolicy(recipe.policy, recipe.trainer.max_steps, self._blueprints_for, self._params_of)
+        self.governor = Governor(recipe.trainer.governor, self.device)
         self.sampler = EpochSampler(self.data.train, recipe.data.batch_size, recipe.run.seed)
         self.val_batches = list(ordered_batches(self.data.val, recipe.data.eval_batch_size))
         self.verdict_batches = list(ordered_batches(self.data.val, recipe.data.eval_batch_size,
                                                     limit=recipe.seeds.eval_batches))
         self.step = 0
         self.last_val: Scores | None = None
+        self.run_dir: Path | None = None
+        self._resumed_from: store.Checkpoint | None = None
         self._gate_open = True
         self._previous_logged_loss: float | None = None
+        self._last_changed: SlotRef | None = None
+        self._snapshot: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        self._stop_signal: int | None = None
 
     # --- blueprints --------------------------------------------------------------------------------
 
@@ -147,42 +190,66 @@ class Trainer:
     def _kernel_spec(self, blueprint: str, layer: str) -> KernelSpec:
         dtype = str(next(self.manager.layers[layer].host.parameters()).dtype).removeprefix("torch.")
         return KernelSpec(self.library.get(blueprint).blueprint, self.manager.layers[layer].spec,
-                          self.loaded.recipe.seeds.rank, dtype)
+                          self.loaded.recipe.seeds.rank, dtype, self.device.type)
 
     def _params_of(self, blueprint: str, layer: str) -> int:
         return self._kernel_spec(blueprint, layer).resolve().params
+
+    def build_seed(self, layer: str, blueprint: str) -> torch.nn.Module:
+        """A fresh module of ``blueprint`` for ``layer`` (its weights are overwritten on restore)."""
+        module, _ = build_kernel(self._kernel_spec(blueprint, layer))
+        return module
 
     # --- the loop ----------------------------------------------------------------------------------
 
     def fit(self, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
         recipe = self.loaded.recipe
-        self.run_dir = _fresh_run_dir(Path(recipe.run.output_dir) / recipe.run.name)
-        (self.run_dir / "recipe.yaml").write_text(self.loaded.resolved_yaml, encoding="utf-8")
-        (self.run_dir / "recipe.sha256").write_text(self.loaded.sha256 + "\n", encoding="utf-8")
-        self.events = EventLog(self.run_dir / "events.jsonl")
-        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
         self.on_progress = on_progress
         self.started = time.perf_counter()
-        self._record({"event": "run_start", "step": 0, "recipe_sha256": self.loaded.sha256,
-                      "device": str(self.device), "params": self.params_initial,
-                      "layers": list(self.manager.layers)})
+        self.telemetry = RunTelemetry(recipe.telemetry, self._record, self.manager.counts)
+        metrics_url = self.telemetry.start()
+        self._open_logs()
+        if self._resumed_from is None:
+            self._record({"event": "run_start", "step": 0, "recipe_sha256": self.loaded.sha256,
+                          "device": str(self.device), "params": self.params_initial,
+                          "layers": list(self.manager.layers), **self.telemetry.identity()})
+        else:
+            self._record({"event": "run_resume", "step": self.step, "checkpoint": self._resumed_from.path.name,
+                          **self.telemetry.identity()})
+        if metrics_url:
+            self._report(float("nan"), f"metrics: {metrics_url}")
+        previous_handlers = self._install_signal_handlers()
+        self._last_checkpoint_time = time.monotonic()
         try:
             loss_value = float("nan")
             while self.step < recipe.trainer.max_steps:
+                tick = time.perf_counter()
                 loss = self._train_step()
                 log = self.step % recipe.trainer.log_every == 0 or self.step == recipe.trainer.max_steps
                 if log:
                     loss_value = float(loss)  # the only per-step sync, every log_every steps
+                    if self._governed(loss_value):
+                        continue
                     self._update_gate(loss_value)
-                    self.metrics.write({"step": self.step, "loss": loss_value, "lr": self.optimizer.param_groups[0]["lr"],
-                                        "params": count_parameters(self.model), **self.manager.counts()})
+                    row = {"step": self.step, "loss": loss_value, "lr": self.optimizer.param_groups[0]["lr"],
+                           "params": count_parameters(self.model), **self.manager.counts()}
+                    self.metrics.write(row)
+                    self.telemetry.logged(row)
                 if self.step % recipe.trainer.eval_every == 0:
                     self._validate_and_grow()
-                    self._report(loss_value)
+                    self._report(loss_value if log else float("nan"))
                 elif log:
                     self._report(loss_value)
+                if self._checkpoint_due():
+                    self.save_checkpoint()
+                if self._stop_signal is not None:
+                    self._stop()
+                self.telemetry.step_done(self.step, time.perf_counter() - tick)
             return self._finish()
         finally:
+            self.telemetry.stop()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             self.events.close()
             self.metrics.close()
 
@@ -192,19 +259,22 @@ class Trainer:
         x, y = self.sampler.next()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         loss = F.cross_entropy(self.model(x), y)
+        self.governor.watch(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.step % cfg.policy.merit_every == 0 and self.policy.in_window(self.step + cfg.policy.merit_every):
-            self.merit.observe(self.manager)
+            with self.telemetry.morph:
+                self.merit.observe(self.manager)
         if cfg.trainer.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
         optim.apply_lr(self.optimizer, self.step, cfg.trainer)
         self.optimizer.step()
         self.step += 1
-        for event in self.manager.step(self._gate_open):
-            self._record(event)
-        for ref in self.manager.due_for_verdict():
-            self._verdict(ref)
+        with self.telemetry.morph:
+            for event in self.manager.step(self._gate_open):
+                self._record(event)
+            for ref in self.manager.due_for_verdict():
+                self._verdict(ref)
         return loss.detach()
 
     def _update_gate(self, loss_value: float) -> None:
@@ -216,15 +286,20 @@ class Trainer:
     def _validate_and_grow(self) -> None:
         self.last_val = evaluate(self.model, self.val_batches, self.device)
         self.metrics.write({"step": self.step, "val_loss": self.last_val.loss, "val_accuracy": self.last_val.accuracy})
+        self.telemetry.validated(self.last_val.loss, self.last_val.accuracy)
         self.policy.observe_validation(self.last_val.loss)
+        if self.governor.config.enabled:
+            self._snapshot = snapshot.capture(self)  # a known-good point to roll back to
         if not self.policy.in_window(self.step):
             return
-        decision = self.policy.decide(self.step, self.manager, self.merit.scores())
-        if decision is not None:
-            self._germinate(decision)
+        with self.telemetry.morph:
+            decision = self.policy.decide(self.step, self.manager, self.merit.scores())
+            if decision is not None:
+                self._germinate(decision)
 
     def _germinate(self, decision: GrowthDecision) -> None:
-        seed, address = build_kernel(self._kernel_spec(decision.blueprint, decision.slot.layer))
+        with self.telemetry.compiling(self.step):
+            seed, address = build_kernel(self._kernel_spec(decision.blueprint, decision.slot.layer))
         self._record(self.manager.germinate(decision.slot, seed, decision.blueprint, address) |
                      {"reason": decision.reason, "merit": decision.merit, "kernel": address})
         optim.add_group(self.optimizer, decision.slot.key, self.manager.seed_parameters(decision.slot),
@@ -241,14 +316,114 @@ class Trainer:
         if result.loss_gain > self.loaded.recipe.seeds.fossilize_margin:
             self._record(self.manager.fossilize(ref, **evidence))
         else:
-            event, _ = self.manager.cull(ref, **evidence)
-            optim.remove_group(self.optimizer, ref.key)
-            self._record(event)
+            self._remove_seed(ref, rolled_back=False, **evidence)
+
+    def _remove_seed(self, ref: SlotRef, rolled_back: bool, **evidence: Any) -> None:
+        event, _ = self.manager.cull(ref, rolled_back=rolled_back, **evidence)
+        optim.remove_group(self.optimizer, ref.key)
+        self._record(event)
+
+    # --- governor ----------------------------------------------------------------------------------
+
+    def _governed(self, loss_value: float) -> bool:
+        """Roll back if the governor objects; returns whether it did."""
+        reason = self.governor.judge(loss_value)
+        if reason is None:
+            return False
+        self._record({"event": "anomaly", "step": self.step, "kind": "loss", "reason": reason})
+        if self._snapshot is None:
+            raise EsperError(f"governor: {reason} at step {self.step}, and there is no good state to roll back to")
+        self.governor.rolled_back()
+        position = self.sampler.position()  # keep moving through the data: skip the batches that went bad
+        suspect = self._last_changed
+        from_step = self.step
+        snapshot.restore(self, *self._snapshot)
+        self.sampler.seek(**position)
+        evidence: dict[str, Any] = {"reason": reason, "from_step": from_step}
+        if suspect is not None:
+            blueprint = self.manager.layers[suspect.layer].slots[suspect.index].blueprint
+            self.policy.penalise(suspect.layer, blueprint)
+            if str(suspect.index) in self.manager.layers[suspect.layer].seeds and self.manager.state(suspect).live:
+                self._remove_seed(suspect, rolled_back=True, **evidence)
+                return True
+        self._record({"event": "rollback", "step": self.step, **evidence})
+        return True
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def _checkpoint_due(self) -> bool:
+        cfg = self.loaded.recipe.checkpoint
+        if cfg.every_steps and self.step % cfg.every_steps == 0:
+            return True
+        return bool(cfg.every_minutes) and time.monotonic() - self._last_checkpoint_time >= cfg.every_minutes * 60
+
+    def save_checkpoint(self) -> Path:
+        """Commit a checkpoint of the current state and apply retention."""
+        assert self.run_dir is not None
+        name = store.checkpoint_name(self.step)
+        started = time.perf_counter()
+        self._record({"event": "checkpoint", "step": self.step, "name": name})
+        tensors, state = snapshot.capture(self)
+        state["governor"] = self.governor.state_dict()
+        state["recipe_dir"] = str(self.base_dir)
+        val = self.last_val
+        info = {"recipe_sha256": self.loaded.sha256, "device": str(self.device), "epoch": self.sampler.epoch,
+                "esper": _version(), "val_loss": val.loss if val else None}
+        directory = self.run_dir / "checkpoints"
+        path = store.save(directory, self.step, tensors, state, info)
+        store.retain(directory, self.loaded.recipe.checkpoint.keep, lambda m: m.get("val_loss"))
+        self._last_checkpoint_time = time.monotonic()
+        self.telemetry.checkpointed(time.perf_counter() - started)
+        return path
+
+    def log_cursor(self) -> dict[str, Any]:
+        """Where the run's logs end now: a resume truncates them here so nothing is written twice."""
+        return {"events_bytes": self.events.path.stat().st_size, "events_seq": self.events.seq,
+                "events_prev": self.events.prev, "metrics_bytes": self.metrics.path.stat().st_size}
+
+    def _open_logs(self) -> None:
+        if self._resumed_from is None:
+            recipe = self.loaded.recipe
+            self.run_dir = _fresh_run_dir(Path(recipe.run.output_dir).resolve() / recipe.run.name)
+            (self.run_dir / "recipe.yaml").write_text(self.loaded.resolved_yaml, encoding="utf-8")
+            (self.run_dir / "recipe.sha256").write_text(self.loaded.sha256 + "\n", encoding="utf-8")
+        else:
+            assert self.run_dir is not None
+            cursor = self._resumed_from.state["logs"]
+            for filename, size in (("events.jsonl", cursor["events_bytes"]), ("metrics.jsonl", cursor["metrics_bytes"])):
+                with (self.run_dir / filename).open("r+b") as handle:
+                    handle.truncate(size)
+            store.remove_leftovers(self.run_dir / "checkpoints")
+        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
+        if self._resumed_from is not None:
+            cursor = self._resumed_from.state["logs"]
+            self.events.seq, self.events.prev = cursor["events_seq"], cursor["events_prev"]
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM finish the current step, write a checkpoint, and stop (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        def request_stop(signum: int, frame: object) -> None:
+            self._stop_signal = signum
+        return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _stop(self) -> None:
+        path = self.save_checkpoint()
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "signal"
+        self._record({"event": "interrupted", "step": self.step, "signal": name, "checkpoint": path.name})
+        stop = Interrupted(f"{name} received: stopped at step {self.step}; checkpoint {path} written. "
+                           f"Continue with: esper resume --checkpoint {self.run_dir}")
+        stop.exit_code = 128 + int(self._stop_signal or signal.SIGINT)
+        raise stop
 
     # --- output ------------------------------------------------------------------------------------
 
     def _record(self, event: Event) -> None:
+        if event["event"] in ("germinate", "blend", "probation", "fossilize"):
+            self._last_changed = SlotRef(event["layer"], event["slot"])
         self.events.append(event)
+        self.telemetry.on_event(event)
         if "layer" in event:
             self._report(float("nan"), describe(event))
 
@@ -262,11 +437,12 @@ class Trainer:
                                   time.perf_counter() - self.started, last_event))
 
     def _finish(self) -> dict[str, Any]:
+        assert self.run_dir is not None
         val = evaluate(self.model, self.val_batches, self.device)
         test = evaluate(self.model, list(ordered_batches(self.data.test, self.loaded.recipe.data.eval_batch_size)),
                         self.device)
         final = self.run_dir / "final"
-        final.mkdir()
+        final.mkdir(exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                   str(final / "model.safetensors"))
         (final / "topology.json").write_text(json.dumps(self.manager.topology(), indent=2), encoding="utf-8")
@@ -279,12 +455,22 @@ class Trainer:
             "fossilized": [{"layer": n, "slot": i, "blueprint": s.blueprint, "params": s.params}
                            for n, layer in self.manager.layers.items() for i, s in enumerate(layer.slots)
                            if s.state.name == "FOSSILIZED"],
+            "rollbacks": self.governor.rollbacks,
         }
         self._record({"event": "run_end", "step": self.step, "val_accuracy": val.accuracy,
                       "test_accuracy": test.accuracy, "params": summary["params_final"]})
         summary["events_head"] = self.events.prev
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         return summary
+
+
+class Interrupted(EsperError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; exits 128 + the signal number."""
+
+
+def _version() -> str:
+    from esper_core import __version__
+    return __version__
 
 
 def _fresh_run_dir(base: Path) -> Path:

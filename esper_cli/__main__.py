@@ -1,0 +1,3 @@
+from esper_cli.main import app
+
+app(prog_name="esper")

@@ -1,0 +1,36 @@
+"""`esper resume --checkpoint RUN_DIR|CHECKPOINT [--strict] [key=value ...]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from esper_cli.errors import reported
+from esper_cli.progress import make_progress
+from esper_cli.train import summary_table
+
+
+@reported
+def resume(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A run directory (its newest verified checkpoint) "
+                                    "or one checkpoint directory.", show_default=False),
+    strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to an older checkpoint "
+                                "when the chosen one fails verification."),
+    overrides: list[str] = typer.Argument(None, help="Only trainer.max_steps, checkpoint.* and telemetry.* "
+                                          "may change at resume.", show_default=False),
+) -> None:
+    """Continue a run exactly where its checkpoint left it."""
+    from esper_core.training.trainer import Trainer  # PyTorch loads only for commands that train
+
+    console = Console()
+    trainer = Trainer.resume(checkpoint, overrides or [], strict=strict)
+    console.print(f"resuming {trainer.run_dir} at step {trainer.step}", soft_wrap=True)
+    progress = make_progress(trainer.loaded.recipe.telemetry.progress, console)
+    try:
+        summary = trainer.fit(progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    console.print(summary_table(summary))

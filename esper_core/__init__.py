@@ -1,0 +1,35 @@
+"""Esper: morphogenetic training for PyTorch.
+
+The Python API mirrors the CLI: ``wrap(model, targets=[...])`` turns chosen layers into Kasmina
+layers and returns their SeedManager; ``Trainer.from_recipe(path, overrides).fit()`` is
+``esper train``. Names are imported on first use, so ``import esper_core.errors`` (or the CLI's
+``--help``) does not pay for PyTorch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module, metadata
+from typing import Any
+
+_EXPORTS = {
+    "KasminaLayer": "esper_core.seeds.kasmina",
+    "LoadedRecipe": "esper_core.recipe",
+    "Recipe": "esper_core.recipe",
+    "load_recipe": "esper_core.recipe",
+    "SeedManager": "esper_core.seeds.manager",
+    "wrap": "esper_core.seeds.manager",
+    "SeedState": "esper_core.seeds.lifecycle",
+    "Trainer": "esper_core.training.trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+try:
+    __version__ = metadata.version("esper")
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'esper_core' has no attribute {name!r}")

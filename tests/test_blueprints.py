@@ -1,0 +1,114 @@
+"""Blueprint IR, symbolic dims and the builder: every builtin builds on the hosts it claims, and bad
+blueprints are refused with located messages before anything is allocated."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from esper_core.blueprints.builder import ResolveError, build, resolve
+from esper_core.blueprints.dims import DimError, evaluate
+from esper_core.blueprints.host import HostSpec
+from esper_core.blueprints.library import BUILTIN_DIR, BlueprintLibrary, load_blueprint
+from esper_core.errors import ConfigError
+
+LIBRARY = BlueprintLibrary.discover()
+HOSTS = {
+    "linear": [nn.Linear(10, 20), nn.Linear(64, 3)],
+    "conv2d": [nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Conv2d(4, 6, 1),
+               nn.Conv2d(4, 4, 5, stride=2, padding=2), nn.Conv2d(6, 6, 3, padding=2, dilation=2)],
+}
+
+
+def test_builtin_library_has_the_five_blueprints():
+    assert set(LIBRARY.names()) >= {"lowrank_adapter", "wide_mlp", "residual_conv", "dwsep_conv", "se_gate"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml")))
+def test_builtin_blueprints_match_every_host_shape_they_can_serve(name):
+    blueprint = LIBRARY.get(name).blueprint
+    for host in HOSTS[blueprint.host]:
+        spec = HostSpec.of(host)
+        try:
+            resolved = resolve(blueprint, spec, rank=4)
+        except ResolveError as exc:
+            assert name == "se_gate" and spec.dilation != (1, 1), exc  # avg_pool cannot mirror dilation
+            continue
+        seed = build(resolved)
+        x = torch.randn(3, spec.in_features, 11, 9) if spec.kind == "conv2d" else torch.randn(3, spec.in_features)
+        assert seed(x).shape == host(x).shape
+        assert sum(p.numel() for p in seed.parameters()) == resolved.params
+
+
+def test_dim_expressions_are_arithmetic_only():
+    env = {"in": 12, "out": 8, "rank": 4}
+    assert evaluate("max(rank, out // 2) * 2 + in - 1", env) == 19
+    for bad, why in [("__import__('os')", "unsupported"), ("width", "unknown dimension"), ("out // 0", "division"),
+                     ("out ** 2", "unsupported"), ("in.real", "unsupported"), ("(", "cannot parse")]:
+        with pytest.raises(DimError, match=why):
+            evaluate(bad, env)
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "bp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_op_is_reported_with_file_line_and_field(tmp_path):
+    path = _write(tmp_path, "name: x\nhost: linear\nops:\n  - {op: linear, in: in, out: out}\n  - {op: warp}\n")
+    with pytest.raises(ConfigError) as info:
+        load_blueprint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:5: ops.1") and "warp" in message
+
+
+def test_huge_width_is_refused_before_allocation(tmp_path):
+    path = _write(tmp_path, "name: huge\nhost: linear\nops:\n  - {op: linear, in: in, out: 1099511627776}\n"
+                            "  - {op: linear, in: 1099511627776, out: out}\n")
+    loaded = load_blueprint(path)
+    started = time.perf_counter()
+    with pytest.raises(ResolveError) as info:
+        resolve(loaded.blueprint, HostSpec.of(nn.Linear(4, 4)), rank=2)
+    assert time.perf_counter() - started < 1.0
+    assert str(loaded.problem(info.value)) == f"{path}:4: ops.0.out: resolves to 1099511627776, outside 1..1048576"
+
+
+def test_unresolvable_dim_names_its_line(tmp_path):
+    path = _write(tmp_path, "name: x\nhost: linear\ndims:\n  hidden: depth * 2\nops:\n"
+                            "  - {op: linear, in: in, out: out}\n")
+    loaded = load_blueprint(path)
+    with pytest.raises(ResolveError) as info:
+        resolve(loaded.blueprint, HostSpec.of(nn.Linear(4, 4)), rank=2)
+    assert str(loaded.problem(info.value)).startswith(f"{path}:4: dims.hidden: unknown dimension 'depth'")
+
+
+def test_channel_chain_and_output_size_are_checked(tmp_path):
+    path = _write(tmp_path, "name: x\nhost: linear\nops:\n  - {op: linear, in: in, out: rank}\n"
+                            "  - {op: linear, in: out, out: out}\n")
+    loaded = load_blueprint(path)
+    with pytest.raises(ResolveError) as info:
+        resolve(loaded.blueprint, HostSpec.of(nn.Linear(4, 6)), rank=2)
+    assert str(loaded.problem(info.value)) == f"{path}:5: ops.1.in: expects 6 but receives 2"
+
+
+def test_conv_branch_must_land_on_the_host_grid(tmp_path):
+    path = _write(tmp_path, "name: x\nhost: conv2d\nops:\n  - {op: conv2d, in: in, out: out, kernel: 1}\n")
+    loaded = load_blueprint(path)
+    with pytest.raises(ResolveError, match="output grid"):
+        resolve(loaded.blueprint, HostSpec.of(nn.Conv2d(3, 3, 3, stride=2, padding=1)), rank=2)
+
+
+def test_blueprint_for_the_wrong_host_kind_is_refused():
+    with pytest.raises(ResolveError, match="grows on linear layers"):
+        resolve(LIBRARY.get("lowrank_adapter").blueprint, HostSpec.of(nn.Conv2d(3, 3, 3)), rank=2)
+
+
+def test_canonical_ir_ignores_formatting(tmp_path):
+    a = _write(tmp_path, "name: x\nhost: linear\nops:\n  - {op: linear, in: in, out: out}\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("# comment\nops:\n  - op: linear\n    out: out\n    in: in\n    bias: true\nhost: linear\nname: x\n")
+    assert load_blueprint(a).blueprint.digest() == load_blueprint(b).blueprint.digest()
