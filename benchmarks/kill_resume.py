@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -36,6 +37,11 @@ telemetry: {progress: none}
 """
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+"""Every run of a trial uses one thread: the runs overlap, and the resumed half must do exactly the
+arithmetic of the uninterrupted run (thread counts can change the order of float reductions)."""
+
+
 def esper(*args: str) -> list[str]:
     return [sys.executable, "-m", "esper_cli", *args]
 
@@ -45,7 +51,7 @@ def reference_run(workdir: Path) -> tuple[bytes, float]:
     recipe = workdir / "recipe.yaml"
     recipe.write_text(RECIPE)
     subprocess.run(esper("train", str(recipe), f"run.output_dir={workdir}/ref"), check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env=ONE_THREAD)
     summary = json.loads((workdir / "ref/kill/summary.json").read_text())
     return (workdir / "ref/kill/final/model.safetensors").read_bytes(), summary["wall_time_s"]
 
@@ -57,12 +63,14 @@ def trial(workdir: Path, expected: bytes, delay_s: float, index: int) -> dict:
     The resume runs in this process (through the same ``Trainer.resume`` that ``esper resume`` calls)
     to save an interpreter start per trial; the killed run is always a separate process.
     """
+    import torch
+
     from esper_core.checkpoints import store
     from esper_core.training.trainer import Trainer
 
     out = workdir / f"t{index}"
     process = subprocess.Popen(esper("train", str(workdir / "recipe.yaml"), f"run.output_dir={out}"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
     events = out / "kill" / "events.jsonl"
     while not events.exists() and process.poll() is None:
         time.sleep(0.01)
@@ -76,11 +84,16 @@ def trial(workdir: Path, expected: bytes, delay_s: float, index: int) -> dict:
         if checkpoints:
             store.find(run_dir, strict=True, warn=lambda m: None)  # the newest must verify: never partial
             with _IN_PROCESS:
-                Trainer.resume(run_dir, strict=True).fit()
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    Trainer.resume(run_dir, strict=True).fit()
+                finally:
+                    torch.set_num_threads(threads)
         else:  # killed before the first checkpoint: nothing to resume, start again
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(esper("train", str(workdir / "recipe.yaml"), f"run.output_dir={out}"), check=True,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, env=ONE_THREAD)
     same = (run_dir / "final/model.safetensors").read_bytes() == expected
     return {"delay_s": round(delay_s, 3), "checkpoints_at_kill": len(checkpoints), "finished_before_kill": finished,
             "identical": same}

@@ -15,11 +15,6 @@ def _not_yet(command: str, what: str) -> None:
     raise typer.Exit(NOT_YET)
 
 
-def compile_(blueprints: list[Path] = typer.Argument(..., help="Blueprint YAML files.")) -> None:
-    """Compile blueprints into validated kernels (the kernel compiler is still to come)."""
-    _not_yet("compile", "the kernel compiler is still to come; `esper train` builds kernels in-process")
-
-
 def inspect_cache() -> None:
     """Show the kernel cache tiers (the tiered cache is still to come)."""
     _not_yet("inspect-cache", "the tiered kernel cache is still to come")

@@ -41,8 +41,8 @@ def _plant(manager: SeedManager, layer: str, blueprint: str, randomise: bool = T
     seed = _seed_for(manager, layer, blueprint)
     if randomise:
         _randomise(seed)
-    manager.germinate(ref, seed, blueprint, "test")
-    manager.start_incubation(ref)
+    manager.germinate(ref, blueprint, "test", 0)
+    manager.start_incubation(ref, seed)
     return ref
 
 
@@ -130,8 +130,8 @@ def test_incubated_seed_lowers_the_loss_as_soon_as_it_is_blended_in():
         F.cross_entropy(model(bx), by).backward()
         host_opt.step()
     ref = SlotRef("0", 0)
-    manager.germinate(ref, _seed_for(manager, "0", "lowrank_adapter", rank=8), "lowrank_adapter", "test")
-    manager.start_incubation(ref)
+    manager.germinate(ref, "lowrank_adapter", "test", 0)
+    manager.start_incubation(ref, _seed_for(manager, "0", "lowrank_adapter", rank=8))
     seed_opt = torch.optim.Adam(manager.seed_parameters(ref), lr=3e-3)
     for step in range(300):
         bx, by = batches[step % len(batches)]
@@ -208,7 +208,7 @@ def test_layer_refuses_out_of_order_operations():
         layer.start_blending(0)
     ref = _plant(manager, "2", "lowrank_adapter")
     with pytest.raises(IllegalTransition):
-        layer.germinate(0, _seed_for(manager, "2", "lowrank_adapter"), "lowrank_adapter", "x", 0)
+        layer.germinate(0, "lowrank_adapter", "x", 0, 0)
     with pytest.raises(IllegalTransition):
         manager.fossilize(ref)  # TRAINING -> FOSSILIZED skips blending and probation
 

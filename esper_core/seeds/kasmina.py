@@ -87,18 +87,19 @@ class KasminaLayer(nn.Module):
         slot.state = target
         slot.steps_in_state = 0
 
-    def germinate(self, index: int, seed: nn.Module, blueprint: str, kernel: str, step: int) -> None:
-        """Reserve the slot for ``seed`` (DORMANT -> GERMINATED). It does not run until incubation."""
+    def germinate(self, index: int, blueprint: str, kernel: str, params: int, step: int) -> None:
+        """Reserve the slot for a kernel (DORMANT -> GERMINATED). Nothing runs until the kernel's
+        module arrives with :meth:`start_incubation`, so a slow compile never holds training up."""
         self.transition(index, SeedState.GERMINATED)
-        reference = next(self.host.parameters())
-        self.seeds[str(index)] = seed.to(device=reference.device, dtype=reference.dtype)
         slot = self.slots[index]
-        slot.blueprint, slot.kernel, slot.germinated_at = blueprint, kernel, step
-        slot.params = sum(p.numel() for p in seed.parameters())
+        slot.blueprint, slot.kernel, slot.params, slot.germinated_at = blueprint, kernel, params, step
 
-    def start_incubation(self, index: int) -> None:
+    def start_incubation(self, index: int, seed: nn.Module) -> None:
         """GERMINATED -> TRAINING: the seed joins the forward pass with value exactly zero."""
         self.transition(index, SeedState.TRAINING)
+        reference = next(self.host.parameters())
+        self.seeds[str(index)] = seed.to(device=reference.device, dtype=reference.dtype)
+        self.slots[index].params = sum(p.numel() for p in seed.parameters())
         with torch.no_grad():
             self.isolate[index] = 1.0
             self.alpha[index] = 0.0
@@ -125,7 +126,7 @@ class KasminaLayer(nn.Module):
         """Cull or roll back: the seed leaves the forward pass and the module; returns its parameters
         so the caller can drop them from the optimizer."""
         self.transition(index, target)
-        seed = self.seeds.pop(str(index))
+        seed = self.seeds.pop(str(index)) if str(index) in self.seeds else nn.Module()  # GERMINATED: no module yet
         with torch.no_grad():
             self.isolate[index] = 0.0
             self.alpha[index] = 0.0

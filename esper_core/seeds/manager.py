@@ -118,7 +118,8 @@ class SeedManager:
             for index, raw in enumerate(entry["slots"]):
                 info = SlotInfo(SeedState[raw["state"]], raw["blueprint"], raw["kernel"], raw["params"],
                                 raw["steps_in_state"], raw["embargo_left"], raw["germinated_at"])
-                seed = build(name, info.blueprint) if info.state.live or info.state == SeedState.FOSSILIZED else None
+                holds_module = info.state.contributes  # a GERMINATED seed's kernel is requested again
+                seed = build(name, info.blueprint) if holds_module else None
                 self.layers[name].restore_slot(index, info, seed)
                 if seed is not None:
                     holding.append(SlotRef(name, index))
@@ -126,14 +127,18 @@ class SeedManager:
 
     # --- transitions --------------------------------------------------------------------------------
 
-    def germinate(self, ref: SlotRef, seed: nn.Module, blueprint: str, kernel: str) -> Event:
-        layer = self.layers[ref.layer]
-        layer.germinate(ref.index, seed, blueprint, kernel, self.step_count)
-        return self._event("germinate", ref, params=layer.slots[ref.index].params)
+    def germinate(self, ref: SlotRef, blueprint: str, kernel: str, params: int) -> Event:
+        """Reserve ``ref`` for a kernel; the seed starts incubating when its module arrives."""
+        self.layers[ref.layer].germinate(ref.index, blueprint, kernel, params, self.step_count)
+        return self._event("germinate", ref, params=params)
 
-    def start_incubation(self, ref: SlotRef) -> Event:
-        self.layers[ref.layer].start_incubation(ref.index)
+    def start_incubation(self, ref: SlotRef, seed: nn.Module) -> Event:
+        self.layers[ref.layer].start_incubation(ref.index, seed)
         return self._event("incubate", ref)
+
+    def pending(self) -> list[SlotRef]:
+        """Germinated seeds still waiting for their kernel."""
+        return [ref for ref, layer in self.slots() if layer.slots[ref.index].state == SeedState.GERMINATED]
 
     def fossilize(self, ref: SlotRef, **evidence: Any) -> Event:
         self.layers[ref.layer].fossilize(ref.index)

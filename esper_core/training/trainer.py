@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,11 @@ from safetensors.torch import save_file
 from esper_core.blueprints.builder import ResolveError
 from esper_core.checkpoints import store
 from esper_core.blueprints.library import BlueprintLibrary
-from esper_core.compiler.kernels import KernelSpec, build_kernel
+from esper_core.compiler.artifact import Kernel
+from esper_core.compiler.kernels import KernelSpec
+from esper_core.compiler.service import CompileService
+from esper_core.compiler.store import LocalKernelStore, default_store_root
+from esper_core.compiler.targets import layer_input_shapes
 from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError, Problem
 from esper_core.policy.growth import GrowthDecision, GrowthPolicy
 from esper_core.policy.merit import GradientMerit
@@ -137,7 +142,16 @@ class Trainer:
             raise ConfigError([self.loaded.locate(p.field, p.message) if p.source == RECIPE_FIELD and p.field else p
                                for p in exc.problems]) from None
         self.params_initial = count_parameters(self.model)
+        self.input_shapes = layer_input_shapes(self.model, list(self.manager.layers), self.data.input_shape)
         self.model.to(self.device)
+        self.kernel_store = LocalKernelStore(default_store_root(recipe.storage.workspace))
+        self._compiler: CompileService | None = None  # started on the first store miss
+        self._kernel_futures: dict[str, Future[Kernel]] = {}  # address -> kernel
+        self._compile_started: dict[str, float] = {}  # address -> when its compile was requested
+        self._compile_done: dict[str, float] = {}  # address -> when the worker delivered it
+        self._unusable: set[tuple[str, str]] = set()  # (layer, blueprint) whose kernel failed to compile
+        self.kernel_wait_s = 0.0  # spent before step 1 waiting for kernels (deterministic runs)
+        self.blocked_steps = 0  # training steps that waited on a compile
         self.library = BlueprintLibrary.discover(self.base_dir / d if not Path(d).is_absolute() else Path(d)
                                                  for d in recipe.seeds.blueprint_dirs)
         self._check_blueprints()
@@ -190,15 +204,91 @@ class Trainer:
     def _kernel_spec(self, blueprint: str, layer: str) -> KernelSpec:
         dtype = str(next(self.manager.layers[layer].host.parameters()).dtype).removeprefix("torch.")
         return KernelSpec(self.library.get(blueprint).blueprint, self.manager.layers[layer].spec,
-                          self.loaded.recipe.seeds.rank, dtype, self.device.type)
+                          self.loaded.recipe.seeds.rank, dtype, self.device.type, self.input_shapes[layer])
 
     def _params_of(self, blueprint: str, layer: str) -> int:
         return self._kernel_spec(blueprint, layer).resolve().params
 
+    # --- kernels -----------------------------------------------------------------------------------
+
+    def _kernel(self, spec: KernelSpec) -> Future[Kernel]:
+        """The kernel for ``spec``: from the store at once, else compiled by the background worker."""
+        address = spec.address()
+        future = self._kernel_futures.get(address)
+        if future is None:
+            if address in self.kernel_store:
+                future = Future()
+                future.set_result(self.kernel_store.get(address))
+            else:
+                if self._compiler is None:
+                    self._compiler = CompileService(self.kernel_store, warm=False)
+                self._compile_started[address] = time.perf_counter()
+                future = self._compiler.request(spec)
+                future.add_done_callback(lambda _: self._compile_done.setdefault(address, time.perf_counter()))
+            self._kernel_futures[address] = future
+        return future
+
+    def _kernel_settled(self, address: str, ok: bool) -> None:
+        """Report a background compile to telemetry once, from the training thread."""
+        if address in self._compile_started and address in self._compile_done:
+            seconds = self._compile_done.pop(address) - self._compile_started.pop(address)
+            self.telemetry.compiled(self.step, seconds, ok)
+
+    def _prepare_kernels(self) -> None:
+        """Request every kernel the recipe can ask for. With ``run.deterministic`` wait for them
+        before the first step, so the step at which a seed starts incubating never depends on
+        compile speed; otherwise training starts at once and seeds wait (GERMINATED) for kernels."""
+        started = time.perf_counter()
+        futures = {(layer, bp): self._kernel(self._kernel_spec(bp, layer))
+                   for layer, kasmina in self.manager.layers.items() for bp in self._blueprints_for(kasmina.spec.kind)}
+        if not self.loaded.recipe.run.deterministic:
+            return
+        for (layer, blueprint), future in futures.items():
+            error = future.exception()
+            self._kernel_settled(self._kernel_spec(blueprint, layer).address(), error is None)
+            if error is not None:
+                self._kernel_failed(layer, blueprint, error)
+        self.kernel_wait_s = time.perf_counter() - started
+        self._record({"event": "kernels_ready", "step": self.step, "kernels": len({id(f) for f in futures.values()}),
+                      "unusable": sorted(f"{layer}:{bp}" for layer, bp in self._unusable),
+                      "seconds": round(self.kernel_wait_s, 3)})
+
+    def _kernel_failed(self, layer: str, blueprint: str, error: BaseException) -> None:
+        """A kernel that cannot be compiled: the policy moves on to other choices for that layer."""
+        if (layer, blueprint) in self._unusable:
+            return
+        self._unusable.add((layer, blueprint))
+        self.policy.penalise(layer, blueprint, weight=10**9)
+        problems = getattr(error, "problems", None) or [error]
+        self._record({"event": "kernel_failed", "step": self.step, "layer": layer, "slot": None,
+                      "blueprint": blueprint, "problems": [str(p) for p in problems]})
+
+    def _activate_ready_seeds(self) -> None:
+        """Start incubation for every germinated seed whose kernel has arrived; never waits."""
+        for ref in self.manager.pending():
+            slot = self.manager.layers[ref.layer].slots[ref.index]
+            assert slot.blueprint is not None and slot.kernel is not None
+            future = self._kernel_futures.get(slot.kernel) or self._kernel(self._kernel_spec(slot.blueprint, ref.layer))
+            if not future.done():
+                continue
+            error = future.exception()
+            self._kernel_settled(slot.kernel, error is None)
+            if error is not None:
+                self._kernel_failed(ref.layer, slot.blueprint, error)
+                self._remove_seed(ref, rolled_back=False, reason="its kernel failed to compile")
+                continue
+            seed = future.result().instantiate(self.device, next(self.model.parameters()).dtype)
+            self._record(self.manager.start_incubation(ref, seed))
+            optim.add_group(self.optimizer, ref.key, self.manager.seed_parameters(ref),
+                            self.loaded.recipe.trainer.lr * self.loaded.recipe.seeds.lr_scale)
+
     def build_seed(self, layer: str, blueprint: str) -> torch.nn.Module:
-        """A fresh module of ``blueprint`` for ``layer`` (its weights are overwritten on restore)."""
-        module, _ = build_kernel(self._kernel_spec(blueprint, layer))
-        return module
+        """The module of a seed a checkpoint records (its weights are then overwritten). Resume
+        needs it before the first step, so this waits for a compile if the store lacks the kernel."""
+        future = self._kernel(self._kernel_spec(blueprint, layer))
+        if not future.done() and self.step > 0 and self._compiler is not None:
+            self.blocked_steps += 1  # a training step had to wait for a compile
+        return future.result().instantiate(self.device, next(self.model.parameters()).dtype)
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -218,6 +308,7 @@ class Trainer:
                           **self.telemetry.identity()})
         if metrics_url:
             self._report(float("nan"), f"metrics: {metrics_url}")
+        self._prepare_kernels()
         previous_handlers = self._install_signal_handlers()
         self._last_checkpoint_time = time.monotonic()
         try:
@@ -247,6 +338,8 @@ class Trainer:
                 self.telemetry.step_done(self.step, time.perf_counter() - tick)
             return self._finish()
         finally:
+            if self._compiler is not None:
+                self._compiler.close(wait=False)
             self.telemetry.stop()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
@@ -273,6 +366,7 @@ class Trainer:
         with self.telemetry.morph:
             for event in self.manager.step(self._gate_open):
                 self._record(event)
+            self._activate_ready_seeds()
             for ref in self.manager.due_for_verdict():
                 self._verdict(ref)
         return loss.detach()
@@ -298,13 +392,11 @@ class Trainer:
                 self._germinate(decision)
 
     def _germinate(self, decision: GrowthDecision) -> None:
-        with self.telemetry.compiling(self.step):
-            seed, address = build_kernel(self._kernel_spec(decision.blueprint, decision.slot.layer))
-        self._record(self.manager.germinate(decision.slot, seed, decision.blueprint, address) |
-                     {"reason": decision.reason, "merit": decision.merit, "kernel": address})
-        optim.add_group(self.optimizer, decision.slot.key, self.manager.seed_parameters(decision.slot),
-                        self.loaded.recipe.trainer.lr * self.loaded.recipe.seeds.lr_scale)
-        self._record(self.manager.start_incubation(decision.slot))
+        spec = self._kernel_spec(decision.blueprint, decision.slot.layer)
+        self._kernel(spec)
+        self._record(self.manager.germinate(decision.slot, decision.blueprint, spec.address(), spec.resolve().params) |
+                     {"reason": decision.reason, "merit": decision.merit, "kernel": spec.address()})
+        self._activate_ready_seeds()
 
     def _verdict(self, ref: SlotRef) -> None:
         """Counterfactual evaluation: keep the seed only if muting it costs more than the margin."""
@@ -319,8 +411,10 @@ class Trainer:
             self._remove_seed(ref, rolled_back=False, **evidence)
 
     def _remove_seed(self, ref: SlotRef, rolled_back: bool, **evidence: Any) -> None:
+        had_module = str(ref.index) in self.manager.layers[ref.layer].seeds  # a GERMINATED seed has none yet
         event, _ = self.manager.cull(ref, rolled_back=rolled_back, **evidence)
-        optim.remove_group(self.optimizer, ref.key)
+        if had_module:
+            optim.remove_group(self.optimizer, ref.key)
         self._record(event)
 
     # --- governor ----------------------------------------------------------------------------------
@@ -456,6 +550,7 @@ class Trainer:
                            for n, layer in self.manager.layers.items() for i, s in enumerate(layer.slots)
                            if s.state.name == "FOSSILIZED"],
             "rollbacks": self.governor.rollbacks,
+            "kernel_wait_s": round(self.kernel_wait_s, 3), "blocked_steps": self.blocked_steps,
         }
         self._record({"event": "run_end", "step": self.step, "val_accuracy": val.accuracy,
                       "test_accuracy": test.accuracy, "params": summary["params_final"]})

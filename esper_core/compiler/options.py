@@ -1,0 +1,59 @@
+"""From command-line options (and an optional recipe) to what ``esper compile`` should do.
+
+Kept out of the CLI module so the rules are testable without a terminal: the recipe supplies
+targets, ``rank``, the device class, the parameter budget (``policy.max_added_params``) and the
+store (``<storage.workspace>/kernels``); an explicit option overrides each of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from esper_core.compiler.budget import Budget
+from esper_core.compiler.kernels import DEVICE_CLASSES, DTYPES
+from esper_core.compiler.store import default_store_root
+from esper_core.compiler.targets import COMMAND_LINE, Target, parse_conv2d, parse_linear, recipe_targets, with_options
+from esper_core.errors import ConfigError, Problem
+from esper_core.recipe.load import load_recipe
+from esper_core.recipe.schema import StorageConfig
+
+
+@dataclass(frozen=True)
+class CompilePlan:
+    targets: list[Target]
+    budget: Budget
+    store_root: Path | None
+    """``None`` for ``--check``: nothing is read from or written to a store."""
+
+
+def plan_compile(*, recipe: str | Path | None = None, linear: Sequence[str] = (), conv2d: Sequence[str] = (),
+                 rank: int | None = None, dtype: str | None = None, device: str | None = None,
+                 max_params: int | None = None, max_flops: int | None = None, store: str | Path | None = None,
+                 check: bool = False) -> CompilePlan:
+    """Raise ``ConfigError`` (exit 2) for anything wrong with the options or the recipe."""
+    _check_choice("--dtype", dtype, DTYPES)
+    _check_choice("--device", device, DEVICE_CLASSES)
+    loaded = load_recipe(recipe) if recipe is not None else None
+    given = [*(parse_linear(text) for text in linear), *(parse_conv2d(text) for text in conv2d)]
+    if loaded is not None:
+        given = [with_options(t, rank=loaded.recipe.seeds.rank) for t in given]
+        found = recipe_targets(loaded)
+    else:
+        found = []
+    targets = [with_options(t, rank, dtype, device) for t in [*found, *given]]
+    if not targets:
+        raise ConfigError(Problem(COMMAND_LINE, "nothing to compile for: give --for RECIPE, --linear IN:OUT or "
+                                  "--conv2d IN:OUT:K:S:P[:HxW]"))
+    budget = Budget(max_params, max_flops)
+    if max_params is None and loaded is not None:
+        budget = Budget(loaded.recipe.policy.max_added_params, max_flops, params_from="policy.max_added_params")
+    workspace = loaded.recipe.storage.workspace if loaded is not None else StorageConfig().workspace
+    store_root = None if check else Path(store) if store is not None else default_store_root(workspace)
+    return CompilePlan(list(dict.fromkeys(targets)), budget, store_root)
+
+
+def _check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise ConfigError(Problem(COMMAND_LINE, f"{value!r} is not one of {', '.join(choices)}", field=option))

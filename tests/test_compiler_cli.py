@@ -1,0 +1,96 @@
+"""`esper compile`: summary table, JSON report, --check, exit codes, recipes as targets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from esper_cli.compile import compile_
+from esper_core.blueprints.library import BUILTIN_DIR
+from esper_core.compiler.store import LocalKernelStore
+
+REPO = Path(__file__).resolve().parents[1]
+app = typer.Typer()
+app.command("compile")(compile_)
+app.command("unused")(lambda: None)  # a second command keeps `compile` a subcommand, as in `esper`
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["compile", *map(str, args)])
+
+
+def test_compiles_stores_and_prints_a_table(tmp_path: Path) -> None:
+    store = tmp_path / "kernels"
+    result = run(BUILTIN_DIR / "lowrank_adapter.yaml", BUILTIN_DIR / "dwsep_conv.yaml", "--linear", "16:8",
+                 "--store", store)
+    assert result.exit_code == 0, result.output
+    assert "lowrank_adapter" in result.stdout and "1 compiled" in result.stdout and "skipped" in result.stdout
+    assert len(list(LocalKernelStore(store))) == 1
+    again = run(BUILTIN_DIR / "lowrank_adapter.yaml", "--linear", "16:8", "--store", store)
+    assert again.exit_code == 0 and "1 cached" in again.stdout
+
+
+def test_json_report_and_check_mode(tmp_path: Path) -> None:
+    result = run(BUILTIN_DIR / "wide_mlp.yaml", "--linear", "16:8", "--linear", "8:8", "--rank", "2", "--check",
+                 "--json", "--store", tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["check"] and report["store"] is None and report["counts"]["checked"] == 2
+    (blueprint,) = report["blueprints"]
+    kernel = blueprint["kernels"][0]
+    assert kernel["status"] == "checked" and kernel["target"]["rank"] == 2 and len(kernel["address"]) == 64
+    assert kernel["params"] == 16 * 8 + 8 + 8 * 8 + 8 and kernel["flops_forward"] > 0 and kernel["latency_ms"] > 0
+    assert all(entry["passed"] for entry in kernel["validation"].values())
+    assert not any(tmp_path.iterdir())  # --check writes nothing
+
+
+def test_failures_exit_1_with_one_located_message_each(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nhost: linear\nops:\n  - {op: linear, in: in, out: rank}\n"
+                   "  - {op: linear, in: rank, out: out}\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: broken\nhost: linear\nops:\n  - {op: fancy}\n")
+    result = run(bad, broken, BUILTIN_DIR / "lowrank_adapter.yaml", "--linear", "8:4", "--json", "--store",
+                 tmp_path / "kernels")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2
+    assert errors[0].startswith(f"error: {bad}:5: ops.1.init: ") and "zero_at_init" in errors[0]
+    assert errors[1].startswith(f"error: {broken}:4: ops.0: ")
+    report = json.loads(result.stdout)
+    assert not report["ok"] and report["exit_code"] == 1 and report["counts"] == {
+        "compiled": 1, "cached": 0, "checked": 0, "failed": 1}
+    problems = {b["name"] or b["file"]: b["problems"] for b in report["blueprints"]}
+    assert problems["bad"][0]["line"] == 5 and problems["bad"][0]["field"] == "ops.1.init"
+    assert problems[str(broken)][0]["line"] == 4
+    assert problems["lowrank_adapter"] == []
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    nothing = run(BUILTIN_DIR / "lowrank_adapter.yaml")
+    assert nothing.exit_code == 2 and "nothing to compile" in nothing.stderr
+    malformed = run(BUILTIN_DIR / "lowrank_adapter.yaml", "--conv2d", "3:3")
+    assert malformed.exit_code == 2 and "--conv2d" in malformed.stderr
+
+
+def test_budget_from_the_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: {source: wine}\nmodel: {widths: [16]}\nseeds: {rank: 4}\n"
+                      "policy: {max_added_params: 100}\nrun: {device: cpu}\n")
+    result = run(BUILTIN_DIR / "lowrank_adapter.yaml", "--for", recipe, "--check")
+    assert result.exit_code == 1
+    assert "budget.params" in result.stderr and "policy.max_added_params" in result.stderr
+
+
+@pytest.mark.skipif(not (REPO / "recipes" / "quickstart.yaml").is_file(), reason="no quickstart recipe")
+def test_ci_command_on_the_quickstart_recipe() -> None:
+    blueprints = sorted((REPO / "recipes" / "blueprints").glob("*.yaml"))
+    result = run(*blueprints, "--for", REPO / "recipes" / "quickstart.yaml", "--device", "cpu", "--check", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    kinds = {b["name"]: b["skipped"] for b in report["blueprints"]}
+    assert report["counts"]["checked"] >= 1 and len(kinds) == len(blueprints)
