@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from esper_cli import compile, pending, resume, train
+from esper_cli import compile, pending, report, resume, train
 
 app = typer.Typer(
     name="esper",
@@ -17,4 +17,4 @@ app.command("train")(train.train)
 app.command("resume")(resume.resume)
 app.command("compile")(compile.compile_)
 app.command("inspect-cache")(pending.inspect_cache)
-app.command("report")(pending.report)
+app.command("report")(report.report)

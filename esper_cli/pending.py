@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 import typer
 
 NOT_YET = 3
@@ -18,8 +16,3 @@ def _not_yet(command: str, what: str) -> None:
 def inspect_cache() -> None:
     """Show the kernel cache tiers (the tiered cache is still to come)."""
     _not_yet("inspect-cache", "the tiered kernel cache is still to come")
-
-
-def report(run: Path = typer.Argument(..., help="Run directory.")) -> None:
-    """Write a compliance report of a run (reports are still to come)."""
-    _not_yet("report", "compliance reports are still to come; see the run's summary.json and events.jsonl")

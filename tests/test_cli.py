@@ -391,7 +391,7 @@ def test_resume_without_a_checkpoint_is_a_user_error(launched: Launched) -> None
 
 # --- (d) commands still to come say so -----------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["report", "inspect-cache"])
+@pytest.mark.parametrize("command", ["inspect-cache"])
 def test_pending_command_says_it_is_not_available_yet(launched: Launched, command: str) -> None:
     r = launched.result(command)
     assert r.returncode not in (0, 2), r.explain()  # 2 would be a usage error, not "not yet"

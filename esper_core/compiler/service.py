@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -169,6 +170,9 @@ def _done(result: Kernel | None = None, exception: BaseException | None = None) 
 
 def _init_worker() -> None:
     torch.set_num_threads(1)
+    # Validation reloads the just-written .pt2 from bytes; torch warns that the buffer is read-only,
+    # which is harmless here and would otherwise land in the middle of the user's training output.
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 def _warm_worker() -> None:

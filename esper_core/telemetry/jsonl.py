@@ -17,6 +17,8 @@ GENESIS = "0" * 64
 
 
 class JsonlWriter:
+    """One JSON object per line, keys sorted, flushed per line."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = path.open("a", encoding="utf-8")
@@ -32,7 +34,10 @@ class JsonlWriter:
 
 
 class EventLog(JsonlWriter):
-    """Lifecycle and policy events, each chained to the one before it."""
+    """Lifecycle and policy events, each chained to the one before it.
+
+    The run directory's implementation of :class:`esper_core.telemetry.events.EventStore`.
+    """
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -46,9 +51,18 @@ class EventLog(JsonlWriter):
         self.seq += 1
         return full
 
+    @property
+    def head(self) -> str:
+        """sha256 of the last line written (``GENESIS`` when empty): what ``summary.json`` anchors."""
+        return self.prev
+
 
 def verify_chain(path: Path) -> int | None:
-    """Return the ``seq`` position of the first record that breaks the chain, or ``None`` if intact."""
+    """Return the ``seq`` position of the first record that breaks the chain, or ``None`` if intact.
+
+    The quick check of the links alone; :func:`esper_core.telemetry.audit.audit` also checks the last
+    record against ``summary.json`` and says which record was tampered with and how.
+    """
     prev = GENESIS
     for position, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         record = json.loads(line)

@@ -1,0 +1,60 @@
+"""Lay the report out as Markdown and as one self-contained HTML page (inline CSS and SVG, no scripts)."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from esper_core.telemetry.report.tables import Table, headline, sections
+
+_CSS = """
+body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }
+h1 { font-size: 22px; margin: 0 0 4px 0; } h2 { font-size: 17px; margin: 28px 0 8px 0; }
+.ok { color: #1a7f37; } .bad { color: #b42318; font-weight: bold; }
+table { border-collapse: collapse; font-size: 13px; margin-bottom: 8px; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f5f5f5; } td { word-break: break-word; max-width: 620px; }
+figure { margin: 8px 0 16px 0; } svg { display: block; }
+"""
+
+
+def markdown(report: dict[str, Any], plot_files: dict[str, str]) -> str:
+    """Markdown; ``plot_files`` maps plot ids to SVG files written beside it (may be empty)."""
+    out = [f"# {headline(report)}", ""]
+    if plot_files:
+        out += [f"![{plot_id}]({name})" for plot_id, name in plot_files.items()] + [""]
+    for table in sections(report):
+        out += [f"## {table.title}", ""] + _md_table(table) + [""]
+    return "\n".join(out)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(table: Table) -> list[str]:
+    if not table.rows:
+        return [table.empty]
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    return lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+
+
+def html(report: dict[str, Any], plots: dict[str, str]) -> str:
+    """One HTML file with every plot inline: it opens offline, from a mail attachment or an archive."""
+    good = report["audit"]["ok"] and report["audit"]["recipe_ok"]
+    body = [f"<h1>{escape(headline(report))}</h1>"]
+    body += [f'<p class="{"ok" if good else "bad"}">{escape(report["audit"][k])}</p>' for k in ("detail", "recipe_detail")]
+    body += [f'<figure id="figure-{escape(plot_id)}">{svg}</figure>' for plot_id, svg in plots.items()]
+    for table in sections(report):
+        body += [f"<h2>{escape(table.title)}</h2>", _html_table(table)]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{escape(headline(report))}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _html_table(table: Table) -> str:
+    if not table.rows:
+        return f"<p>{escape(table.empty)}</p>"
+    head = "".join(f"<th>{escape(c)}</th>" for c in table.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"

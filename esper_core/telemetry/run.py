@@ -1,0 +1,181 @@
+"""RunTelemetry: the one object the trainer reports to during a run.
+
+It owns the run's Prometheus metrics and their HTTP endpoint (only when ``telemetry.metrics_port``
+is set), the anomaly detector, and the listeners that want anomalies (the governor). Gathering them
+here keeps every hook in the training loop a single call, and keeps the loop's cost when metrics
+are off to a few attribute checks.
+
+Timing uses ``time.perf_counter`` on the host only. On a GPU the step time so measured is the time
+to enqueue the step's work, not to run it, except at the steps that already synchronise (loss reads
+every ``log_every`` steps): telemetry never adds a synchronisation to measure more precisely.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from esper_core.errors import EsperError, Problem
+from esper_core.recipe.schema import TelemetryConfig
+from esper_core.seeds.lifecycle import SeedState
+from esper_core.telemetry.anomaly import AnomalyDetector, AnomalyThresholds, resident_memory_bytes
+from esper_core.telemetry.metrics import MetricsServer, RunMetrics
+
+Event = dict[str, Any]
+Listener = Callable[[Event], None]
+_STATE_KEYS = tuple(s.name.lower() for s in SeedState)
+
+
+def esper_version() -> str:
+    try:
+        return metadata.version("esper")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_info() -> dict[str, str]:
+    """The software a run used, recorded in its first event so a report can name it."""
+    return {"esper_version": esper_version(), "torch_version": torch.__version__,
+            "python_version": ".".join(map(str, sys.version_info[:3]))}
+
+
+class MorphClock:
+    """Accumulates wall time spent in the morphogenetic machinery during the current loop iteration.
+
+    A context manager rather than a decorator so that the trainer marks exactly the lines that are
+    growth machinery (lifecycle clock, verdicts, merit, policy, germination) and nothing else.
+    """
+
+    __slots__ = ("seconds", "_start")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+class RunTelemetry:
+    """Metrics, endpoint and anomaly detection of one run; see the module docstring.
+
+    ``record`` appends an event to the run's hash-chained log (the trainer's ``_record``);
+    ``seed_counts`` returns the number of slots per lifecycle state.
+    """
+
+    def __init__(self, config: TelemetryConfig, record: Callable[[Event], None],
+                 seed_counts: Callable[[], dict[str, int]]) -> None:
+        self.config = config
+        self._record = record
+        self._seed_counts = seed_counts
+        self.detector = AnomalyDetector(AnomalyThresholds(
+            window=config.anomaly_window, spike_z=config.anomaly_spike_z,
+            stall_improvement=config.anomaly_stall_improvement,
+            compile_failure_rate=config.anomaly_compile_failure_rate, memory_growth=config.anomaly_memory_growth))
+        self.metrics = RunMetrics(esper_version()) if config.metrics_port is not None else None
+        self.server: MetricsServer | None = None
+        self.morph = MorphClock()
+        self._listeners: list[Listener] = []
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> str | None:
+        """Serve the metrics if configured; returns the endpoint's URL (with the port actually bound)."""
+        if self.metrics is None:
+            return None
+        bind, port = self.config.metrics_bind, self.config.metrics_port or 0
+        try:
+            self.server = MetricsServer(self.metrics.registry, bind, port)
+        except OSError as exc:  # port taken, address not local, permission...
+            raise EsperError(Problem("recipe", f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}",
+                                     field="telemetry.metrics_port")) from None
+        self.metrics.observe_seeds(self._seed_counts())
+        return self.server.url
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def identity(self) -> dict[str, Any]:
+        """Fields for the run's first event: software versions and where its metrics were served."""
+        fields: dict[str, Any] = {"versions": build_info()}
+        if self.server is not None:
+            fields["metrics_url"] = self.server.url
+        return fields
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(event)`` for every anomaly, after it is recorded (for the governor)."""
+        self._listeners.append(listener)
+
+    # --- hooks --------------------------------------------------------------------------------------
+
+    def step_done(self, step: int, seconds: float) -> None:
+        """One loop iteration finished; ``seconds`` is its wall time, the morph clock's share of it is
+        attributed to the growth machinery."""
+        if self.metrics is not None:
+            self.metrics.steps.observe(step, seconds, self.morph.seconds)
+        self.morph.seconds = 0.0
+
+    def logged(self, row: dict[str, Any]) -> None:
+        """A metrics.jsonl row (step, loss, params, seed counts): the loss the trainer already read."""
+        step, loss = row["step"], row["loss"]
+        found = self.detector.observe_loss(step, loss)
+        rss = resident_memory_bytes()
+        if rss is not None:
+            found += self.detector.observe_memory(step, rss)
+        if self.metrics is not None:
+            self.metrics.loss.set(loss)
+            self.metrics.params.set(row["params"])
+            self.metrics.observe_seeds({k: row[k] for k in _STATE_KEYS if k in row})
+            if rss is not None:
+                self.metrics.resident_memory.set(rss)
+        self._publish(found)
+
+    def validated(self, val_loss: float, val_accuracy: float) -> None:
+        if self.metrics is not None:
+            self.metrics.val_loss.set(val_loss)
+            self.metrics.val_accuracy.set(val_accuracy)
+
+    def on_event(self, event: Event) -> None:
+        """Every recorded event: counts lifecycle changes and anomalies, refreshes the seed gauge."""
+        if self.metrics is None:
+            return
+        kind = event.get("event")
+        if kind == "anomaly":
+            self.metrics.observe_anomaly(str(event.get("kind")))
+            return
+        self.metrics.observe_event(str(kind))
+        if "layer" in event:
+            self.metrics.observe_seeds(self._seed_counts())
+
+    def compiled(self, step: int, seconds: float, ok: bool) -> None:
+        """A kernel compile finished (in the background worker) after ``seconds``; called from the
+        training thread, so a failure's anomaly lands in the event log in order."""
+        if self.metrics is not None:
+            self.metrics.observe_compile(seconds, ok)
+        self._publish(self.detector.observe_compile(step, ok))
+
+    def cache_lookup(self, tier: str, hit: bool) -> None:
+        """A kernel cache answered (for the tiered cache to call)."""
+        if self.metrics is not None:
+            self.metrics.observe_cache(tier, hit)
+
+    def checkpointed(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.checkpoint_duration.observe(seconds)
+
+    def _publish(self, found: list[Event]) -> None:
+        for event in found:
+            self._record(event)
+        for event in found:
+            for listener in self._listeners:
+                listener(event)

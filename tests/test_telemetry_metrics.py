@@ -1,0 +1,231 @@
+"""The live Prometheus endpoint of a run, scraped while the run is training.
+
+What is pinned, and why:
+
+- the endpoint serves during ``fit`` and is gone after it (a finished run leaves no listener);
+- it binds 127.0.0.1 by default, and the port it picked (port 0) is recorded in ``run_start``;
+- every family is ``esper_*``, counters end in ``_total``, histograms have the explicit buckets,
+  every label takes values from a closed set, and there is an ``esper_build_info``: the conventions
+  that keep dashboards and Prometheus storage sane whatever a run does;
+- secrets in the environment (database and Redis URLs with passwords, the signing key) never appear
+  in a scrape: the run's private registry holds only the run's own metrics;
+- where ``promtool`` is installed, it accepts the exposition (CI installs it).
+
+The scrape happens inside an ``on_progress`` callback at a fixed step, on the training thread, while
+the server answers from its own thread: deterministic, and a real HTTP request against a live run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from esper_core import Trainer
+from esper_core.errors import EsperError
+from esper_core.recipe.schema import TelemetryConfig
+from esper_core.telemetry.metrics import ANOMALY_KINDS, STATES, STEP_BUCKETS, TIERS, RunMetrics
+from esper_core.telemetry.run import RunTelemetry
+from esper_core.training.trainer import Progress
+
+RECIPE = """\
+run: {name: scraped, seed: 0, device: cpu}
+data: {source: digits, layout: flat, batch_size: 32}
+model: {arch: mlp, widths: [16]}
+seeds: {targets: ["type:Linear"], exclude: [head], per_layer: 2, blueprints: [lowrank_adapter], rank: 4,
+        incubation_steps: 20, blend_steps: 20, probation_steps: 10, embargo_steps: 100000,
+        fossilize_margin: -1.0}
+policy: {trigger: periodic, period_steps: 30, growth_window: [0.05, 0.5], max_seeds: 4}
+trainer: {max_steps: 120, lr: 0.01, eval_every: 10, log_every: 10}
+checkpoint: {every_steps: 60}
+telemetry: {progress: none, metrics_port: 0}
+"""
+"""A seed germinates at step 10 and is fossilized, and a checkpoint written, at step 60, so a scrape
+at step 70 sees growth and a checkpoint in the counters. Expected counts are taken from the run's own
+event log, so the test does not depend on how many seeds the policy chose to grow."""
+SCRAPE_STEP = 70
+SECRETS = {
+    "ESPER_DATABASE_URL": "postgresql://esper:pg-pw-7f3a9c@db.internal:5432/esper",
+    "ESPER_REDIS_URL": "redis://:redis-pw-51be0d@cache.internal:6379/0",
+    "ESPER_SIGNING_KEY": "signing-key-e91c4d2a77",
+}
+SECRET_FRAGMENTS = ("pg-pw-7f3a9c", "redis-pw-51be0d", "signing-key-e91c4d2a77", "db.internal", "cache.internal")
+
+
+@pytest.fixture(scope="module")
+def scraped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Train the recipe with secrets in the environment, scraping the endpoint once mid-run."""
+    root = tmp_path_factory.mktemp("scraped")
+    (root / "recipe.yaml").write_text(RECIPE, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as env, one_torch_thread():
+        for key, value in SECRETS.items():
+            env.setenv(key, value)
+        # A fresh kernel store, so the run compiles its kernel and the compile histogram has it.
+        trainer = Trainer.from_recipe(root / "recipe.yaml", [f"run.output_dir={root / 'runs'}",
+                                                             f"storage.workspace={root / 'workspace'}"])
+        seen: dict[str, Any] = {}
+
+        def on_progress(p: Progress) -> None:
+            if p.step >= SCRAPE_STEP and "text" not in seen and p.last_event is None:
+                server = trainer.telemetry.server
+                assert server is not None
+                seen["address"], seen["url"], seen["step"] = server.address, server.url, p.step
+                with urllib.request.urlopen(server.url, timeout=10) as response:
+                    seen["content_type"] = response.headers["Content-Type"]
+                    seen["text"] = response.read().decode("utf-8")
+
+        summary = trainer.fit(on_progress)
+    lines = (Path(summary["run_dir"]) / "events.jsonl").read_text(encoding="utf-8").splitlines()
+    events = [json.loads(line) for line in lines]
+    return seen | {"summary": summary, "run_start": events[0], "events": events}
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """The models are tiny; on a loaded two-core runner, two intra-op threads spin against each other
+    and make a run ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_endpoint_binds_loopback_by_default_and_records_its_port(scraped: dict[str, Any]) -> None:
+    host, port = scraped["address"]
+    assert host == "127.0.0.1" and port > 0
+    assert TelemetryConfig().metrics_bind == "127.0.0.1"
+    assert scraped["run_start"]["metrics_url"] == f"http://127.0.0.1:{port}/metrics" == scraped["url"]
+    assert scraped["content_type"].startswith("text/plain")
+
+
+def test_endpoint_stops_when_the_run_ends(scraped: dict[str, Any]) -> None:
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(scraped["url"], timeout=2)
+
+
+def test_scrape_has_the_run_metrics_mid_run(scraped: dict[str, Any]) -> None:
+    fams = families(scraped["text"])
+    for name in ("esper_build_info", "esper_step_duration_seconds", "esper_train_loss", "esper_val_accuracy_ratio",
+                 "esper_seeds", "esper_germinations", "esper_fossilizations", "esper_culls", "esper_rollbacks",
+                 "esper_compile_duration_seconds", "esper_kernel_cache_hits", "esper_kernel_cache_misses",
+                 "esper_checkpoint_duration_seconds", "esper_morphogenetic_time_ratio", "esper_anomalies"):
+        assert name in fams, name
+
+    def value(family: str, sample: str, **labels: str) -> float:
+        return next(s.value for s in fams[family].samples if s.name == sample and s.labels == labels)
+
+    def happened(kind: str) -> int:
+        return sum(1 for e in scraped["events"] if e["event"] == kind and e["step"] <= scraped["step"])
+
+    assert value("esper_step", "esper_step") == scraped["step"] - 1  # the scraped step has not ended yet
+    assert value("esper_step_duration_seconds", "esper_step_duration_seconds_count") == scraped["step"] - 1
+    assert value("esper_germinations", "esper_germinations_total") == happened("germinate") >= 1
+    assert value("esper_fossilizations", "esper_fossilizations_total") == happened("fossilize") >= 1
+    assert value("esper_culls", "esper_culls_total") == happened("cull")
+    assert value("esper_compile_duration_seconds", "esper_compile_duration_seconds_count") == 1  # one kernel
+    assert value("esper_checkpoint_duration_seconds", "esper_checkpoint_duration_seconds_count") == 1
+    assert 0.0 < value("esper_morphogenetic_time_ratio", "esper_morphogenetic_time_ratio") < 1.0
+    assert 0.0 < value("esper_val_accuracy_ratio", "esper_val_accuracy_ratio") <= 1.0
+    assert value("esper_train_loss", "esper_train_loss") > 0.0
+    assert value("esper_seeds", "esper_seeds", state="fossilized") == happened("fossilize")
+    assert sum(s.value for s in fams["esper_seeds"].samples) == 2  # one layer, two slots
+
+
+def test_scrape_follows_naming_and_cardinality_rules(scraped: dict[str, Any]) -> None:
+    fams = families(scraped["text"])
+    assert all(name.startswith("esper_") for name in fams)
+    for fam in fams.values():
+        if fam.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in fam.samples), fam.name
+    buckets = [s.labels["le"] for s in fams["esper_step_duration_seconds"].samples if s.name.endswith("_bucket")]
+    assert [float(b) for b in buckets] == [*STEP_BUCKETS, float("inf")]
+    assert {s.labels["state"] for s in fams["esper_seeds"].samples} == set(STATES)
+    for name in ("esper_kernel_cache_hits", "esper_kernel_cache_misses"):
+        assert {s.labels["tier"] for s in fams[name].samples if "tier" in s.labels} == set(TIERS)
+    assert {s.labels["kind"] for s in fams["esper_anomalies"].samples if "kind" in s.labels} == set(ANOMALY_KINDS)
+    # No label anywhere carries a run name, a slot or a layer: only the closed sets above.
+    allowed = {"state", "tier", "kind", "le", "version", "torch_version", "python_version"}
+    assert {k for fam in fams.values() for s in fam.samples for k in s.labels} <= allowed
+    assert "scraped" not in scraped["text"] and "layers.0" not in scraped["text"]
+    info = fams["esper_build_info"].samples[0]
+    assert info.name == "esper_build_info" and info.value == 1
+    assert info.labels["torch_version"] and info.labels["version"]
+
+
+def test_scrape_exposes_no_secret(scraped: dict[str, Any]) -> None:
+    for fragment in SECRET_FRAGMENTS:
+        assert fragment not in scraped["text"]
+    assert "ESPER_" not in scraped["text"] and "process_" not in scraped["text"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (apt-get install prometheus)")
+def test_promtool_accepts_the_exposition(scraped: dict[str, Any]) -> None:
+    result = subprocess.run(["promtool", "check", "metrics"], input=scraped["text"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
+
+
+def test_a_taken_port_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        telemetry = RunTelemetry(TelemetryConfig(metrics_port=port), lambda event: None, dict)
+        with pytest.raises(EsperError, match=rf"telemetry.metrics_port: cannot serve metrics on 127.0.0.1:{port}"):
+            telemetry.start()
+
+
+def test_metrics_off_serves_nothing() -> None:
+    telemetry = RunTelemetry(TelemetryConfig(), lambda event: None, dict)
+    assert telemetry.metrics is None and telemetry.start() is None
+    assert "metrics_url" not in telemetry.identity()
+    telemetry.step_done(1, 0.01)  # hooks are no-ops, not errors, when metrics are off
+
+
+def test_label_values_outside_the_closed_sets_are_refused_or_folded() -> None:
+    metrics = RunMetrics("test")
+    with pytest.raises(ValueError, match="unknown cache tier"):
+        metrics.observe_cache("s3://bucket/run-42", hit=True)
+    metrics.observe_anomaly("a-new-kind-with-an-id-1234")
+    fams = families(_exposition(metrics))
+    kinds = {s.labels["kind"]: s.value for s in fams["esper_anomalies"].samples if s.name.endswith("_total")}
+    assert kinds["other"] == 1 and "a-new-kind-with-an-id-1234" not in kinds
+
+
+def test_cache_and_checkpoint_hooks_feed_their_series() -> None:
+    telemetry = RunTelemetry(TelemetryConfig(metrics_port=0), lambda event: None, dict)
+    telemetry.cache_lookup("memory", hit=False)
+    telemetry.cache_lookup("redis", hit=True)
+    telemetry.checkpointed(0.2)
+    assert telemetry.metrics is not None
+    fams = families(_exposition(telemetry.metrics))
+    hits = {s.labels["tier"]: s.value for s in fams["esper_kernel_cache_hits"].samples if s.name.endswith("_total")}
+    misses = {s.labels["tier"]: s.value for s in fams["esper_kernel_cache_misses"].samples
+              if s.name.endswith("_total")}
+    assert hits == {"memory": 0, "disk": 0, "redis": 1, "sql": 0} and misses["memory"] == 1
+    sums = {s.name: s.value for s in fams["esper_checkpoint_duration_seconds"].samples}
+    assert sums["esper_checkpoint_duration_seconds_count"] == 1 and sums["esper_checkpoint_duration_seconds_sum"] == 0.2
+
+
+def _exposition(metrics: RunMetrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode("utf-8")
