@@ -1,17 +1,45 @@
-"""The first growth policy: when (plateau or period inside the growth window), where (gradient
-merit), what (the least-tried allowed blueprint), and how much (seed and parameter budgets).
+"""Tamiyo, the growth policy: when to grow, where, what, and how much.
 
-It decides only; the trainer executes through the SeedManager. Every decision carries a reason
-string that goes into the event log verbatim.
+- **When**: on a validation plateau or periodically, only inside the growth window (the rest of
+  training is kept for fine-tuning). While the run underfits (the validation loss is within
+  ``underfit_gap`` of the training loss) the period and the plateau patience shrink by
+  ``underfit_speedup``: capacity is what such a run lacks.
+- **Where**: layers ranked by gradient merit, eligible only above ``merit_ratio`` of the best.
+- **What**: the orchestrator strategy turns the best eligible layer into a plan, using the
+  :class:`~esper_core.policy.selector.SeedSelector`'s bandit choices.
+- **How much**: budgets in seeds, parameters and forward FLOPs, and a latency limit per seed.
+
+It decides only; the trainer executes through the SeedManager (GradMax's split of "when" from
+"how"). Every decision carries a sentence saying why and the inputs it was made from (signals,
+arm statistics, budgets), recorded verbatim in the event log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
+
+from esper_core.policy.bandits import ArmStats
+from esper_core.policy.orchestrator import Germination, Plan, build_strategy
+from esper_core.policy.selector import Candidate, Choice, SeedSelector, arm_key
+from esper_core.policy.signals import GlobalSignals, LayerHealth, LayerSignals, PlateauTracker
 from esper_core.recipe.schema import PolicyConfig
+from esper_core.seeds.kasmina import KasminaLayer
+from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.manager import SeedManager, SlotRef
+
+
+@dataclass(frozen=True)
+class SeedCost:
+    """What a blueprint adds to one layer: parameters and forward FLOPs per sample."""
+
+    params: int
+    flops: int
 
 
 @dataclass(frozen=True)
@@ -20,104 +48,343 @@ class GrowthDecision:
     blueprint: str
     reason: str
     merit: float
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CullDecision:
+    slot: SlotRef
+    reason: str
+    evidence: dict[str, Any]
 
 
 @dataclass
-class PlateauTracker:
-    """Counts evaluations without an improvement of at least ``min_delta`` in validation loss."""
+class Decisions:
+    """What to do now: culls first, then germinations; ``skipped`` says why nothing grew although the
+    trigger fired (``None`` when that was already reported, or when nothing was due)."""
 
-    patience: int
-    min_delta: float
-    best: float = float("inf")
-    stale: int = 0
-
-    def update(self, val_loss: float) -> None:
-        if val_loss < self.best - self.min_delta:
-            self.best, self.stale = val_loss, 0
-        else:
-            self.stale += 1
-
-    @property
-    def plateaued(self) -> bool:
-        return self.stale >= self.patience
-
-    def reset(self) -> None:
-        self.stale = 0
+    culls: list[CullDecision] = field(default_factory=list)
+    germinations: list[GrowthDecision] = field(default_factory=list)
+    skipped: dict[str, Any] | None = None
 
 
-@dataclass
 class GrowthPolicy:
-    config: PolicyConfig
-    max_steps: int
-    blueprints_for: Callable[[str], list[str]]  # host kind -> allowed blueprint names, in preference order
-    params_of: Callable[[str, str], int]  # (blueprint, layer) -> parameters the seed would add
-    plateau: PlateauTracker = field(init=False)
-    last_growth_step: int = field(default=-1, init=False)
-    tries: dict[tuple[str, str], int] = field(default_factory=dict, init=False)
+    """See the module docstring.
 
-    def __post_init__(self) -> None:
-        self.plateau = PlateauTracker(self.config.plateau_patience, self.config.plateau_min_delta)
+    ``kinds`` maps each wrapped layer to its host kind; ``blueprints_for(kind)`` lists the recipe's
+    blueprints for a kind in preference order; ``cost_of(blueprint, layer)`` gives a seed's size;
+    ``latency_of(blueprint, layer)`` measures it (only called when ``max_latency_ms`` is set, once
+    per pair, and remembered in the state so a resumed run decides alike); ``seed`` seeds the
+    selector's private generator; ``eta`` is the incubation step size the health prior uses.
+    """
+
+    def __init__(self, config: PolicyConfig, max_steps: int, kinds: dict[str, str],
+                 blueprints_for: Callable[[str], list[str]], cost_of: Callable[[str, str], SeedCost], *,
+                 seed: int, eta: float, latency_of: Callable[[str, str], float] | None = None) -> None:
+        self.config = config
+        self.max_steps = max_steps
+        self.kinds = kinds
+        self.blueprints_for = blueprints_for
+        self.cost_of = cost_of
+        self.latency_of = latency_of
+        self.eta = eta
+        self.layers = LayerSignals(config.merit_decay)
+        self.signals = GlobalSignals(config.trend_window, PlateauTracker(config.plateau_patience,
+                                                                         config.plateau_min_delta))
+        self.selector = SeedSelector(config.selector, seed)
+        self.strategy = build_strategy(config.orchestrator, config.ensemble_size, config.replace_after)
+        self.last_growth_step = -1
+        self.reserved: dict[str, Germination] = {}  # slot key -> replacement waiting for its slot
+        self.kept: dict[str, int] = {}  # arm -> fossilized seeds (SPECIALIZE's evidence)
+        self.forbidden: set[tuple[str, str]] = set()  # (layer, blueprint) whose kernel is unusable
+        self.latency: dict[tuple[str, str], float] = {}
+        self._costs: dict[tuple[str, str], SeedCost] = {}
+        self._last_skip: str | None = None
+        # Set for the duration of one decide() call (the Planner interface of the strategies).
+        self.step = 0
+        self.manager: SeedManager
+        self._health: dict[str, LayerHealth] = {}
+        self._measure: Callable[[SlotRef], float] = lambda ref: 0.0
+
+    # --- signals -----------------------------------------------------------------------------------
 
     def in_window(self, step: int) -> bool:
         start, end = self.config.growth_window
         return start * self.max_steps <= step < end * self.max_steps
 
-    def observe_validation(self, val_loss: float) -> None:
-        self.plateau.update(val_loss)
+    def measuring(self, layers: dict[str, KasminaLayer], active: bool) -> AbstractContextManager[None]:
+        """Wrap the forward pass of a training step; when ``active`` it feeds the layer signals."""
+        return self.layers.measuring(layers, active)
+
+    def observe_train(self, step: int, loss: float) -> None:
+        self.signals.observe_train(step, loss)
+
+    def observe_validation(self, step: int, loss: float) -> None:
+        self.signals.observe_validation(step, loss)
+
+    # --- when ---------------------------------------------------------------------------------------
 
     def _triggered(self, step: int) -> str | None:
-        if not self.in_window(step):
+        cfg = self.config
+        underfit = self.signals.underfitting(cfg.underfit_gap) and cfg.underfit_speedup > 1
+        speed = cfg.underfit_speedup if underfit else 1.0
+        faster = (f", /{speed:g} while underfitting: train-val gap {self.signals.gap:.3g}"
+                  if underfit else "")
+        if cfg.trigger == "periodic":
+            period = max(1, round(cfg.period_steps / speed))
+            if self.last_growth_step < 0:
+                return f"periodic trigger: first growth of the window (period {period} steps{faster})"
+            since = step - self.last_growth_step
+            return f"periodic trigger: {since} steps since the last growth (period {period}{faster})" \
+                if since >= period else None
+        patience = max(1, math.ceil(cfg.plateau_patience / speed))
+        plateau = self.signals.plateau
+        if not plateau.plateaued(patience):
             return None
-        if self.config.trigger == "periodic":
-            if self.last_growth_step < 0 or step - self.last_growth_step >= self.config.period_steps:
-                return f"periodic trigger (every {self.config.period_steps} steps)"
-            return None
-        if self.plateau.plateaued:
-            return (f"validation plateau: no improvement of {self.config.plateau_min_delta:g} in "
-                    f"{self.plateau.stale} evaluations (best {self.plateau.best:.4f})")
-        return None
+        return (f"validation plateau for {step - plateau.best_step} steps ({plateau.stale} evaluations without "
+                f"a {cfg.plateau_min_delta:g} improvement on {plateau.best:.4f}; patience {patience}{faster})")
 
-    def decide(self, step: int, manager: SeedManager, merit: dict[str, float]) -> GrowthDecision | None:
-        """At most one germination per call; ``None`` when nothing should grow now."""
+    # --- the decision -------------------------------------------------------------------------------
+
+    def decide(self, step: int, manager: SeedManager, merit: dict[str, float],
+               measure: Callable[[SlotRef], float]) -> Decisions:
+        """What to do at evaluation step ``step``. ``measure(ref)`` is the counterfactual validation
+        loss gain of a live seed (only REPLACE asks for it)."""
+        self.step, self.manager, self._measure = step, manager, measure
+        out = Decisions()
+        self._release_reserved(out)
         why = self._triggered(step)
-        if why is None or manager.occupied() >= self.config.max_seeds:
-            return None
+        if why is None or not self.in_window(step) or out.germinations:  # a released slot is this round's growth
+            return out
+        self._health = self.layers.read()
         ranked = sorted(((merit.get(name, 0.0), name) for name in manager.layers), reverse=True)
         best = ranked[0][0] if ranked else 0.0
+        inputs = {"trigger": why, "global": self.signals.to_json(), "strategy": self.strategy.name,
+                  "layers": {name: {"merit": round(score, 6), "rank": rank,
+                                    **(self._health[name].to_json() if name in self._health else {})}
+                             for rank, (score, name) in enumerate(ranked, start=1)},
+                  "budget": self._budget(manager)}
+        if self._seeds_used(manager) >= self.config.max_seeds:
+            return self._skip(out, "seeds", f"{why}; but the seed budget is spent "
+                              f"({self._seeds_used(manager)} of {self.config.max_seeds})", inputs)
         for rank, (score, name) in enumerate(ranked, start=1):
             if best > 0 and score < self.config.merit_ratio * best:
                 break
-            index = manager.free_slot(name)
-            if index is None:
-                continue
-            choice = self._choose_blueprint(name, manager)
-            if choice is None:
-                continue
-            self.last_growth_step = step
-            self.plateau.reset()
-            self.tries[(name, choice)] = self.tries.get((name, choice), 0) + 1
-            reason = (f"{why}; gradient merit {score:.3g} (rank {rank} of {len(ranked)}, "
-                      f"best {best:.3g}); {choice} is the least-tried blueprint allowed here")
-            return GrowthDecision(SlotRef(name, index), choice, reason, score)
-        return None
+            plan = self.strategy.plan(self, name)
+            if plan is not None:
+                self._adopt(plan, out, name, f"{why}; gradient merit {score:.3g} (rank {rank} of {len(ranked)})",
+                            score, inputs)
+                return out
+        return self._skip(out, "nothing", f"{why}; but no layer above {self.config.merit_ratio:g} of the best merit "
+                          f"can take a seed now (busy, full, or no blueprint within the budgets)", inputs)
 
-    def _choose_blueprint(self, layer: str, manager: SeedManager) -> str | None:
-        room = self.config.max_added_params - manager.added_params()
-        allowed = [b for b in self.blueprints_for(manager.layers[layer].spec.kind) if self.params_of(b, layer) <= room]
-        if not allowed:
+    def _adopt(self, plan: Plan, out: Decisions, layer: str, where: str, merit: float, inputs: dict[str, Any]) -> None:
+        note = f"; {plan.note}" if plan.note else ""
+        for eviction in plan.evict:
+            ref = SlotRef(layer, eviction.index)
+            slot = self.manager.layers[layer].slots[eviction.index]
+            reward = self.selector.reward(str(slot.blueprint), self.kinds[layer], eviction.loss_gain, slot.params, True)
+            out.culls.append(CullDecision(ref, f"replaced {slot.blueprint} in {ref.key}: {where}{note}",
+                                          {"loss_gain": eviction.loss_gain, "reward": reward, "inputs": inputs}))
+        for g in plan.reserve:
+            self.reserved[SlotRef(layer, g.index).key] = g
+        for g in plan.germinate:
+            out.germinations.append(self._decision(SlotRef(layer, g.index), g, f"{where}; {g.explanation}{note}",
+                                                   merit, inputs))
+        self.last_growth_step = self.step
+        self.signals.plateau.reset()
+        self._last_skip = None
+
+    def _decision(self, ref: SlotRef, g: Germination, why: str, merit: float, inputs: dict[str, Any]) -> GrowthDecision:
+        c = g.candidate
+        choice = {"arm": c.arm, "params": c.params, "flops": c.flops, "prior": c.prior, "latency_ms": c.latency_ms}
+        return GrowthDecision(ref, c.blueprint, f"germinated {c.blueprint} in {ref.key}: {why}", merit,
+                              inputs | {"choice": choice, "arms": g.arms})
+
+    def _release_reserved(self, out: Decisions) -> None:
+        """REPLACE's new choices take their slots once the embargo has reopened them."""
+        for key, g in list(self.reserved.items()):
+            layer, _, index = key.rpartition("#")
+            state = self.manager.layers[layer].slots[int(index)].state
+            if state == SeedState.DORMANT:
+                del self.reserved[key]
+                inputs = {"choice": {"arm": g.candidate.arm, "params": g.candidate.params}, "arms": g.arms}
+                out.germinations.append(GrowthDecision(
+                    SlotRef(layer, int(index)), g.candidate.blueprint,
+                    f"germinated {g.candidate.blueprint} in {key}: replacement chosen at the cull; {g.explanation}",
+                    0.0, inputs))
+            elif state not in (SeedState.CULLED, SeedState.ROLLED_BACK):
+                del self.reserved[key]  # the slot went another way (a rollback restored it)
+
+    def _skip(self, out: Decisions, code: str, reason: str, inputs: dict[str, Any]) -> Decisions:
+        """Report a fired trigger that led nowhere, once per kind of obstacle."""
+        if code != self._last_skip:
+            self._last_skip = code
+            out.skipped = {"reason": reason, "inputs": inputs}
+        return out
+
+    # --- the Planner interface (what strategies may ask) --------------------------------------------
+
+    def busy(self, layer: str) -> bool:
+        """A live seed, or a reserved replacement, is under evaluation in ``layer``."""
+        return any(s.state.live for s in self.manager.layers[layer].slots) or \
+            any(key.rpartition("#")[0] == layer for key in self.reserved)
+
+    def candidates(self, layer: str, spent: Sequence[Candidate] = (), freed: Sequence[SlotRef] = ()) -> list[Candidate]:
+        """The blueprints that may grow on ``layer`` now: right kind, usable kernel, within every budget
+        (after ``spent`` candidates of the same plan and without the seeds in ``freed``)."""
+        cfg, manager = self.config, self.manager
+        if self._seeds_used(manager) + len(spent) - len(freed) >= cfg.max_seeds:
+            return []
+        params, flops = self._used(manager)
+        for ref in freed:
+            slot = manager.layers[ref.layer].slots[ref.index]
+            params -= slot.params
+            flops -= self._cost(str(slot.blueprint), ref.layer).flops
+        params += sum(c.params for c in spent)
+        flops += sum(c.flops for c in spent)
+        kind = self.kinds[layer]
+        health = self._health.get(layer)
+        out = []
+        for blueprint in self.blueprints_for(kind):
+            if (layer, blueprint) in self.forbidden:
+                continue
+            cost = self._cost(blueprint, layer)
+            if params + cost.params > cfg.max_added_params:
+                continue
+            if cfg.max_added_flops is not None and flops + cost.flops > cfg.max_added_flops:
+                continue
+            latency = self._latency(blueprint, layer)
+            if latency is not None and cfg.max_latency_ms is not None and latency > cfg.max_latency_ms:
+                continue
+            prior = self.eta * health.residual / (cost.params / 1000.0) if health and cost.params else None
+            out.append(Candidate(blueprint, layer, kind, cost.params, cost.flops, latency, prior))
+        return out
+
+    def choose(self, candidates: Sequence[Candidate]) -> Choice | None:
+        """The selector's choice, offered arms with fewer seeds still awaiting a verdict first: rewards
+        arrive late (at the verdict), and an arm already being tried should not be "untried" again."""
+        waiting: dict[str, int] = {}
+        for name, slot in self._occupied(self.manager):
+            if slot.state.live:
+                arm = arm_key(str(slot.blueprint), self.kinds[name])
+                waiting[arm] = waiting.get(arm, 0) + 1
+        for g in self.reserved.values():
+            waiting[g.candidate.arm] = waiting.get(g.candidate.arm, 0) + 1
+        return self.selector.choose(sorted(candidates, key=lambda c: waiting.get(c.arm, 0)))
+
+    def champion(self, kind: str) -> tuple[str, ArmStats] | None:
+        """The blueprint of ``kind`` with the best mean reward among those with a fossilized seed."""
+        best: tuple[str, ArmStats] | None = None
+        for blueprint in self.blueprints_for(kind):
+            arm = arm_key(blueprint, kind)
+            stats = self.selector.bandit.arms.get(arm)
+            if self.kept.get(arm, 0) and stats is not None and (best is None or stats.mean > best[1].mean):
+                best = (blueprint, stats)
+        return best
+
+    def arm_table(self, candidates: Sequence[Candidate]) -> dict[str, dict[str, float]]:
+        return {c.arm: self.selector.describe(c.arm) for c in candidates}
+
+    def measure(self, ref: SlotRef) -> float:
+        return self._measure(ref)
+
+    # --- budgets ------------------------------------------------------------------------------------
+
+    def _cost(self, blueprint: str, layer: str) -> SeedCost:
+        key = (blueprint, layer)
+        if key not in self._costs:
+            self._costs[key] = self.cost_of(blueprint, layer)
+        return self._costs[key]
+
+    def _latency(self, blueprint: str, layer: str) -> float | None:
+        if self.config.max_latency_ms is None or self.latency_of is None:
             return None
-        return min(allowed, key=lambda b: self.tries.get((layer, b), 0))
+        key = (blueprint, layer)
+        if key not in self.latency:
+            self.latency[key] = self.latency_of(blueprint, layer)
+        return self.latency[key]
 
-    def penalise(self, layer: str, blueprint: str | None, weight: int = 10) -> None:
-        """Make a (layer, blueprint) pair that caused a rollback the last choice for a while."""
+    def _occupied(self, manager: SeedManager) -> Iterator[tuple[str, Any]]:
+        for name, layer in manager.layers.items():
+            for slot in layer.slots:
+                if slot.state.live or slot.state == SeedState.FOSSILIZED:
+                    yield name, slot
+
+    def _seeds_used(self, manager: SeedManager) -> int:
+        return sum(1 for _ in self._occupied(manager)) + len(self.reserved)
+
+    def _used(self, manager: SeedManager) -> tuple[int, int]:
+        """(parameters, forward FLOPs per sample) of every seed that holds or will hold parameters."""
+        params = flops = 0
+        for name, slot in self._occupied(manager):
+            params += slot.params
+            flops += self._cost(str(slot.blueprint), name).flops
+        for key, g in self.reserved.items():
+            params += g.candidate.params
+            flops += g.candidate.flops
+        return params, flops
+
+    def _budget(self, manager: SeedManager) -> dict[str, list[int | None]]:
+        params, flops = self._used(manager)
+        cfg = self.config
+        return {"seeds": [self._seeds_used(manager), cfg.max_seeds], "params": [params, cfg.max_added_params],
+                "flops": [flops, cfg.max_added_flops]}
+
+    # --- feedback -----------------------------------------------------------------------------------
+
+    def verdict(self, manager: SeedManager, ref: SlotRef, loss_gain: float, kept: bool) -> dict[str, Any]:
+        """Credit a seed's counterfactual verdict to its arm; returns fields for the verdict event."""
+        slot = manager.layers[ref.layer].slots[ref.index]
+        kind = self.kinds[ref.layer]
+        reward = self.selector.reward(str(slot.blueprint), kind, loss_gain, slot.params, kept)
+        arm = arm_key(str(slot.blueprint), kind)
+        if kept:
+            self.kept[arm] = self.kept.get(arm, 0) + 1
+        return {"arm": arm, "reward": reward, "arm_stats": self.selector.describe(arm)}
+
+    def penalise(self, layer: str, blueprint: str | None) -> None:
+        """A seed of ``blueprint`` in ``layer`` caused a rollback: its arm is charged the penalty."""
         if blueprint is not None:
-            self.tries[(layer, blueprint)] = self.tries.get((layer, blueprint), 0) + weight
+            self.selector.rollback(blueprint, self.kinds[layer], self._cost(blueprint, layer).params)
 
-    def state_dict(self) -> dict:
-        return {"best": self.plateau.best, "stale": self.plateau.stale, "last_growth_step": self.last_growth_step,
-                "tries": [[layer, bp, n] for (layer, bp), n in self.tries.items()]}
+    def forbid(self, layer: str, blueprint: str) -> None:
+        """Never choose ``blueprint`` for ``layer`` again in this run (its kernel cannot be built)."""
+        self.forbidden.add((layer, blueprint))
 
-    def load_state_dict(self, state: dict) -> None:
-        self.plateau.best, self.plateau.stale = state["best"], state["stale"]
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_growth_step": self.last_growth_step, "signals": self.signals.state_dict(),
+                "selector": self.selector.state_dict(), "kept": dict(self.kept),
+                "reserved": {k: _germination_json(g) for k, g in self.reserved.items()},
+                "forbidden": sorted([layer, bp] for layer, bp in self.forbidden),
+                "latency": [[bp, layer, ms] for (bp, layer), ms in self.latency.items()],
+                "last_skip": self._last_skip}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_growth_step = state["last_growth_step"]
-        self.tries = {(layer, bp): n for layer, bp, n in state["tries"]}
+        self.signals.load_state_dict(state["signals"])
+        self.selector.load_state_dict(state["selector"])
+        self.kept = dict(state["kept"])
+        self.reserved = {k: _germination_from_json(v) for k, v in state["reserved"].items()}
+        self.forbidden = {(layer, bp) for layer, bp in state["forbidden"]}
+        self.latency = {(bp, layer): ms for bp, layer, ms in state["latency"]}
+        self._last_skip = state["last_skip"]
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        """The running layer statistics (device tensors; checkpoints store them with the weights)."""
+        return self.layers.state_dict()
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.layers.load_state_dict(tensors, device)
+
+
+def _germination_json(g: Germination) -> dict[str, Any]:
+    c = g.candidate
+    return {"index": g.index, "explanation": g.explanation, "arms": g.arms,
+            "candidate": [c.blueprint, c.layer, c.kind, c.params, c.flops, c.latency_ms, c.prior]}
+
+
+def _germination_from_json(data: dict[str, Any]) -> Germination:
+    return Germination(data["index"], Candidate(*data["candidate"]), data["explanation"], data["arms"])

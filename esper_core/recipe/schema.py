@@ -137,6 +137,26 @@ class SeedsConfig(Section):
                             description="Learning rate of seed parameters relative to the host's.")
 
 
+class SelectorConfig(Section):
+    strategy: Literal["ucb1", "thompson", "epsilon_greedy", "greedy"] = Field(
+        "ucb1", description="Bandit over (blueprint x layer kind) arms: `ucb1` (optimism), `thompson` (posterior "
+        "sampling), `epsilon_greedy`, or `greedy` (best mean reward so far).")
+    discount: float = Field(1.0, gt=0.0, le=1.0, description="Below 1, every new reward multiplies all older arm "
+                            "statistics by this factor (the discounted variant, for rewards that drift).")
+    exploration: float = Field(1.0, ge=0.0, le=100.0, description="Width of UCB's bonus and of Thompson's posterior, "
+                               "in units of the observed reward spread.")
+    epsilon: float = Field(0.1, ge=0.0, le=1.0, description="Share of random choices for `epsilon_greedy`.")
+    prior_weight: float = Field(1.0, ge=0.0, le=1000.0, description="Pulls the health-signal prior of an arm "
+                                "counts for (0 ignores the prior).")
+    cull_penalty: float = Field(0.001, ge=0.0, le=100.0, description="Validation loss subtracted from a culled "
+                                "seed's counterfactual gain before it becomes its arm's reward (reward: gain per 1000 "
+                                "added parameters).")
+    rollback_penalty: float = Field(0.01, ge=0.0, le=100.0, description="A seed that caused a rollback is credited "
+                                    "a validation loss gain of minus this.")
+    share_across_runs: bool = Field(False, description="Start from, and add to, the arm statistics of earlier runs "
+                                    "kept in `<storage.workspace>/selector.json`.")
+
+
 class PolicyConfig(Section):
     trigger: Literal["plateau", "periodic"] = Field(
         "plateau", description="Germinate on a validation plateau, or every `period_steps`.")
@@ -148,7 +168,8 @@ class PolicyConfig(Section):
         (0.05, 0.7), description="Fractions of `trainer.max_steps` inside which growth may start; the rest "
         "is kept for fine-tuning.")
     merit_every: int = Field(10, ge=1, le=100_000,
-                             description="Steps between gradient-merit measurements (each costs one host-device sync).")
+                             description="Steps between health measurements: gradient merit, activation statistics "
+                             "and the residual functional gradient, on the device, read only when the policy decides.")
     merit_decay: float = Field(0.8, ge=0.0, lt=1.0,
                                description="Exponential averaging of merit across measurements (batches).")
     merit_ratio: float = Field(0.5, ge=0.0, le=1.0,
@@ -157,6 +178,25 @@ class PolicyConfig(Section):
     max_seeds: int = Field(4, ge=0, le=10_000, description="Most seeds alive (training, blending, probation "
                            "or fossilized) at once.")
     max_added_params: int = Field(1_000_000, ge=0, description="Most parameters growth may add.")
+    max_added_flops: int | None = Field(None, ge=0, description="Most forward FLOPs per sample growth may add "
+                                        "(analytic; none: no limit).")
+    max_latency_ms: float | None = Field(None, gt=0.0, description="Skip blueprints whose measured forward+backward "
+                                         "latency on a layer exceeds this (measured once per blueprint and layer; "
+                                         "none: no limit).")
+    underfit_gap: float = Field(0.1, ge=0.0, le=10.0, description="Training counts as underfitting while the "
+                                "validation loss exceeds the training loss by less than this share of it.")
+    underfit_speedup: float = Field(2.0, ge=1.0, le=100.0, description="While underfitting, the period and the "
+                                    "plateau patience are divided by this (grow faster).")
+    trend_window: int = Field(5, ge=2, le=10_000, description="Recent losses the train and validation trends "
+                              "(least-squares slopes) are fitted to.")
+    orchestrator: Literal["replace", "diversify", "specialize", "ensemble"] = Field(
+        "diversify", description="`replace`: cull a full layer's weakest live seed for a new choice; `diversify`: "
+        "prefer blueprints a layer does not hold yet; `specialize`: replicate the best blueprint into layers of "
+        "its kind; `ensemble`: germinate `ensemble_size` seeds in one layer at once.")
+    ensemble_size: int = Field(2, ge=2, le=16, description="Seeds `ensemble` germinates together in one layer.")
+    replace_after: int = Field(100, ge=0, le=10_000_000, description="Steps a live seed must have lived before "
+                               "`replace` may cull it.")
+    selector: SelectorConfig = Field(default_factory=SelectorConfig, description="Which blueprint to grow.")
 
     @field_validator("growth_window")
     @classmethod
@@ -222,6 +262,16 @@ class StorageConfig(Section):
                                      "(default: SQLite in the workspace; env `ESPER_DATABASE_URL`).")
     redis_url: str | None = Field(None, description="Redis URL of the shared kernel cache "
                                   "(optional; env `ESPER_REDIS_URL`).")
+    memory_bytes: int = Field(64 * 2**20, ge=0, le=2**40, description="Bytes of kernels the in-process LRU "
+                              "tier keeps (0 turns it off).")
+    redis_deadline_ms: int = Field(100, ge=1, le=60_000, description="Longest one Redis call may take; a "
+                                   "slower or failed call is a miss there and the lookup goes on below.")
+    database_deadline_ms: int = Field(1000, ge=1, le=600_000, description="Longest one database call may "
+                                      "take; a slower or failed call is a miss there and the lookup goes on below.")
+    breaker_failures: int = Field(3, ge=1, le=1000, description="Consecutive failures (errors or missed "
+                                  "deadlines) after which a tier is skipped for `breaker_reset_s`.")
+    breaker_reset_s: float = Field(30.0, gt=0.0, le=86_400.0, description="Seconds a failing tier is skipped "
+                                   "before one trial call checks whether it is back.")
 
 
 class Recipe(Section):

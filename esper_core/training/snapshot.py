@@ -29,6 +29,7 @@ def capture(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {f"model/{k}": v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
     opt_tensors, opt_meta = optim.export_state(trainer.optimizer, names)
     tensors.update({k: v.detach().to("cpu", copy=True) for k, v in opt_tensors.items()})
+    tensors.update({f"policy/{k}": v.detach().to("cpu", copy=True) for k, v in trainer.policy.tensor_state().items()})
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, rng in enumerate(torch.cuda.get_rng_state_all()):
@@ -75,6 +76,8 @@ def restore(trainer: Trainer, tensors: dict[str, torch.Tensor], state: dict[str,
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     trainer.sampler.seek(**state["sampler"])
     trainer.policy.load_state_dict(state["policy"])
+    trainer.policy.load_tensor_state({k[len("policy/"):]: v for k, v in tensors.items() if k.startswith("policy/")},
+                                     trainer.device)
     trainer.merit.load_state_dict(state["merit"], trainer.device)
     counters = state["trainer"]
     trainer.step = state["step"]

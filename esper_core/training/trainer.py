@@ -36,7 +36,9 @@ from esper_core.compiler.service import CompileService
 from esper_core.compiler.store import LocalKernelStore, default_store_root
 from esper_core.compiler.targets import layer_input_shapes
 from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError, Problem
-from esper_core.policy.growth import GrowthDecision, GrowthPolicy
+from esper_core.compiler.flops import analytic_cost
+from esper_core.policy.arm_store import workspace_store
+from esper_core.policy.growth import Decisions, GrowthDecision, GrowthPolicy, SeedCost
 from esper_core.policy.merit import GradientMerit
 from esper_core.recipe.load import LoadedRecipe, load_recipe, resolve_relative
 from esper_core.recipe.overrides import COMMAND_LINE
@@ -157,7 +159,10 @@ class Trainer:
         self._check_blueprints()
         self.optimizer = optim.build_optimizer(self.model, recipe.trainer)
         self.merit = GradientMerit(recipe.policy.merit_decay)
-        self.policy = GrowthPolicy(recipe.policy, recipe.trainer.max_steps, self._blueprints_for, self._params_of)
+        self.policy = GrowthPolicy(recipe.policy, recipe.trainer.max_steps,
+                                   {name: layer.spec.kind for name, layer in self.manager.layers.items()},
+                                   self._blueprints_for, self._seed_cost, seed=recipe.run.seed, eta=recipe.seeds.eta,
+                                   latency_of=self._seed_latency)
         self.governor = Governor(recipe.trainer.governor, self.device)
         self.sampler = EpochSampler(self.data.train, recipe.data.batch_size, recipe.run.seed)
         self.val_batches = list(ordered_batches(self.data.val, recipe.data.eval_batch_size))
@@ -206,8 +211,16 @@ class Trainer:
         return KernelSpec(self.library.get(blueprint).blueprint, self.manager.layers[layer].spec,
                           self.loaded.recipe.seeds.rank, dtype, self.device.type, self.input_shapes[layer])
 
-    def _params_of(self, blueprint: str, layer: str) -> int:
-        return self._kernel_spec(blueprint, layer).resolve().params
+    def _seed_cost(self, blueprint: str, layer: str) -> SeedCost:
+        """Parameters and analytic forward FLOPs per sample of ``blueprint`` on ``layer`` (its real input shape)."""
+        spec = self._kernel_spec(blueprint, layer)
+        cost = analytic_cost(spec.resolve(), spec.sample_shape)
+        return SeedCost(cost.params, cost.forward)
+
+    def _seed_latency(self, blueprint: str, layer: str) -> float:
+        """The kernel's characterised forward+backward latency (waits for its compile if needed)."""
+        kernel = self._kernel(self._kernel_spec(blueprint, layer)).result()
+        return float(kernel.manifest["characterisation"]["latency_ms"])
 
     # --- kernels -----------------------------------------------------------------------------------
 
@@ -258,7 +271,7 @@ class Trainer:
         if (layer, blueprint) in self._unusable:
             return
         self._unusable.add((layer, blueprint))
-        self.policy.penalise(layer, blueprint, weight=10**9)
+        self.policy.forbid(layer, blueprint)
         problems = getattr(error, "problems", None) or [error]
         self._record({"event": "kernel_failed", "step": self.step, "layer": layer, "slot": None,
                       "blueprint": blueprint, "problems": [str(p) for p in problems]})
@@ -298,20 +311,24 @@ class Trainer:
         self.started = time.perf_counter()
         self.telemetry = RunTelemetry(recipe.telemetry, self._record, self.manager.counts)
         metrics_url = self.telemetry.start()
-        self._open_logs()
-        if self._resumed_from is None:
-            self._record({"event": "run_start", "step": 0, "recipe_sha256": self.loaded.sha256,
-                          "device": str(self.device), "params": self.params_initial,
-                          "layers": list(self.manager.layers), **self.telemetry.identity()})
-        else:
-            self._record({"event": "run_resume", "step": self.step, "checkpoint": self._resumed_from.path.name,
-                          **self.telemetry.identity()})
-        if metrics_url:
-            self._report(float("nan"), f"metrics: {metrics_url}")
-        self._prepare_kernels()
-        previous_handlers = self._install_signal_handlers()
-        self._last_checkpoint_time = time.monotonic()
+        previous_handlers: dict[int, Any] = {}
         try:
+            self._open_logs()
+            if self._resumed_from is None:
+                self._record({"event": "run_start", "step": 0, "recipe_sha256": self.loaded.sha256,
+                              "device": str(self.device), "params": self.params_initial,
+                              "layers": list(self.manager.layers), **self.telemetry.identity()})
+            else:
+                self._record({"event": "run_resume", "step": self.step, "checkpoint": self._resumed_from.path.name,
+                              **self.telemetry.identity()})
+            if metrics_url:
+                self._report(float("nan"), f"metrics: {metrics_url}")
+            self._prepare_kernels()
+            if recipe.policy.selector.share_across_runs and self._resumed_from is None:
+                pulls = self.policy.selector.warm_start(workspace_store(recipe.storage.workspace))
+                self._record({"event": "selector_warm_start", "step": self.step, "pulls": pulls})
+            previous_handlers = self._install_signal_handlers()
+            self._last_checkpoint_time = time.monotonic()
             loss_value = float("nan")
             while self.step < recipe.trainer.max_steps:
                 tick = time.perf_counter()
@@ -322,6 +339,7 @@ class Trainer:
                     if self._governed(loss_value):
                         continue
                     self._update_gate(loss_value)
+                    self.policy.observe_train(self.step, loss_value)
                     row = {"step": self.step, "loss": loss_value, "lr": self.optimizer.param_groups[0]["lr"],
                            "params": count_parameters(self.model), **self.manager.counts()}
                     self.metrics.write(row)
@@ -343,19 +361,22 @@ class Trainer:
             self.telemetry.stop()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-            self.events.close()
-            self.metrics.close()
+            if hasattr(self, "events"):
+                self.events.close()
+                self.metrics.close()
 
     def _train_step(self) -> torch.Tensor:
         cfg = self.loaded.recipe
         self.model.train()
         x, y = self.sampler.next()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        loss = F.cross_entropy(self.model(x), y)
+        measure = self.step % cfg.policy.merit_every == 0 and self.policy.in_window(self.step + cfg.policy.merit_every)
+        with self.policy.measuring(self.manager.layers, measure):  # health hooks only on measurement steps
+            loss = F.cross_entropy(self.model(x), y)
         self.governor.watch(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.step % cfg.policy.merit_every == 0 and self.policy.in_window(self.step + cfg.policy.merit_every):
+        if measure:
             with self.telemetry.morph:
                 self.merit.observe(self.manager)
         if cfg.trainer.grad_clip is not None:
@@ -381,21 +402,34 @@ class Trainer:
         self.last_val = evaluate(self.model, self.val_batches, self.device)
         self.metrics.write({"step": self.step, "val_loss": self.last_val.loss, "val_accuracy": self.last_val.accuracy})
         self.telemetry.validated(self.last_val.loss, self.last_val.accuracy)
-        self.policy.observe_validation(self.last_val.loss)
+        self.policy.observe_validation(self.step, self.last_val.loss)
         if self.governor.config.enabled:
             self._snapshot = snapshot.capture(self)  # a known-good point to roll back to
         if not self.policy.in_window(self.step):
             return
         with self.telemetry.morph:
-            decision = self.policy.decide(self.step, self.manager, self.merit.scores())
-            if decision is not None:
-                self._germinate(decision)
+            self._execute(self.policy.decide(self.step, self.manager, self.merit.scores(), self._contribution))
+
+    def _execute(self, decisions: Decisions) -> None:
+        """Carry out the policy's decisions: culls first (they make room), then germinations."""
+        for cull in decisions.culls:
+            self._remove_seed(cull.slot, rolled_back=False, reason=cull.reason, **cull.evidence)
+        for decision in decisions.germinations:
+            self._germinate(decision)
+        if decisions.skipped is not None:
+            self._record({"event": "growth_skipped", "step": self.step, **decisions.skipped})
+
+    def _contribution(self, ref: SlotRef) -> float:
+        """Counterfactual validation-loss gain of a live seed (REPLACE ranks a layer's seeds by it)."""
+        layer = self.manager.layers[ref.layer]
+        return counterfactual(self.model, layer, ref.index, self.verdict_batches, self.device).loss_gain
 
     def _germinate(self, decision: GrowthDecision) -> None:
         spec = self._kernel_spec(decision.blueprint, decision.slot.layer)
         self._kernel(spec)
         self._record(self.manager.germinate(decision.slot, decision.blueprint, spec.address(), spec.resolve().params) |
-                     {"reason": decision.reason, "merit": decision.merit, "kernel": spec.address()})
+                     {"reason": decision.reason, "merit": decision.merit, "kernel": spec.address(),
+                      "inputs": decision.inputs})
         self._activate_ready_seeds()
 
     def _verdict(self, ref: SlotRef) -> None:
@@ -405,7 +439,9 @@ class Trainer:
         evidence = {"val_loss_with": result.with_seed.loss, "val_loss_without": result.without_seed.loss,
                     "val_acc_with": result.with_seed.accuracy, "val_acc_without": result.without_seed.accuracy,
                     "loss_gain": result.loss_gain, "margin": self.loaded.recipe.seeds.fossilize_margin}
-        if result.loss_gain > self.loaded.recipe.seeds.fossilize_margin:
+        kept = result.loss_gain > self.loaded.recipe.seeds.fossilize_margin
+        evidence |= self.policy.verdict(self.manager, ref, result.loss_gain, kept)  # the selector's reward
+        if kept:
             self._record(self.manager.fossilize(ref, **evidence))
         else:
             self._remove_seed(ref, rolled_back=False, **evidence)
@@ -532,6 +568,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         assert self.run_dir is not None
+        if self.loaded.recipe.policy.selector.share_across_runs:
+            self.policy.selector.share(workspace_store(self.loaded.recipe.storage.workspace))
         val = evaluate(self.model, self.val_batches, self.device)
         test = evaluate(self.model, list(ordered_batches(self.data.test, self.loaded.recipe.data.eval_batch_size)),
                         self.device)
