@@ -41,9 +41,13 @@ def timed_run(workspace: Path, out: Path, steps: int) -> dict:
     trainer._train_step = timed_step  # type: ignore[method-assign]
     summary = trainer.fit()
     events = [json.loads(line) for line in (trainer.run_dir / "events.jsonl").read_text().splitlines()]
-    germinated = {(e["layer"], e["slot"]): e["step"] for e in events if e["event"] == "germinate"}
-    waits = [e["step"] - germinated.pop((e["layer"], e["slot"])) for e in events
-             if e["event"] == "incubate" and (e["layer"], e["slot"]) in germinated]
+    germinated: dict[tuple[str, int], int] = {}
+    waits = []
+    for e in events:  # pair each incubation with the germination of the same slot before it
+        if e["event"] == "germinate":
+            germinated[(e["layer"], e["slot"])] = e["step"]
+        elif e["event"] == "incubate" and (e["layer"], e["slot"]) in germinated:
+            waits.append(e["step"] - germinated.pop((e["layer"], e["slot"])))
     ordered = sorted(durations[5:])  # the first steps pay one-off allocator and thread start-up costs
     return {"p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))],
             "blocked_steps": summary["blocked_steps"], "germinations": len(waits),

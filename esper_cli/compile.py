@@ -19,6 +19,7 @@ from esper_core.compiler.options import plan_compile
 from esper_core.compiler.pipeline import CompileFailed
 from esper_core.compiler.report import CompileReport
 from esper_core.compiler.store import LocalKernelStore
+from esper_core.storage import open_kernel_store
 
 CI_LOG_WIDTH = 160
 
@@ -52,9 +53,16 @@ def compile_(
     """Build, export, validate, characterise and store kernels: one per blueprint and target."""
     plan = plan_compile(recipe=recipe, linear=linear or [], conv2d=conv2d or [], rank=rank, dtype=dtype,
                         device=device, max_params=max_params, max_flops=max_flops, store=store, check=check)
-    kernel_store = None if plan.store_root is None else LocalKernelStore(plan.store_root)
-    report = compile_blueprints(blueprints, plan.targets, store=kernel_store, budget=plan.budget,
-                                recipe=None if recipe is None else str(recipe))
+    if plan.storage is not None:  # the recipe's (or the default) tiered cache: shared with the team
+        kernel_store = open_kernel_store(plan.storage)
+    else:
+        kernel_store = None if plan.store_root is None else LocalKernelStore(plan.store_root)
+    try:
+        report = compile_blueprints(blueprints, plan.targets, store=kernel_store, budget=plan.budget,
+                                    recipe=None if recipe is None else str(recipe))
+    finally:
+        if kernel_store is not None and hasattr(kernel_store, "close"):
+            kernel_store.close()
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:

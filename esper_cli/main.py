@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from esper_cli import compile, pending, report, resume, train
+from esper_cli import compile, inspect_cache, report, resume, train
 
 app = typer.Typer(
     name="esper",
@@ -16,5 +16,5 @@ app = typer.Typer(
 app.command("train")(train.train)
 app.command("resume")(resume.resume)
 app.command("compile")(compile.compile_)
-app.command("inspect-cache")(pending.inspect_cache)
+app.command("inspect-cache")(inspect_cache.inspect_cache)
 app.command("report")(report.report)

@@ -8,8 +8,7 @@ import typer
 from rich.console import Console
 
 from esper_cli.errors import reported
-from esper_cli.progress import make_progress
-from esper_cli.train import summary_table
+from esper_cli.train import fit_and_summarise
 
 
 @reported
@@ -27,10 +26,4 @@ def resume(
     console = Console()
     trainer = Trainer.resume(checkpoint, overrides or [], strict=strict)
     console.print(f"resuming {trainer.run_dir} at step {trainer.step}", soft_wrap=True)
-    progress = make_progress(trainer.loaded.recipe.telemetry.progress, console)
-    try:
-        summary = trainer.fit(progress)
-    finally:
-        if progress is not None:
-            progress.close()
-    console.print(summary_table(summary))
+    fit_and_summarise(trainer, console)

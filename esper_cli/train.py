@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -10,6 +11,9 @@ from rich.table import Table
 
 from esper_cli.errors import reported
 from esper_cli.progress import make_progress
+
+if TYPE_CHECKING:
+    from esper_core.training.trainer import Trainer
 
 
 @reported
@@ -21,8 +25,11 @@ def train(
     """Train (and grow) a model as the recipe says."""
     from esper_core.training.trainer import Trainer  # PyTorch loads only for commands that train
 
-    console = Console()
-    trainer = Trainer.from_recipe(recipe, overrides or [])
+    fit_and_summarise(Trainer.from_recipe(recipe, overrides or []), Console())
+
+
+def fit_and_summarise(trainer: "Trainer", console: Console) -> None:
+    """Train with the recipe's progress display, then print the summary table (train and resume)."""
     progress = make_progress(trainer.loaded.recipe.telemetry.progress, console)
     try:
         summary = trainer.fit(progress)

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from esper_core.durable import fsync_dir, replace_atomically, write_synced
 from esper_core.errors import CheckpointError, Problem
 
 TENSORS = "tensors.safetensors"
@@ -51,21 +52,6 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
          info: dict[str, Any]) -> Path:
     """Atomically commit one checkpoint under ``directory`` and point ``LATEST`` at it."""
@@ -82,20 +68,17 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
     }
     files = {}
     for filename, data in payloads.items():
-        _write_synced(temp / filename, data)
+        write_synced(temp / filename, data)
         files[filename] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     manifest = {"format": FORMAT, "step": step, "files": files, "python": sys.version.split()[0],
                 "torch": torch.__version__, **info}
-    _write_synced(temp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
-    _fsync_dir(temp)
+    write_synced(temp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+    fsync_dir(temp)
     if final.exists():  # a checkpoint of this step from before a crash: replace it whole
         shutil.rmtree(final)
     os.rename(temp, final)
-    _fsync_dir(directory)
-    pointer = directory / f".tmp-{LATEST}-{os.getpid()}"
-    _write_synced(pointer, (name + "\n").encode())
-    os.replace(pointer, directory / LATEST)
-    _fsync_dir(directory)
+    fsync_dir(directory)
+    replace_atomically(directory / LATEST, (name + "\n").encode())
     return final
 
 

@@ -16,12 +16,12 @@ from esper_core.blueprints.library import BlueprintFile, load_blueprint
 from esper_core.compiler.budget import Budget
 from esper_core.compiler.pipeline import CompileFailed, compile_kernel, precheck
 from esper_core.compiler.report import BlueprintResult, CompileReport, KernelResult
-from esper_core.compiler.store import LocalKernelStore
+from esper_core.compiler.store import KernelStore
 from esper_core.compiler.targets import Target
 from esper_core.errors import ConfigError, Problem
 
 
-def compile_blueprints(paths: Sequence[str | Path], targets: Sequence[Target], *, store: LocalKernelStore | None,
+def compile_blueprints(paths: Sequence[str | Path], targets: Sequence[Target], *, store: KernelStore | None,
                        budget: Budget = Budget(), recipe: str | None = None) -> CompileReport:
     """Compile every blueprint for every target of its host kind. ``store=None`` is ``--check``:
     everything is built and validated, nothing is read from or written to a store."""
@@ -29,7 +29,7 @@ def compile_blueprints(paths: Sequence[str | Path], targets: Sequence[Target], *
     return CompileReport(results, check=store is None, store=None if store is None else str(store.root), recipe=recipe)
 
 
-def compile_file(path: str | Path, targets: Sequence[Target], store: LocalKernelStore | None,
+def compile_file(path: str | Path, targets: Sequence[Target], store: KernelStore | None,
                  budget: Budget) -> BlueprintResult:
     result = BlueprintResult(str(path))
     try:
@@ -46,7 +46,7 @@ def compile_file(path: str | Path, targets: Sequence[Target], store: LocalKernel
     return result
 
 
-def compile_target(source: BlueprintFile, target: Target, store: LocalKernelStore | None,
+def compile_target(source: BlueprintFile, target: Target, store: KernelStore | None,
                    budget: Budget) -> KernelResult:
     """One kernel: served from the store when a verified copy exists, else compiled (and stored)."""
     spec = target.spec(source.blueprint)

@@ -26,6 +26,8 @@ class CompilePlan:
     budget: Budget
     store_root: Path | None
     """``None`` for ``--check``: nothing is read from or written to a store."""
+    storage: StorageConfig | None = None
+    """Set when no ``--store`` was given: kernels go to the tiered cache of this storage section."""
 
 
 def plan_compile(*, recipe: str | Path | None = None, linear: Sequence[str] = (), conv2d: Sequence[str] = (),
@@ -49,9 +51,10 @@ def plan_compile(*, recipe: str | Path | None = None, linear: Sequence[str] = ()
     budget = Budget(max_params, max_flops)
     if max_params is None and loaded is not None:
         budget = Budget(loaded.recipe.policy.max_added_params, max_flops, params_from="policy.max_added_params")
-    workspace = loaded.recipe.storage.workspace if loaded is not None else StorageConfig().workspace
-    store_root = None if check else Path(store) if store is not None else default_store_root(workspace)
-    return CompilePlan(list(dict.fromkeys(targets)), budget, store_root)
+    storage = loaded.recipe.storage if loaded is not None else StorageConfig()
+    store_root = None if check else Path(store) if store is not None else default_store_root(storage.workspace)
+    tiered = None if check or store is not None else storage
+    return CompilePlan(list(dict.fromkeys(targets)), budget, store_root, tiered)
 
 
 def _check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from esper_core.durable import fsync_dir, write_synced
 from esper_core.compiler.artifact import FILES, CorruptKernel, Kernel, is_address
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ class LocalKernelStore:
         staging.mkdir(parents=True)
         try:
             for name in FILES:
-                _write_synced(staging / name, kernel.files[name])
-            _fsync_directory(staging)
+                write_synced(staging / name, kernel.files[name], exclusive=True)
+            fsync_dir(staging)
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(staging, final)
@@ -107,7 +108,7 @@ class LocalKernelStore:
                 if not final.is_dir():  # not a lost race with another writer of the same kernel
                     raise
                 return  # another writer put the same kernel first; theirs is as good as ours
-            _fsync_directory(final.parent)
+            fsync_dir(final.parent)
             self.stats.writes += 1
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -124,18 +125,3 @@ class LocalKernelStore:
         (target / "REASON").write_text(reason + "\n", encoding="utf-8")
         log.warning("kernel %s failed verification (%s); quarantined in %s", address, reason, target)
         return target
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

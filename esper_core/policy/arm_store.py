@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from esper_core.durable import replace_atomically
 from esper_core.policy.bandits import ArmStats
 
 log = logging.getLogger(__name__)
@@ -62,17 +61,7 @@ class JsonArmStore:
                 mine.pulls += add.pulls
             payload = json.dumps({"format": FORMAT, "arms": {a: s.to_json() for a, s in sorted(arms.items())}},
                                  indent=1)
-            fd, tmp = tempfile.mkstemp(prefix=".selector-", suffix=".tmp", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    handle.write(payload)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            replace_atomically(self.path, payload.encode("utf-8"))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

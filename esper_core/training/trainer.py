@@ -33,14 +33,14 @@ from esper_core.blueprints.library import BlueprintLibrary
 from esper_core.compiler.artifact import Kernel
 from esper_core.compiler.kernels import KernelSpec
 from esper_core.compiler.service import CompileService
-from esper_core.compiler.store import LocalKernelStore, default_store_root
 from esper_core.compiler.targets import layer_input_shapes
+from esper_core.storage import open_kernel_store
 from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError, Problem
 from esper_core.compiler.flops import analytic_cost
 from esper_core.policy.arm_store import workspace_store
 from esper_core.policy.growth import Decisions, GrowthDecision, GrowthPolicy, SeedCost
 from esper_core.policy.merit import GradientMerit
-from esper_core.recipe.load import LoadedRecipe, load_recipe, resolve_relative
+from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.seeds.manager import Event, SeedManager, SlotRef, wrap
 from esper_core.telemetry.jsonl import EventLog, JsonlWriter
@@ -146,7 +146,11 @@ class Trainer:
         self.params_initial = count_parameters(self.model)
         self.input_shapes = layer_input_shapes(self.model, list(self.manager.layers), self.data.input_shape)
         self.model.to(self.device)
-        self.kernel_store = LocalKernelStore(default_store_root(recipe.storage.workspace))
+        try:
+            self.kernel_store = open_kernel_store(recipe.storage)
+        except ConfigError as exc:
+            raise ConfigError([self.loaded.locate(p.field, p.message) if p.source == RECIPE_FIELD and p.field else p
+                               for p in exc.problems]) from None
         self._compiler: CompileService | None = None  # started on the first store miss
         self._kernel_futures: dict[str, Future[Kernel]] = {}  # address -> kernel
         self._compile_started: dict[str, float] = {}  # address -> when its compile was requested
@@ -229,9 +233,10 @@ class Trainer:
         address = spec.address()
         future = self._kernel_futures.get(address)
         if future is None:
-            if address in self.kernel_store:
+            stored = self.kernel_store.get(address)  # memory -> Redis -> SQL -> disk
+            if stored is not None:
                 future = Future()
-                future.set_result(self.kernel_store.get(address))
+                future.set_result(stored)
             else:
                 if self._compiler is None:
                     self._compiler = CompileService(self.kernel_store, warm=False)
@@ -358,6 +363,7 @@ class Trainer:
         finally:
             if self._compiler is not None:
                 self._compiler.close(wait=False)
+            self.kernel_store.close()
             self.telemetry.stop()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)

@@ -1,0 +1,125 @@
+"""`esper inspect-cache [--workspace DIR] [--verify] [--prune --older-than DAYS | --max-bytes N] [--json]`.
+
+Tiers come from the workspace and the environment (``ESPER_REDIS_URL``, ``ESPER_DATABASE_URL``,
+``ESPER_SIGNING_KEY``), as for a run. Exit 0, or 4 when ``--verify`` finds corrupt entries, 2 for
+bad options; a tier that is down is reported, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from esper_cli.errors import reported
+from esper_core.errors import ConfigError, Problem
+from esper_core.recipe.schema import StorageConfig
+
+if TYPE_CHECKING:  # imported when the command runs: it pulls in torch, which --help should not pay for
+    from esper_core.storage.inspection import CacheReport
+
+CI_LOG_WIDTH = 160
+SHOWN_ENTRIES = 50
+
+
+@reported
+def inspect_cache(
+    workspace: Path = typer.Option(None, "--workspace", help="Storage workspace, as the recipe's "
+                                   "storage.workspace (default .esper).", show_default=False),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash every entry of every reachable tier; exit 4 "
+                                "if any is corrupt."),
+    prune: bool = typer.Option(False, "--prune", help="Evict entries (with --older-than and/or --max-bytes)."),
+    older_than: float = typer.Option(None, "--older-than", min=0.0, help="With --prune: evict entries not used "
+                                     "for this many days.", show_default=False),
+    max_bytes: int = typer.Option(None, "--max-bytes", min=0, help="With --prune: evict least recently used "
+                                  "entries until each tier holds at most N bytes.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the machine-readable report on stdout."),
+) -> None:
+    """Show the kernel cache tiers and their entries; verify or prune them."""
+    from esper_core.storage.inspection import CorruptEntries
+    from esper_core.storage.inspection import inspect_cache as run_inspection
+    from esper_core.storage.settings import StorageSettings
+
+    if prune and older_than is None and max_bytes is None:
+        raise ConfigError(Problem("command line", "--prune needs --older-than DAYS or --max-bytes N",
+                                  field="--prune"))
+    if not prune and (older_than is not None or max_bytes is not None):
+        raise ConfigError(Problem("command line", "--older-than and --max-bytes only apply with --prune",
+                                  field="--older-than" if older_than is not None else "--max-bytes"))
+    cfg = StorageConfig() if workspace is None else StorageConfig(workspace=str(workspace))
+    settings = StorageSettings.resolve(cfg)
+    try:
+        report = run_inspection(settings, verify=verify, older_than_days=older_than, max_bytes=max_bytes)
+    except CorruptEntries as exc:
+        _show(exc.report, as_json)  # type: ignore[attr-defined]
+        raise
+    _show(report, as_json)
+
+
+def _show(report: CacheReport, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    console = Console()
+    console = console if console.is_terminal else Console(width=CI_LOG_WIDTH)
+    console.print(_tier_table(report))
+    console.print(_entry_table(report))
+    if report.pruned is not None:
+        freed = sum(size for _, _, size in report.pruned)
+        console.print(f"pruned {len(report.pruned)} entries ({_size(freed)})")
+    if report.corrupt is not None:
+        console.print(f"verified: {len(report.corrupt)} corrupt" if report.corrupt else "verified: all entries intact")
+
+
+def _tier_table(report: CacheReport) -> Table:
+    table = Table(title=f"Kernel cache tiers (workspace {report.workspace})")
+    for column in ("tier", "where", "status", "entries", "bytes", "hits", "misses", "hit rate"):
+        table.add_column(column, justify="right" if column in ("entries", "bytes", "hits", "misses", "hit rate")
+                         else "left")
+    for tier in report.tiers:
+        status = "reachable" if tier.reachable and not tier.error else tier.error if tier.reachable else \
+            f"unreachable: {tier.error}"
+        rate = tier.hit_rate
+        table.add_row(tier.name, tier.where, status, _dash(tier.entries), _size(tier.bytes), _dash(tier.hits),
+                      _dash(tier.misses), "-" if rate is None else f"{rate:.1%}")
+    return table
+
+
+def _entry_table(report: CacheReport) -> Table:
+    entries = report.entries
+    shown = entries[:SHOWN_ENTRIES]
+    table = Table(title=f"Entries ({len(entries)}{', most recently used first' if entries else ''})")
+    for column in ("address", "blueprint", "target", "size", "created", "last used", "uses", "tiers"):
+        table.add_column(column, justify="right" if column in ("size", "uses") else "left")
+    for entry in shown:
+        table.add_row(entry.address[:12], entry.blueprint or "-", entry.target or "-", _size(entry.bytes),
+                      _when(entry.created), _when(entry.last_used), _dash(entry.uses), ",".join(entry.tiers))
+    if len(entries) > len(shown):
+        table.caption = f"{len(entries) - len(shown)} more; --json lists all"
+    return table
+
+
+def _dash(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1024:
+        return f"{value:,} B"
+    scaled = float(value)
+    for unit in ("KiB", "MiB", "GiB"):
+        scaled /= 1024
+        if scaled < 1024 or unit == "GiB":
+            break
+    return f"{scaled:.1f} {unit}"
+
+
+def _when(stamp: float | None) -> str:
+    return "-" if stamp is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))

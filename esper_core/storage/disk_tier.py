@@ -1,0 +1,76 @@
+"""The disk tier: the :class:`LocalKernelStore` (the artifact tier ``esper compile`` writes to).
+
+Local and trusted as far as the filesystem is: entries are verified by their hashes, not signed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+
+from esper_core.compiler.artifact import FILES, CorruptKernel, Kernel
+from esper_core.compiler.store import LocalKernelStore
+from esper_core.storage.guard import Guard
+from esper_core.storage.tiers import Entry, Outgoing
+
+
+class DiskTier:
+    name = "disk"
+
+    def __init__(self, store: LocalKernelStore, guard: Guard) -> None:
+        self.store, self.guard = store, guard
+
+    def load(self, address: str) -> Kernel | None:
+        """Like :meth:`LocalKernelStore.get`, but a corrupt entry raises (after quarantine) so the
+        cache can count it."""
+        if not self.store.path_for(address).is_dir():
+            return None
+        try:
+            return self._read(address)
+        except (OSError, CorruptKernel) as exc:
+            self.store.quarantine(address, str(exc))
+            raise CorruptKernel(str(exc)) from None
+
+    def save(self, outgoing: Outgoing) -> None:
+        self.store.put(outgoing.kernel)
+
+    def remove(self, address: str) -> None:
+        """Rename the entry out of the way first (atomic), so no reader sees it half deleted."""
+        staging = self.store.root / ".tmp" / f"{address}.evicted.{uuid.uuid4().hex}"
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(self.store.path_for(address), staging)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def addresses(self) -> list[str]:
+        return list(self.store)
+
+    def entries(self) -> Iterator[Entry]:
+        """Sizes from the files; created is the directory's time, last used its newest access time
+        (as the filesystem keeps it: with ``noatime`` mounts that is the creation time)."""
+        for address in self.store:
+            directory = self.store.path_for(address)
+            try:
+                stats = [(directory / name).stat() for name in FILES]
+                created = directory.stat().st_mtime
+            except OSError:
+                continue
+            yield Entry(address, sum(s.st_size for s in stats), created, max(s.st_atime for s in stats))
+
+    def verify(self) -> Iterator[tuple[str, str]]:
+        for address in self.store:
+            try:
+                self._read(address)
+            except (OSError, CorruptKernel) as exc:
+                yield address, str(exc)
+
+    def close(self) -> None:
+        return None
+
+    def _read(self, address: str) -> Kernel:
+        directory = self.store.path_for(address)
+        return Kernel.from_files(address, {name: (directory / name).read_bytes() for name in FILES})

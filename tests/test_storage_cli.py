@@ -1,0 +1,107 @@
+"""`esper inspect-cache`: tiers and entries, --json, --verify (exit 4 on corruption), --prune, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from esper_cli.inspect_cache import inspect_cache
+from esper_core.compiler.artifact import WEIGHTS, Kernel
+from esper_core.recipe.schema import StorageConfig
+from esper_core.storage import open_kernel_store
+
+app = typer.Typer()
+app.command("inspect-cache")(inspect_cache)
+app.command("unused")(lambda: None)  # a second command keeps `inspect-cache` a subcommand, as in `esper`
+NO_SERVICES = {"ESPER_REDIS_URL": "", "ESPER_DATABASE_URL": "", "ESPER_SIGNING_KEY": ""}
+
+
+def run(*args: object, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, ["inspect-cache", *map(str, args)], env={**NO_SERVICES, **(env or {})})
+
+
+@pytest.fixture
+def filled(tmp_path: Path, storage_kernels: list[Kernel]) -> Path:
+    workspace = tmp_path / "ws"
+    with open_kernel_store(StorageConfig(workspace=str(workspace)), env={}) as cache:
+        for kernel in storage_kernels[:3]:
+            cache.put(kernel)
+        for _ in range(2):
+            cache.memory.clear()
+            cache.get(storage_kernels[0].address)
+    return workspace
+
+
+def test_reports_tiers_and_entries(filled: Path, storage_kernels: list[Kernel]) -> None:
+    result = run("--workspace", filled, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    tiers = {tier["name"]: tier for tier in report["tiers"]}
+    assert list(tiers) == ["memory", "sql", "disk"] and all(t["reachable"] for t in tiers.values())
+    assert tiers["disk"]["entries"] == tiers["sql"]["entries"] == 3
+    assert tiers["sql"]["hits"] == 2 and tiers["memory"]["misses"] == 2 and tiers["sql"]["hit_rate"] == 1.0
+    first = next(e for e in report["entries"] if e["address"] == storage_kernels[0].address)
+    assert first["blueprint"] == "lowrank_adapter" and first["target"].startswith("linear 8->16")
+    assert first["uses"] == 2 and first["tiers"] == ["sql", "disk"] and first["bytes"] > 10_000
+    assert first["created"] <= first["last_used"]
+    table = run("--workspace", filled)
+    assert table.exit_code == 0 and "lowrank_adapter" in table.stdout and "Entries (3" in table.stdout
+
+
+def test_unreachable_tier_is_reported_not_fatal(filled: Path) -> None:
+    result = run("--workspace", filled, "--json", env={"ESPER_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.exit_code == 0, result.output
+    redis_tier = json.loads(result.stdout)["tiers"][1]
+    assert redis_tier["name"] == "redis" and not redis_tier["reachable"] and "refused" in redis_tier["error"]
+
+
+def test_verify_finds_corruption_and_exits_4(filled: Path, storage_kernels: list[Kernel]) -> None:
+    assert run("--workspace", filled, "--verify").exit_code == 0
+    address = storage_kernels[1].address
+    weights = filled / "kernels" / address[:2] / address / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-1] + b"!")
+    result = run("--workspace", filled, "--verify", "--json")
+    assert result.exit_code == 4
+    assert json.loads(result.stdout)["corrupt"] == [{"tier": "disk", "address": address, "reason":
+                                                     "manifest.json: weights.safetensors does not match its "
+                                                     "recorded sha256"}]
+    assert f"error: disk tier: kernel {address}" in result.stderr and "Traceback" not in result.output
+
+
+def test_prune_by_size_and_age(filled: Path, storage_kernels: list[Kernel]) -> None:
+    result = run("--workspace", filled, "--prune", "--max-bytes", 30_000, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    kept = {tier["name"]: tier for tier in report["tiers"]}
+    assert kept["disk"]["bytes"] <= 30_000 and kept["sql"]["bytes"] <= 30_000 and kept["disk"]["entries"] == 2
+    assert storage_kernels[0].address not in {p["address"] for p in report["pruned"]}  # the most used one stays
+    assert run("--workspace", filled, "--prune", "--older-than", 30).exit_code == 0  # nothing that old
+    gone = json.loads(run("--workspace", filled, "--prune", "--older-than", 0, "--json").stdout)
+    assert {tier["name"]: tier["entries"] for tier in gone["tiers"]} == {"memory": None, "sql": 0, "disk": 0}
+
+
+def test_missing_workspace_is_reported_without_creating_it(tmp_path: Path) -> None:
+    result = run("--workspace", tmp_path / "nowhere", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tiers"][1]["error"] == "no database yet"
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prune"], "--prune needs --older-than DAYS or --max-bytes N"),
+    (["--max-bytes", "5"], "only apply with --prune"),
+])
+def test_bad_options_exit_2_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run("--workspace", tmp_path, *args)
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_bad_database_url_is_a_clear_error(tmp_path: Path) -> None:
+    result = run("--workspace", tmp_path, env={"ESPER_DATABASE_URL": "oracle://x@y/z"})
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: ESPER_DATABASE_URL: unsupported database 'oracle' "
+                                     "(use sqlite or postgresql)")
