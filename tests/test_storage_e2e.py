@@ -58,3 +58,26 @@ def test_redis_dying_mid_run_changes_nothing(tmp_path: Path, private_redis, monk
     assert (plain.run_dir / "final/model.safetensors").read_bytes() == \
         (shared.run_dir / "final/model.safetensors").read_bytes()
     private_redis.start()
+
+
+def _mirrored(trainer: Trainer) -> list[str]:
+    repository = trainer.kernel_store.repository
+    return [record.line for record in repository.events(trainer.run_id)]
+
+
+def test_every_event_is_mirrored_into_the_asset_repository(tmp_path: Path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    trainer = Trainer.from_recipe(recipe, [f"run.output_dir={tmp_path / 'runs'}", f"storage.workspace={tmp_path / 'ws'}"])
+    trainer.fit()
+    lines = (trainer.run_dir / "events.jsonl").read_text().splitlines()
+    assert len(lines) > 10 and _mirrored(trainer) == lines
+
+
+def test_events_are_mirrored_into_postgresql(tmp_path: Path, postgres_url: str, monkeypatch):
+    monkeypatch.setenv("ESPER_DATABASE_URL", postgres_url)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    trainer = Trainer.from_recipe(recipe, [f"run.output_dir={tmp_path / 'runs'}", f"storage.workspace={tmp_path / 'ws'}"])
+    trainer.fit()
+    assert _mirrored(trainer) == (trainer.run_dir / "events.jsonl").read_text().splitlines()

@@ -212,8 +212,8 @@ def test_label_values_outside_the_closed_sets_are_refused_or_folded() -> None:
 
 def test_cache_and_checkpoint_hooks_feed_their_series() -> None:
     telemetry = RunTelemetry(TelemetryConfig(metrics_port=0), lambda event: None, dict)
-    telemetry.cache_lookup("memory", hit=False)
-    telemetry.cache_lookup("redis", hit=True)
+    telemetry.cache_counts({"memory": {"hits": 0, "misses": 1}, "redis": {"hits": 1, "misses": 0}})
+    telemetry.cache_counts({"memory": {"hits": 0, "misses": 1}, "redis": {"hits": 1, "misses": 0}})  # no change
     telemetry.checkpointed(0.2)
     assert telemetry.metrics is not None
     fams = families(_exposition(telemetry.metrics))

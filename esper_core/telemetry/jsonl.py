@@ -47,6 +47,7 @@ class EventLog(JsonlWriter):
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         full = {"seq": self.seq, "time": round(time.time(), 6), "prev": self.prev, **record}
         line = self.write(full)
+        self.last_line = line  # mirrored verbatim into the asset repository
         self.prev = hashlib.sha256(line.encode("utf-8")).hexdigest()
         self.seq += 1
         return full

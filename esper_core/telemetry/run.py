@@ -76,6 +76,7 @@ class RunTelemetry:
         self.config = config
         self._record = record
         self._seed_counts = seed_counts
+        self._cache_seen: dict[str, tuple[int, int]] = {}
         self.detector = AnomalyDetector(AnomalyThresholds(
             window=config.anomaly_window, spike_z=config.anomaly_spike_z,
             stall_improvement=config.anomaly_stall_improvement,
@@ -164,10 +165,17 @@ class RunTelemetry:
             self.metrics.observe_compile(seconds, ok)
         self._publish(self.detector.observe_compile(step, ok))
 
-    def cache_lookup(self, tier: str, hit: bool) -> None:
-        """A kernel cache answered (for the tiered cache to call)."""
-        if self.metrics is not None:
-            self.metrics.observe_cache(tier, hit)
+    def cache_counts(self, tiers: dict[str, dict[str, Any]]) -> None:
+        """Publish the kernel cache's cumulative per-tier hits and misses (from ``cache.stats()``)."""
+        if self.metrics is None:
+            return
+        for tier, counters in tiers.items():
+            seen_hits, seen_misses = self._cache_seen.get(tier, (0, 0))
+            for _ in range(counters["hits"] - seen_hits):
+                self.metrics.observe_cache(tier, True)
+            for _ in range(counters["misses"] - seen_misses):
+                self.metrics.observe_cache(tier, False)
+            self._cache_seen[tier] = (counters["hits"], counters["misses"])
 
     def checkpointed(self, seconds: float) -> None:
         if self.metrics is not None:

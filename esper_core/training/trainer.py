@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -181,6 +182,7 @@ class Trainer:
         self._last_changed: SlotRef | None = None
         self._snapshot: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         self._stop_signal: int | None = None
+        self._mirror_failed = False
 
     # --- blueprints --------------------------------------------------------------------------------
 
@@ -319,12 +321,15 @@ class Trainer:
         previous_handlers: dict[int, Any] = {}
         try:
             self._open_logs()
+            self.run_id = uuid.uuid4().hex  # this segment of the run in the asset repository
+            self._mirror(lambda repo: repo.start_run(self.run_id, self.run_dir.name, self.loaded.sha256))
             if self._resumed_from is None:
-                self._record({"event": "run_start", "step": 0, "recipe_sha256": self.loaded.sha256,
+                self._record({"event": "run_start", "step": 0, "run_id": self.run_id, "recipe_sha256": self.loaded.sha256,
                               "device": str(self.device), "params": self.params_initial,
                               "layers": list(self.manager.layers), **self.telemetry.identity()})
             else:
-                self._record({"event": "run_resume", "step": self.step, "checkpoint": self._resumed_from.path.name,
+                self._record({"event": "run_resume", "step": self.step, "run_id": self.run_id,
+                              "checkpoint": self._resumed_from.path.name,
                               **self.telemetry.identity()})
             if metrics_url:
                 self._report(float("nan"), f"metrics: {metrics_url}")
@@ -349,6 +354,7 @@ class Trainer:
                            "params": count_parameters(self.model), **self.manager.counts()}
                     self.metrics.write(row)
                     self.telemetry.logged(row)
+                    self.telemetry.cache_counts(self.kernel_store.stats()["tiers"])
                 if self.step % recipe.trainer.eval_every == 0:
                     self._validate_and_grow()
                     self._report(loss_value if log else float("nan"))
@@ -548,6 +554,7 @@ class Trainer:
         path = self.save_checkpoint()
         name = signal.Signals(self._stop_signal).name if self._stop_signal else "signal"
         self._record({"event": "interrupted", "step": self.step, "signal": name, "checkpoint": path.name})
+        self._mirror(lambda repo: repo.finish_run(self.run_id, "interrupted"))
         stop = Interrupted(f"{name} received: stopped at step {self.step}; checkpoint {path} written. "
                            f"Continue with: esper resume --checkpoint {self.run_dir}")
         stop.exit_code = 128 + int(self._stop_signal or signal.SIGINT)
@@ -555,10 +562,26 @@ class Trainer:
 
     # --- output ------------------------------------------------------------------------------------
 
+    def _mirror(self, action: Callable[[Any], object]) -> None:
+        """Write to the asset repository through the SQL tier's deadline and circuit breaker. A
+        repository that is down, slow or refusing never fails the run: events.jsonl stays complete."""
+        sql = self.kernel_store.tier("sql")
+        if sql is None:
+            return
+        try:
+            sql.guard.call(action, sql.repository)
+        except Exception as exc:  # TierUnavailable or a refusal: said once, the run goes on
+            if not self._mirror_failed:
+                self._mirror_failed = True
+                print(f"warning: asset repository not updated ({type(exc).__name__}: {exc}); "
+                      f"the run directory keeps the full record", file=sys.stderr)
+
     def _record(self, event: Event) -> None:
         if event["event"] in ("germinate", "blend", "probation", "fossilize"):
             self._last_changed = SlotRef(event["layer"], event["slot"])
         self.events.append(event)
+        line = self.events.last_line
+        self._mirror(lambda repo: repo.append_event(self.run_id, line))
         self.telemetry.on_event(event)
         if "layer" in event:
             self._report(float("nan"), describe(event))
@@ -599,6 +622,7 @@ class Trainer:
         self._record({"event": "run_end", "step": self.step, "val_accuracy": val.accuracy,
                       "test_accuracy": test.accuracy, "params": summary["params_final"]})
         summary["events_head"] = self.events.prev
+        self._mirror(lambda repo: repo.finish_run(self.run_id, "finished"))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         return summary
 
