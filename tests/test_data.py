@@ -243,3 +243,16 @@ def test_factory_problems_name_the_factory(factory: str, kwargs: dict[str, objec
     with pytest.raises(ConfigError) as excinfo:
         build(source="factory", factory=factory, factory_kwargs=kwargs)
     assert message in error_text(excinfo) and "data.factory" in error_text(excinfo)
+
+
+@pytest.mark.parametrize("source,loader", [("digits", "load_digits"), ("breast_cancer", "load_breast_cancer"),
+                                           ("wine", "load_wine")])
+def test_bundled_files_are_read_exactly_as_scikit_learn_reads_them(source, loader):
+    """The loader reads scikit-learn's bundled CSVs without importing scikit-learn (start-up time)."""
+    from sklearn import datasets
+
+    from esper_core.training.data import _sklearn
+
+    ours, theirs = _sklearn(source, "flat"), getattr(datasets, loader)()
+    assert np.array_equal(ours.x, theirs.data.astype(np.float32))
+    assert np.array_equal(ours.y, theirs.target)
