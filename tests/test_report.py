@@ -24,11 +24,8 @@ from typing import Any
 
 import pytest
 import torch
-import typer
-from typer.testing import CliRunner, Result
 
-from esper_cli.report import report
-from esper_core import Trainer
+from run_helpers import esper_report, finished_run
 from esper_core.telemetry.report.plots import EVENT_COLORS, PLOT_IDS, SERIES_COLORS, STATE_COLORS
 
 RECIPE = """\
@@ -44,30 +41,9 @@ checkpoint: {every_steps: 60, keep: 3}
 telemetry: {progress: none, anomaly_window: 4, anomaly_stall_improvement: 1.0}
 """
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command("report")(report)
-
-
-@app.callback()
-def _group() -> None:
-    """Keep `report` a subcommand, as in `esper`."""
-
-
-def esper_report(*args: str | Path) -> Result:
-    return CliRunner().invoke(app, ["report", *map(str, args)])
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("reported")
-    (root / "recipe.yaml").write_text(RECIPE, encoding="utf-8")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model; two threads on a loaded two-core runner spin against each other
-    try:
-        summary = Trainer.from_recipe(root / "recipe.yaml", [f"run.output_dir={root / 'runs'}"]).fit()
-    finally:
-        torch.set_num_threads(before)
-    return Path(summary["run_dir"])
+    return finished_run(tmp_path_factory.mktemp("reported"), RECIPE)
 
 
 @pytest.fixture(scope="module")

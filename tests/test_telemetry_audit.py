@@ -20,12 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from esper_cli.report import report
-from esper_core import Trainer
 from esper_core.telemetry.jsonl import verify_chain
+from run_helpers import esper_report, finished_run
 
 RECIPE = """\
 run: {name: audited, seed: 0, device: cpu}
@@ -42,30 +40,9 @@ telemetry: {progress: none}
 MIDDLE = 4
 """A record well inside the log: neither the first nor one of the last two."""
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command("report")(report)
-
-
-@app.callback()
-def _group() -> None:
-    """Keep `report` a subcommand, as in `esper`."""
-
-
-def esper_report(*args: str | Path) -> Result:
-    return CliRunner().invoke(app, ["report", *map(str, args)])
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("audited")
-    (root / "recipe.yaml").write_text(RECIPE, encoding="utf-8")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model; two threads on a loaded two-core runner spin against each other
-    try:
-        summary = Trainer.from_recipe(root / "recipe.yaml", [f"run.output_dir={root / 'runs'}"]).fit()
-    finally:
-        torch.set_num_threads(before)
-    return Path(summary["run_dir"])
+    return finished_run(tmp_path_factory.mktemp("audited"), RECIPE)
 
 
 @pytest.fixture
