@@ -51,8 +51,11 @@ def compile_(
     as_json: bool = typer.Option(False, "--json", help="Print the machine-readable report on stdout."),
 ) -> None:
     """Build, export, validate, characterise and store kernels: one per blueprint and target."""
+    from esper_core.training.targets import recipe_targets  # builds the recipe's data and model
+
     plan = plan_compile(recipe=recipe, linear=linear or [], conv2d=conv2d or [], rank=rank, dtype=dtype,
-                        device=device, max_params=max_params, max_flops=max_flops, store=store, check=check)
+                        device=device, max_params=max_params, max_flops=max_flops, store=store, check=check,
+                        targets_of=recipe_targets)
     if plan.storage is not None:  # the recipe's (or the default) tiered cache: shared with the team
         kernel_store = open_kernel_store(plan.storage)
     else:

@@ -1,19 +1,20 @@
-"""Progress output: a live rich display on a terminal, plain lines elsewhere (CI logs, pipes)."""
+"""Progress output: a live rich display on a terminal, plain lines elsewhere (CI logs, pipes).
+
+Both receive the run's event dicts: ``progress`` events with the latest figures, lifecycle events
+(those naming a layer), and notices such as the metrics endpoint. Formatting lives only here.
+"""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from esper_core.training.trainer import Progress
-
+Event = dict[str, Any]
 _SHOWN_STATES = ("training", "blending", "probation", "fossilized", "culled")
 
 
@@ -25,16 +26,32 @@ def _seeds(counts: dict[str, int]) -> str:
     return " ".join(f"{s}={counts[s]}" for s in _SHOWN_STATES if counts.get(s))
 
 
-class PlainProgress:
-    """One line per report; lifecycle events on their own lines."""
+def describe(event: Event) -> str | None:
+    """One line for an event worth showing between progress reports, else ``None``."""
+    if event["event"] == "metrics_endpoint":
+        return f"metrics: {event['url']}"
+    if "layer" in event:
+        text = f"step {event['step']}: {event['event']} {event.get('blueprint') or ''} in {event['layer']}#{event['slot']}"
+        return " ".join(text.split())
+    return None
 
-    def __call__(self, p: Progress) -> None:
-        if p.last_event:
-            print(f"  {p.last_event}", flush=True)
+
+def _val(event: Event, key: str) -> float | None:
+    return (event.get("val") or {}).get(key)
+
+
+class PlainProgress:
+    """One line per progress report; lifecycle events on their own lines."""
+
+    def __call__(self, event: Event) -> None:
+        if event["event"] != "progress":
+            line = describe(event)
+            if line:
+                print(f"  {line}", flush=True)
             return
-        print(f"step {p.step}/{p.max_steps} loss {_fmt(p.loss, '.4f')} val_loss {_fmt(p.val_loss, '.4f')} "
-              f"val_acc {_fmt(p.val_accuracy, '.4f')} params {p.params:,} seeds [{_seeds(p.seeds)}] "
-              f"{p.elapsed_s:.1f}s", flush=True)
+        print(f"step {event['step']}/{event['max_steps']} loss {_fmt(event['loss'], '.4f')} "
+              f"val_loss {_fmt(_val(event, 'loss'), '.4f')} val_acc {_fmt(_val(event, 'accuracy'), '.4f')} "
+              f"params {event['params']:,} seeds [{_seeds(event['seeds'])}] {event['elapsed_s']:.1f}s", flush=True)
 
     def close(self) -> None:
         pass
@@ -48,7 +65,8 @@ class RichProgress:
         self.bar = Bar(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        console=console)
         self.task: Any = None
-        self.latest: Progress | None = None
+        self.latest: Event | None = None
+        self.loss: float | None = None
         self.live = Live(self._render(), console=console, refresh_per_second=8, transient=False)
         self.live.start()
 
@@ -56,21 +74,23 @@ class RichProgress:
         table = Table.grid(padding=(0, 2))
         p = self.latest
         if p is not None:
-            table.add_row("loss", _fmt(p.loss, ".4f"), "val loss", _fmt(p.val_loss, ".4f"),
-                          "val acc", _fmt(p.val_accuracy, ".4f"))
-            table.add_row("params", f"{p.params:,}", "seeds", _seeds(p.seeds) or "none", "", "")
+            table.add_row("loss", _fmt(self.loss, ".4f"), "val loss", _fmt(_val(p, "loss"), ".4f"),
+                          "val acc", _fmt(_val(p, "accuracy"), ".4f"))
+            table.add_row("params", f"{p['params']:,}", "seeds", _seeds(p["seeds"]) or "none", "", "")
         return Group(self.bar, table)
 
-    def __call__(self, p: Progress) -> None:
+    def __call__(self, event: Event) -> None:
+        if event["event"] != "progress":
+            line = describe(event)
+            if line:
+                self.console.print(f"  {line}")
+            return
         if self.task is None:
-            self.task = self.bar.add_task("train", total=p.max_steps)
-        self.bar.update(self.task, completed=p.step)
-        if p.last_event:
-            self.console.print(f"  {p.last_event}")
-        elif p.loss == p.loss or self.latest is None:
-            self.latest = p
-        else:  # a validation-only report: keep showing the last training loss
-            self.latest = replace(p, loss=self.latest.loss)
+            self.task = self.bar.add_task("train", total=event["max_steps"])
+        self.bar.update(self.task, completed=event["step"])
+        if event["loss"] is not None:  # a validation-only report keeps showing the last training loss
+            self.loss = event["loss"]
+        self.latest = event
         self.live.update(self._render())
 
     def close(self) -> None:

@@ -76,7 +76,8 @@ def test_resume_in_a_new_process_is_bit_exact(recipe: Path, tmp_path: Path):
     whole.fit()
     run_dir = _kill_after_checkpoint(recipe, tmp_path / "split", 100)
     ckpt = store.load(run_dir / "checkpoints" / store.checkpoint_name(100))
-    states = {s["state"] for layer in ckpt.state["topology"]["layers"].values() for s in layer["slots"]}
+    topology = ckpt.state["run"]["controller"]["topology"]
+    states = {s["state"] for layer in topology["layers"].values() for s in layer["slots"]}
     assert states & {"TRAINING", "BLENDING"}, "a seed must be mid-lifecycle at the checkpoint"
     result = subprocess.run(esper("resume", "--checkpoint", str(run_dir)), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -87,7 +88,7 @@ def test_resume_in_a_new_process_is_bit_exact(recipe: Path, tmp_path: Path):
     assert _losses(reference) == _losses(run_dir)
     a = load_file(str(reference / "checkpoints" / store.checkpoint_name(200) / store.TENSORS))
     b = load_file(str(run_dir / "checkpoints" / store.checkpoint_name(200) / store.TENSORS))
-    assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a)
+    assert a.keys() == b.keys() and any(k.startswith("optimizer/") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert (reference / "final/model.safetensors").read_bytes() == (run_dir / "final/model.safetensors").read_bytes()

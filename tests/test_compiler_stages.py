@@ -14,7 +14,9 @@ from esper_core.compiler.flops import analytic_cost
 from esper_core.compiler.kernels import KernelSpec, build_kernel
 from esper_core.compiler.options import plan_compile
 from esper_core.compiler.pipeline import build_stage
-from esper_core.compiler.targets import layer_input_shapes, parse_conv2d, parse_linear, recipe_targets
+from esper_core.compiler.targets import parse_conv2d, parse_linear
+from esper_core.seeds.probe import input_shapes
+from esper_core.training.targets import recipe_targets
 from esper_core.errors import ConfigError
 from esper_core.recipe.load import load_recipe
 
@@ -128,21 +130,23 @@ def test_recipe_targets_see_each_layers_real_input(tmp_path) -> None:
     assert len(targets) == len(set(targets)) and all(t.rank == 4 and t.device == "cpu" for t in targets)
 
 
-def test_layer_input_shapes_does_not_disturb_the_model() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    assert layer_input_shapes(model, ["0", "2"], (6,)) == {"0": (6,), "2": (5,)}
-    assert not model[0]._forward_pre_hooks
+def test_input_shapes_does_not_disturb_the_model() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert input_shapes(model, ["0", "2"], torch.randn(2, 6)) == {"0": (6,), "2": (5,)}
+    assert not model[0]._forward_pre_hooks and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_plan_takes_budget_rank_and_store_from_the_recipe(tmp_path) -> None:
     path = write_recipe(tmp_path, "data: {source: wine}\nmodel: {widths: [16]}\nseeds: {rank: 3, "
                         "exclude: [head]}\npolicy: {max_added_params: 500}\nstorage: {workspace: ws}\n")
-    plan = plan_compile(recipe=path, linear=["7:5"])
+    plan = plan_compile(recipe=path, linear=["7:5"], targets_of=recipe_targets)
     assert [(t.host.in_features, t.host.out_features, t.rank) for t in plan.targets] == [(13, 16, 3), (7, 5, 3)]
     assert plan.budget == Budget(500, None, params_from="policy.max_added_params")
     assert plan.store_root is not None and plan.store_root.parts[-2:] == ("ws", "kernels")
-    assert plan_compile(recipe=path, max_params=9, rank=2, check=True).budget.max_params == 9
-    assert plan_compile(recipe=path, check=True).store_root is None
+    assert plan_compile(recipe=path, max_params=9, rank=2, check=True, targets_of=recipe_targets).budget.max_params == 9
+    assert plan_compile(recipe=path, check=True, targets_of=recipe_targets).store_root is None
 
 
 def test_plan_rejects_bad_options(tmp_path) -> None:
@@ -152,6 +156,6 @@ def test_plan_rejects_bad_options(tmp_path) -> None:
         plan_compile(linear=["4:4"], dtype="float8")
     path = write_recipe(tmp_path, "seeds: {targets: ['nothing.*']}\n")
     with pytest.raises(ConfigError) as caught:
-        plan_compile(recipe=path)
+        plan_compile(recipe=path, targets_of=recipe_targets)
     (problem,) = caught.value.problems
     assert problem.field == "seeds.targets.0" and problem.line == 1

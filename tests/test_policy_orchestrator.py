@@ -78,7 +78,7 @@ def test_replace_culls_the_weakest_live_seed_and_regrows_in_its_slot(tmp_path: P
     events = _events(summary["run_dir"], "germinate", "cull")
     culls = [e for e in events if e["event"] == "cull"]
     assert culls and all(e["reason"].startswith("replaced ") and "weakest live seed" in e["reason"] for e in culls)
-    assert all("loss_gain" in e and "reward" in e for e in culls)
+    assert all("metric_gain" in e and "reward" in e for e in culls)
     # The only slot of the only layer alternates: germinate, (60+ steps later) replaced, germinate again.
     assert [e["event"] for e in events] == ["germinate", "cull"] * len(culls) + ["germinate"]
     assert {(e["layer"], e["slot"]) for e in events} == {("layers.0", 0)}
@@ -138,7 +138,7 @@ def test_thompson_run_resumes_bit_exactly(tmp_path: Path, workspace: Path) -> No
     copy = tmp_path / "copy" / "thompson"
     shutil.copytree(run_dir, copy)
     checkpoint = copy / "checkpoints" / store.checkpoint_name(100)
-    assert any(k.startswith("policy/") for k in store.load(checkpoint).tensors)
+    assert any(k.startswith("controller/signals/") for k in store.load(checkpoint).tensors)
     resumed = Trainer.resume(checkpoint)
     resumed.fit()
     strip = ("time", "prev", "seq", "seconds")

@@ -39,7 +39,7 @@ def _policy(**policy: object) -> tuple[GrowthPolicy, SeedManager]:
     growth = GrowthPolicy(config, 1000, {n: l.spec.kind for n, l in manager.layers.items()},
                           lambda kind: [b for b in COSTS if KIND[b] == kind], lambda bp, layer: COSTS[bp],
                           seed=0, eta=1.0, latency_of=lambda bp, layer: {"small": 0.5, "big": 3.0, "conv": 1.0}[bp])
-    growth.manager, growth.step = manager, 0
+    growth.seeds, growth.step = manager.view(), 0
     return growth, manager
 
 
@@ -68,8 +68,10 @@ def test_budgets_count_seeds_already_grown_and_those_planned() -> None:
     policy, manager = _policy(max_added_params=5_150)
     assert _names(policy.candidates("a")) == ["small", "big"]
     manager.germinate(SlotRef("b", 0), "small", "k", 100)
+    policy.seeds = manager.view()  # the policy sees seeds only through a view taken when it decides
     assert _names(policy.candidates("a")) == ["small", "big"]
     manager.germinate(SlotRef("b", 1), "small", "k", 100)
+    policy.seeds = manager.view()
     assert _names(policy.candidates("a")) == ["small"]  # 200 + 5000 > 5150
     assert _names(policy.candidates("a", freed=[SlotRef("b", 1)])) == ["small", "big"]
     spent = policy.candidates("a")[:1]
@@ -84,7 +86,7 @@ def test_an_unusable_kernel_is_never_chosen_again() -> None:
     assert _names(policy.candidates("b")) == ["small", "big"]
 
 
-def test_reward_is_loss_gain_per_thousand_parameters_with_penalties() -> None:
+def test_reward_is_metric_gain_per_thousand_parameters_with_penalties() -> None:
     selector = SeedSelector(SelectorConfig(cull_penalty=0.002, rollback_penalty=0.05), seed=0)
     assert selector.reward("small", "linear", 0.01, 500, kept=True) == pytest.approx(0.02)
     assert selector.reward("small", "linear", 0.001, 500, kept=False) == pytest.approx(-0.002)

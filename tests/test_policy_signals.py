@@ -92,7 +92,7 @@ def test_global_signals_trends_gap_plateau_and_state() -> None:
     signals.observe_train(50, math.nan)  # a non-finite read is not a trend point
     assert [s for s, _ in signals.train] == [20, 30, 40]
     for step, loss in [(20, 1.2), (40, 1.19), (60, 1.195)]:
-        signals.observe_validation(step, loss)
+        signals.observe_validation(step, loss, loss)
     summary = signals.to_json()
     assert summary["train_trend_per_1k"] == pytest.approx(-50.0)
     assert summary["train_val_gap"] == pytest.approx(1.195 - 1.0)

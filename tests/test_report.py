@@ -87,8 +87,10 @@ def test_change_history_has_every_event_with_reasons_and_measured_effects(finish
     assert germinations and len(verdicts) == len(germinations)
     assert all(c["reason"] in c["detail"] and "periodic trigger" in c["detail"] for c in germinations)
     for c in verdicts:
-        assert f"gain {c['loss_gain']:.4g}" in c["detail"] and "kept" in c["detail"]
-        assert {"val_loss_with", "val_loss_without", "val_acc_with", "val_acc_without", "margin"} <= set(c)
+        assert f"gain {c['metric_gain']:.4g}" in c["detail"] and "kept" in c["detail"]
+        assert {"metric", "metric_with", "metric_without", "stderr", "samples", "upper_bound", "margin",
+                "val_loss_with", "val_loss_without", "rule"} <= set(c)
+        assert c["metric"] == "accuracy" and c["samples"] > 0
     assert germinations[0]["detail"] in reported["md"] and verdicts[0]["detail"] in reported["md"]
 
 

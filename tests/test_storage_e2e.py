@@ -48,10 +48,10 @@ def test_redis_dying_mid_run_changes_nothing(tmp_path: Path, private_redis, monk
     shared = Trainer.from_recipe(recipe, [f"run.output_dir={tmp_path / 'redis'}", f"storage.workspace={tmp_path / 'b'}"])
     killed: list[int] = []
 
-    def kill_redis_at_first_growth(progress) -> None:
-        if progress.last_event and "germinate" in progress.last_event and not killed:
+    def kill_redis_at_first_growth(event) -> None:
+        if event["event"] == "germinate" and not killed:
             private_redis.kill()
-            killed.append(progress.step)
+            killed.append(event["step"])
 
     shared.fit(kill_redis_at_first_growth)
     assert killed, "the run must have grown while Redis was up"
@@ -62,7 +62,7 @@ def test_redis_dying_mid_run_changes_nothing(tmp_path: Path, private_redis, monk
 
 def _mirrored(trainer: Trainer) -> list[str]:
     repository = trainer.kernel_store.repository
-    return [record.line for record in repository.events(trainer.run_id)]
+    return [record.line for record in repository.events(trainer.recorder.run_id)]
 
 
 def test_every_event_is_mirrored_into_the_asset_repository(tmp_path: Path):

@@ -37,7 +37,6 @@ from esper_core.errors import EsperError
 from esper_core.recipe.schema import TelemetryConfig
 from esper_core.telemetry.metrics import ANOMALY_KINDS, STATES, STEP_BUCKETS, TIERS, RunMetrics
 from esper_core.telemetry.run import RunTelemetry
-from esper_core.training.trainer import Progress
 
 RECIPE = """\
 run: {name: scraped, seed: 0, device: cpu}
@@ -76,11 +75,11 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                                              f"storage.workspace={root / 'workspace'}"])
         seen: dict[str, Any] = {}
 
-        def on_progress(p: Progress) -> None:
-            if p.step >= SCRAPE_STEP and "text" not in seen and p.last_event is None:
-                server = trainer.telemetry.server
+        def on_progress(event: dict[str, Any]) -> None:
+            if event["event"] == "progress" and event["step"] >= SCRAPE_STEP and "text" not in seen:
+                server = trainer.recorder.telemetry.server
                 assert server is not None
-                seen["address"], seen["url"], seen["step"] = server.address, server.url, p.step
+                seen["address"], seen["url"], seen["step"] = server.address, server.url, event["step"]
                 with urllib.request.urlopen(server.url, timeout=10) as response:
                     seen["content_type"] = response.headers["Content-Type"]
                     seen["text"] = response.read().decode("utf-8")

@@ -8,6 +8,8 @@ from typing import Literal
 from torch import nn
 
 Pair = tuple[int, int]
+DEFAULT_GRID = (8, 8)
+"""Spatial size of a conv host's probe input when no real input shape is known."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class HostSpec:
         return tuple(  # type: ignore[return-value]
             (size + 2 * p - d * (k - 1) - 1) // s + 1
             for size, k, s, p, d in zip((h, w), self.kernel, self.stride, self.padding, self.dilation))
+
+    def default_input_shape(self) -> tuple[int, ...]:
+        """A per-sample input when the real one is unknown: ``(in,)`` or ``(in, 8, 8)``."""
+        return (self.in_features,) if self.kind == "linear" else (self.in_features, *DEFAULT_GRID)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -23,8 +23,6 @@ from esper_core.blueprints.ir import Blueprint
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEVICE_CLASSES = ("cpu", "cuda")
-DEFAULT_GRID = (8, 8)
-"""Spatial size of a conv target's probe input when no input shape is given."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +60,7 @@ class KernelSpec:
         """The per-sample input shape, with the default filled in."""
         if self.input_shape is not None:
             return tuple(self.input_shape)
-        if self.host.kind == "linear":
-            return (self.host.in_features,)
-        return (self.host.in_features, *DEFAULT_GRID)
+        return self.host.default_input_shape()
 
     @property
     def output_shape(self) -> tuple[int, ...]:

@@ -2,21 +2,23 @@
 
 Kept out of the CLI module so the rules are testable without a terminal: the recipe supplies
 targets, ``rank``, the device class, the parameter budget (``policy.max_added_params``) and the
-store (``<storage.workspace>/kernels``); an explicit option overrides each of them.
+store (``<storage.workspace>/kernels``); an explicit option overrides each of them. Finding a recipe's
+targets needs its data and model built, which is training's business: the caller passes that
+function in (``esper_core.training.targets.recipe_targets``), so the compiler never imports training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from esper_core.compiler.budget import Budget
 from esper_core.compiler.kernels import DEVICE_CLASSES, DTYPES
 from esper_core.compiler.store import default_store_root
-from esper_core.compiler.targets import COMMAND_LINE, Target, parse_conv2d, parse_linear, recipe_targets, with_options
+from esper_core.compiler.targets import COMMAND_LINE, Target, parse_conv2d, parse_linear, with_options
 from esper_core.errors import ConfigError, Problem
-from esper_core.recipe.load import load_recipe
+from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.schema import StorageConfig
 
 
@@ -33,15 +35,19 @@ class CompilePlan:
 def plan_compile(*, recipe: str | Path | None = None, linear: Sequence[str] = (), conv2d: Sequence[str] = (),
                  rank: int | None = None, dtype: str | None = None, device: str | None = None,
                  max_params: int | None = None, max_flops: int | None = None, store: str | Path | None = None,
-                 check: bool = False) -> CompilePlan:
-    """Raise ``ConfigError`` (exit 2) for anything wrong with the options or the recipe."""
+                 check: bool = False,
+                 targets_of: Callable[[LoadedRecipe], list[Target]] | None = None) -> CompilePlan:
+    """Raise ``ConfigError`` (exit 2) for anything wrong with the options or the recipe.
+    ``targets_of(loaded)`` lists a recipe's targets (required with ``recipe``)."""
     _check_choice("--dtype", dtype, DTYPES)
     _check_choice("--device", device, DEVICE_CLASSES)
     loaded = load_recipe(recipe) if recipe is not None else None
     given = [*(parse_linear(text) for text in linear), *(parse_conv2d(text) for text in conv2d)]
     if loaded is not None:
         given = [with_options(t, rank=loaded.recipe.seeds.rank) for t in given]
-        found = recipe_targets(loaded)
+        if targets_of is None:
+            raise TypeError("plan_compile(recipe=...) needs targets_of")
+        found = targets_of(loaded)
     else:
         found = []
     targets = [with_options(t, rank, dtype, device) for t in [*found, *given]]

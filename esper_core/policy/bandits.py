@@ -1,7 +1,7 @@
 """Multi-armed bandits over named arms: UCB1, Thompson sampling, epsilon-greedy and greedy, each
 with a discounted variant.
 
-Rewards here have no fixed range (the selector's unit is validation-loss gain per 1000 added
+Rewards here have no fixed range (the selector's unit is the gain in the task's metric per 1000 added
 parameters), so every strategy takes a ``scale``: the reward spread that UCB's bonus and Thompson's
 posterior width are measured in. With rewards in [0, 1] and ``scale=1`` UCB1 is exactly Auer et
 al.'s index ``mean + sqrt(2 ln N / n)``.

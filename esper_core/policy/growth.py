@@ -9,8 +9,8 @@
   :class:`~esper_core.policy.selector.SeedSelector`'s bandit choices.
 - **How much**: budgets in seeds, parameters and forward FLOPs, and a latency limit per seed.
 
-It decides only; the trainer executes through the SeedManager (GradMax's split of "when" from
-"how"). Every decision carries a sentence saying why and the inputs it was made from (signals,
+It decides only, from a read-only :class:`~esper_core.seeds.view.SeedView`; the growth controller
+executes (GradMax's split of "when" from "how"), and never gets called back. Every decision carries a sentence saying why and the inputs it was made from (signals,
 arm statistics, budgets), recorded verbatim in the event log.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +28,9 @@ from esper_core.policy.orchestrator import Germination, Plan, build_strategy
 from esper_core.policy.selector import Candidate, Choice, SeedSelector, arm_key
 from esper_core.policy.signals import GlobalSignals, LayerHealth, LayerSignals, PlateauTracker
 from esper_core.recipe.schema import PolicyConfig
-from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
-from esper_core.seeds.manager import SeedManager, SlotRef
+from esper_core.seeds.manager import SlotRef
+from esper_core.seeds.view import SeedView, SlotView
 
 
 @dataclass(frozen=True)
@@ -73,14 +72,15 @@ class GrowthPolicy:
 
     ``kinds`` maps each wrapped layer to its host kind; ``blueprints_for(kind)`` lists the recipe's
     blueprints for a kind in preference order; ``cost_of(blueprint, layer)`` gives a seed's size;
-    ``latency_of(blueprint, layer)`` measures it (only called when ``max_latency_ms`` is set, once
-    per pair, and remembered in the state so a resumed run decides alike); ``seed`` seeds the
+    ``latency_of(blueprint, layer)`` reads its measured latency, ``None`` while the kernel is still
+    compiling (only called when ``max_latency_ms`` is set; remembered in the state so a resumed run
+    decides alike); ``seed`` seeds the
     selector's private generator; ``eta`` is the incubation step size the health prior uses.
     """
 
     def __init__(self, config: PolicyConfig, max_steps: int, kinds: dict[str, str],
                  blueprints_for: Callable[[str], list[str]], cost_of: Callable[[str, str], SeedCost], *,
-                 seed: int, eta: float, latency_of: Callable[[str, str], float] | None = None) -> None:
+                 seed: int, eta: float, latency_of: Callable[[str, str], float | None] | None = None) -> None:
         self.config = config
         self.max_steps = max_steps
         self.kinds = kinds
@@ -102,9 +102,9 @@ class GrowthPolicy:
         self._last_skip: str | None = None
         # Set for the duration of one decide() call (the Planner interface of the strategies).
         self.step = 0
-        self.manager: SeedManager
+        self.seeds: SeedView = {}
         self._health: dict[str, LayerHealth] = {}
-        self._measure: Callable[[SlotRef], float] = lambda ref: 0.0
+        self._contributions: dict[str, float] = {}
 
     # --- signals -----------------------------------------------------------------------------------
 
@@ -112,15 +112,13 @@ class GrowthPolicy:
         start, end = self.config.growth_window
         return start * self.max_steps <= step < end * self.max_steps
 
-    def measuring(self, layers: dict[str, KasminaLayer], active: bool) -> AbstractContextManager[None]:
-        """Wrap the forward pass of a training step; when ``active`` it feeds the layer signals."""
-        return self.layers.measuring(layers, active)
-
     def observe_train(self, step: int, loss: float) -> None:
         self.signals.observe_train(step, loss)
 
-    def observe_validation(self, step: int, loss: float) -> None:
-        self.signals.observe_validation(step, loss)
+    def observe_validation(self, step: int, loss: float | None, score: float) -> None:
+        """A validation result: its loss (trend, train-val gap) and its metric oriented so that lower is
+        better (the plateau is detected on the task's metric)."""
+        self.signals.observe_validation(step, loss, score)
 
     # --- when ---------------------------------------------------------------------------------------
 
@@ -146,27 +144,34 @@ class GrowthPolicy:
 
     # --- the decision -------------------------------------------------------------------------------
 
-    def decide(self, step: int, manager: SeedManager, merit: dict[str, float],
-               measure: Callable[[SlotRef], float]) -> Decisions:
-        """What to do at evaluation step ``step``. ``measure(ref)`` is the counterfactual validation
-        loss gain of a live seed (only REPLACE asks for it)."""
-        self.step, self.manager, self._measure = step, manager, measure
+    def to_measure(self, step: int, seeds: SeedView) -> list[SlotRef]:
+        """Live seeds whose counterfactual gain :meth:`decide` will need at ``step`` (only REPLACE,
+        when growth is due): the controller measures them first and passes the gains in."""
+        if self._triggered(step) is None or not self.in_window(step):
+            return []
+        return self.strategy.to_measure(seeds, step)
+
+    def decide(self, step: int, seeds: SeedView, merit: dict[str, float],
+               contributions: dict[str, float] | None = None) -> Decisions:
+        """What to do at evaluation step ``step``. ``contributions`` maps the slot keys
+        :meth:`to_measure` asked for to their counterfactual metric gain."""
+        self.step, self.seeds, self._contributions = step, seeds, dict(contributions or {})
         out = Decisions()
         self._release_reserved(out)
         why = self._triggered(step)
         if why is None or not self.in_window(step) or out.germinations:  # a released slot is this round's growth
             return out
         self._health = self.layers.read()
-        ranked = sorted(((merit.get(name, 0.0), name) for name in manager.layers), reverse=True)
+        ranked = sorted(((merit.get(name, 0.0), name) for name in seeds), reverse=True)
         best = ranked[0][0] if ranked else 0.0
         inputs = {"trigger": why, "global": self.signals.to_json(), "strategy": self.strategy.name,
                   "layers": {name: {"merit": round(score, 6), "rank": rank,
                                     **(self._health[name].to_json() if name in self._health else {})}
                              for rank, (score, name) in enumerate(ranked, start=1)},
-                  "budget": self._budget(manager)}
-        if self._seeds_used(manager) >= self.config.max_seeds:
+                  "budget": self._budget()}
+        if self._seeds_used() >= self.config.max_seeds:
             return self._skip(out, "seeds", f"{why}; but the seed budget is spent "
-                              f"({self._seeds_used(manager)} of {self.config.max_seeds})", inputs)
+                              f"({self._seeds_used()} of {self.config.max_seeds})", inputs)
         for rank, (score, name) in enumerate(ranked, start=1):
             if best > 0 and score < self.config.merit_ratio * best:
                 break
@@ -182,10 +187,10 @@ class GrowthPolicy:
         note = f"; {plan.note}" if plan.note else ""
         for eviction in plan.evict:
             ref = SlotRef(layer, eviction.index)
-            slot = self.manager.layers[layer].slots[eviction.index]
-            reward = self.selector.reward(str(slot.blueprint), self.kinds[layer], eviction.loss_gain, slot.params, True)
+            slot = self.seeds[layer].slots[eviction.index]
+            reward = self.selector.reward(str(slot.blueprint), self.kinds[layer], eviction.gain, slot.params, True)
             out.culls.append(CullDecision(ref, f"replaced {slot.blueprint} in {ref.key}: {where}{note}",
-                                          {"loss_gain": eviction.loss_gain, "reward": reward, "inputs": inputs}))
+                                          {"metric_gain": eviction.gain, "reward": reward, "inputs": inputs}))
         for g in plan.reserve:
             self.reserved[SlotRef(layer, g.index).key] = g
         for g in plan.germinate:
@@ -205,7 +210,7 @@ class GrowthPolicy:
         """REPLACE's new choices take their slots once the embargo has reopened them."""
         for key, g in list(self.reserved.items()):
             layer, _, index = key.rpartition("#")
-            state = self.manager.layers[layer].slots[int(index)].state
+            state = self.seeds[layer].slots[int(index)].state
             if state == SeedState.DORMANT:
                 del self.reserved[key]
                 inputs = {"choice": {"arm": g.candidate.arm, "params": g.candidate.params}, "arms": g.arms}
@@ -227,18 +232,18 @@ class GrowthPolicy:
 
     def busy(self, layer: str) -> bool:
         """A live seed, or a reserved replacement, is under evaluation in ``layer``."""
-        return any(s.state.live for s in self.manager.layers[layer].slots) or \
+        return any(s.state.live for s in self.seeds[layer].slots) or \
             any(key.rpartition("#")[0] == layer for key in self.reserved)
 
     def candidates(self, layer: str, spent: Sequence[Candidate] = (), freed: Sequence[SlotRef] = ()) -> list[Candidate]:
         """The blueprints that may grow on ``layer`` now: right kind, usable kernel, within every budget
         (after ``spent`` candidates of the same plan and without the seeds in ``freed``)."""
-        cfg, manager = self.config, self.manager
-        if self._seeds_used(manager) + len(spent) - len(freed) >= cfg.max_seeds:
+        cfg = self.config
+        if self._seeds_used() + len(spent) - len(freed) >= cfg.max_seeds:
             return []
-        params, flops = self._used(manager)
+        params, flops = self._used()
         for ref in freed:
-            slot = manager.layers[ref.layer].slots[ref.index]
+            slot = self.seeds[ref.layer].slots[ref.index]
             params -= slot.params
             flops -= self._cost(str(slot.blueprint), ref.layer).flops
         params += sum(c.params for c in spent)
@@ -255,8 +260,8 @@ class GrowthPolicy:
             if cfg.max_added_flops is not None and flops + cost.flops > cfg.max_added_flops:
                 continue
             latency = self._latency(blueprint, layer)
-            if latency is not None and cfg.max_latency_ms is not None and latency > cfg.max_latency_ms:
-                continue
+            if cfg.max_latency_ms is not None and (latency is None or latency > cfg.max_latency_ms):
+                continue  # unknown latency (kernel still compiling) is not yet eligible under a limit
             prior = self.eta * health.residual / (cost.params / 1000.0) if health and cost.params else None
             out.append(Candidate(blueprint, layer, kind, cost.params, cost.flops, latency, prior))
         return out
@@ -265,7 +270,7 @@ class GrowthPolicy:
         """The selector's choice, offered arms with fewer seeds still awaiting a verdict first: rewards
         arrive late (at the verdict), and an arm already being tried should not be "untried" again."""
         waiting: dict[str, int] = {}
-        for name, slot in self._occupied(self.manager):
+        for name, slot in self._occupied():
             if slot.state.live:
                 arm = arm_key(str(slot.blueprint), self.kinds[name])
                 waiting[arm] = waiting.get(arm, 0) + 1
@@ -287,7 +292,7 @@ class GrowthPolicy:
         return {c.arm: self.selector.describe(c.arm) for c in candidates}
 
     def measure(self, ref: SlotRef) -> float:
-        return self._measure(ref)
+        return self._contributions[ref.key]
 
     # --- budgets ------------------------------------------------------------------------------------
 
@@ -298,26 +303,31 @@ class GrowthPolicy:
         return self._costs[key]
 
     def _latency(self, blueprint: str, layer: str) -> float | None:
+        """The kernel's measured latency, or ``None`` while its compile has not finished: the policy
+        never waits for a compile."""
         if self.config.max_latency_ms is None or self.latency_of is None:
             return None
         key = (blueprint, layer)
         if key not in self.latency:
-            self.latency[key] = self.latency_of(blueprint, layer)
+            measured = self.latency_of(blueprint, layer)
+            if measured is None:
+                return None
+            self.latency[key] = measured
         return self.latency[key]
 
-    def _occupied(self, manager: SeedManager) -> Iterator[tuple[str, Any]]:
-        for name, layer in manager.layers.items():
+    def _occupied(self) -> Iterator[tuple[str, SlotView]]:
+        for name, layer in self.seeds.items():
             for slot in layer.slots:
-                if slot.state.live or slot.state == SeedState.FOSSILIZED:
+                if slot.holds:
                     yield name, slot
 
-    def _seeds_used(self, manager: SeedManager) -> int:
-        return sum(1 for _ in self._occupied(manager)) + len(self.reserved)
+    def _seeds_used(self) -> int:
+        return sum(1 for _ in self._occupied()) + len(self.reserved)
 
-    def _used(self, manager: SeedManager) -> tuple[int, int]:
+    def _used(self) -> tuple[int, int]:
         """(parameters, forward FLOPs per sample) of every seed that holds or will hold parameters."""
         params = flops = 0
-        for name, slot in self._occupied(manager):
+        for name, slot in self._occupied():
             params += slot.params
             flops += self._cost(str(slot.blueprint), name).flops
         for key, g in self.reserved.items():
@@ -325,19 +335,18 @@ class GrowthPolicy:
             flops += g.candidate.flops
         return params, flops
 
-    def _budget(self, manager: SeedManager) -> dict[str, list[int | None]]:
-        params, flops = self._used(manager)
+    def _budget(self) -> dict[str, list[int | None]]:
+        params, flops = self._used()
         cfg = self.config
-        return {"seeds": [self._seeds_used(manager), cfg.max_seeds], "params": [params, cfg.max_added_params],
+        return {"seeds": [self._seeds_used(), cfg.max_seeds], "params": [params, cfg.max_added_params],
                 "flops": [flops, cfg.max_added_flops]}
 
     # --- feedback -----------------------------------------------------------------------------------
 
-    def verdict(self, manager: SeedManager, ref: SlotRef, loss_gain: float, kept: bool) -> dict[str, Any]:
-        """Credit a seed's counterfactual verdict to its arm; returns fields for the verdict event."""
-        slot = manager.layers[ref.layer].slots[ref.index]
-        kind = self.kinds[ref.layer]
-        reward = self.selector.reward(str(slot.blueprint), kind, loss_gain, slot.params, kept)
+    def verdict(self, slot: SlotView, layer: str, gain: float, kept: bool) -> dict[str, Any]:
+        """Credit a seed's counterfactual metric gain to its arm; returns fields for the verdict event."""
+        kind = self.kinds[layer]
+        reward = self.selector.reward(str(slot.blueprint), kind, gain, slot.params, kept)
         arm = arm_key(str(slot.blueprint), kind)
         if kept:
             self.kept[arm] = self.kept.get(arm, 0) + 1

@@ -6,7 +6,7 @@ one rule except ENSEMBLE: a layer runs one experiment at a time, so the counterf
 seed is not confounded by a sibling that arrived in the same layer while it was being judged.
 
 - ``replace``: a layer with a free slot grows as usual; a full layer whose live seeds have had
-  ``replace_after`` steps gets its weakest one (smallest measured counterfactual loss gain) culled,
+  ``replace_after`` steps gets its weakest one (smallest measured counterfactual metric gain) culled,
   and the selector's new choice takes that slot as soon as its embargo ends.
 - ``diversify``: the selector chooses among blueprints the layer does not hold yet (all of them,
   once it holds every allowed one), so a layer's seeds differ.
@@ -26,7 +26,8 @@ from typing import Protocol
 from esper_core.policy.bandits import ArmStats
 from esper_core.policy.selector import Candidate, Choice
 from esper_core.seeds.lifecycle import SeedState
-from esper_core.seeds.manager import SeedManager, SlotRef
+from esper_core.seeds.manager import SlotRef
+from esper_core.seeds.view import SeedView
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Eviction:
     """A live seed REPLACE culls; its measured gain goes into the event and to its arm."""
 
     index: int
-    loss_gain: float
+    gain: float
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Planner(Protocol):
     """What a strategy may ask of the growth policy."""
 
     step: int
-    manager: SeedManager
+    seeds: SeedView
 
     def busy(self, layer: str) -> bool: ...
 
@@ -77,18 +78,18 @@ class Strategy(Protocol):
 
     def plan(self, planner: Planner, layer: str) -> Plan | None: ...
 
+    def to_measure(self, seeds: SeedView, step: int) -> list[SlotRef]:
+        """Live seeds whose counterfactual gain the plan may need (measured before it is made)."""
+        ...
+
 
 def _germination(index: int, choice: Choice) -> Germination:
     return Germination(index, choice.candidate, choice.explanation, choice.arms)
 
 
-def _free(manager: SeedManager, layer: str) -> list[int]:
-    return [i for i, s in enumerate(manager.layers[layer].slots) if s.state == SeedState.DORMANT]
-
-
-def _held(manager: SeedManager, layer: str) -> set[str]:
-    return {s.blueprint for s in manager.layers[layer].slots
-            if s.blueprint is not None and (s.state.live or s.state == SeedState.FOSSILIZED)}
+class _MeasuresNothing:
+    def to_measure(self, seeds: SeedView, step: int) -> list[SlotRef]:
+        return []
 
 
 class Replace:
@@ -97,18 +98,27 @@ class Replace:
     def __init__(self, after: int) -> None:
         self.after = after
 
+    def _old_enough(self, seeds: SeedView, layer: str, step: int) -> list[int]:
+        """Slots of a full layer whose seeds have lived ``after`` steps and may make room."""
+        slots = seeds[layer].slots
+        if seeds[layer].free() or any(s.state in (SeedState.GERMINATED, SeedState.TRAINING) for s in slots):
+            return []
+        return [i for i, s in enumerate(slots) if s.state in (SeedState.BLENDING, SeedState.PROBATION)
+                and s.germinated_at is not None and step - s.germinated_at >= self.after]
+
+    def to_measure(self, seeds: SeedView, step: int) -> list[SlotRef]:
+        return [SlotRef(layer, i) for layer in seeds for i in self._old_enough(seeds, layer, step)]
+
     def plan(self, planner: Planner, layer: str) -> Plan | None:
-        manager = planner.manager
-        free = _free(manager, layer)
+        free = planner.seeds[layer].free()
         if free:
             if planner.busy(layer):
                 return None
             choice = planner.choose(planner.candidates(layer))
             return Plan([_germination(free[0], choice)]) if choice else None
-        slots = manager.layers[layer].slots
-        old_enough = [i for i, s in enumerate(slots) if s.state in (SeedState.BLENDING, SeedState.PROBATION)
-                      and s.germinated_at is not None and planner.step - s.germinated_at >= self.after]
-        if not old_enough or any(s.state in (SeedState.GERMINATED, SeedState.TRAINING) for s in slots):
+        slots = planner.seeds[layer].slots
+        old_enough = self._old_enough(planner.seeds, layer, planner.step)
+        if not old_enough:
             return None
         gains = {i: planner.measure(SlotRef(layer, i)) for i in old_enough}
         weakest = min(old_enough, key=lambda i: (gains[i], i))
@@ -116,19 +126,19 @@ class Replace:
         if choice is None:
             return None
         note = (f"replace: the layer is full; its weakest live seed ({slots[weakest].blueprint} in slot {weakest}, "
-                f"loss gain {gains[weakest]:.3g} of {len(old_enough)} measured) makes room")
+                f"metric gain {gains[weakest]:.3g} of {len(old_enough)} measured) makes room")
         return Plan(evict=[Eviction(weakest, gains[weakest])], reserve=[_germination(weakest, choice)], note=note)
 
 
-class Diversify:
+class Diversify(_MeasuresNothing):
     name = "diversify"
 
     def plan(self, planner: Planner, layer: str) -> Plan | None:
-        free = _free(planner.manager, layer)
+        free = planner.seeds[layer].free()
         if not free or planner.busy(layer):
             return None
         candidates = planner.candidates(layer)
-        held = _held(planner.manager, layer)
+        held = planner.seeds[layer].held_blueprints()
         fresh = [c for c in candidates if c.blueprint not in held]
         choice = planner.choose(fresh or candidates)
         if choice is None:
@@ -143,22 +153,21 @@ class Diversify:
                     note=note)
 
 
-class Specialize:
+class Specialize(_MeasuresNothing):
     name = "specialize"
 
     def plan(self, planner: Planner, layer: str) -> Plan | None:
-        manager = planner.manager
-        free = _free(manager, layer)
+        free = planner.seeds[layer].free()
         if not free or planner.busy(layer):
             return None
-        kind = manager.layers[layer].spec.kind
+        kind = planner.seeds[layer].kind
         candidates = planner.candidates(layer)
         best = planner.champion(kind)
         if best is None:
             choice = planner.choose(candidates)
             return Plan([_germination(free[0], choice)], note="specialize: no fossilized arm yet") if choice else None
         blueprint, stats = best
-        if blueprint in _held(manager, layer):
+        if blueprint in planner.seeds[layer].held_blueprints():
             return None
         matching = [c for c in candidates if c.blueprint == blueprint]
         if not matching:
@@ -168,14 +177,14 @@ class Specialize:
         return Plan([Germination(free[0], matching[0], explanation, planner.arm_table(candidates))])
 
 
-class Ensemble:
+class Ensemble(_MeasuresNothing):
     name = "ensemble"
 
     def __init__(self, size: int) -> None:
         self.size = size
 
     def plan(self, planner: Planner, layer: str) -> Plan | None:
-        free = _free(planner.manager, layer)
+        free = planner.seeds[layer].free()
         if not free or planner.busy(layer):
             return None
         chosen: list[Germination] = []

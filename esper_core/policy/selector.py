@@ -1,8 +1,8 @@
 """SeedSelector: which blueprint to grow, learnt across the run (and across runs) with a bandit.
 
 Arms are ``blueprint@kind`` (a blueprint on a kind of host layer: ``linear`` or ``conv2d``). The
-reward of an arm is what its seeds measurably bought: the counterfactual validation-loss gain at the
-verdict (the same numbers the fossilize/cull decision used) per 1000 added parameters, minus a
+reward of an arm is what its seeds measurably bought: the counterfactual gain in the task's metric
+at the verdict (the same numbers the fossilize/cull decision used) per 1000 added parameters, minus a
 penalty when the seed was culled; a seed that caused a rollback scores minus the rollback penalty.
 Before an arm has rewards, the layer's health supplies a prior: the residual functional gradient
 ``r`` is the first-order loss decrease a branch following ``-eta * v`` could buy (``eta * r``), so
@@ -27,7 +27,7 @@ from esper_core.policy.arm_store import ArmStore
 from esper_core.policy.bandits import ArmStats, Bandit, Pick, Prior
 from esper_core.recipe.schema import SelectorConfig
 
-REWARD_UNIT = "validation loss gain per 1000 added parameters"
+REWARD_UNIT = "gain in the task's validation metric per 1000 added parameters"
 
 
 def arm_key(blueprint: str, kind: str) -> str:
@@ -132,9 +132,9 @@ class SeedSelector:
 
     # --- learning ----------------------------------------------------------------------------------
 
-    def reward(self, blueprint: str, kind: str, loss_gain: float, params: int, kept: bool) -> float:
+    def reward(self, blueprint: str, kind: str, metric_gain: float, params: int, kept: bool) -> float:
         """Credit a verdict (or a replacement's measurement) to its arm; returns the reward."""
-        gain = loss_gain - (0.0 if kept else self.config.cull_penalty)
+        gain = metric_gain - (0.0 if kept else self.config.cull_penalty)
         return self._learn(arm_key(blueprint, kind), gain * 1000.0 / max(params, 1))
 
     def rollback(self, blueprint: str, kind: str, params: int) -> float:

@@ -86,12 +86,17 @@ class LayerSignals:
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             assert isinstance(module, KasminaLayer)
-            x = inputs[0].detach()
-            with torch.no_grad():
-                self._fold(name, _activation_stats(output.detach()))
-            if output.requires_grad:
-                output.register_hook(lambda grad: self._gradient(name, module, x, grad))
+            self.observe(name, module, inputs[0], output)
         return hook
+
+    def observe(self, name: str, layer: KasminaLayer, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Fold one forward pass of ``layer`` (input ``x``, output ``output``) into the statistics; the
+        gradient statistics follow in the backward pass through a tensor hook on ``output``."""
+        x = x.detach()
+        with torch.no_grad():
+            self._fold(name, _activation_stats(output.detach()))
+        if output.requires_grad:
+            output.register_hook(lambda grad: self._gradient(name, layer, x, grad))
 
     @torch.no_grad()
     def _gradient(self, name: str, layer: KasminaLayer, x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -191,7 +196,8 @@ def readout_flops(in_width: int, out_width: int) -> int:
 
 @dataclass
 class PlateauTracker:
-    """Counts evaluations without an improvement of at least ``min_delta`` in validation loss."""
+    """Counts evaluations without an improvement of at least ``min_delta`` in the validation metric
+    (oriented so that lower is better)."""
 
     patience: int
     min_delta: float
@@ -225,9 +231,12 @@ class GlobalSignals:
         if math.isfinite(loss):
             _push(self.train, (step, loss), self.window)
 
-    def observe_validation(self, step: int, loss: float) -> None:
-        _push(self.val, (step, loss), self.window)
-        self.plateau.update(step, loss)
+    def observe_validation(self, step: int, loss: float | None, score: float) -> None:
+        """``loss`` feeds the trend and the train-validation gap; ``score`` (the task's metric, lower
+        is better) the plateau."""
+        if loss is not None and math.isfinite(loss):
+            _push(self.val, (step, loss), self.window)
+        self.plateau.update(step, score)
 
     @property
     def gap(self) -> float | None:

@@ -129,9 +129,16 @@ class SeedsConfig(Section):
                                description="Optimizer steps a slot stays closed after a cull.")
     eta: float = Field(1.0, gt=0.0, le=1e6, description="Incubation step size in per-sample units: the seed "
                        "regresses onto `-eta * dL/dy` (proximal term `||g||^2 / (2 eta)`).")
-    fossilize_margin: float = Field(0.0, ge=-1.0, le=1.0,
-                                    description="Keep a seed only if muting it raises the validation loss by "
-                                    "more than this (counterfactual evaluation).")
+    fossilize_margin: float = Field(0.0, ge=-1e6, le=1e6,
+                                    description="Counterfactual verdict, in the task's metric (oriented so that "
+                                    "positive helps): a seed is culled when the upper confidence bound of its "
+                                    "metric gain (seed on vs. muted, on the same held-out samples) is below this. "
+                                    "0 culls only seeds that clearly hurt.")
+    verdict_confidence: float = Field(0.95, ge=0.5, le=0.9999, description="One-sided confidence of the verdict's "
+                                      "bound: the gain's paired standard error is widened by the normal quantile "
+                                      "of this.")
+    loss_guard: float = Field(0.5, gt=0.0, le=1e6, description="A seed with which the held-out loss is non-finite or "
+                              "more than this share worse than without it is culled whatever the metric says.")
     eval_batches: int = Field(4, ge=1, le=10_000, description="Held-out batches for counterfactual evaluation.")
     lr_scale: float = Field(1.0, gt=0.0, le=1000.0,
                             description="Learning rate of seed parameters relative to the host's.")
@@ -148,11 +155,11 @@ class SelectorConfig(Section):
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="Share of random choices for `epsilon_greedy`.")
     prior_weight: float = Field(1.0, ge=0.0, le=1000.0, description="Pulls the health-signal prior of an arm "
                                 "counts for (0 ignores the prior).")
-    cull_penalty: float = Field(0.001, ge=0.0, le=100.0, description="Validation loss subtracted from a culled "
+    cull_penalty: float = Field(0.001, ge=0.0, le=100.0, description="Metric gain subtracted from a culled "
                                 "seed's counterfactual gain before it becomes its arm's reward (reward: gain per 1000 "
                                 "added parameters).")
     rollback_penalty: float = Field(0.01, ge=0.0, le=100.0, description="A seed that caused a rollback is credited "
-                                    "a validation loss gain of minus this.")
+                                    "a metric gain of minus this (in the task's metric).")
     share_across_runs: bool = Field(False, description="Start from, and add to, the arm statistics of earlier runs "
                                     "kept in `<storage.workspace>/selector.json`.")
 
@@ -163,7 +170,8 @@ class PolicyConfig(Section):
     period_steps: int = Field(200, ge=1, le=10_000_000, description="Steps between growth for `periodic`.")
     plateau_patience: int = Field(2, ge=1, le=10_000,
                                   description="Evaluations without improvement that make a plateau.")
-    plateau_min_delta: float = Field(1e-3, ge=0.0, description="Improvement of validation loss that counts.")
+    plateau_min_delta: float = Field(1e-3, ge=0.0, description="Improvement of the task's validation metric that "
+                                      "counts (in its own units: 0.001 is 0.1 accuracy points).")
     growth_window: tuple[float, float] = Field(
         (0.05, 0.7), description="Fractions of `trainer.max_steps` inside which growth may start; the rest "
         "is kept for fine-tuning.")

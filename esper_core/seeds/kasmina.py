@@ -10,6 +10,7 @@ change the structure.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,9 @@ class KasminaLayer(nn.Module):
         self.register_buffer("isolate", torch.zeros(slots, device=reference.device, dtype=reference.dtype))
         self.slots = [SlotInfo() for _ in range(slots)]
         self._active: list[tuple[int, nn.Module]] = []
+        self.probe: Callable[[KasminaLayer, torch.Tensor, torch.Tensor], None] | None = None
+        """Set by the growth controller for the one forward pass it measures (health signals); one
+        attribute check per forward otherwise, so a dormant layer costs (almost) nothing."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.host(x)
@@ -77,6 +81,8 @@ class KasminaLayer(nn.Module):
             # lerp(x, x.detach(), iso) == x in value; the host gets (1 - iso) of the seed's gradient.
             out = seed(torch.lerp(x, x.detach(), iso))
             y = y + _Incubate.apply(out, iso, self.eta) + out * self.alpha[index]
+        if self.probe is not None and torch.is_grad_enabled():
+            self.probe(self, x, y)
         return y
 
     # --- mechanism of each transition (called by the SeedManager) ---------------------------------

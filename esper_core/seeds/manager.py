@@ -20,6 +20,7 @@ from esper_core.recipe.schema import SeedsConfig
 from esper_core.seeds.kasmina import KasminaLayer, SlotInfo
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.targets import TargetMismatch, match_targets
+from esper_core.seeds.view import LayerView, SeedView, SlotView
 
 Event = dict[str, Any]
 
@@ -59,6 +60,12 @@ class SeedManager:
         for name, layer in self.layers.items():
             for index in range(len(layer.slots)):
                 yield SlotRef(name, index), layer
+
+    def view(self) -> SeedView:
+        """A read-only copy of every slot, for the policy."""
+        return {name: LayerView(layer.spec.kind, tuple(
+                    SlotView(s.state, s.blueprint, s.params, s.steps_in_state, s.germinated_at) for s in layer.slots))
+                for name, layer in self.layers.items()}
 
     def state(self, ref: SlotRef) -> SeedState:
         return self.layers[ref.layer].slots[ref.index].state
@@ -195,6 +202,11 @@ def wrap(model: nn.Module, targets: Sequence[str] | None = None, per_layer: int 
     A pattern that matches nothing raises :class:`~esper_core.errors.ConfigError` listing the
     module names that could have matched.
     """
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, KasminaLayer)]
+    if wrapped:
+        raise ConfigError(Problem(source=RECIPE_FIELD, field="seeds.targets", message=(
+            f"the model is already wrapped (Kasmina layers at {', '.join(wrapped[:5])}"
+            f"{' ...' if len(wrapped) > 5 else ''}); wrap a model once, and keep its SeedManager")))
     overrides = {k: v for k, v in (("targets", targets), ("per_layer", per_layer), ("exclude", exclude))
                  if v is not None}
     config = SeedsConfig.model_validate({**(config or SeedsConfig()).model_dump(), **overrides})

@@ -46,6 +46,12 @@ class DataSplits:
     num_classes: int
     name: str
 
+    def example(self, n: int) -> Any:
+        """The model inputs of the first ``n`` training samples: what probes layer shapes."""
+        from esper_core.training.batches import fetch
+
+        return fetch(self.train, torch.arange(min(n, len(self.train))))[0]  # type: ignore[arg-type]
+
 
 class _Arrays(NamedTuple):
     x: np.ndarray  # (N, *input_shape), float32

@@ -1,61 +1,32 @@
-"""Validation passes, including the counterfactual one that decides a seed's fate."""
+"""Validation passes of ``esper train``: the task's loss and metric over fixed held-out batches."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esper_core.seeds.kasmina import KasminaLayer
+from esper_core.growth.evaluation import Evaluation
+from esper_core.growth.verdicts import scores_of
 from esper_core.training.batches import Batch
 
 
-@dataclass(frozen=True)
-class Scores:
-    loss: float
-    accuracy: float
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[Batch], device: torch.device) -> Scores:
+def evaluate(model: nn.Module, batches: Sequence[Batch], device: torch.device) -> Evaluation:
     """Mean loss and accuracy over ``batches`` in eval mode (one host-device sync at the end)."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    count = 0
+    correct = []
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         total_loss += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == y).sum()
-        count += y.numel()
+        correct.append(logits.argmax(dim=1) == y)
     model.train(was_training)
-    return Scores(loss=float(total_loss) / max(count, 1), accuracy=float(correct) / max(count, 1))
-
-
-@dataclass(frozen=True)
-class Counterfactual:
-    """The same held-out batches with the seed on and muted; positive ``loss_gain`` means it helps."""
-
-    with_seed: Scores
-    without_seed: Scores
-
-    @property
-    def loss_gain(self) -> float:
-        return self.without_seed.loss - self.with_seed.loss
-
-    @property
-    def accuracy_gain(self) -> float:
-        return self.with_seed.accuracy - self.without_seed.accuracy
-
-
-def counterfactual(model: nn.Module, layer: KasminaLayer, index: int, batches: Sequence[Batch],
-                   device: torch.device) -> Counterfactual:
-    with_seed = evaluate(model, batches, device)
-    with layer.muted(index):
-        without_seed = evaluate(model, batches, device)
-    return Counterfactual(with_seed, without_seed)
+    scores = scores_of(torch.cat(correct)) if correct else torch.zeros(0, dtype=torch.float64)
+    count = max(scores.numel(), 1)
+    loss, accuracy = float(total_loss) / count, float(scores.sum()) / count
+    return Evaluation(accuracy, True, "accuracy", loss, scores, {"loss": loss, "accuracy": accuracy})

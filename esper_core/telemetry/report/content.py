@@ -90,11 +90,14 @@ def describe_change(e: Record) -> str:
     kind = e.get("event")
     if kind == "germinate":
         return f"{e.get('reason', 'no reason recorded')}; adds {_int(e.get('params'))} parameters"
-    if kind in ("fossilize", "cull") and "loss_gain" in e:
+    if kind in ("fossilize", "cull") and "metric_gain" in e:
         verdict = "kept" if kind == "fossilize" else "removed"
-        return (f"muting the seed changes val loss {_num(e.get('val_loss_with'))} -> "
-                f"{_num(e.get('val_loss_without'))} (gain {_num(e.get('loss_gain'))}, margin {_num(e.get('margin'))}) "
-                f"and val accuracy {_pct(e.get('val_acc_with'))} -> {_pct(e.get('val_acc_without'))}: {verdict}")
+        guard = "; the loss blew up with it" if e.get("blew_up") else ""
+        return (f"muting the seed changes val {e.get('metric', 'metric')} {_num(e.get('metric_with'))} -> "
+                f"{_num(e.get('metric_without'))} (gain {_num(e.get('metric_gain'))} ± {_num(e.get('stderr'))} over "
+                f"{_int(e.get('samples'))} samples, bound {_num(e.get('upper_bound'))} vs margin "
+                f"{_num(e.get('margin'))}) and val loss {_num(e.get('val_loss_with'))} -> "
+                f"{_num(e.get('val_loss_without'))}{guard}: {verdict}")
     if kind in ("rollback", "anomaly"):
         return str(e.get("reason", "")) + (f" (from step {e['from_step']})" if "from_step" in e else "")
     if kind == "checkpoint":

@@ -1,0 +1,392 @@
+"""The growth controller: the one growth engine, driven from the user's loop or by ``esper train``.
+
+A user keeps their model, optimizer, loss, data and loop, and calls the controller at three points::
+
+    growth = GrowthController(model, optimizer, example=x, max_steps=3000, evaluate=evaluate)
+    for x, y in batches:
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        growth.after_backward()          # health measurement, when one is due
+        optimizer.step()
+        growth.after_step(loss)          # lifecycle clock, seeds that are ready, verdicts, governor
+        if due_for_validation:
+            growth.after_validation(evaluate(model))   # plateau signal, snapshot, growth decisions
+
+The controller wraps the chosen layers in Kasmina layers, asks the policy what to grow (through a
+read-only view of the seeds), gets kernels without ever blocking a step, adds and removes seed
+parameter groups in the user's optimizer, judges seeds counterfactually with the user's ``evaluate``,
+and rolls back on a bad loss. ``esper train`` is a loop around this same object.
+
+Its state (:meth:`state_dict`) holds only tensors and JSON values; model weights and optimizer state
+are the caller's (see :mod:`esper_core.growth.checkpoint` for saving all three together).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from esper_core.blueprints.library import BlueprintLibrary
+from esper_core.compiler.store import KernelStore
+from esper_core.errors import EsperError
+from esper_core.growth import optimizer as optim
+from esper_core.growth.catalog import SeedCatalog
+from esper_core.growth.evaluation import Evaluate, Evaluation
+from esper_core.growth.execution import KernelFailure, SeedExecutor
+from esper_core.growth.governor import Governor
+from esper_core.growth.kernels import KernelSupply
+from esper_core.growth.state import State, cpu_copy
+from esper_core.growth.verdicts import counterfactual, judge
+from esper_core.policy.growth import Decisions, GrowthPolicy
+from esper_core.policy.merit import GradientMerit
+from esper_core.recipe.schema import GovernorConfig, PolicyConfig, SeedsConfig, StorageConfig
+from esper_core.seeds.kasmina import KasminaLayer
+from esper_core.seeds.lifecycle import SeedState
+from esper_core.seeds.manager import Event, SlotRef, wrap
+from esper_core.seeds.probe import input_shapes
+
+
+class Recorder(Protocol):
+    """Where the controller reports: chained events, and background compile timings."""
+
+    def record(self, event: Event) -> None: ...
+
+    def compiled(self, seconds: float, ok: bool) -> None: ...
+
+
+class MemoryRecorder:
+    """The default recorder of a controller used from a user's own loop: events kept in a list."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.compiles: list[tuple[float, bool]] = []
+
+    def record(self, event: Event) -> None:
+        self.events.append(event)
+
+    def compiled(self, seconds: float, ok: bool) -> None:
+        self.compiles.append((seconds, ok))
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What :meth:`GrowthController.after_step` did: the loss value it read (on check steps, else
+    ``None``), and whether the governor rolled the run back."""
+
+    loss: float | None
+    rolled_back: bool
+
+
+def _config(cls: type, value: Any) -> Any:
+    return value if isinstance(value, cls) else cls.model_validate(value or {})
+
+
+class GrowthController:
+    """See the module docstring.
+
+    ``example`` is one input of the model as the loop passes it (a tensor, a tuple of arguments or a
+    dict of keyword arguments): it is run once to learn the shape each wrapped layer really sees.
+    ``evaluate(model)`` must evaluate the same held-out samples every call (verdicts compare two
+    calls); it may also be given later, to :meth:`after_validation`. ``seed_lr(step)`` is the learning
+    rate of seed parameters (default: the optimizer's first group's learning rate now, times
+    ``seeds.lr_scale``). ``run_state`` is a pair (capture, restore) of the whole run's state for the
+    governor's snapshots; by default model, optimizer and controller.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: Any, max_steps: int,
+                 seeds: SeedsConfig | dict[str, Any] | None = None,
+                 policy: PolicyConfig | dict[str, Any] | None = None,
+                 governor: GovernorConfig | dict[str, Any] | None = None,
+                 store: KernelStore | None = None, seed: int = 0, evaluate: Evaluate | None = None,
+                 recorder: Recorder | None = None, check_every: int = 10,
+                 seed_lr: Callable[[int], float] | None = None, blueprint_dirs: Sequence[Path] = (),
+                 deterministic: bool = True, start: bool = True) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.max_steps = max_steps
+        self.seeds_config: SeedsConfig = _config(SeedsConfig, seeds)
+        self.policy_config: PolicyConfig = _config(PolicyConfig, policy)
+        self.evaluate = evaluate
+        self.recorder: Recorder = recorder or MemoryRecorder()
+        self.check_every = check_every
+        self.deterministic = deterministic
+        self.manager = wrap(model, config=self.seeds_config)
+        self.device = next(model.parameters()).device
+        shapes = input_shapes(model, list(self.manager.layers), example)
+        library = BlueprintLibrary.discover(blueprint_dirs)
+        self.catalog = SeedCatalog(library, self.seeds_config.blueprints, self.manager.layers, shapes,
+                                   self.seeds_config.rank, self.device.type)
+        self.catalog.check()
+        if store is None:
+            from esper_core.storage import open_kernel_store
+            store = open_kernel_store(StorageConfig())
+        self.kernels = KernelSupply(store, on_compiled=self.recorder.compiled)
+        self.merit = GradientMerit(self.policy_config.merit_decay)
+        self.policy = GrowthPolicy(self.policy_config, max_steps,
+                                   {name: layer.spec.kind for name, layer in self.manager.layers.items()},
+                                   self.catalog.blueprints_for, self.catalog.cost, seed=seed,
+                                   eta=self.seeds_config.eta,
+                                   latency_of=lambda bp, layer: self.kernels.latency_ms(self.catalog.spec(bp, layer)))
+        self.governor = Governor(_config(GovernorConfig, governor), self.device)
+        if seed_lr is None:
+            initial = float(optimizer.param_groups[0]["lr"]) * self.seeds_config.lr_scale
+            seed_lr = lambda step: initial  # noqa: E731 - constant: the user's scheduler owns the host's LR
+        self.executor = SeedExecutor(self.manager, optimizer, self.catalog, self.kernels, seed_lr)
+        self.run_state: tuple[Callable[[], State], Callable[[State], None]] = (self._capture, self._restore)
+        self._names = {id(layer): name for name, layer in self.manager.layers.items()}
+        self._unusable: set[tuple[str, str]] = set()
+        self._gate_open = True
+        self._previous_loss: float | None = None
+        self._last_loss: torch.Tensor | None = None
+        self._measuring = False
+        self.kernel_wait_s = 0.0
+        self.started = False
+        if start:
+            self.start()
+
+    # --- the public surface -----------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (every lifecycle counter counts these)."""
+        return self.manager.step_count
+
+    def start(self) -> None:
+        """Request every kernel this run can use; with ``deterministic`` wait for them, so the step at
+        which a seed starts never depends on compile speed. Called by the constructor unless
+        ``start=False`` (``esper train`` records its first event before)."""
+        if self.started:
+            return
+        self.started = True
+        specs = self.catalog.every_spec() if self.policy_config.max_seeds > 0 else {}
+        for spec in specs.values():
+            self.kernels.request(spec)
+        if self.deterministic and specs:
+            began = time.perf_counter()
+            errors = self.kernels.wait(specs.values())
+            for (layer, blueprint), spec in specs.items():
+                error = errors[spec.address()]
+                if error is not None:
+                    self._kernel_failed(KernelFailure(layer, blueprint, error))
+            self.kernel_wait_s = time.perf_counter() - began
+            self._record({"event": "kernels_ready", "step": self.step,
+                          "kernels": len({s.address() for s in specs.values()}),
+                          "unusable": sorted(f"{layer}:{bp}" for layer, bp in self._unusable),
+                          "seconds": round(self.kernel_wait_s, 3)})
+        self._arm_if_due()
+
+    def after_backward(self) -> None:
+        """Call after ``loss.backward()`` and before ``optimizer.step()``: reads the host gradients
+        when this step was measured."""
+        if self._measuring:
+            self.merit.observe(self.manager)
+            self._disarm()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip gradients without letting an incubating seed change the host's update: the host (and
+        every seed that already contributes) and each incubating seed are clipped separately.
+        Returns the host's gradient norm before clipping."""
+        incubating = {id(p) for ref, layer in self.manager.slots()
+                      if layer.slots[ref.index].state == SeedState.TRAINING and str(ref.index) in layer.seeds
+                      for p in layer.seed_module(ref.index).parameters()}
+        host = [p for p in self.model.parameters() if id(p) not in incubating]
+        norm = torch.nn.utils.clip_grad_norm_(host, max_norm)
+        for ref, layer in self.manager.slots():
+            if layer.slots[ref.index].state == SeedState.TRAINING and str(ref.index) in layer.seeds:
+                torch.nn.utils.clip_grad_norm_(list(layer.seed_module(ref.index).parameters()), max_norm)
+        return norm
+
+    def after_step(self, loss: torch.Tensor | None = None) -> StepOutcome:
+        """Call after ``optimizer.step()`` with the step's loss (a tensor; read only every
+        ``check_every`` steps). Advances every seed's clock, starts seeds whose kernel arrived, judges
+        seeds whose probation is over, and lets the governor roll back a bad loss."""
+        for event in self.manager.step(self._gate_open):
+            self._record(event)
+        self._activate_ready()
+        if self.evaluate is not None:
+            for ref in self.manager.due_for_verdict():
+                self._verdict(ref, self.evaluate)
+        value, rolled_back = None, False
+        if loss is not None:
+            self.governor.watch(loss)
+            self._last_loss = loss.detach()
+            if self.step % self.check_every == 0 or self.step == self.max_steps:
+                value = float(loss.detach())  # the only per-step sync, every check_every steps
+                rolled_back = self._govern(value)
+                if not rolled_back:
+                    self._update_gate(value)
+                    self.policy.observe_train(self.step, value)
+        self.executor.set_lr(self.step)
+        self._arm_if_due()
+        return StepOutcome(value, rolled_back)
+
+    def after_validation(self, evaluation: Evaluation | None = None, evaluate: Evaluate | None = None) -> bool:
+        """Call after a validation pass with its result (the plateau signal); ``evaluate``, if given,
+        becomes the function verdicts use. Takes the governor's known-good snapshot and, inside the
+        growth window, carries out the policy's decisions. Returns whether the governor rolled back
+        instead."""
+        if evaluate is not None:
+            self.evaluate = evaluate
+        if evaluation is not None:
+            self.policy.observe_validation(self.step, evaluation.loss, -evaluation.better())
+        if self.governor.enabled:
+            if self.governor.judged_step != self.step and self._last_loss is not None:
+                if self._govern(float(self._last_loss)):
+                    return True
+            self.governor.keep(self.step, self.run_state[0]())
+        if not self.policy.in_window(self.step):
+            return False
+        contributions = {}
+        if self.evaluate is not None:
+            for ref in self.policy.to_measure(self.step, self.manager.view()):
+                contributions[ref.key] = counterfactual(self.model, self.manager.layers[ref.layer], ref.index,
+                                                        self.evaluate).metric_gain
+        self._execute(self.policy.decide(self.step, self.manager.view(), self.merit.scores(), contributions))
+        return False
+
+    def added_parameters(self) -> int:
+        return self.manager.added_params()
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def state_dict(self, governor: bool = True) -> State:
+        """Everything the controller needs to continue exactly (tensors and JSON values only). The
+        governor's part (its snapshot included) is left out of the snapshots it takes itself."""
+        state: State = {
+            "topology": self.manager.topology(),
+            "groups": self.executor.group_order(),
+            "policy": self.policy.state_dict(),
+            "signals": self.policy.tensor_state(),
+            "merit": self.merit.state_dict(),
+            "gate": {"open": self._gate_open, "previous_loss": self._previous_loss},
+            "unusable": sorted([layer, bp] for layer, bp in self._unusable),
+        }
+        if governor:
+            state["governor"] = self.governor.state_dict()
+        return state
+
+    def load_state_dict(self, state: State) -> None:
+        """Rebuild the recorded seeds (modules and optimizer groups, in the recorded order) and restore
+        every component. Load the model's weights and the optimizer's state after this."""
+        self._disarm()
+        self.executor.rebuild(state["topology"], list(state["groups"]))
+        self.policy.load_state_dict(state["policy"])
+        self.policy.load_tensor_state(state["signals"], self.device)
+        self.merit.load_state_dict(state["merit"], self.device)
+        self._gate_open = bool(state["gate"]["open"])
+        self._previous_loss = state["gate"]["previous_loss"]
+        self._unusable = {(str(layer), str(bp)) for layer, bp in state["unusable"]}
+        if "governor" in state:
+            self.governor.load_state_dict(state["governor"])
+        self.executor.set_lr(self.step)
+        self._arm_if_due()
+
+    def close(self) -> None:
+        """Stop the background compile worker, if one was started."""
+        self.kernels.close()
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _capture(self) -> State:
+        return cpu_copy({"model": dict(self.model.state_dict()),
+                         "optimizer": optim.export_state(self.optimizer, self.model),
+                         "controller": self.state_dict(governor=False)})
+
+    def _restore(self, state: State) -> None:
+        self.load_state_dict(state["controller"])
+        self.model.load_state_dict(state["model"], strict=True)
+        optim.import_state(self.optimizer, self.model, state["optimizer"])
+
+    def _record(self, event: Event) -> None:
+        self.governor.noticed(event)
+        self.recorder.record(event)
+
+    def _arm_if_due(self) -> None:
+        """Measure health on the next forward pass when a measurement is due at this step."""
+        every = self.policy_config.merit_every
+        if self.step % every == 0 and self.policy.in_window(self.step + every):
+            for layer in self.manager.layers.values():
+                layer.probe = self._probe
+            self._measuring = True
+
+    def _disarm(self) -> None:
+        for layer in self.manager.layers.values():
+            layer.probe = None
+        self._measuring = False
+
+    def _probe(self, layer: KasminaLayer, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.policy.layers.observe(self._names[id(layer)], layer, x, y)
+
+    def _update_gate(self, loss_value: float) -> None:
+        """The gated blend schedule advances only while the read training loss is not rising."""
+        previous = self._previous_loss
+        self._gate_open = previous is None or loss_value <= previous * 1.05
+        self._previous_loss = loss_value
+
+    def _activate_ready(self) -> None:
+        events, failures = self.executor.activate_ready()
+        for failure in failures:
+            self._kernel_failed(failure)
+        for event in events:
+            self._record(event)
+
+    def _kernel_failed(self, failure: KernelFailure) -> None:
+        """A kernel that cannot be compiled: the policy moves on to other choices for that layer."""
+        key = (failure.layer, failure.blueprint)
+        if key in self._unusable:
+            return
+        self._unusable.add(key)
+        self.policy.forbid(*key)
+        problems = getattr(failure.error, "problems", None) or [failure.error]
+        self._record({"event": "kernel_failed", "step": self.step, "layer": failure.layer, "slot": None,
+                      "blueprint": failure.blueprint, "problems": [str(p) for p in problems]})
+
+    def _verdict(self, ref: SlotRef, evaluate: Evaluate) -> None:
+        """Counterfactual evaluation in the task's metric (:mod:`esper_core.growth.verdicts`)."""
+        result = counterfactual(self.model, self.manager.layers[ref.layer], ref.index, evaluate)
+        cfg = self.seeds_config
+        kept, evidence = judge(result, cfg.fossilize_margin, cfg.verdict_confidence, cfg.loss_guard)
+        slot = self.manager.view()[ref.layer].slots[ref.index]
+        evidence |= self.policy.verdict(slot, ref.layer, evidence["metric_gain"], kept)  # the selector's reward
+        if kept:
+            self._record(self.executor.fossilize(ref, **evidence))
+        else:
+            self._record(self.executor.remove(ref, rolled_back=False, **evidence))
+
+    def _execute(self, decisions: Decisions) -> None:
+        """Carry out the policy's decisions: culls first (they make room), then germinations."""
+        for cull in decisions.culls:
+            self._record(self.executor.remove(cull.slot, rolled_back=False, reason=cull.reason, **cull.evidence))
+        for decision in decisions.germinations:
+            self._record(self.executor.germinate(decision))
+            self._activate_ready()
+        if decisions.skipped is not None:
+            self._record({"event": "growth_skipped", "step": self.step, **decisions.skipped})
+
+    def _govern(self, loss_value: float) -> bool:
+        """Roll back if the governor objects; returns whether it did."""
+        reason = self.governor.judge(self.step, loss_value)
+        if reason is None:
+            return False
+        self._record({"event": "anomaly", "step": self.step, "kind": "loss", "reason": reason})
+        if self.governor.snapshot is None:
+            raise EsperError(f"governor: {reason} at step {self.step}, and there is no good state to roll back to")
+        self.governor.rolled_back()
+        suspect, from_step = self.governor.suspect, self.step
+        self.run_state[1](self.governor.snapshot)
+        evidence: dict[str, Any] = {"reason": reason, "from_step": from_step}
+        if suspect is not None:
+            layer = self.manager.layers[suspect.layer]
+            self.policy.penalise(suspect.layer, layer.slots[suspect.index].blueprint)
+            if str(suspect.index) in layer.seeds and self.manager.state(suspect).live:
+                self._record(self.executor.remove(suspect, rolled_back=True, **evidence))
+                return True
+        self._record({"event": "rollback", "step": self.step, **evidence})
+        return True

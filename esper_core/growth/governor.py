@@ -1,0 +1,104 @@
+"""The governor: notices a loss that has gone bad and rolls the run back to a known-good state.
+
+It judges the losses the loop already reads (every ``check_every`` steps) plus a flag that
+accumulates non-finite losses on the device between reads, so it adds no host-device sync of its
+own. A spike is a read loss above ``mean + zscore * std`` of the recent window: growth perturbs the
+loss a little by design, so the threshold is statistical rather than a fixed ratio.
+
+The governor owns its snapshot (the last state it judged healthy) and its suspect (the seed changed
+most recently), and both are part of its state dict, so a resumed run rolls back exactly as the
+uninterrupted run would have. A snapshot is taken only right after a healthy judgement of the same
+step: a state that has not been judged is never "known good".
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+
+from esper_core.errors import EsperError
+from esper_core.growth.state import State
+from esper_core.recipe.schema import GovernorConfig
+from esper_core.seeds.manager import Event, SlotRef
+
+_CHANGES = ("germinate", "blend", "probation", "fossilize")
+
+
+class GovernorStop(EsperError):
+    """Too many rollbacks: the run cannot make progress and stops."""
+
+    exit_code = 5
+
+
+class Governor:
+    def __init__(self, config: GovernorConfig, device: torch.device) -> None:
+        self.config = config
+        self.history: deque[float] = deque(maxlen=config.window)
+        self.rollbacks = 0
+        self.snapshot: State | None = None
+        self.suspect: SlotRef | None = None
+        self.judged_step = -1  # the step of the last healthy judgement
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    def watch(self, loss: torch.Tensor) -> None:
+        """Called every step: remember (on the device) whether any loss was NaN/Inf."""
+        self._nonfinite |= ~torch.isfinite(loss.detach())
+
+    def judge(self, step: int, loss_value: float) -> str | None:
+        """At a read point: the reason to roll back, or ``None`` if training is healthy."""
+        if not self.config.enabled:
+            return None
+        if bool(self._nonfinite) or not math.isfinite(loss_value):
+            return f"non-finite loss ({loss_value}) since the last check"
+        reason = None
+        if len(self.history) >= max(3, self.config.window // 2):
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+            limit = mean + self.config.zscore * max(std, 1e-8)
+            if loss_value > limit:
+                reason = f"loss spike: {loss_value:.4g} > mean {mean:.4g} + {self.config.zscore:g} x std {std:.3g}"
+        if reason is None:
+            self.history.append(loss_value)
+            self.judged_step = step
+        return reason
+
+    def keep(self, step: int, state: State) -> bool:
+        """Take ``state`` as the known-good snapshot if ``step`` was just judged healthy."""
+        if not self.config.enabled or self.judged_step != step:
+            return False
+        self.snapshot = state
+        return True
+
+    def noticed(self, event: Event) -> None:
+        """Track the seed changed most recently: the suspect when the loss goes bad."""
+        if event["event"] in _CHANGES:
+            self.suspect = SlotRef(event["layer"], event["slot"])
+
+    def rolled_back(self) -> None:
+        """Count a rollback; past the limit the run stops."""
+        self.rollbacks += 1
+        self._nonfinite.zero_()
+        self.history.clear()
+        if self.rollbacks > self.config.max_rollbacks:
+            raise GovernorStop(f"governor: {self.rollbacks} rollbacks (limit {self.config.max_rollbacks}); "
+                               "training cannot recover, stopping")
+
+    def state_dict(self) -> State:
+        return {"history": list(self.history), "rollbacks": self.rollbacks, "judged_step": self.judged_step,
+                "suspect": [self.suspect.layer, self.suspect.index] if self.suspect else None,
+                "nonfinite": self._nonfinite.clone(), "snapshot": self.snapshot}
+
+    def load_state_dict(self, state: State) -> None:
+        self.history = deque((float(v) for v in state["history"]), maxlen=self.config.window)
+        self.rollbacks = int(state["rollbacks"])
+        self.judged_step = int(state["judged_step"])
+        self.suspect = SlotRef(str(state["suspect"][0]), int(state["suspect"][1])) if state["suspect"] else None
+        self._nonfinite = state["nonfinite"].to(self._nonfinite.device).bool()
+        self.snapshot = state["snapshot"]

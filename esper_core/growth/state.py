@@ -1,0 +1,75 @@
+"""State dictionaries made of tensors and JSON values, and how they are stored without pickle.
+
+Every stateful part of a run (the growth controller and its components, the trainer's data position,
+the RNGs) exports a nested dictionary whose leaves are tensors or JSON values. :func:`split` turns
+such a tree into a flat ``{path: tensor}`` mapping (a safetensors file) and a JSON skeleton in which
+each tensor is replaced by a reference to its path; :func:`join` is the inverse. Paths are the keys
+joined by ``/`` (escaped JSON-pointer style), so a checkpoint's tensor names say where each belongs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+State = dict[str, Any]
+_REF = "$tensor"
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def split(tree: State) -> tuple[dict[str, torch.Tensor], State]:
+    """(tensors by path, JSON skeleton) of a state tree; tensors are detached CPU copies."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().to("cpu", copy=True)
+            return {_REF: path}
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"state keys must be strings, got {key!r} at {path or '/'}")
+                out[key] = walk(item, f"{path}/{_escape(key)}" if path else _escape(key))
+            return out
+        if isinstance(value, (list, tuple)):
+            return [walk(item, f"{path}/{i}") for i, item in enumerate(value)]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"state value at {path or '/'} is a {type(value).__name__}: only tensors and JSON values")
+
+    return tensors, walk(tree, "")
+
+
+def join(tensors: dict[str, torch.Tensor], skeleton: State) -> State:
+    """The tree :func:`split` was given; raises ``KeyError`` naming a tensor the file lacks."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {_REF}:
+                path = value[_REF]
+                if not isinstance(path, str) or path not in tensors:
+                    raise KeyError(f"tensor {path!r} is missing")
+                return tensors[path]
+            return {key: walk(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        return value
+
+    return walk(skeleton)
+
+
+def cpu_copy(tree: Any) -> Any:
+    """The same tree with every tensor detached and copied to the CPU: a snapshot that later training
+    cannot change."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {key: cpu_copy(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [cpu_copy(value) for value in tree]
+    return tree

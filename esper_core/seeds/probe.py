@@ -1,0 +1,70 @@
+"""The input shape each wrapped layer really sees, from one forward pass on a real example.
+
+Kernels are compiled for a host layer *and* the input it receives (a Linear inside a transformer
+sees (tokens, features); a convolution sees a feature map whose size only the forward pass knows).
+Probing with a real example, not zeros of an assumed dtype, means integer token ids reach an
+embedding as integers and dict inputs reach the model as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper_core.blueprints.host import HostSpec
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)`` for a tensor, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Move every tensor in a (possibly nested) batch to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device, non_blocking) for v in value)
+    return value
+
+
+def input_shapes(model: nn.Module, names: Sequence[str], example: Any) -> dict[str, tuple[int, ...]]:
+    """Per-sample input shape of each named layer, from one eval-mode, no-grad forward of ``example``.
+
+    The model's mode is restored afterwards and no parameter changes (eval mode: batch norm reads its
+    running statistics). A layer the forward pass never reaches gets the default shape of its kind.
+    """
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str):  # a pre-hook's return value would replace the layer's inputs: return None
+        def record(_module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, tuple(args[0].shape[1:]))
+        return record
+
+    device = next(model.parameters()).device
+    hooks = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in names]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            call_model(model, to_device(example, device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return {name: seen.get(name) or _host_of(model.get_submodule(name)).default_input_shape() for name in names}
+
+
+def _host_of(module: nn.Module) -> HostSpec:
+    """The host spec of a plain layer, or of the host inside an already-wrapped Kasmina layer."""
+    spec = getattr(module, "spec", None)
+    return spec if isinstance(spec, HostSpec) else HostSpec.of(module)

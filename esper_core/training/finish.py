@@ -1,0 +1,52 @@
+"""The end of a run: final evaluation, the final model and topology, the summary, the last event."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import save_file
+
+from esper_core.policy.arm_store import workspace_store
+from esper_core.training.batches import ordered_batches
+from esper_core.training.evaluate import evaluate
+from esper_core.training.models import count_parameters
+
+if TYPE_CHECKING:
+    from esper_core.training.trainer import Trainer
+
+
+def finish_run(trainer: Trainer) -> dict[str, Any]:
+    """Write ``final/`` and ``summary.json`` and record ``run_end``; returns the summary."""
+    assert trainer.run_dir is not None
+    recipe = trainer.loaded.recipe
+    controller, manager = trainer.controller, trainer.manager
+    if recipe.policy.selector.share_across_runs:
+        controller.policy.selector.share(workspace_store(recipe.storage.workspace))
+    val = evaluate(trainer.model, trainer.val_batches, trainer.device)
+    test = evaluate(trainer.model, list(ordered_batches(trainer.data.test, recipe.data.eval_batch_size)),
+                    trainer.device)
+    final = trainer.run_dir / "final"
+    final.mkdir(exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()},
+              str(final / "model.safetensors"))
+    (final / "topology.json").write_text(json.dumps(manager.topology(), indent=2), encoding="utf-8")
+    summary = {
+        "run_dir": str(trainer.run_dir), "recipe_sha256": trainer.loaded.sha256, "device": str(trainer.device),
+        "steps": trainer.step, "wall_time_s": round(time.perf_counter() - trainer.started, 3),
+        "val_loss": val.loss, "val_accuracy": val.metric, "test_loss": test.loss, "test_accuracy": test.metric,
+        "params_initial": trainer.params_initial, "params_final": count_parameters(trainer.model),
+        "seeds": manager.counts(),
+        "fossilized": [{"layer": n, "slot": i, "blueprint": s.blueprint, "params": s.params}
+                       for n, layer in manager.layers.items() for i, s in enumerate(layer.slots)
+                       if s.state.name == "FOSSILIZED"],
+        "rollbacks": controller.governor.rollbacks,
+        "kernel_wait_s": round(controller.kernel_wait_s, 3), "blocked_steps": controller.kernels.blocked,
+    }
+    trainer.recorder.record({"event": "run_end", "step": trainer.step, "val_accuracy": val.metric,
+                             "test_accuracy": test.metric, "params": summary["params_final"]})
+    summary["events_head"] = trainer.recorder.events.prev
+    trainer.recorder.mirror(lambda repo: repo.finish_run(trainer.recorder.run_id, "finished"))
+    (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary

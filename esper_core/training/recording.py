@@ -1,0 +1,131 @@
+"""Run recording: everything a run writes about itself while it trains.
+
+One object receives every event (from the growth controller, the trainer and the anomaly detector)
+and sends it to each place it belongs: the hash-chained ``events.jsonl``, the asset repository's
+``events`` table (through the SQL tier's deadline and breaker), the Prometheus metrics and the
+progress listeners. Listeners receive event dicts (lifecycle events as recorded, and ``progress``
+events carrying the latest figures), never pre-formatted strings: how to show them is the caller's.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from esper_core.compiler.store import KernelStore
+from esper_core.recipe.schema import TelemetryConfig
+from esper_core.seeds.manager import Event
+from esper_core.telemetry.jsonl import EventLog, JsonlWriter
+from esper_core.telemetry.run import RunTelemetry
+
+Listener = Callable[[Event], None]
+
+
+class RunRecorder:
+    """See the module docstring. ``step()`` says the current optimizer step (for telemetry);
+    ``seed_counts()`` the number of slots per lifecycle state."""
+
+    def __init__(self, config: TelemetryConfig, store: KernelStore, step: Callable[[], int],
+                 seed_counts: Callable[[], dict[str, int]]) -> None:
+        self.store = store
+        self.step = step
+        self.telemetry = RunTelemetry(config, self.record, seed_counts)
+        self.listeners: list[Listener] = []
+        self.events: EventLog | None = None
+        self.metrics: JsonlWriter | None = None
+        self.run_id = ""
+        self._mirror_failed = False
+
+    def open(self, run_dir: Path, cursor: dict[str, Any] | None, run_id: str) -> None:
+        """Open the run's logs; a resume first truncates them to the checkpoint's ``cursor`` so
+        nothing after the checkpoint is written twice."""
+        if cursor is not None:
+            for filename, size in (("events.jsonl", cursor["events_bytes"]), ("metrics.jsonl", cursor["metrics_bytes"])):
+                with (run_dir / filename).open("r+b") as handle:
+                    handle.truncate(size)
+        self.events = EventLog(run_dir / "events.jsonl")
+        self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
+        if cursor is not None:
+            self.events.seq, self.events.prev = cursor["events_seq"], cursor["events_prev"]
+        self.run_id = run_id
+
+    def cursor(self) -> dict[str, Any]:
+        """Where the run's logs end now (a resume truncates them here)."""
+        assert self.events is not None and self.metrics is not None
+        return {"events_bytes": self.events.path.stat().st_size, "events_seq": self.events.seq,
+                "events_prev": self.events.prev, "metrics_bytes": self.metrics.path.stat().st_size}
+
+    # --- what comes in ----------------------------------------------------------------------------
+
+    def record(self, event: Event) -> None:
+        """A chained event: event log, repository mirror, telemetry, listeners."""
+        assert self.events is not None, "the run's logs are not open"
+        self.events.append(event)
+        line = self.events.last_line
+        self.mirror(lambda repo: repo.append_event(self.run_id, line))
+        self.telemetry.on_event(event)
+        self.notify(event)
+
+    def compiled(self, seconds: float, ok: bool) -> None:
+        """A background kernel compile finished (reported from the training thread)."""
+        self.telemetry.compiled(self.step(), seconds, ok)
+
+    def logged(self, row: dict[str, Any]) -> None:
+        """A metrics.jsonl row of the training loss and the run's size."""
+        assert self.metrics is not None
+        self.metrics.write(row)
+        self.telemetry.logged(row)
+        self.telemetry.cache_counts(self.store.stats()["tiers"])
+
+    def validated(self, row: dict[str, Any], loss: float, accuracy: float) -> None:
+        assert self.metrics is not None
+        self.metrics.write(row)
+        self.telemetry.validated(loss, accuracy)
+
+    def notify(self, event: Event) -> None:
+        """Tell the listeners (not chained: progress reports and notices go only here)."""
+        for listener in self.listeners:
+            listener(event)
+
+    # --- the asset repository ---------------------------------------------------------------------
+
+    def mirror(self, action: Callable[[Any], object]) -> None:
+        """Write to the asset repository through the SQL tier's deadline and circuit breaker. A
+        repository that is down, slow or refusing never fails the run: events.jsonl stays complete."""
+        sql = self.store.tier("sql")
+        if sql is None:
+            return
+        try:
+            sql.guard.call(action, sql.repository)
+        except Exception as exc:  # TierUnavailable or a refusal: said once, the run goes on
+            if not self._mirror_failed:
+                self._mirror_failed = True
+                print(f"warning: asset repository not updated ({type(exc).__name__}: {exc}); "
+                      f"the run directory keeps the full record", file=sys.stderr)
+
+    def close(self) -> None:
+        self.telemetry.stop()
+        if self.events is not None:
+            self.events.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def fresh_run_dir(base: Path) -> Path:
+    """``runs/NAME``, or ``runs/NAME-2``, ``-3``... so an earlier run's results are never overwritten."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def progress_event(step: int, max_steps: int, loss: float | None, val: dict[str, float] | None, params: int,
+                   seeds: dict[str, int], started: float) -> Event:
+    """The ``progress`` event listeners get every log step and after every validation."""
+    return {"event": "progress", "step": step, "max_steps": max_steps, "loss": loss, "val": val, "params": params,
+            "seeds": seeds, "elapsed_s": time.perf_counter() - started}

@@ -1,0 +1,78 @@
+"""The state of a whole ``esper train`` run, for checkpoints and for the governor's snapshots.
+
+One function pair serves both, so there is a single definition of "the state of a run": model
+weights, optimizer state by parameter name, the growth controller's state (seed topology first),
+every RNG and the trainer's own figures. A checkpoint adds what a snapshot must not hold: the data
+position (a rollback keeps moving through the data, skipping the batches that went bad), the
+governor (whose own snapshot would otherwise nest), and the lengths of the log files.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from esper_core.growth import optimizer as optim
+from esper_core.growth.state import State
+
+if TYPE_CHECKING:
+    from esper_core.training.trainer import Trainer
+
+
+def capture(trainer: Trainer, checkpoint: bool) -> State:
+    """The run's state between two steps. Tensors are the live ones: a checkpoint's
+    :func:`~esper_core.growth.state.split` copies them, and a snapshot goes through
+    :func:`~esper_core.growth.state.cpu_copy`."""
+    state: State = {
+        "model": dict(trainer.model.state_dict()),
+        "optimizer": optim.export_state(trainer.optimizer, trainer.model),
+        "controller": trainer.controller.state_dict(governor=checkpoint),
+        "rng": rng_state(),
+        "trainer": {"last_val": trainer.last_val},
+    }
+    if checkpoint:
+        state["data"] = trainer.sampler.position()
+        state["logs"] = trainer.recorder.cursor()
+    return state
+
+
+def restore(trainer: Trainer, state: State) -> None:
+    """Put the run back into a captured state: topology first (the controller rebuilds seeds and their
+    optimizer groups), then weights, optimizer state, RNGs and the trainer's figures."""
+    trainer.controller.load_state_dict(state["controller"])
+    trainer.model.load_state_dict(state["model"], strict=True)
+    optim.import_state(trainer.optimizer, trainer.model, state["optimizer"])
+    set_rng_state(state["rng"])
+    trainer.last_val = state["trainer"]["last_val"]
+    if "data" in state:
+        trainer.sampler.seek(**state["data"])
+
+
+def rng_state() -> State:
+    np_state = np.random.get_state()
+    state: State = {"python": _jsonable(random.getstate()),
+                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                    "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: State) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(_tupled(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
