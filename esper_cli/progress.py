@@ -49,8 +49,9 @@ class PlainProgress:
             if line:
                 print(f"  {line}", flush=True)
             return
+        metric = event["metric"]
         print(f"step {event['step']}/{event['max_steps']} loss {_fmt(event['loss'], '.4f')} "
-              f"val_loss {_fmt(_val(event, 'loss'), '.4f')} val_acc {_fmt(_val(event, 'accuracy'), '.4f')} "
+              f"val_loss {_fmt(_val(event, 'loss'), '.4f')} val_{metric} {_fmt(_val(event, metric), '.4f')} "
               f"params {event['params']:,} seeds [{_seeds(event['seeds'])}] {event['elapsed_s']:.1f}s", flush=True)
 
     def close(self) -> None:
@@ -74,8 +75,9 @@ class RichProgress:
         table = Table.grid(padding=(0, 2))
         p = self.latest
         if p is not None:
+            metric = p["metric"]
             table.add_row("loss", _fmt(self.loss, ".4f"), "val loss", _fmt(_val(p, "loss"), ".4f"),
-                          "val acc", _fmt(_val(p, "accuracy"), ".4f"))
+                          f"val {metric.replace('_', ' ')}", _fmt(_val(p, metric), ".4f"))
             table.add_row("params", f"{p['params']:,}", "seeds", _seeds(p["seeds"]) or "none", "", "")
         return Group(self.bar, table)
 

@@ -43,11 +43,12 @@ def summary_table(summary: dict) -> Table:
     table = Table(title=f"Run {summary['run_dir']}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
+    metric = summary["metric"]
     rows = [
         ("steps", f"{summary['steps']}"),
         ("device", summary["device"]),
-        ("val accuracy", f"{summary['val_accuracy']:.4f}"),
-        ("test accuracy", f"{summary['test_accuracy']:.4f}"),
+        (f"val {metric}", f"{summary[f'val_{metric}']:.4f}"),
+        (f"test {metric}", f"{summary[f'test_{metric}']:.4f}"),
         ("params initial", f"{summary['params_initial']:,}"),
         ("params final", f"{summary['params_final']:,}"),
         ("seeds", ", ".join(f"{k} {v}" for k, v in summary["seeds"].items() if v) or "none"),

@@ -192,7 +192,7 @@ def test_bad_text_files_name_the_file_and_the_fault(
 
 @pytest.mark.parametrize(("arrays", "message"), [
     ({"x": np.zeros((4, 2))}, "missing array 'y' (found: x)"),
-    ({"x": np.zeros((4, 2)), "y": np.zeros(3)}, "y must have shape (4,)"),
+    ({"x": np.zeros((4, 2)), "y": np.zeros(3)}, "y must have one row per sample to match x (4, 2)"),
     ({"x": np.zeros(4), "y": np.zeros(4)}, "x must have one row per sample"),
     ({"x": np.array([["a"]] * 4), "y": np.zeros(4)}, "x must be numeric"),
     ({"x": np.array([[1], [2]], dtype=object), "y": np.zeros(2)}, "not a readable .npz"),
@@ -251,7 +251,7 @@ def test_bundled_files_are_read_exactly_as_scikit_learn_reads_them(source, loade
     """The loader reads scikit-learn's bundled CSVs without importing scikit-learn (start-up time)."""
     from sklearn import datasets
 
-    from esper_core.training.data import _sklearn
+    from esper_core.training.data.bundled import bundled as _sklearn
 
     ours, theirs = _sklearn(source, "flat"), getattr(datasets, loader)()
     assert np.array_equal(ours.x, theirs.data.astype(np.float32))

@@ -38,45 +38,89 @@ class SyntheticConfig(Section):
     noise: float = Field(0.1, ge=0.0, le=10.0, description="Standard deviation of the added Gaussian noise.")
 
 
+class TeacherConfig(Section):
+    n_samples: int = Field(20_000, ge=10, le=10_000_000, description="Number of generated samples.")
+    n_features: int = Field(40, ge=1, le=100_000, description="Input size of the teacher network.")
+    widths: list[int] = Field(default_factory=lambda: [64, 64], min_length=1, max_length=16,
+                              description="Hidden widths of the random ReLU teacher.")
+    n_classes: int = Field(10, ge=2, le=1000, description="Number of classes (the teacher's argmax).")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths_in_range(cls, widths: list[int]) -> list[int]:
+        if any(w < 1 or w > 100_000 for w in widths):
+            raise ValueError("every width must be between 1 and 100000")
+        return widths
+
+
+class Mnist1dConfig(Section):
+    n_samples: int = Field(20_000, ge=10, le=10_000_000, description="Number of generated samples "
+                           "(balanced over the ten classes).")
+    length: int = Field(40, ge=8, le=4096, description="Points per signal.")
+
+
+class TextConfig(Section):
+    seq_len: int = Field(64, ge=2, le=65_536, description="Characters per training sequence (the model's context).")
+    stride: int | None = Field(None, ge=1, le=65_536, description="Characters between the starts of consecutive "
+                               "sequences (default: `seq_len`, non-overlapping).")
+
+
 class DataConfig(Section):
-    source: Literal["digits", "breast_cancer", "wine", "synthetic", "file", "factory"] = Field(
-        "digits", description="Built-in dataset (bundled with scikit-learn, nothing is downloaded), "
-        "`synthetic` (seeded generator), `file` (`.npz` or `.csv` at `path`) or `factory`.")
+    source: Literal["digits", "breast_cancer", "wine", "diabetes", "synthetic", "teacher", "mnist1d", "text",
+                    "file", "factory"] = Field(
+        "digits", description="Built-in dataset (`digits`, `breast_cancer`, `wine`, `diabetes` (regression); "
+        "bundled, nothing is downloaded), a seeded generator (`synthetic`, `teacher`: a random ReLU teacher network "
+        "on which small hosts underfit, `mnist1d`: MNIST-1D-style signals), `text` (a UTF-8 file at `path`, as "
+        "character sequences for language modelling), `file` (`.npz` or `.csv` at `path`) or `factory`.")
     layout: Literal["image", "flat"] = Field(
         "flat", description="`image` gives `digits` as 1x8x8 images; `flat` gives feature vectors. "
         "Tabular sources are always flat.")
-    path: str | None = Field(None, description="Data file for `source: file`; relative paths are "
+    path: str | None = Field(None, description="Data file for `source: file` or `text`; relative paths are "
                              "resolved against the recipe's directory. `.npz` needs arrays `x` and `y`; "
                              "`.csv` is numeric with a header row and the label in `label_column`.")
     label_column: str = Field("label", description="Label column of a `.csv` file.")
     factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
-                                description="`package.module:function` returning a torch Dataset, or a "
-                                "tuple `(train, val, test)` of Datasets, for `source: factory`.")
+                                description="`package.module:function` returning a torch Dataset (map-style or "
+                                "iterable), or a tuple `(train, val, test)` of them, for `source: factory`. Samples "
+                                "are `(input, target)` pairs or dicts (the target under `task.target_key`).")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `factory`.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Generator settings.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="`teacher` generator settings.")
+    mnist1d: Mnist1dConfig = Field(default_factory=Mnist1dConfig, description="`mnist1d` generator settings.")
+    text: TextConfig = Field(default_factory=TextConfig, description="`text` source settings.")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of samples held out for validation.")
     test_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of samples held out for test.")
-    standardize: bool = Field(True, description="Standardise features with statistics of the training split.")
+    standardize: bool = Field(True, description="Standardise floating-point features with statistics of the "
+                              "training split (integer inputs such as token ids are never touched).")
     batch_size: int = Field(64, ge=1, le=65536, description="Training batch size.")
     eval_batch_size: int = Field(512, ge=1, le=65536, description="Batch size for validation and test.")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes for datasets that are not "
+                             "in-memory tensors (0: load in the training process).")
+    pin_memory: bool = Field(False, description="Pin batches in page-locked memory (faster copies to a GPU).")
+    persistent_workers: bool = Field(True, description="Keep DataLoader workers alive between epochs "
+                                     "(with `num_workers` > 0).")
 
     @model_validator(mode="after")
     def _source_needs(self) -> "DataConfig":
-        if self.source == "file" and not self.path:
-            raise ValueError("`path` is required when source is 'file'")
+        if self.source in ("file", "text") and not self.path:
+            raise ValueError(f"`path` is required when source is '{self.source}'")
         if self.source == "factory" and not self.factory:
             raise ValueError("`factory` is required when source is 'factory'")
         return self
 
 
 class ModelConfig(Section):
-    arch: Literal["mlp", "cnn", "factory"] = Field(
-        "mlp", description="`mlp` (widths), `cnn` (a small ResNet-style CNN) or `factory`.")
+    arch: Literal["mlp", "cnn", "transformer", "factory"] = Field(
+        "mlp", description="`mlp` (widths), `cnn` (a small ResNet-style CNN), `transformer` (a small causal "
+        "language model over token ids) or `factory`.")
     widths: list[int] = Field(default_factory=lambda: [64], min_length=0, max_length=32,
                               description="Hidden widths of the MLP.")
     channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1, max_length=8,
                                 description="Channels of the CNN's stages (one residual block each).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in the zoo models.")
+    d_model: int = Field(128, ge=8, le=16_384, description="Transformer width.")
+    n_layers: int = Field(2, ge=1, le=64, description="Transformer blocks.")
+    n_heads: int = Field(4, ge=1, le=256, description="Attention heads (must divide `d_model`).")
     factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                                 description="`package.module:function` returning an nn.Module, called "
                                 "with `input_shape`, `num_classes` and `factory_kwargs`.")
@@ -101,6 +145,48 @@ class ModelConfig(Section):
     def _arch_needs(self) -> "ModelConfig":
         if self.arch == "factory" and not self.factory:
             raise ValueError("`factory` is required when arch is 'factory'")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        return self
+
+
+class TaskConfig(Section):
+    kind: Literal["classification", "regression", "language_model", "token_classification", "custom"] = Field(
+        "classification", description="What the model learns: `classification` (cross-entropy; metric accuracy), "
+        "`regression` (MSE or Huber; metrics RMSE and R²), `language_model` (next-token cross-entropy on shifted "
+        "targets; metric perplexity), `token_classification` (per-token cross-entropy; metric token accuracy) or "
+        "`custom` (`function`).")
+    loss: Literal["cross_entropy", "mse", "huber"] | None = Field(
+        None, description="Regression loss (`mse` by default, or `huber`); the other built-in kinds use "
+        "cross-entropy.")
+    metric: Literal["accuracy", "rmse", "r2", "perplexity", "token_accuracy", "loss"] | None = Field(
+        None, description="The metric verdicts, plateau detection and the summary use (default: accuracy, rmse, "
+        "perplexity, token_accuracy, loss for the kinds above).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy losses.")
+    huber_delta: float = Field(1.0, gt=0.0, le=1e6, description="Threshold of the Huber loss.")
+    ignore_index: int = Field(-100, ge=-(2**31), le=2**31 - 1, description="Target value the token losses and "
+                              "metrics skip (padding).")
+    function: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="`custom`: a "
+                                 "`package.module:function` called as `function(output, targets)` returning the "
+                                 "scalar loss (its metric is that loss, lower is better). Recipes naming functions "
+                                 "run code.")
+    target_key: str = Field("labels", min_length=1, description="Key of the target in dict batches; every other "
+                            "key is passed to the model as a keyword argument.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskConfig":
+        allowed = {"classification": {"accuracy", "loss"}, "regression": {"rmse", "r2", "loss"},
+                   "language_model": {"perplexity", "token_accuracy", "loss"},
+                   "token_classification": {"token_accuracy", "perplexity", "loss"}, "custom": {"loss"}}
+        if self.kind == "custom" and not self.function:
+            raise ValueError("`function` is required when kind is 'custom'")
+        if self.kind != "custom" and self.function:
+            raise ValueError("`function` applies only to kind 'custom'")
+        if self.metric is not None and self.metric not in allowed[self.kind]:
+            raise ValueError(f"metric '{self.metric}' does not apply to kind '{self.kind}' "
+                             f"(choose from {', '.join(sorted(allowed[self.kind]))})")
+        if self.loss is not None and (self.kind == "regression") != (self.loss in ("mse", "huber")):
+            raise ValueError(f"loss '{self.loss}' does not apply to kind '{self.kind}'")
         return self
 
 
@@ -286,6 +372,7 @@ class Recipe(Section):
     """A whole recipe. Every section is optional; omitted sections take their defaults."""
 
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and placement.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="The loss and the metric.")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the samples come from.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The host network.")
     seeds: SeedsConfig = Field(default_factory=SeedsConfig, description="Which layers host seeds and how seeds live.")

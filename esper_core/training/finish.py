@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import save_file
 
 from esper_core.policy.arm_store import workspace_store
-from esper_core.training.batches import ordered_batches
-from esper_core.training.evaluate import evaluate
 from esper_core.training.models import count_parameters
 
 if TYPE_CHECKING:
@@ -24,9 +22,9 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     controller, manager = trainer.controller, trainer.manager
     if recipe.policy.selector.share_across_runs:
         controller.policy.selector.share(workspace_store(recipe.storage.workspace))
-    val = evaluate(trainer.model, trainer.val_batches, trainer.device)
-    test = evaluate(trainer.model, list(ordered_batches(trainer.data.test, recipe.data.eval_batch_size)),
-                    trainer.device)
+    task = trainer.task
+    val = task.evaluate(trainer.model, trainer.val_batches, trainer.device)
+    test = task.evaluate(trainer.model, trainer.eval_batches(trainer.data.test), trainer.device)
     final = trainer.run_dir / "final"
     final.mkdir(exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()},
@@ -35,7 +33,8 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     summary = {
         "run_dir": str(trainer.run_dir), "recipe_sha256": trainer.loaded.sha256, "device": str(trainer.device),
         "steps": trainer.step, "wall_time_s": round(time.perf_counter() - trainer.started, 3),
-        "val_loss": val.loss, "val_accuracy": val.metric, "test_loss": test.loss, "test_accuracy": test.metric,
+        "task": task.kind, "metric": task.metric, "higher_is_better": task.higher_is_better,
+        **{f"val_{k}": v for k, v in val.metrics.items()}, **{f"test_{k}": v for k, v in test.metrics.items()},
         "params_initial": trainer.params_initial, "params_final": count_parameters(trainer.model),
         "seeds": manager.counts(),
         "fossilized": [{"layer": n, "slot": i, "blueprint": s.blueprint, "params": s.params}
@@ -44,8 +43,9 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
         "rollbacks": controller.governor.rollbacks,
         "kernel_wait_s": round(controller.kernel_wait_s, 3), "blocked_steps": controller.kernels.blocked,
     }
-    trainer.recorder.record({"event": "run_end", "step": trainer.step, "val_accuracy": val.metric,
-                             "test_accuracy": test.metric, "params": summary["params_final"]})
+    trainer.recorder.record({"event": "run_end", "step": trainer.step, "metric": task.metric,
+                             f"val_{task.metric}": val.metric, f"test_{task.metric}": test.metric,
+                             "params": summary["params_final"]})
     summary["events_head"] = trainer.recorder.events.prev
     trainer.recorder.mirror(lambda repo: repo.finish_run(trainer.recorder.run_id, "finished"))
     (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

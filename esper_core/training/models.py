@@ -9,6 +9,8 @@ Wrappable layers:
 - ``mlp``: ``layers.0`` .. ``layers.{n-1}`` (hidden Linear layers, one per width) and ``head``.
 - ``cnn``: ``stem.conv``; per block ``i``: ``blocks.i.conv1``, ``blocks.i.conv2`` and, where the
   block changes shape (every block after the first), the 1x1 projection ``blocks.i.shortcut``; ``head``.
+- ``transformer``: a causal language model (:mod:`.transformer`): ``blocks.i.attn.qkv``,
+  ``blocks.i.attn.proj``, ``blocks.i.mlp.fc``, ``blocks.i.mlp.proj``; ``head``.
 
 Parameters are initialised from torch's global RNG: seed it before building (the trainer does).
 """
@@ -25,12 +27,20 @@ from torch import nn
 from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.schema import ModelConfig
 from esper_core.training.data import call_factory, import_factory
+from esper_core.training.transformer import CausalLM
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The host network for per-sample inputs of ``input_shape`` and ``num_classes`` logits."""
+    """The host network for per-sample inputs of ``input_shape`` and ``num_classes`` outputs (classes,
+    regression targets, or the vocabulary of a language model)."""
     if cfg.arch == "mlp":
         return MLP(math.prod(input_shape), cfg.widths, num_classes, cfg.dropout)
+    if cfg.arch == "transformer":
+        if len(input_shape) != 1:
+            raise ConfigError(Problem(RECIPE_FIELD, f"'transformer' needs token-id sequences (length,) but the data "
+                                      f"gives samples of shape {tuple(input_shape)}; use `data.source: text`",
+                                      field="model.arch"))
+        return CausalLM(num_classes, input_shape[0], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout)
     if cfg.arch == "cnn":
         if len(input_shape) != 3:
             raise ConfigError(Problem(RECIPE_FIELD, f"'cnn' needs image inputs (C, H, W) but the data gives "

@@ -124,8 +124,9 @@ def fresh_run_dir(base: Path) -> Path:
     return candidate
 
 
-def progress_event(step: int, max_steps: int, loss: float | None, val: dict[str, float] | None, params: int,
-                   seeds: dict[str, int], started: float) -> Event:
-    """The ``progress`` event listeners get every log step and after every validation."""
-    return {"event": "progress", "step": step, "max_steps": max_steps, "loss": loss, "val": val, "params": params,
-            "seeds": seeds, "elapsed_s": time.perf_counter() - started}
+def progress_event(step: int, max_steps: int, loss: float | None, metric: str, val: dict[str, float] | None,
+                   params: int, seeds: dict[str, int], started: float) -> Event:
+    """The ``progress`` event listeners get every log step and after every validation: ``val`` holds
+    the last validation's figures, ``metric`` names the task's."""
+    return {"event": "progress", "step": step, "max_steps": max_steps, "loss": loss, "metric": metric, "val": val,
+            "params": params, "seeds": seeds, "elapsed_s": time.perf_counter() - started}

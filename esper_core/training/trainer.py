@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from esper_core.checkpoints import store
 from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError, Problem
@@ -34,13 +34,13 @@ from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.storage import open_kernel_store
 from esper_core.training import optim, run_state
-from esper_core.training.batches import EpochSampler, ordered_batches
-from esper_core.training.data import build_data
-from esper_core.training.evaluate import evaluate
+from esper_core.training.data import build_data, import_factory
 from esper_core.training.finish import finish_run
+from esper_core.training.loaders import EvalBatches, TrainBatches
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.recording import RunRecorder, fresh_run_dir, progress_event
 from esper_core.training.setup import seed_everything, select_device
+from esper_core.training.tasks import Task
 
 RESUMABLE_OVERRIDES = ("trainer.max_steps", "checkpoint.", "telemetry.")
 """Keys an override may change at resume; anything else would make the continuation a different run."""
@@ -89,7 +89,10 @@ class Trainer:
         self.device = select_device(recipe.run.device)
         seed_everything(recipe.run.seed, recipe.run.deterministic, self.device)
         with self._located():
-            self.data = build_data(recipe.data, recipe.run.seed, self.base_dir)
+            function = import_factory(recipe.task.function, "task.function") if recipe.task.function else None
+            self.task = Task(recipe.task, function)
+            self.data = build_data(recipe.data, recipe.run.seed, self.base_dir, recipe.task.kind,
+                                   recipe.task.target_key)
             self.model = build_model(recipe.model, self.data.input_shape, self.data.num_classes)
             self.params_initial = count_parameters(self.model)
             self.model.to(self.device)
@@ -109,10 +112,11 @@ class Trainer:
         self.controller.run_state = (lambda: cpu_copy(run_state.capture(self, checkpoint=False)),
                                      lambda state: run_state.restore(self, state))
         self.manager = self.controller.manager
-        self.sampler = EpochSampler(self.data.train, recipe.data.batch_size, recipe.run.seed)
-        self.val_batches = list(ordered_batches(self.data.val, recipe.data.eval_batch_size))
-        self.verdict_batches = list(ordered_batches(self.data.val, recipe.data.eval_batch_size,
-                                                    limit=recipe.seeds.eval_batches))
+        data = recipe.data
+        self.sampler = TrainBatches(self.data.train, data.batch_size, recipe.run.seed, data.num_workers,
+                                    data.pin_memory, data.persistent_workers)
+        self.val_batches = self.eval_batches(self.data.val)
+        self.verdict_batches = self.eval_batches(self.data.val, limit=recipe.seeds.eval_batches)
         self.last_val: dict[str, float] | None = None
         self.run_dir: Path | None = None
         self._resumed_from: store.Checkpoint | None = None
@@ -121,6 +125,10 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.controller.step
+
+    def eval_batches(self, dataset: Dataset, limit: int | None = None) -> EvalBatches:
+        data = self.loaded.recipe.data
+        return EvalBatches(dataset, data.eval_batch_size, limit, data.num_workers, data.pin_memory)
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -175,9 +183,8 @@ class Trainer:
         cfg = self.loaded.recipe
         morph = self.recorder.telemetry.morph
         self.model.train()
-        x, y = self.sampler.next()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        loss = F.cross_entropy(self.model(x), y)
+        output, targets = self.task.forward(self.model, self.sampler.next(), self.device)
+        loss = self.task.loss(output, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with morph:
@@ -191,20 +198,20 @@ class Trainer:
 
     def _validate_and_grow(self) -> bool:
         """Validate, then let the controller snapshot and grow; returns whether it rolled back."""
-        val = evaluate(self.model, self.val_batches, self.device)
+        val = self.task.evaluate(self.model, self.val_batches, self.device)
         self.last_val = val.metrics
-        self.recorder.validated({"step": self.step, "val_loss": val.loss, "val_accuracy": val.metric},
+        self.recorder.validated({"step": self.step, **{f"val_{k}": v for k, v in val.metrics.items()}},
                                 float(val.loss or 0.0), val.metric)
         with self.recorder.telemetry.morph:
             return self.controller.after_validation(val)
 
     def _verdict_evaluation(self, model: torch.nn.Module) -> Evaluation:
-        return evaluate(model, self.verdict_batches, self.device)
+        return self.task.evaluate(model, self.verdict_batches, self.device)
 
     def _report(self, outcome: StepOutcome) -> None:
         self.recorder.notify(progress_event(self.step, self.loaded.recipe.trainer.max_steps, outcome.loss,
-                                            self.last_val, count_parameters(self.model), self.manager.counts(),
-                                            self.started))
+                                            self.task.metric, self.last_val, count_parameters(self.model),
+                                            self.manager.counts(), self.started))
 
     # --- the run directory and checkpoints ----------------------------------------------------------
 

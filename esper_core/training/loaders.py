@@ -1,0 +1,136 @@
+"""Batches for training and evaluation, with a training position that can be saved and restored.
+
+A checkpoint must record exactly where in which epoch's permutation training stopped, and a
+DataLoader iterator cannot say, so the position (``epoch``, ``offset`` = batches taken from that
+epoch) is kept here and each epoch's permutation is a pure function of ``(seed, epoch)``:
+
+- in-memory tensors (``TensorDataset``, what Esper's own sources produce) are gathered with one
+  indexing operation per batch, in the training process (the fast path);
+- any other map-style dataset goes through a ``DataLoader`` (``data.num_workers`` worker processes,
+  pinned memory, persistent workers) fed by a batch sampler that starts at the recorded position;
+- an ``IterableDataset`` is read in order; its position is the number of batches taken from the
+  current pass, and a resume skips ahead by reading that many batches again (documented).
+
+Every DataLoader gets its own seeded generator: an iterator otherwise draws its workers' base seed
+from the global RNG, which would make training depend on when iterators were created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
+
+
+def _take(dataset: TensorDataset, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t[indices] for t in dataset.tensors)
+
+
+def first_inputs(dataset: Dataset, n: int) -> Any:
+    """The model inputs of the first ``n`` samples (collated like a batch)."""
+    if isinstance(dataset, TensorDataset):
+        return _take(dataset, torch.arange(min(n, len(dataset))))[0]
+    batch = next(iter(DataLoader(dataset, batch_size=n, generator=torch.Generator().manual_seed(0))))
+    if isinstance(batch, dict):
+        return batch  # the task splits off the target (the model ignores nothing it was not given)
+    return batch[0]
+
+
+class _EpochBatches(Sampler[list[int]]):
+    """The remaining batches of the current epoch's permutation, read at iteration time."""
+
+    def __init__(self, owner: TrainBatches) -> None:
+        self.owner = owner
+
+    def __iter__(self) -> Iterator[list[int]]:
+        owner = self.owner
+        perm = owner.permutation(owner.epoch)
+        for offset in range(owner.offset, owner.batches_per_epoch):
+            yield perm[offset * owner.batch_size:(offset + 1) * owner.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return self.owner.batches_per_epoch - self.owner.offset
+
+
+class TrainBatches:
+    """Shuffled training batches, epoch after epoch, dropping a ragged last batch."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                 pin_memory: bool = False, persistent_workers: bool = True) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.epoch = self.offset = 0
+        self.iterable = isinstance(dataset, IterableDataset)
+        self.size = 0 if self.iterable else len(dataset)  # type: ignore[arg-type]
+        self.batches_per_epoch = max(1, self.size // batch_size)
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+        self._loader: DataLoader | None = None
+        self._iterator: Iterator[Any] | None = None
+        if not isinstance(dataset, TensorDataset):
+            common = {"num_workers": num_workers, "pin_memory": pin_memory,
+                      "persistent_workers": persistent_workers and num_workers > 0,
+                      "generator": torch.Generator().manual_seed(seed)}
+            if self.iterable:
+                self._loader = DataLoader(dataset, batch_size=batch_size, drop_last=True, **common)
+            else:
+                self._loader = DataLoader(dataset, batch_sampler=_EpochBatches(self), **common)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.size, generator=generator), epoch
+        return self._perm
+
+    def next(self) -> Any:
+        if self._loader is None:  # in-memory tensors
+            if self.offset >= self.batches_per_epoch:
+                self.epoch, self.offset = self.epoch + 1, 0
+            start = self.offset * self.batch_size
+            self.offset += 1
+            return _take(self.dataset, self.permutation(self.epoch)[start:start + self.batch_size])  # type: ignore[arg-type]
+        for _ in range(2):  # at most one epoch boundary per batch
+            if self._iterator is None:
+                self._iterator = iter(self._loader)
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self.epoch, self.offset, self._iterator = self.epoch + 1, 0, None
+                continue
+            self.offset += 1
+            return batch
+        raise RuntimeError("the training dataset yields no complete batch (fewer samples than data.batch_size)")
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def seek(self, epoch: int, offset: int) -> None:
+        """Continue from a recorded :meth:`position` (an iterable dataset is read up to it again)."""
+        self.epoch, self.offset, self._iterator = epoch, offset, None
+        if self.iterable and self._loader is not None:
+            self._iterator = iter(self._loader)
+            for _ in range(offset):
+                next(self._iterator)
+
+
+class EvalBatches:
+    """Evaluation batches in dataset order, the same every pass; ``limit`` takes only the first ones."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, limit: int | None = None, num_workers: int = 0,
+                 pin_memory: bool = False) -> None:
+        self.dataset, self.batch_size, self.limit = dataset, batch_size, limit
+        self._loader = None if isinstance(dataset, TensorDataset) else DataLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(0))
+
+    def __iter__(self) -> Iterator[Any]:
+        source = self._loader if self._loader is not None else self._tensor_batches()
+        for n, batch in enumerate(source):
+            if self.limit is not None and n >= self.limit:
+                return
+            yield batch
+
+    def _tensor_batches(self) -> Iterator[Any]:
+        size = len(self.dataset)  # type: ignore[arg-type]
+        for start in range(0, size, self.batch_size):
+            yield _take(self.dataset, torch.arange(start, min(size, start + self.batch_size)))  # type: ignore[arg-type]
