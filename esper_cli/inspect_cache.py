@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from esper_cli.console import make_console
 from esper_cli.errors import reported
 from esper_core.errors import ConfigError, Problem
 from esper_core.recipe.schema import StorageConfig
@@ -23,7 +23,6 @@ from esper_core.recipe.schema import StorageConfig
 if TYPE_CHECKING:  # imported when the command runs: it pulls in torch, which --help should not pay for
     from esper_core.storage.inspection import CacheReport
 
-CI_LOG_WIDTH = 160
 SHOWN_ENTRIES = 50
 
 
@@ -65,8 +64,7 @@ def _show(report: CacheReport, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
         return
-    console = Console()
-    console = console if console.is_terminal else Console(width=CI_LOG_WIDTH)
+    console = make_console()
     console.print(_tier_table(report))
     console.print(_entry_table(report))
     if report.pruned is not None:

@@ -22,7 +22,10 @@ def report(
     verify: bool = typer.Option(False, "--verify", help="Only check the event log's hash chain, its anchor in "
                                 "summary.json and the recipe's hash; exit 4 naming the first bad record."),
 ) -> None:
-    """Write a compliance report of a run; exit 4 if its history fails the audit (the report is still written)."""
+    """Write a compliance report of a run, or compare two runs.
+
+    Exit 4 if a run's history fails the audit (the report is still written).
+    """
     if verify:
         result = audit(RunDirEvents(run))
         _fail_if_broken(result, recipe_problem(run))

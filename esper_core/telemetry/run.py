@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any
 
 import torch
@@ -32,10 +31,10 @@ _STATE_KEYS = tuple(s.name.lower() for s in SeedState)
 
 
 def esper_version() -> str:
-    try:
-        return metadata.version("esper")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    """The installed distribution's version (``esper_core.__version__``)."""
+    from esper_core import __version__
+
+    return __version__
 
 
 def build_info() -> dict[str, str]:

@@ -153,17 +153,10 @@ the label (the same files and layout scikit-learn's own ``load_*`` functions rea
 
 
 def _sklearn(source: str, layout: str) -> _Arrays:
-    """A dataset bundled with scikit-learn, read from the installed package (never downloaded).
+    """A dataset shipped inside Esper (:mod:`esper_core.datasets`; the UCI tables scikit-learn ships)."""
+    from esper_core.datasets import load_table
 
-    The CSV is read straight from scikit-learn's data folder, located without importing the package:
-    importing scikit-learn costs about two seconds of every run's start-up (and of every resume).
-    """
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(Problem(RECIPE_FIELD, f"'{source}' needs scikit-learn installed", field="data.source"))
-    filename, header = _BUNDLED[source]
-    table = np.loadtxt(Path(spec.submodule_search_locations[0]) / "datasets" / "data" / filename,
-                       delimiter=",", skiprows=header, dtype=np.float64)
+    table = load_table(source)
     x = table[:, :-1].astype(np.float32)
     if layout == "image":  # only digits gets here: 8x8 grey-level images
         x = x.reshape(-1, 1, 8, 8)
