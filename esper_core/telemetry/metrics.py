@@ -111,6 +111,8 @@ class RunMetrics:
              "python_version": ".".join(map(str, sys.version_info[:3]))})
         self.steps = StepStats()
         r.register(self.steps)
+        self.active = Gauge("esper_run_active", "1 while the run trains, 0 once it has stopped (finished, failed "
+                            "or interrupted): alerts on a stalled run ignore runs that ended.", registry=r)
         self.loss = Gauge("esper_train_loss", "Training loss at the last logged step.", registry=r)
         self.val_loss = Gauge("esper_val_loss", "Validation loss at the last validation.", registry=r)
         self.val_accuracy = Gauge("esper_val_accuracy_ratio", "Validation accuracy at the last validation (0..1).",

@@ -100,6 +100,7 @@ class RunTelemetry:
         if self.metrics is None:
             return None
         self.metrics.observe_seeds(self._seed_counts())
+        self.metrics.active.set(1)
         if self.config.metrics_port is not None:
             bind, port = self.config.metrics_bind, self.config.metrics_port
             try:
@@ -120,6 +121,8 @@ class RunTelemetry:
 
     def stop(self) -> None:
         """End of the run (also after a failure): the final push, then the endpoint closes."""
+        if self.metrics is not None:
+            self.metrics.active.set(0)
         if self.pusher is not None:
             self.pusher.close()
             self.pusher = None
