@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import require_service
+from conftest import require_tool
 from esper_core.telemetry.metrics import RunMetrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -29,16 +28,8 @@ ALERTS = {"EsperTrainingStalled", "EsperLossAnomaly", "EsperRepeatedRollbacks", 
           "EsperCacheTierDown", "EsperCheckpointStale", "EsperMemoryGrowth"}
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
-    require_service("promtool", lambda: path or (_ for _ in ()).throw(FileNotFoundError(
-        "not on PATH (apt-get install prometheus)")))
-    assert path is not None
-    return path
-
-
 def run_promtool(*args: str | Path) -> str:
-    done = subprocess.run([promtool(), *map(str, args)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([require_tool("promtool", package="prometheus"), *map(str, args)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 

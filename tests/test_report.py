@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import require_service
+from conftest import require_tool
 from run_helpers import esper_report, finished_run
 from esper_core.telemetry.report.plots import EVENT_COLORS, PLOT_IDS, SERIES_COLORS, STATE_COLORS
 
@@ -167,23 +167,10 @@ def test_a_tampered_run_still_gets_a_report_that_says_so_and_exits_4(finished: P
 
 # --- rendering in a real browser -------------------------------------------------------------------
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-
-
-def chromium() -> str:
-    """The browser binary; skips without one, or fails when CI is meant to have it (ESPER_REQUIRE_SERVICES=1)."""
-    def probe() -> None:
-        if CHROMIUM is None:
-            raise FileNotFoundError("no chromium on PATH (apt-get install chromium)")
-    require_service("Chromium", probe)
-    assert CHROMIUM is not None
-    return CHROMIUM
-
-
 def screenshot(page: Path, tmp_path: Path, height: int) -> tuple[int, int, list[bytes], int]:
     """Render ``page`` in headless Chromium, 1200 px wide, and read the PNG back."""
     shot = tmp_path / f"{page.stem}.png"
-    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    subprocess.run([require_tool("chromium", "chromium-browser", "google-chrome", package="chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run",
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size=1200,{height}",
                     page.resolve().as_uri()], capture_output=True, timeout=120, check=True,

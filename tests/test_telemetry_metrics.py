@@ -19,7 +19,6 @@ the server answers from its own thread: deterministic, and a real HTTP request a
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import urllib.error
@@ -33,7 +32,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import require_service
+from conftest import require_tool
 from esper_core import Trainer
 from esper_core.errors import EsperError
 from esper_core.recipe.schema import TelemetryConfig
@@ -103,15 +102,6 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def promtool() -> str:
-    """promtool; skips without it, fails when CI is meant to have it (ESPER_REQUIRE_SERVICES=1)."""
-    path = shutil.which("promtool")
-    require_service("promtool", lambda: path or (_ for _ in ()).throw(FileNotFoundError(
-        "not on PATH (apt-get install prometheus)")))
-    assert path is not None
-    return path
 
 
 def families(text: str) -> dict[str, Any]:
@@ -217,7 +207,7 @@ def test_operations_series_tell_the_age_of_the_last_step_and_checkpoint(scraped:
 
 
 def test_promtool_accepts_the_exposition(scraped: dict[str, Any]) -> None:
-    result = subprocess.run([promtool(), "check", "metrics"], input=scraped["text"], capture_output=True,
+    result = subprocess.run([require_tool("promtool", package="prometheus"), "check", "metrics"], input=scraped["text"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr

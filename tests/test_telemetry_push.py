@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, require_service
+from conftest import free_port, require_tool
 from esper_core import Trainer
 from esper_core.errors import ConfigError
 from esper_core.recipe import load_recipe
@@ -38,10 +37,7 @@ telemetry: {progress: none}
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Pushgateway of the test's own on 127.0.0.1 (no persistence), stopped afterwards."""
-    binary = shutil.which("prometheus-pushgateway")
-    require_service("prometheus-pushgateway", lambda: binary or (_ for _ in ()).throw(FileNotFoundError(
-        "not on PATH (apt-get install prometheus-pushgateway)")))
-    assert binary is not None
+    binary = require_tool("prometheus-pushgateway", package="prometheus-pushgateway")
     port = free_port()
     log = (tmp_path_factory.mktemp("pushgateway") / "gateway.log").open("wb")
     process = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
