@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
-
-from esper_cli.console import make_console
+from esper_cli.console import Col, fitted_table, make_console
 from esper_cli.errors import reported
 from esper_core.errors import ConfigError, Problem
 
@@ -67,13 +65,12 @@ def list_blueprints(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title="Blueprints", caption=f"params: added on the example host at rank {DEFAULT_RANK}; "
-                  "esper blueprints show NAME for details")
-    for column, justify in (("name", "left"), ("host", "left"), ("description", "left"), ("params", "right")):
-        table.add_column(column, justify=justify, no_wrap=column in ("name", "host", "params"))  # type: ignore[arg-type]
-    for row in rows:
-        table.add_row(row["name"], row["host"], row["description"] or "-", f"{row['example_params']:,}")
-    make_console().print(table)
+    console = make_console()
+    table, _ = fitted_table("Blueprints", [Col("name"), Col("host"), Col("params", "right"), Col("description")],
+                            [[r["name"], r["host"], f"{r['example_params']:,}", r["description"] or "-"] for r in rows],
+                            console.width, caption=f"params: added on the example host at rank {DEFAULT_RANK}; "
+                            "esper blueprints show NAME for details")
+    console.print(table)
 
 
 @app.command("show")
@@ -108,13 +105,12 @@ def show(
     dims = ", ".join(f"{k} = {v}" for k, v in example.dims.items())
     for line in (f"host kind: {loaded.blueprint.host}", f"example host: {example.host_label}", f"dims: {dims}"):
         console.print(line, soft_wrap=True, markup=False, highlight=False)
-    table = Table(title=f"{name} on {example.host_label}")
-    for column in ("#", "op", "in", "out", "kernel", "stride", "params", "FLOPs fwd"):
-        table.add_column(column, justify="left" if column == "op" else "right", no_wrap=True)
-    for op in example.ops:
-        table.add_row(str(op["index"]), op["op"], _dash(op["in"]), _dash(op["out"]), op["kernel"] or "-",
-                      op["stride"] or "-", f"{op['params']:,}", f"{op['flops_forward']:,}")
-    table.caption = f"total: {example.params:,} parameters, {example.flops_forward:,} forward FLOPs per sample"
+    columns = [Col(c, "left" if c == "op" else "right") for c in ("#", "op", "in", "out", "kernel", "stride", "params",
+                                                                  "FLOPs fwd")]
+    rows = [[str(op["index"]), op["op"], _dash(op["in"]), _dash(op["out"]), op["kernel"] or "-", op["stride"] or "-",
+             f"{op['params']:,}", f"{op['flops_forward']:,}"] for op in example.ops]
+    table, _ = fitted_table("Ops, resolved", columns, rows, console.width, caption=f"total: {example.params:,} "
+                            f"parameters, {example.flops_forward:,} forward FLOPs per sample")
     console.print(table)
 
 
@@ -142,7 +138,8 @@ def resolve_example(blueprint: Any, in_size: int | None, out_size: int | None, r
         sized = op.kind in ("linear", "conv2d", "se_gate")
         spatial = op.kind in ("conv2d", "avg_pool")
         ops.append({"index": op_cost.index, "op": op.kind, "in": op.in_size if sized else None,
-                    "out": op.out_size if sized else None,
+                    # an SE gate maps its channels to themselves; its out_size is the gate's hidden width
+                    "out": (op.in_size if op.kind == "se_gate" else op.out_size) if sized else None,
                     "kernel": "x".join(map(str, op.kernel)) if spatial else None,
                     "stride": "x".join(map(str, op.stride)) if spatial else None,
                     "params": op_cost.params, "flops_forward": op_cost.forward})

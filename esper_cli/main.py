@@ -109,3 +109,4 @@ def main(
     if quiet and verbose:
         raise typer.BadParameter("choose one of --quiet and --verbose", param_hint="--quiet/--verbose")
     configure_logging(quiet, verbose)
+    logging.getLogger(__name__).debug("%s %s on Python %s", DISTRIBUTION, __version__, sys.version.split()[0])
