@@ -9,42 +9,21 @@ such a layer would have.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 from esper_cli.console import Col, fitted_table, make_console
 from esper_cli.errors import reported
+from esper_core.blueprints.example import DEFAULT_RANK, resolve_example
 from esper_core.errors import ConfigError, Problem
 
 app = typer.Typer(name="blueprints", help="List the built-in blueprints, or show one resolved for an example host.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
-EXAMPLE_HOSTS = {"linear": (64, 32), "conv2d": (16, 32)}
-"""Default example host sizes (in, out) per host kind; conv hosts are 3x3, stride 1, padding 1."""
-EXAMPLE_GRID = (8, 8)
-DEFAULT_RANK = 8
 
 _DIRS = typer.Option(None, "--dir", help="Also read blueprint YAML files from this directory (repeatable), as "
                      "seeds.blueprint_dirs does.", show_default=False)
-
-
-@dataclass(frozen=True)
-class Example:
-    """One blueprint resolved on an example host: what ``show`` prints and ``--json`` returns."""
-
-    name: str
-    host: str
-    host_label: str
-    rank: int
-    dims: dict[str, int]
-    ops: list[dict[str, Any]]
-    params: int
-    flops_forward: int
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @app.command("list")
@@ -58,7 +37,7 @@ def list_blueprints(
     rows = []
     for name in library.names():
         loaded = library.get(name)
-        example = resolve_example(loaded.blueprint, None, None, DEFAULT_RANK, loaded.problem)
+        example = _resolve(loaded, None, None, DEFAULT_RANK)
         rows.append({"name": name, "host": loaded.blueprint.host, "version": loaded.blueprint.version,
                      "description": loaded.blueprint.description, "file": str(loaded.path),
                      "example_host": example.host_label, "example_params": example.params})
@@ -92,7 +71,7 @@ def show(
         loaded = library.get(name)
     except KeyError as exc:
         raise ConfigError(Problem("command line", str(exc.args[0]), field="NAME")) from None
-    example = resolve_example(loaded.blueprint, in_size, out_size, rank, loaded.problem)
+    example = _resolve(loaded, in_size, out_size, rank)
     yaml_text = loaded.path.read_text(encoding="utf-8")
     if as_json:
         print(json.dumps({"name": name, "file": str(loaded.path), "yaml": yaml_text,
@@ -114,37 +93,14 @@ def show(
     console.print(table)
 
 
-def resolve_example(blueprint: Any, in_size: int | None, out_size: int | None, rank: int, locate: Any) -> Example:
-    """Resolve ``blueprint`` on its example host (sizes overridable) and cost it per sample."""
-    from esper_core.blueprints.builder import ResolveError, resolve
-    from esper_core.blueprints.host import HostSpec
-    from esper_core.compiler.flops import analytic_cost
+def _resolve(loaded: Any, in_size: int | None, out_size: int | None, rank: int) -> Any:
+    """The example, or exit 2 locating the blueprint line that does not resolve."""
+    from esper_core.blueprints.builder import ResolveError
 
-    default_in, default_out = EXAMPLE_HOSTS[blueprint.host]
-    width_in, width_out = in_size or default_in, out_size or default_out
-    if blueprint.host == "linear":
-        host, sample, label = HostSpec("linear", width_in, width_out), (width_in,), f"Linear({width_in}, {width_out})"
-    else:
-        host = HostSpec("conv2d", width_in, width_out, (3, 3), (1, 1), (1, 1))
-        sample = (width_in, *EXAMPLE_GRID)
-        label = f"Conv2d({width_in}, {width_out}, 3x3, stride 1, padding 1) on {EXAMPLE_GRID[0]}x{EXAMPLE_GRID[1]}"
     try:
-        resolved = resolve(blueprint, host, rank)
+        return resolve_example(loaded.blueprint, in_size, out_size, rank)
     except ResolveError as exc:
-        raise ConfigError(locate(exc)) from None
-    cost = analytic_cost(resolved, sample)
-    ops = []
-    for op, op_cost in zip(resolved.ops, cost.ops):
-        sized = op.kind in ("linear", "conv2d", "se_gate")
-        spatial = op.kind in ("conv2d", "avg_pool")
-        ops.append({"index": op_cost.index, "op": op.kind, "in": op.in_size if sized else None,
-                    # an SE gate maps its channels to themselves; its out_size is the gate's hidden width
-                    "out": (op.in_size if op.kind == "se_gate" else op.out_size) if sized else None,
-                    "kernel": "x".join(map(str, op.kernel)) if spatial else None,
-                    "stride": "x".join(map(str, op.stride)) if spatial else None,
-                    "params": op_cost.params, "flops_forward": op_cost.forward})
-    dims = {k: v for k, v in resolved.dims.items()}
-    return Example(blueprint.name, blueprint.host, label, rank, dims, ops, cost.params, cost.forward)
+        raise ConfigError(loaded.problem(exc)) from None
 
 
 def _library(dirs: list[Path] | None) -> Any:

@@ -22,7 +22,7 @@ MAX_DIM = 2**20
 MAX_PARAMS = 10**9
 _PROBE_GRIDS = ((8, 8), (13, 11), (32, 32))
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-_HOST_OPS = {"linear": (LinearOp, ActivationOp, DropoutOp),
+HOST_OPS = {"linear": (LinearOp, ActivationOp, DropoutOp),
              "conv2d": (Conv2dOp, AvgPoolOp, SEGateOp, ActivationOp, DropoutOp)}
 
 
@@ -103,7 +103,7 @@ def _size(expr: int | str, env: dict[str, int], where: str, minimum: int = 1) ->
 
 def _resolve_op(op: object, i: int, host: HostSpec, env: dict[str, int]) -> ResolvedOp:
     where = f"ops.{i}"
-    if not isinstance(op, _HOST_OPS[host.kind]):
+    if not isinstance(op, HOST_OPS[host.kind]):
         raise ResolveError(f"{where}.op", f"op {op.op!r} cannot be used on a {host.kind} host")  # type: ignore[attr-defined]
     if isinstance(op, LinearOp):
         return ResolvedOp("linear", _size(op.in_, env, f"{where}.in"), _size(op.out, env, f"{where}.out"),
