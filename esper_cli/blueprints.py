@@ -95,7 +95,7 @@ def show(
 
 def _resolve(loaded: Any, in_size: int | None, out_size: int | None, rank: int) -> Any:
     """The example, or exit 2 locating the blueprint line that does not resolve."""
-    from esper_core.blueprints.builder import ResolveError
+    from esper_core.blueprints.resolve import ResolveError
 
     try:
         return resolve_example(loaded.blueprint, in_size, out_size, rank)

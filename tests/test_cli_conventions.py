@@ -13,6 +13,7 @@ import pty
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -138,8 +139,10 @@ def test_no_color_is_respected_on_a_terminal(tmp_path: Path) -> None:
     # A Redis tier that is down: its status is printed in red, the reachable tiers in green.
     base = {"TERM": "xterm-256color", "COLUMNS": "120", "ESPER_REDIS_URL": "redis://127.0.0.1:9/0"}
     args = ["inspect-cache", "--workspace", str(tmp_path)]
-    coloured = _on_a_terminal(args, {**base, "NO_COLOR": None})
-    plain = _on_a_terminal(args, {**base, "NO_COLOR": "1"})
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two processes at once: each spends seconds importing torch
+        coloured_run = pool.submit(_on_a_terminal, args, {**base, "NO_COLOR": None})
+        plain = _on_a_terminal(args, {**base, "NO_COLOR": "1"})
+        coloured = coloured_run.result()
     assert colour.search(coloured), "rich printed no colour on a terminal: the check would prove nothing"
     assert "unreachable" in plain and "\x1b[" in plain and not colour.search(plain)  # styles stay, colour goes
 
@@ -160,19 +163,24 @@ def _assert_fits_80(text: str, values: list[str]) -> None:
 
 def test_tables_never_cut_a_word_at_80_columns(tmp_path: Path) -> None:
     env = {"COLUMNS": "80", "ESPER_REDIS_URL": "redis://127.0.0.1:9/0"}
-    listed = esper("blueprints", "list", env=env)
-    rows = json.loads(esper("blueprints", "list", "--json").stdout)
-    _assert_fits_80(listed.stdout, [r["name"] for r in rows] + [r["description"] for r in rows])
-    shown = esper("blueprints", "show", "residual_conv", env=env)
-    example = json.loads(esper("blueprints", "show", "residual_conv", "--json").stdout)["example"]
-    _assert_fits_80(shown.stdout, [op["op"] for op in example["ops"]] + [f"{example['params']:,}"])
     workspace = tmp_path / "a-workspace-with-a-rather-long-directory-name" / "and-another-level"
-    cache = esper("inspect-cache", "--workspace", workspace, env=env)
-    report = json.loads(esper("inspect-cache", "--workspace", workspace, "--json", env=env).stdout)
-    values = [t["name"] for t in report["tiers"]] + [t.get("error") or "" for t in report["tiers"]]
-    _assert_fits_80(cache.stdout, values)
-    assert all(t["where"] in cache.stdout for t in report["tiers"])  # on lines of their own, never cut
-    _assert_fits_80(esper("--help", env=env).stdout, list(COMMANDS))
+    commands = {"listed": (["blueprints", "list"], env), "rows": (["blueprints", "list", "--json"], {}),
+                "shown": (["blueprints", "show", "residual_conv"], env),
+                "example": (["blueprints", "show", "residual_conv", "--json"], {}),
+                "cache": (["inspect-cache", "--workspace", workspace], env),
+                "cache_json": (["inspect-cache", "--workspace", workspace, "--json"], env),
+                "help": (["--help"], env)}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(esper, *args, env=extra) for name, (args, extra) in commands.items()}
+        out = {name: future.result().stdout for name, future in futures.items()}
+    rows = json.loads(out["rows"])
+    _assert_fits_80(out["listed"], [r["name"] for r in rows] + [r["description"] for r in rows])
+    example = json.loads(out["example"])["example"]
+    _assert_fits_80(out["shown"], [op["op"] for op in example["ops"]] + [f"{example['params']:,}"])
+    report = json.loads(out["cache_json"])
+    _assert_fits_80(out["cache"], [t["name"] for t in report["tiers"]] + [t.get("error") or "" for t in report["tiers"]])
+    assert all(t["where"] in out["cache"] for t in report["tiers"])  # on lines of their own, never cut
+    _assert_fits_80(out["help"], list(COMMANDS))
 
 
 def test_blueprints_show_resolves_the_example_host() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from esper_core.blueprints.builder import resolve
+from esper_core.blueprints.resolve import resolve
 from esper_core.blueprints.host import HostSpec
 from esper_core.blueprints.ir import Blueprint
 from esper_core.compiler.flops import analytic_cost

@@ -19,7 +19,7 @@ from typing import get_args
 
 from pydantic import BaseModel
 
-from esper_core.blueprints.builder import HOST_OPS, MAX_DIM, MAX_PARAMS
+from esper_core.blueprints.resolve import HOST_OPS, MAX_DIM, MAX_PARAMS
 from esper_core.blueprints.example import DEFAULT_RANK, resolve_example
 from esper_core.blueprints.ir import _OP_TYPES, Blueprint
 from esper_core.blueprints.library import BUILTIN_DIR, BlueprintLibrary

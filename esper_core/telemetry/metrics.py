@@ -23,7 +23,6 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -103,6 +102,8 @@ class RunMetrics:
     they already hold, so no host-device sync is added by telemetry."""
 
     def __init__(self, version: str) -> None:
+        import torch  # here, not at the top: reading a run's files (esper report) needs no PyTorch
+
         self.registry = RunRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)

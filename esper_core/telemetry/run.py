@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from esper_core.errors import EsperError, Problem
 from esper_core.recipe.schema import TelemetryConfig
 from esper_core.seeds.lifecycle import SeedState
@@ -42,6 +40,8 @@ def esper_version() -> str:
 
 def build_info() -> dict[str, str]:
     """The software a run used, recorded in its first event so a report can name it."""
+    import torch  # here, not at the top: `esper report` reads runs without paying for PyTorch
+
     return {"esper_version": esper_version(), "torch_version": torch.__version__,
             "python_version": ".".join(map(str, sys.version_info[:3]))}
 
