@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from esper_cli.console import Col, fitted_table, make_console
 from esper_cli.errors import reported
 from esper_core.errors import ConfigError, Problem
 from esper_core.recipe.schema import StorageConfig
@@ -23,7 +23,6 @@ from esper_core.recipe.schema import StorageConfig
 if TYPE_CHECKING:  # imported when the command runs: it pulls in torch, which --help should not pay for
     from esper_core.storage.inspection import CacheReport
 
-CI_LOG_WIDTH = 160
 SHOWN_ENTRIES = 50
 
 
@@ -65,10 +64,14 @@ def _show(report: CacheReport, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
         return
-    console = Console()
-    console = console if console.is_terminal else Console(width=CI_LOG_WIDTH)
-    console.print(_tier_table(report))
-    console.print(_entry_table(report))
+    console = make_console()
+    console.print(f"Kernel cache of workspace {report.workspace}", soft_wrap=True, markup=False, highlight=False)
+    tiers, kept = _tier_table(report, console.width)
+    console.print(tiers)
+    if WHERE not in kept:  # too narrow for the locations: one line per tier, never cut
+        for tier in report.tiers:
+            console.print(f"  {tier.name}: {tier.where}", soft_wrap=True, markup=False, highlight=False)
+    console.print(_entry_table(report, console.width))
     if report.pruned is not None:
         freed = sum(size for _, _, size in report.pruned)
         console.print(f"pruned {len(report.pruned)} entries ({_size(freed)})")
@@ -76,31 +79,38 @@ def _show(report: CacheReport, as_json: bool) -> None:
         console.print(f"verified: {len(report.corrupt)} corrupt" if report.corrupt else "verified: all entries intact")
 
 
-def _tier_table(report: CacheReport) -> Table:
-    table = Table(title=f"Kernel cache tiers (workspace {report.workspace})")
-    for column in ("tier", "where", "status", "entries", "bytes", "hits", "misses", "hit rate"):
-        table.add_column(column, justify="right" if column in ("entries", "bytes", "hits", "misses", "hit rate")
-                         else "left")
+WHERE = 7
+"""Index of the ``where`` column in the tier table (the first to go on a narrow terminal)."""
+
+
+def _tier_table(report: CacheReport, width: int) -> tuple[Table, list[int]]:
+    columns = [Col("tier"), Col("status", style=_status_style), Col("entries", "right"), Col("bytes", "right"),
+               Col("hit rate", "right", optional=True), Col("hits", "right", optional=True),
+               Col("misses", "right", optional=True), Col("where", optional=True)]
+    rows = []
     for tier in report.tiers:
         status = "reachable" if tier.reachable and not tier.error else tier.error if tier.reachable else \
             f"unreachable: {tier.error}"
         rate = tier.hit_rate
-        table.add_row(tier.name, tier.where, status, _dash(tier.entries), _size(tier.bytes), _dash(tier.hits),
-                      _dash(tier.misses), "-" if rate is None else f"{rate:.1%}")
-    return table
+        rows.append([tier.name, status or "-", _dash(tier.entries), _size(tier.bytes),
+                     "-" if rate is None else f"{rate:.1%}", _dash(tier.hits), _dash(tier.misses), tier.where])
+    return fitted_table("Kernel cache tiers", columns, rows, width)
 
 
-def _entry_table(report: CacheReport) -> Table:
+def _status_style(status: str) -> str:
+    return "green" if status == "reachable" else "red" if status.startswith("unreachable") else "yellow"
+
+
+def _entry_table(report: CacheReport, width: int) -> Table:
     entries = report.entries
     shown = entries[:SHOWN_ENTRIES]
-    table = Table(title=f"Entries ({len(entries)}{', most recently used first' if entries else ''})")
-    for column in ("address", "blueprint", "target", "size", "created", "last used", "uses", "tiers"):
-        table.add_column(column, justify="right" if column in ("size", "uses") else "left")
-    for entry in shown:
-        table.add_row(entry.address[:12], entry.blueprint or "-", entry.target or "-", _size(entry.bytes),
-                      _when(entry.created), _when(entry.last_used), _dash(entry.uses), ",".join(entry.tiers))
-    if len(entries) > len(shown):
-        table.caption = f"{len(entries) - len(shown)} more; --json lists all"
+    columns = [Col("address"), Col("blueprint"), Col("target"), Col("size", "right"), Col("uses", "right"),
+               Col("tiers", optional=True), Col("last used", optional=True), Col("created", optional=True)]
+    rows = [[entry.address[:12], entry.blueprint or "-", entry.target or "-", _size(entry.bytes), _dash(entry.uses),
+             ",".join(entry.tiers), _when(entry.last_used), _when(entry.created)] for entry in shown]
+    more = f"{len(entries) - len(shown)} more; --json lists all" if len(entries) > len(shown) else None
+    table, _ = fitted_table(f"Entries ({len(entries)}{', most recently used first' if entries else ''})", columns,
+                            rows, width, caption=more)
     return table
 
 

@@ -23,8 +23,12 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
+DISTRIBUTION = "esper-morph"
+"""The name on the package index (``pip install esper-morph``): ``esper`` there is another project.
+The import packages (``esper_core``, ``esper_cli``) and the ``esper`` command keep their names."""
+
 try:
-    __version__ = metadata.version("esper")
+    __version__ = metadata.version(DISTRIBUTION)
 except metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 

@@ -40,6 +40,20 @@ def require_service(name: str, probe: Callable[[], object]) -> None:
         pytest.skip(message)
 
 
+def require_tool(*names: str, package: str) -> str:
+    """The path of the first of ``names`` on PATH; skips (or, with ``ESPER_REQUIRE_SERVICES=1``, fails)
+    naming the Debian ``package`` that provides it when none is installed."""
+    found = next((path for path in map(shutil.which, names) if path), None)
+
+    def probe() -> None:
+        if found is None:
+            raise FileNotFoundError(f"{' / '.join(names)} not on PATH (apt-get install {package})")
+
+    require_service(names[0], probe)
+    assert found is not None
+    return found
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The shared Redis; tests use a private key namespace on it (see ``redis_namespace``)."""

@@ -245,14 +245,13 @@ def test_factory_problems_name_the_factory(factory: str, kwargs: dict[str, objec
     assert message in error_text(excinfo) and "data.factory" in error_text(excinfo)
 
 
-@pytest.mark.parametrize("source,loader", [("digits", "load_digits"), ("breast_cancer", "load_breast_cancer"),
-                                           ("wine", "load_wine")])
-def test_bundled_files_are_read_exactly_as_scikit_learn_reads_them(source, loader):
-    """The loader reads scikit-learn's bundled CSVs without importing scikit-learn (start-up time)."""
-    from sklearn import datasets
+def test_bundled_sources_use_the_shipped_tables() -> None:
+    """digits as images and diabetes as a regression table come from esper_core.datasets."""
+    from esper_core.datasets import load_table
+    from esper_core.training.data.bundled import bundled
 
-    from esper_core.training.data.bundled import bundled as _sklearn
-
-    ours, theirs = _sklearn(source, "flat"), getattr(datasets, loader)()
-    assert np.array_equal(ours.x, theirs.data.astype(np.float32))
-    assert np.array_equal(ours.y, theirs.target)
+    digits = bundled("digits", "image")
+    assert digits.x.shape == (1797, 1, 8, 8) and digits.num_classes == 10
+    assert np.array_equal(digits.x.reshape(1797, 64), load_table("digits")[:, :-1].astype(np.float32))
+    diabetes = bundled("diabetes", "flat")
+    assert diabetes.x.shape == (442, 10) and diabetes.y.dtype == np.float32 and diabetes.num_classes == 1

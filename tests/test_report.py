@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import require_tool
 from run_helpers import esper_report, finished_run
 from esper_core.telemetry.report.plots import EVENT_COLORS, PLOT_IDS, SERIES_COLORS, STATE_COLORS
 
@@ -62,9 +63,18 @@ def events_of(run: Path) -> list[dict[str, Any]]:
 
 def test_all_formats_are_written_into_the_run(reported: dict[str, Any]) -> None:
     names = {p.name for p in reported["out"].iterdir()}
-    assert {"report.md", "report.html", "report.json"} <= names
-    assert {f"{plot_id}.svg" for plot_id in PLOT_IDS} <= names  # the Markdown's images
+    assert names == {"report.md", "report.html", "report.json"}  # the plots live inside the files
     assert all(f"wrote {reported['out'] / n}" in reported["result"].stdout for n in ("report.json", "report.md"))
+
+
+def test_markdown_embeds_every_plot_inline(reported: dict[str, Any]) -> None:
+    md = reported["md"]
+    assert "![" not in md and ".svg)" not in md
+    for plot_id in PLOT_IDS:
+        start = md.index(f'<svg id="{plot_id}"')
+        block = md[start:md.index("</svg>", start)]
+        assert "\n\n" not in block  # a blank line would end the Markdown HTML block mid-plot
+        assert md[:start].endswith("\n\n")
 
 
 def test_identity_names_the_recipe_software_data_device_and_times(finished: Path, reported: dict[str, Any]) -> None:
@@ -159,7 +169,30 @@ def test_a_tampered_run_still_gets_a_report_that_says_so_and_exits_4(finished: P
 
 # --- rendering in a real browser -------------------------------------------------------------------
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+def screenshot(page: Path, tmp_path: Path, height: int) -> tuple[int, int, list[bytes], int]:
+    """Render ``page`` in headless Chromium, 1200 px wide, and read the PNG back."""
+    shot = tmp_path / f"{page.stem}.png"
+    subprocess.run([require_tool("chromium", "chromium-browser", "google-chrome", package="chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size=1200,{height}",
+                    page.resolve().as_uri()], capture_output=True, timeout=120, check=True,
+                   env={**os.environ, "HOME": str(tmp_path)})
+    return read_png(shot)
+
+
+def rows_with(rows: list[bytes], bpp: int, colors: dict[str, str]) -> dict[str, list[int]]:
+    """For each named colour, the y of every pixel (within 24 per channel) of that colour."""
+    targets = {name: bytes.fromhex(color.lstrip("#")) for name, color in colors.items()}
+    found: dict[str, list[int]] = {name: [] for name in colors}
+    for y, row in enumerate(rows):
+        for x in range(0, len(row), bpp):
+            pixel = row[x:x + 3]
+            if pixel == b"\xff\xff\xff":
+                continue
+            for name, target in targets.items():
+                if all(abs(pixel[k] - target[k]) <= 24 for k in range(3)):
+                    found[name].append(y)
+    return found
 
 
 def read_png(path: Path) -> tuple[int, int, list[bytes], int]:
@@ -202,38 +235,182 @@ def read_png(path: Path) -> tuple[int, int, list[bytes], int]:
     return width, height, rows, bpp
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_the_html_report_renders_its_plots_in_headless_chromium(reported: dict[str, Any], tmp_path: Path) -> None:
-    shot = tmp_path / "report.png"
-    page = (reported["out"] / "report.html").resolve()
-    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
-                    page.as_uri()], capture_output=True, timeout=120, check=True,
-                   env={**os.environ, "HOME": str(tmp_path)})
-    width, height, rows, bpp = read_png(shot)
+    width, height, rows, bpp = screenshot(reported["out"] / "report.html", tmp_path, 2000)
     assert (width, height) == (1200, 2000)
-
-    def near(pixel: bytes, color: str) -> bool:
-        target = bytes.fromhex(color.lstrip("#"))
-        return all(abs(pixel[k] - target[k]) <= 24 for k in range(3))
-
+    non_white = sum(1 for row in rows for x in range(0, len(row), bpp) if row[x:x + 3] != b"\xff\xff\xff")
+    assert non_white > 0.03 * width * height, "the page rendered (almost) blank"
     colors = {"train loss": SERIES_COLORS["loss"], "val loss": SERIES_COLORS["val_loss"],
               "val accuracy": SERIES_COLORS["val_accuracy"], "parameters": SERIES_COLORS["params"],
               "training state": STATE_COLORS["training"], "fossilized state": STATE_COLORS["fossilized"]}
-    found: dict[str, list[int]] = {name: [] for name in colors}  # the y of every pixel of each colour
-    non_white = 0
-    for y, row in enumerate(rows):
-        for x in range(0, width * bpp, bpp):
-            pixel = row[x:x + 3]
-            if pixel != b"\xff\xff\xff":
-                non_white += 1
-                for name, color in colors.items():
-                    if near(pixel, color):
-                        found[name].append(y)
-    assert non_white > 0.03 * width * height, "the page rendered (almost) blank"
+    found = rows_with(rows, bpp, colors)
     for name, ys in found.items():
         assert len(ys) > 150, f"{name} ({colors[name]}): only {len(ys)} pixels drawn"
     # The plots sit in page order: loss above accuracy above parameters above the slot timeline.
     mid = {name: sorted(ys)[len(ys) // 2] for name, ys in found.items()}
     assert mid["train loss"] < mid["val accuracy"] < mid["parameters"] < mid["training state"]
+
+
+# --- log axis, labels, stacked markers, responsive width ---------------------------------------------
+
+def _svg(page: str, svg_id: str) -> str:
+    start = page.index(f'<svg id="{svg_id}"')
+    return page[start:page.index("</svg>", start) + len("</svg>")]
+
+
+def test_loss_axis_is_logarithmic_by_default_and_linear_on_request(finished: Path, reported: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    import math
+    import re
+
+    loss = _svg(reported["html"], "plot-loss")
+    assert ">loss (log scale)</text>" in loss
+    ticks = [float(t.replace(",", "")) for t in re.findall(r'text-anchor="end">([0-9.,e+-]+)</text>', loss)]
+    assert len(ticks) >= 2
+    for tick in ticks:  # 1, 2 or 5 times a power of ten
+        mantissa = tick / 10 ** math.floor(math.log10(tick))
+        assert min(abs(mantissa - m) for m in (1, 2, 5)) < 1e-6, ticks
+    result = esper_report(finished, "--loss-scale", "linear", "--format", "html", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    linear = _svg((tmp_path / "report.html").read_text(encoding="utf-8"), "plot-loss")
+    assert ">loss</text>" in linear and "log scale" not in linear
+    bad = esper_report(finished, "--loss-scale", "cubic", "--out", tmp_path)
+    assert bad.exit_code == 2 and "--loss-scale: unknown scale cubic" in bad.stderr
+
+
+def test_every_plot_scales_to_its_container_and_labels_both_axes(reported: dict[str, Any]) -> None:
+    import re
+
+    for plot_id in PLOT_IDS:
+        svg = _svg(reported["html"], plot_id)
+        opening = svg[:svg.index(">")]
+        assert 'width="100%"' in opening and re.search(r'viewBox="0 0 1000 \d+"', opening), opening
+        assert 'height="' not in opening
+        assert svg.count('class="axis-label"') == 1 and ">step</text>" in svg
+
+
+def test_markers_at_one_step_are_stacked_each_with_its_own_title() -> None:
+    import re
+
+    from esper_core.telemetry.report.svg import MARKER_SIZE, Marker, Series, line_chart
+
+    markers = [Marker(100.0, kind, "#123456", f"step 100: {kind}") for kind in ("germinate", "blend", "checkpoint")]
+    markers += [Marker(101.0, "cull", "#654321", "step 101: cull"), Marker(900.0, "fossilize", "#0000ff", "far")]
+    svg = line_chart("t", "t", [Series("loss", [(0.0, 2.0), (1000.0, 0.1)], "#000000")], markers, (0.0, 1000.0),
+                     y_label="loss", log_y=True)
+    groups = re.findall(r'<g class="event-marker".*?</g>', svg)
+    assert len(groups) == 5
+    titles = [re.search(r"<title>(.*?)</title>", g).group(1) for g in groups]
+    assert sorted(titles) == sorted(m.title for m in markers)
+    boxes = [tuple(float(v) for v in re.search(r'<rect x="([\d.]+)" y="([\d.]+)"', g).groups()) for g in groups]
+    for i, (x1, y1) in enumerate(boxes):
+        for x2, y2 in boxes[i + 1:]:
+            assert abs(x1 - x2) >= MARKER_SIZE or abs(y1 - y2) >= MARKER_SIZE, (boxes, titles)
+    assert len({y for x, y in boxes if abs(x - boxes[0][0]) < MARKER_SIZE}) == 4  # one column of four
+
+
+def test_no_marker_of_the_real_run_hides_another(reported: dict[str, Any]) -> None:
+    import re
+
+    from esper_core.telemetry.report.svg import MARKER_SIZE
+
+    for plot_id in ("plot-loss", "plot-accuracy", "plot-params"):
+        svg = _svg(reported["html"], plot_id)
+        boxes = [tuple(float(v) for v in m) for m in re.findall(r'class="event-marker".*?<rect x="([\d.]+)" '
+                                                                r'y="([\d.]+)"', svg)]
+        assert boxes
+        for i, (x1, y1) in enumerate(boxes):
+            assert all(abs(x1 - x2) >= MARKER_SIZE or abs(y1 - y2) >= MARKER_SIZE for x2, y2 in boxes[i + 1:])
+
+
+# --- two runs side by side ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second run of the same recipe with another seed and learning rate."""
+    changed = RECIPE.replace("seed: 0", "seed: 1").replace("lr: 0.01", "lr: 0.02")
+    return finished_run(tmp_path_factory.mktemp("second"), changed)
+
+
+@pytest.fixture(scope="module")
+def compared(finished: Path, second: Path) -> dict[str, Any]:
+    result = esper_report(finished, second)
+    assert result.exit_code == 0, result.output
+    out = finished / "report" / f"vs-{second.name}"
+    return {"result": result, "out": out,
+            "json": json.loads((out / "comparison.json").read_text(encoding="utf-8")),
+            "html": (out / "comparison.html").read_text(encoding="utf-8"),
+            "md": (out / "comparison.md").read_text(encoding="utf-8")}
+
+
+def test_comparison_puts_metrics_seeds_and_settings_side_by_side(finished: Path, second: Path,
+                                                                   compared: dict[str, Any]) -> None:
+    data = compared["json"]
+    assert sorted(p.name for p in compared["out"].iterdir()) == ["comparison.html", "comparison.json", "comparison.md"]
+    summaries = [json.loads((run / "summary.json").read_text(encoding="utf-8")) for run in (finished, second)]
+    metrics = {m["metric"]: m for m in data["metrics"]}
+    for key in ("val_accuracy", "test_accuracy", "params_final"):
+        assert (metrics[key]["A"], metrics[key]["B"]) == (summaries[0][key], summaries[1][key])
+        assert metrics[key]["difference"] == pytest.approx(summaries[1][key] - summaries[0][key])
+    differences = {d["key"]: (d["A"], d["B"]) for d in data["recipe_differences"]}
+    assert differences["run.seed"] == (0, 1) and differences["trainer.lr"] == (0.01, 0.02)
+    assert "trainer.max_steps" not in differences
+    seeds = {s["state"]: (s["A"], s["B"]) for s in data["seeds"]}
+    assert seeds == {state: (summaries[0]["seeds"].get(state, 0), summaries[1]["seeds"].get(state, 0))
+                     for state in set(summaries[0]["seeds"]) | set(summaries[1]["seeds"])}
+    grown = [sum(1 for e in events_of(run) if e["event"] == "germinate") for run in (finished, second)]
+    assert [sum(k[label] for k in data["kernels"]) for label in ("A", "B")] == grown
+    assert [r["label"] for r in data["runs"]] == [f"A ({finished.name})", f"B ({second.name})"]
+    for label, run in zip(("A", "B"), (finished, second)):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert data["series"][label]["loss"] == [[r["step"], r["loss"]] for r in rows if "loss" in r]
+    assert "trainer.lr" in compared["md"] and f"B ({second.name})" in compared["md"].splitlines()[0]
+
+
+def test_comparison_overlays_both_runs_curves_inline(compared: dict[str, Any]) -> None:
+    for document in (compared["html"], compared["md"]):
+        for plot_id in ("compare-loss", "compare-accuracy", "compare-params"):
+            svg = _svg(document, plot_id)
+            assert svg.count('class="series"') >= 2
+            assert "A (" in svg and "B (" in svg
+    loss = _svg(compared["html"], "compare-loss")
+    assert loss.count('class="series"') == 4 and ">loss (log scale)</text>" in loss
+    for forbidden in ("<script", "src=", "<link", "url(", "@import"):
+        assert forbidden not in compared["html"]
+
+
+def test_the_comparison_renders_both_runs_in_headless_chromium(compared: dict[str, Any], tmp_path: Path) -> None:
+    from esper_core.telemetry.report.plots import RUN_COLORS
+
+    width, height, rows, bpp = screenshot(compared["out"] / "comparison.html", tmp_path, 1600)
+    assert (width, height) == (1200, 1600)
+    found = rows_with(rows, bpp, {"A": RUN_COLORS[0], "B": RUN_COLORS[1]})
+    for name, ys in found.items():
+        assert len(ys) > 300, f"run {name}: only {len(ys)} pixels of its colour drawn"
+    # Each run's colour shows in all three plots: its pixels spread over most of the plots' height.
+    for ys in found.values():
+        assert max(ys) - min(ys) > 600
+
+
+def test_report_refuses_three_runs_and_json_without_verify(finished: Path, second: Path) -> None:
+    three = esper_report(finished, second, finished)
+    assert three.exit_code == 2 and "RUN: 3 run directories given" in three.stderr
+    json_only = esper_report(finished, "--json")
+    assert json_only.exit_code == 2 and "--json: --json applies to --verify" in json_only.stderr
+
+
+def test_verify_json_reports_each_run_and_exits_4_on_tampering(finished: Path, second: Path, tmp_path: Path) -> None:
+    ok = esper_report("--verify", "--json", finished, second)
+    assert ok.exit_code == 0, ok.output
+    data = json.loads(ok.stdout)
+    assert data["ok"] and [r["run"] for r in data["runs"]] == [str(finished), str(second)]
+    assert all(r["ok"] and r["recipe_ok"] and r["events"]["records"] > 0 and not r["problems"] for r in data["runs"])
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    lines = (run / "events.jsonl").read_text(encoding="utf-8").splitlines()
+    del lines[3]
+    (run / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    bad = esper_report("--verify", "--json", run)
+    assert bad.exit_code == 4
+    data = json.loads(bad.stdout)
+    assert not data["ok"] and not data["runs"][0]["events"]["ok"]
+    assert data["runs"][0]["problems"] and data["runs"][0]["problems"][0] in bad.stderr

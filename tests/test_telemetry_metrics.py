@@ -4,7 +4,8 @@ What is pinned, and why:
 
 - the endpoint serves during ``fit`` and is gone after it (a finished run leaves no listener);
 - it binds 127.0.0.1 by default, and the port it picked (port 0) is recorded in ``run_start``;
-- every family is ``esper_*``, counters end in ``_total``, histograms have the explicit buckets,
+- every family is ``esper_*`` or the standard ``process_*``, counters end in ``_total`` (no
+  ``*_created`` series, no duplicate of a histogram's ``_sum``), histograms have the explicit buckets,
   every label takes values from a closed set, and there is an ``esper_build_info``: the conventions
   that keep dashboards and Prometheus storage sane whatever a run does;
 - secrets in the environment (database and Redis URLs with passwords, the signing key) never appear
@@ -18,7 +19,6 @@ the server answers from its own thread: deterministic, and a real HTTP request a
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import urllib.error
@@ -32,6 +32,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import require_tool
 from esper_core import Trainer
 from esper_core.errors import EsperError
 from esper_core.recipe.schema import TelemetryConfig
@@ -147,12 +148,17 @@ def test_scrape_has_the_run_metrics_mid_run(scraped: dict[str, Any]) -> None:
     assert sum(s.value for s in fams["esper_seeds"].samples) == 2  # one layer, two slots
 
 
+PROCESS_FAMILIES = {"process_cpu_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+                    "process_start_time_seconds", "process_open_fds", "process_max_fds"}
+
+
 def test_scrape_follows_naming_and_cardinality_rules(scraped: dict[str, Any]) -> None:
     fams = families(scraped["text"])
-    assert all(name.startswith("esper_") for name in fams)
+    assert {name for name in fams if not name.startswith("esper_")} == PROCESS_FAMILIES
+    assert "_created" not in scraped["text"]
     for fam in fams.values():
         if fam.type == "counter":
-            assert all(s.name.endswith(("_total", "_created")) for s in fam.samples), fam.name
+            assert all(s.name.endswith("_total") for s in fam.samples), fam.name
     buckets = [s.labels["le"] for s in fams["esper_step_duration_seconds"].samples if s.name.endswith("_bucket")]
     assert [float(b) for b in buckets] == [*STEP_BUCKETS, float("inf")]
     assert {s.labels["state"] for s in fams["esper_seeds"].samples} == set(STATES)
@@ -171,12 +177,36 @@ def test_scrape_follows_naming_and_cardinality_rules(scraped: dict[str, Any]) ->
 def test_scrape_exposes_no_secret(scraped: dict[str, Any]) -> None:
     for fragment in SECRET_FRAGMENTS:
         assert fragment not in scraped["text"]
-    assert "ESPER_" not in scraped["text"] and "process_" not in scraped["text"]
+    assert "ESPER_" not in scraped["text"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (apt-get install prometheus)")
+def test_no_series_duplicates_another(scraped: dict[str, Any]) -> None:
+    fams = families(scraped["text"])
+    assert "esper_step_seconds" not in fams  # it was the step histogram's _sum under another name
+    assert "esper_resident_memory_bytes" not in fams  # process_resident_memory_bytes says it
+    rss = next(s.value for s in fams["process_resident_memory_bytes"].samples)
+    assert rss > 50 * 2**20  # a process that has imported torch
+
+
+def test_operations_series_tell_the_age_of_the_last_step_and_checkpoint(scraped: dict[str, Any]) -> None:
+    fams = families(scraped["text"])
+
+    def value(name: str) -> float:
+        return next(s.value for s in fams[name].samples)
+
+    checkpoint_event = next(e for e in scraped["events"] if e["event"] == "checkpoint")
+    last_step = value("esper_last_step_timestamp_seconds")
+    last_checkpoint = value("esper_last_checkpoint_timestamp_seconds")
+    assert checkpoint_event["time"] <= last_checkpoint <= last_step <= scraped["run_start"]["time"] + 600
+    up = {s.labels["tier"]: s.value for s in fams["esper_kernel_cache_tier_up"].samples}
+    # SECRETS point the SQL and Redis tiers at hosts that do not exist: their breakers open.
+    assert up == {"memory": 1, "disk": 1, "sql": 0, "redis": 0}
+    errors = {s.labels["tier"]: s.value for s in fams["esper_kernel_cache_errors"].samples}
+    assert errors["sql"] >= 1 and errors["redis"] >= 1 and errors["disk"] == 0
+
+
 def test_promtool_accepts_the_exposition(scraped: dict[str, Any]) -> None:
-    result = subprocess.run(["promtool", "check", "metrics"], input=scraped["text"], capture_output=True,
+    result = subprocess.run([require_tool("promtool", package="prometheus"), "check", "metrics"], input=scraped["text"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
@@ -207,6 +237,20 @@ def test_label_values_outside_the_closed_sets_are_refused_or_folded() -> None:
     fams = families(_exposition(metrics))
     kinds = {s.labels["kind"]: s.value for s in fams["esper_anomalies"].samples if s.name.endswith("_total")}
     assert kinds["other"] == 1 and "a-new-kind-with-an-id-1234" not in kinds
+
+
+def test_cache_tier_state_and_errors_follow_the_breaker() -> None:
+    telemetry = RunTelemetry(TelemetryConfig(metrics_port=0), lambda event: None, dict)
+    telemetry.cache_counts({"redis": {"hits": 0, "misses": 0, "errors": 2, "timeouts": 1, "breaker": "open"}})
+    telemetry.cache_counts({"redis": {"hits": 0, "misses": 0, "errors": 2, "timeouts": 2, "breaker": "half_open"}})
+    assert telemetry.metrics is not None
+    fams = families(_exposition(telemetry.metrics))
+    errors = {s.labels["tier"]: s.value for s in fams["esper_kernel_cache_errors"].samples}
+    up = {s.labels["tier"]: s.value for s in fams["esper_kernel_cache_tier_up"].samples}
+    assert errors["redis"] == 4 and errors["sql"] == 0 and up == {"redis": 1}
+    telemetry.cache_counts({"redis": {"hits": 0, "misses": 0, "errors": 5, "timeouts": 2, "breaker": "open"}})
+    fams = families(_exposition(telemetry.metrics))
+    assert next(s.value for s in fams["esper_kernel_cache_tier_up"].samples) == 0
 
 
 def test_cache_and_checkpoint_hooks_feed_their_series() -> None:

@@ -1,164 +1,23 @@
-"""Blueprint IR + host spec -> a seed module.
+"""Resolved blueprint -> a seed module.
 
-Resolution is separate from construction: :func:`resolve` checks every size, the channel chain, the
-output grid and the parameter count with plain integer arithmetic, so a blueprint that asks for a
-width of 2**40 is refused in microseconds without touching an allocator. :func:`build` only ever sees
-resolved, checked ops.
+Resolution (:mod:`.resolve`) is separate from construction: it checks every size, the channel
+chain, the output grid and the parameter count with plain integer arithmetic, so :func:`build` only
+ever sees resolved, checked ops. The resolution names are re-exported here for the callers that
+build what they resolve.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from esper_core.blueprints.dims import DimError, evaluate
-from esper_core.blueprints.host import HostSpec
-from esper_core.blueprints.ir import (ActivationOp, AvgPoolOp, Blueprint, Conv2dOp, DropoutOp, LinearOp,
-                                      SEGateOp)
+from esper_core.blueprints.resolve import (HOST_OPS, MAX_DIM, MAX_PARAMS, ResolvedBlueprint, ResolvedOp, ResolveError,
+                                           resolve)
 
-MAX_DIM = 2**20
-MAX_PARAMS = 10**9
-_PROBE_GRIDS = ((8, 8), (13, 11), (32, 32))
+__all__ = ["HOST_OPS", "MAX_DIM", "MAX_PARAMS", "ResolveError", "ResolvedBlueprint", "ResolvedOp", "SEGate", "build",
+           "resolve"]
+
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-_HOST_OPS = {"linear": (LinearOp, ActivationOp, DropoutOp),
-             "conv2d": (Conv2dOp, AvgPoolOp, SEGateOp, ActivationOp, DropoutOp)}
-
-
-class ResolveError(ValueError):
-    """A blueprint that cannot be applied to a host; ``field`` is the dotted IR path at fault."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-@dataclass(frozen=True)
-class ResolvedOp:
-    """One op with concrete sizes."""
-
-    kind: str
-    in_size: int = 0
-    out_size: int = 0
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    bias: bool = True
-    init: str = "default"
-    p: float = 0.0
-
-    @property
-    def params(self) -> int:
-        if self.kind == "linear":
-            return self.in_size * self.out_size + (self.out_size if self.bias else 0)
-        if self.kind == "conv2d":
-            kh, kw = self.kernel
-            return self.out_size * (self.in_size // self.groups) * kh * kw + (self.out_size if self.bias else 0)
-        if self.kind == "se_gate":
-            hidden = self.out_size
-            return 2 * self.in_size * hidden + hidden + self.in_size
-        return 0
-
-
-@dataclass(frozen=True)
-class ResolvedBlueprint:
-    blueprint: Blueprint
-    host: HostSpec
-    dims: dict[str, int]
-    ops: tuple[ResolvedOp, ...] = field(default_factory=tuple)
-
-    @property
-    def params(self) -> int:
-        return sum(op.params for op in self.ops)
-
-
-def resolve(blueprint: Blueprint, host: HostSpec, rank: int) -> ResolvedBlueprint:
-    """Evaluate every symbolic size for ``host`` and check the result is a valid residual branch."""
-    if blueprint.host != host.kind:
-        raise ResolveError("host", f"blueprint grows on {blueprint.host} layers, not {host.kind}")
-    env: dict[str, int] = {"in": host.in_features, "out": host.out_features, "rank": rank}
-    for name, expr in blueprint.dims.items():
-        env[name] = _size(expr, env, f"dims.{name}")
-    ops = tuple(_resolve_op(op, i, host, env) for i, op in enumerate(blueprint.ops))
-    _check_chain(ops, blueprint, host)
-    total = sum(op.params for op in ops)
-    if total > MAX_PARAMS:
-        raise ResolveError("ops", f"{total:,} parameters exceed the limit of {MAX_PARAMS:,}")
-    return ResolvedBlueprint(blueprint, host, {k: v for k, v in env.items()}, ops)
-
-
-def _size(expr: int | str, env: dict[str, int], where: str, minimum: int = 1) -> int:
-    try:
-        value = evaluate(expr, env)
-    except DimError as exc:
-        raise ResolveError(where, str(exc)) from None
-    if not minimum <= value <= MAX_DIM:
-        raise ResolveError(where, f"resolves to {value}, outside {minimum}..{MAX_DIM}")
-    return value
-
-
-def _resolve_op(op: object, i: int, host: HostSpec, env: dict[str, int]) -> ResolvedOp:
-    where = f"ops.{i}"
-    if not isinstance(op, _HOST_OPS[host.kind]):
-        raise ResolveError(f"{where}.op", f"op {op.op!r} cannot be used on a {host.kind} host")  # type: ignore[attr-defined]
-    if isinstance(op, LinearOp):
-        return ResolvedOp("linear", _size(op.in_, env, f"{where}.in"), _size(op.out, env, f"{where}.out"),
-                          bias=op.bias, init=op.init)
-    if isinstance(op, Conv2dOp):
-        in_size, out_size = _size(op.in_, env, f"{where}.in"), _size(op.out, env, f"{where}.out")
-        groups = _size(op.groups, env, f"{where}.groups")
-        if in_size % groups or out_size % groups:
-            raise ResolveError(f"{where}.groups", f"{groups} groups do not divide {in_size} -> {out_size} channels")
-        if op.geometry == "host":
-            return ResolvedOp("conv2d", in_size, out_size, host.kernel, host.stride, host.padding, host.dilation,
-                              groups, op.bias, op.init)
-        k = _size(op.kernel, env, f"{where}.kernel")
-        if k % 2 == 0:
-            raise ResolveError(f"{where}.kernel", f"a 'same' conv needs an odd kernel, got {k}")
-        return ResolvedOp("conv2d", in_size, out_size, (k, k), (1, 1), (k // 2, k // 2), (1, 1), groups,
-                          op.bias, op.init)
-    if isinstance(op, AvgPoolOp):
-        if host.dilation != (1, 1):
-            raise ResolveError(f"{where}.op", "avg_pool cannot follow a dilated host conv")
-        if any(2 * p > k for p, k in zip(host.padding, host.kernel)):
-            raise ResolveError(f"{where}.op", "avg_pool cannot mirror a host whose padding exceeds half its kernel")
-        return ResolvedOp("avg_pool", kernel=host.kernel, stride=host.stride, padding=host.padding)
-    if isinstance(op, SEGateOp):
-        channels = _size(op.channels, env, f"{where}.channels")
-        reduction = _size(op.reduction, env, f"{where}.reduction")
-        return ResolvedOp("se_gate", channels, max(1, channels // reduction))
-    if isinstance(op, DropoutOp):
-        return ResolvedOp("dropout", p=op.p)
-    assert isinstance(op, ActivationOp)
-    return ResolvedOp(op.op)
-
-
-def _check_chain(ops: tuple[ResolvedOp, ...], blueprint: Blueprint, host: HostSpec) -> None:
-    """Walk sizes and grids through the ops: the branch must map the host's input to its output."""
-    width = host.in_features
-    grids = list(_PROBE_GRIDS)
-    for i, op in enumerate(ops):
-        if op.kind in ("linear", "conv2d", "se_gate"):
-            if op.in_size != width:
-                field = "channels" if op.kind == "se_gate" else "in"
-                raise ResolveError(f"ops.{i}.{field}", f"expects {op.in_size} but receives {width}")
-            if op.kind != "se_gate":
-                width = op.out_size
-        if op.kind in ("conv2d", "avg_pool"):
-            geo = HostSpec("conv2d", 1, 1, op.kernel, op.stride, op.padding, op.dilation)
-            grids = [geo.output_hw(h, w) for h, w in grids]
-    if width != host.out_features:
-        raise ResolveError(f"ops.{len(ops) - 1}", f"the branch ends with {width} features/channels but "
-                           f"the host produces {host.out_features}")
-    if host.kind == "conv2d":
-        expected = [host.output_hw(h, w) for h, w in _PROBE_GRIDS]
-        if grids != expected:
-            raise ResolveError("ops", f"the branch's output grid {grids[0]} does not match the host's "
-                               f"{expected[0]} for an 8x8 input: use one op with `geometry: host` or `avg_pool`")
 
 
 class SEGate(nn.Module):

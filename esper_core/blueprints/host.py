@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
+if TYPE_CHECKING:  # imported in HostSpec.of: resolving blueprints needs no PyTorch
+    from torch import nn
 
 Pair = tuple[int, int]
 DEFAULT_GRID = (8, 8)
@@ -27,6 +28,8 @@ class HostSpec:
     @classmethod
     def of(cls, module: nn.Module) -> "HostSpec":
         """Describe ``module``; raises ``TypeError`` for layers a seed cannot mirror."""
+        from torch import nn
+
         if isinstance(module, nn.Linear):
             return cls("linear", module.in_features, module.out_features)
         if isinstance(module, nn.Conv2d):

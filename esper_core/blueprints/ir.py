@@ -25,14 +25,20 @@ class _Op(BaseModel):
 
 
 class LinearOp(_Op):
+    """A fully connected layer ``in -> out`` (parameters: in x out, plus out with a bias)."""
+
     op: Literal["linear"]
     in_: Dim = Field(alias="in", description="Input features.")
     out: Dim = Field(description="Output features.")
-    bias: bool = True
-    init: Init = "default"
+    bias: bool = Field(True, description="Add a bias.")
+    init: Init = Field("default", description="`default` (PyTorch's), `zeros` (the usual last op: the seed starts "
+                       "at zero output) or `small` (PyTorch's default scaled by 1e-3).")
 
 
 class Conv2dOp(_Op):
+    """A 2-D convolution ``in -> out`` channels (parameters: out x in / groups x kernel area, plus out
+    with a bias)."""
+
     op: Literal["conv2d"]
     in_: Dim = Field(alias="in", description="Input channels.")
     out: Dim = Field(description="Output channels.")
@@ -41,17 +47,21 @@ class Conv2dOp(_Op):
         "seed's output grid matches the host's); `same` is a stride-1 conv that keeps the grid.")
     kernel: Dim = Field(3, description="Kernel size for `geometry: same` (odd).")
     groups: Dim = Field(1, description="Channel groups (`in` for a depthwise conv).")
-    bias: bool = True
-    init: Init = "default"
+    bias: bool = Field(True, description="Add a bias.")
+    init: Init = Field("default", description="As for `linear`.")
 
 
 class ActivationOp(_Op):
+    """An elementwise nonlinearity; no parameters."""
+
     op: Literal["relu", "gelu", "silu", "tanh", "sigmoid"]
 
 
 class DropoutOp(_Op):
+    """Dropout while training; no parameters."""
+
     op: Literal["dropout"]
-    p: float = Field(0.1, ge=0.0, lt=1.0)
+    p: float = Field(0.1, ge=0.0, lt=1.0, description="Probability of zeroing an element.")
 
 
 class AvgPoolOp(_Op):
@@ -65,8 +75,8 @@ class SEGateOp(_Op):
     """Squeeze-excitation: scale each channel by a gate computed from its global average."""
 
     op: Literal["se_gate"]
-    channels: Dim
-    reduction: Dim = 4
+    channels: Dim = Field(description="Channels gated (the channels the op receives).")
+    reduction: Dim = Field(4, description="The gate's hidden width is channels // reduction (at least 1).")
 
 
 _OP_TYPES = (LinearOp, Conv2dOp, ActivationOp, DropoutOp, AvgPoolOp, SEGateOp)
@@ -79,13 +89,15 @@ class Blueprint(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)
-    version: int = Field(1, ge=1)
-    description: str = ""
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64,
+                      description="The name recipes use in `seeds.blueprints`.")
+    version: int = Field(1, ge=1, description="Bump when the ops change; part of every kernel's content hash.")
+    description: str = Field("", description="One line for `esper blueprints list`.")
     host: Literal["linear", "conv2d"] = Field(description="Host layer kind this blueprint grows on.")
     dims: dict[str, Dim] = Field(default_factory=dict,
                                  description="Named sizes, evaluated in order; may use in, out, rank and earlier dims.")
-    ops: list[Op] = Field(min_length=1, max_length=64)
+    ops: list[Op] = Field(min_length=1, max_length=64, description="The branch, applied in order to the host's "
+                          "input; it must end with the host's output size (and grid, for conv2d).")
 
     def canonical_json(self) -> str:
         """The IR with defaults filled in, keys sorted, no whitespace: the input of content hashes."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from esper_core.blueprints.builder import ResolveError
+from esper_core.blueprints.resolve import ResolveError
 from esper_core.blueprints.ir import OP_NAMES, Blueprint
 from esper_core.errors import ConfigError, Problem
 from esper_core.recipe.diagnostics import Locator, validation_problems

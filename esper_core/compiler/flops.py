@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from esper_core.blueprints.builder import ResolvedBlueprint, ResolvedOp
+from esper_core.blueprints.resolve import ResolvedBlueprint, ResolvedOp
 from esper_core.blueprints.host import HostSpec
 
 MAX_FLOPS_PER_SAMPLE = 10**12

@@ -10,7 +10,6 @@ fails when someone changed the schema without regenerating the file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import types
@@ -22,6 +21,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from esper_core.docgen import generated_page_main
 from esper_core.recipe.schema import Recipe
 
 REFERENCE_PATH = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
@@ -60,16 +60,17 @@ def _tables(path: str, description: str, model: type[BaseModel]) -> Iterator[str
             nested.append((f"{path}.{name}", field, annotation))
             default = f"see `{path}.{name}`"
         else:
-            default = _default(field.get_default(call_default_factory=True))
-        cells = [f"`{name}`", _type(field), default, field.description or ""]
+            default = default_text(field.get_default(call_default_factory=True))
+        cells = [f"`{name}`", field_type(field), default, field.description or ""]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     yield f"## `{path}`\n\n{description}\n\n" + "\n".join(rows) + "\n"
     for sub_path, field, sub_model in nested:
         yield from _tables(sub_path, field.description or "", sub_model)
 
 
-def _type(field: FieldInfo) -> str:
-    limits = [_limit(item) for item in field.metadata]
+def field_type(field: FieldInfo) -> str:
+    """A field's type and limits in words (`int, >= 1`)."""
+    limits = [limit_text(item) for item in field.metadata]
     return ", ".join([_annotation(field.annotation), *(limit for limit in limits if limit)])
 
 
@@ -92,7 +93,7 @@ def _annotation(annotation: Any) -> str:
     return _SCALARS.get(annotation, str(annotation))
 
 
-def _limit(item: Any) -> str:
+def limit_text(item: Any) -> str:
     """A constraint from a field's metadata in words; '' for one that says nothing to a user."""
     if isinstance(item, annotated_types.Ge):
         return f">= {item.ge}"
@@ -110,7 +111,8 @@ def _limit(item: Any) -> str:
     return f"matching `{pattern}`" if pattern else ""
 
 
-def _default(value: Any) -> str:
+def default_text(value: Any) -> str:
+    """A default value as Markdown code."""
     if isinstance(value, str):
         return f"`{value}`" if value else '`""`'
     if isinstance(value, tuple):
@@ -120,21 +122,8 @@ def _default(value: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the reference, or with ``--check`` report (exit 1) whether it is stale."""
-    parser = argparse.ArgumentParser(prog="python -m esper_core.recipe.reference", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file is out of date; write nothing")
-    parser.add_argument("--output", type=Path, default=REFERENCE_PATH, help="file to write or check")
-    args = parser.parse_args(argv)
-    text = render_reference()
-    if args.check:
-        current = args.output.read_text(encoding="utf-8") if args.output.is_file() else None
-        if current != text:
-            print(f"{args.output} is out of date; run python -m esper_core.recipe.reference", file=sys.stderr)
-            return 1
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(f"wrote {args.output}")
-    return 0
+    return generated_page_main("python -m esper_core.recipe.reference", __doc__.split("\n")[0], REFERENCE_PATH,
+                               render_reference, argv)
 
 
 if __name__ == "__main__":

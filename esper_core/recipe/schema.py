@@ -337,6 +337,15 @@ class TelemetryConfig(Section):
                                      "a free port, shown in the progress output and recorded in `run_start`).")
     metrics_bind: str = Field("127.0.0.1", min_length=1, description="Address the metrics endpoint binds to; "
                               "the default keeps it off the network.")
+    pushgateway_url: str | None = Field(None, pattern=r"^https?://[^\s]+$", description="Also push the metrics to "
+                                        "this Prometheus Pushgateway (`http://HOST:PORT`) every `pushgateway_every_s` "
+                                        "and when the run ends, so a short run's series outlive it. A push that "
+                                        "fails is logged and never fails the run.")
+    pushgateway_every_s: float = Field(15.0, gt=0.0, le=86_400.0, description="Seconds between pushes to "
+                                       "`pushgateway_url` during the run.")
+    pushgateway_job: str = Field("esper", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=64,
+                                 description="Pushgateway job name; each process pushes under its own "
+                                 "`instance` (host:pid), so concurrent runs never overwrite each other.")
     anomaly_window: int = Field(20, ge=4, le=10_000, description="Logged losses (and kernel builds) the anomaly "
                                 "detector's statistics are computed over.")
     anomaly_spike_z: float = Field(4.0, gt=0.0, description="A logged loss this many standard deviations above "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
+from esper_core.extras import require_extra
 from esper_core.recipe.schema import StorageConfig
 
 DATABASE_ENV = "ESPER_DATABASE_URL"
@@ -58,6 +59,8 @@ class StorageSettings:
         if redis_url is not None and not redis_url.startswith(_REDIS_SCHEMES):
             raise ConfigError(_problem(redis_from, "storage.redis_url",
                                        "not a Redis URL (expected redis://HOST:PORT[/DB], rediss:// or unix://)"))
+        if redis_url is not None:
+            _require(redis_from, "storage.redis_url", "redis", f"{redis_url.split('://')[0]}:// URLs")
         key = env.get(SIGNING_KEY_ENV) or None
         if key is not None and len(key.encode()) < MIN_KEY_BYTES:
             raise ConfigError(Problem(SIGNING_KEY_ENV, f"the signing key must be at least {MIN_KEY_BYTES} bytes"))
@@ -84,6 +87,14 @@ def _check_database(url: str, source: str) -> None:
     from esper_core.storage.db import normalise_url  # imports SQLAlchemy: only when a URL is configured
 
     try:
-        normalise_url(url)
+        parsed = normalise_url(url)
     except ValueError as exc:
         raise ConfigError(_problem(source, "storage.database_url", str(exc))) from None
+    if parsed.drivername == "postgresql+psycopg":  # the driver plain postgresql:// URLs get
+        _require(source, "storage.database_url", "postgres", "postgresql:// URLs")
+
+
+def _require(source: str, field: str, extra: str, feature: str) -> None:
+    """Stop before any tier is built when the URL's client library is an extra that is not installed."""
+    where = _problem(source, field, "")
+    require_extra(extra, feature, source=where.source, field=where.field)

@@ -1,9 +1,12 @@
 """Nissa's Prometheus metrics for one run, and the HTTP endpoint that serves them.
 
-Every run gets its own :class:`~prometheus_client.CollectorRegistry`: the global default registry
-also carries process and platform collectors, and anything else a host program registered, so
-serving it could leak what the run does not own; a private registry exposes exactly the series
-below and nothing else (no environment, no paths, no run or seed ids).
+Every run gets its own registry: the global default registry carries anything else a host program
+registered, so serving it could leak what the run does not own; a private registry exposes exactly
+the series below, the standard ``process_*`` series (CPU, resident memory, open files, start time)
+and nothing else (no environment, no paths, no run or seed ids). It never exposes the ``*_created``
+series prometheus_client adds to every counter and histogram (a quarter of all lines, and no
+dashboard or alert here reads them); they are dropped at collection, without touching the
+library's process-wide switch that a host program may rely on.
 
 Conventions (checked by ``promtool check metrics`` in CI): names start with ``esper_``, values are
 in base units (seconds, bytes, ratios 0..1), counters end in ``_total``, histograms have explicit
@@ -15,12 +18,12 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -40,6 +43,8 @@ STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 COMPILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Building an eager kernel takes ms; a torch.compile recompilation stall takes 3-15 s (DESIGN)."""
 CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+UP_BREAKER_STATES = ("closed", "half_open")
+"""Breaker states in which a cache tier counts as up (half-open: a trial call is being let through)."""
 
 # Lifecycle events whose occurrences are counted; the value is the counter's name stem.
 _COUNTED_EVENTS = {"germinate": "germinations", "fossilize": "fossilizations", "cull": "culls",
@@ -56,8 +61,10 @@ class StepStats(Collector):
     thread writes; a scrape reads a snapshot, which at worst is one step behind in part.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.step = 0
+        self.last_step_time = 0.0
+        self._clock = clock
         self.count = 0
         self.buckets = [0] * (len(STEP_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
         self.seconds = 0.0
@@ -65,6 +72,7 @@ class StepStats(Collector):
 
     def observe(self, step: int, seconds: float, morph_seconds: float) -> None:
         self.step = step
+        self.last_step_time = self._clock()
         self.buckets[bisect_left(STEP_BUCKETS, seconds)] += 1  # the first bound >= seconds: Prometheus' "le"
         self.count += 1
         self.seconds += seconds
@@ -77,9 +85,11 @@ class StepStats(Collector):
             running += n
             cumulative.append((floatToGoString(bound), float(running)))
         yield GaugeMetricFamily("esper_step", "Optimizer steps completed.", value=self.step)
+        yield GaugeMetricFamily("esper_last_step_timestamp_seconds", "Unix time at which the last training-loop "
+                                "iteration finished (0 before the first); a stalled run stops moving it.",
+                                value=self.last_step_time)
         yield HistogramMetricFamily("esper_step_duration_seconds", "Wall time of one training-loop iteration "
                                     "(step, logging, validation, growth).", buckets=cumulative, sum_value=total)
-        yield CounterMetricFamily("esper_step_seconds", "Wall time spent in training-loop iterations.", value=total)
         yield CounterMetricFamily("esper_morphogenetic_seconds", "Wall time spent in the morphogenetic machinery "
                                   "(seed lifecycle, verdicts, merit, policy, germination).", value=morph)
         yield GaugeMetricFamily("esper_morphogenetic_time_ratio", "Share of loop wall time spent in the "
@@ -92,13 +102,18 @@ class RunMetrics:
     they already hold, so no host-device sync is added by telemetry."""
 
     def __init__(self, version: str) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        import torch  # here, not at the top: reading a run's files (esper report) needs no PyTorch
+
+        self.registry = RunRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)
         Info("esper_build", "Esper and torch versions of this process.", registry=r).info(
             {"version": version, "torch_version": torch.__version__,
              "python_version": ".".join(map(str, sys.version_info[:3]))})
         self.steps = StepStats()
         r.register(self.steps)
+        self.active = Gauge("esper_run_active", "1 while the run trains, 0 once it has stopped (finished, failed "
+                            "or interrupted): alerts on a stalled run ignore runs that ended.", registry=r)
         self.loss = Gauge("esper_train_loss", "Training loss at the last logged step.", registry=r)
         self.val_loss = Gauge("esper_val_loss", "Validation loss at the last validation.", registry=r)
         self.val_accuracy = Gauge("esper_val_accuracy_ratio", "Validation accuracy at the last validation (0..1).",
@@ -116,8 +131,12 @@ class RunMetrics:
                                     registry=r)
         self.checkpoint_duration = Histogram("esper_checkpoint_duration_seconds", "Wall time to write one "
                                              "checkpoint.", buckets=CHECKPOINT_BUCKETS, registry=r)
-        self.resident_memory = Gauge("esper_resident_memory_bytes", "Resident set size of the training process.",
-                                     registry=r)
+        self.last_checkpoint = Gauge("esper_last_checkpoint_timestamp_seconds", "Unix time at which the last "
+                                     "checkpoint was committed (0 before the first).", registry=r)
+        self.tier_up = Gauge("esper_kernel_cache_tier_up", "1 while a kernel cache tier is in use, 0 while its "
+                             "circuit breaker has it skipped.", ["tier"], registry=r)
+        self.tier_errors = Counter("esper_kernel_cache_errors_total", "Failed or timed-out calls to a kernel cache "
+                                   "tier.", ["tier"], registry=r)
         # Every labelled series exists from the start, so dashboards and rate() see zeros, not gaps.
         for state in STATES:
             self.seeds.labels(state=state)
@@ -126,6 +145,7 @@ class RunMetrics:
         for tier in TIERS:
             self.cache_hits.labels(tier=tier)
             self.cache_misses.labels(tier=tier)
+            self.tier_errors.labels(tier=tier)
 
     def observe_seeds(self, counts: dict[str, int]) -> None:
         for state in STATES:
@@ -146,6 +166,27 @@ class RunMetrics:
 
     def observe_cache(self, tier: str, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).labels(tier=_closed(tier, TIERS, "cache tier")).inc()
+
+    def observe_tier(self, tier: str, breaker: str, new_errors: int) -> None:
+        """A tier's circuit-breaker state and the failed calls since the last observation."""
+        name = _closed(tier, TIERS, "cache tier")
+        self.tier_up.labels(tier=name).set(1 if breaker in UP_BREAKER_STATES else 0)
+        if new_errors > 0:
+            self.tier_errors.labels(tier=name).inc(new_errors)
+
+
+class RunRegistry(CollectorRegistry):
+    """A registry whose exposition leaves out prometheus_client's ``*_created`` samples (see the module
+    docstring); everything else, including what a scrape and a push send, is the plain registry's."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            samples = [sample for sample in metric.samples if not sample.name.endswith("_created")]
+            if len(samples) != len(metric.samples):
+                trimmed = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                trimmed.samples = samples
+                metric = trimmed
+            yield metric
 
 
 def _closed(value: str, allowed: tuple[str, ...], what: str) -> str:

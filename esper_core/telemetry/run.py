@@ -1,7 +1,9 @@
 """RunTelemetry: the one object the trainer reports to during a run.
 
-It owns the run's Prometheus metrics and their HTTP endpoint (only when ``telemetry.metrics_port``
-is set), the anomaly detector, and the listeners that want anomalies (the governor). Gathering them
+It owns the run's Prometheus metrics (when ``telemetry.metrics_port`` or
+``telemetry.pushgateway_url`` is set), their HTTP endpoint (only with ``metrics_port``), the
+periodic push to a Pushgateway (only with ``pushgateway_url``), the anomaly detector, and the
+listeners that want anomalies (the governor). Gathering them
 here keeps every hook in the training loop a single call, and keeps the loop's cost when metrics
 are off to a few attribute checks.
 
@@ -15,16 +17,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any
-
-import torch
 
 from esper_core.errors import EsperError, Problem
 from esper_core.recipe.schema import TelemetryConfig
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.telemetry.anomaly import AnomalyDetector, AnomalyThresholds, resident_memory_bytes
 from esper_core.telemetry.metrics import MetricsServer, RunMetrics
+from esper_core.telemetry.push import Pusher
 
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
@@ -32,14 +32,16 @@ _STATE_KEYS = tuple(s.name.lower() for s in SeedState)
 
 
 def esper_version() -> str:
-    try:
-        return metadata.version("esper")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    """The installed distribution's version (``esper_core.__version__``)."""
+    from esper_core import __version__
+
+    return __version__
 
 
 def build_info() -> dict[str, str]:
     """The software a run used, recorded in its first event so a report can name it."""
+    import torch  # here, not at the top: `esper report` reads runs without paying for PyTorch
+
     return {"esper_version": esper_version(), "torch_version": torch.__version__,
             "python_version": ".".join(map(str, sys.version_info[:3]))}
 
@@ -72,7 +74,7 @@ class RunTelemetry:
     """
 
     def __init__(self, config: TelemetryConfig, record: Callable[[Event], None],
-                 seed_counts: Callable[[], dict[str, int]]) -> None:
+                 seed_counts: Callable[[], dict[str, int]], instance: str | None = None) -> None:
         self.config = config
         self._record = record
         self._seed_counts = seed_counts
@@ -81,27 +83,49 @@ class RunTelemetry:
             window=config.anomaly_window, spike_z=config.anomaly_spike_z,
             stall_improvement=config.anomaly_stall_improvement,
             compile_failure_rate=config.anomaly_compile_failure_rate, memory_growth=config.anomaly_memory_growth))
-        self.metrics = RunMetrics(esper_version()) if config.metrics_port is not None else None
+        wanted = config.metrics_port is not None or config.pushgateway_url is not None
+        self.metrics = RunMetrics(esper_version()) if wanted else None
         self.server: MetricsServer | None = None
+        self.pusher: Pusher | None = None
+        self._instance = instance  # the Pushgateway grouping key; host:pid unless the caller names the run
+        self._cache_errors: dict[str, int] = {}
         self.morph = MorphClock()
         self._listeners: list[Listener] = []
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> str | None:
-        """Serve the metrics if configured; returns the endpoint's URL (with the port actually bound)."""
+        """Serve the metrics and start pushing them, as configured; returns the endpoint's URL (with the
+        port actually bound), or ``None`` when nothing is served."""
         if self.metrics is None:
             return None
-        bind, port = self.config.metrics_bind, self.config.metrics_port or 0
-        try:
-            self.server = MetricsServer(self.metrics.registry, bind, port)
-        except OSError as exc:  # port taken, address not local, permission...
-            raise EsperError(Problem("recipe", f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}",
-                                     field="telemetry.metrics_port")) from None
         self.metrics.observe_seeds(self._seed_counts())
-        return self.server.url
+        self.metrics.active.set(1)
+        if self.config.metrics_port is not None:
+            bind, port = self.config.metrics_bind, self.config.metrics_port
+            try:
+                self.server = MetricsServer(self.metrics.registry, bind, port)
+            except OSError as exc:  # port taken, address not local, permission...
+                raise EsperError(Problem("recipe", f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}",
+                                         field="telemetry.metrics_port")) from None
+        if self.config.pushgateway_url is not None:
+            self.pusher = Pusher(self.metrics.registry, self.config.pushgateway_url, self.config.pushgateway_job,
+                                 self.config.pushgateway_every_s, self._instance)
+            self.pusher.start()
+        return None if self.server is None else self.server.url
+
+    def push(self) -> bool:
+        """Push the metrics to the Pushgateway now (besides the periodic and final pushes); ``False``
+        when no gateway is configured or the push failed (logged; the run goes on)."""
+        return self.pusher.push() if self.pusher is not None else False
 
     def stop(self) -> None:
+        """End of the run (also after a failure): the final push, then the endpoint closes."""
+        if self.metrics is not None:
+            self.metrics.active.set(0)
+        if self.pusher is not None:
+            self.pusher.close()
+            self.pusher = None
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -137,8 +161,6 @@ class RunTelemetry:
             self.metrics.loss.set(loss)
             self.metrics.params.set(row["params"])
             self.metrics.observe_seeds({k: row[k] for k in _STATE_KEYS if k in row})
-            if rss is not None:
-                self.metrics.resident_memory.set(rss)
         self._publish(found)
 
     def validated(self, val_loss: float, val_accuracy: float) -> None:
@@ -166,10 +188,15 @@ class RunTelemetry:
         self._publish(self.detector.observe_compile(step, ok))
 
     def cache_counts(self, tiers: dict[str, dict[str, Any]]) -> None:
-        """Publish the kernel cache's cumulative per-tier hits and misses (from ``cache.stats()``)."""
+        """Publish the kernel cache's cumulative per-tier hits and misses, failed calls and breaker state
+        (from ``cache.stats()["tiers"]``)."""
         if self.metrics is None:
             return
         for tier, counters in tiers.items():
+            errors = counters.get("errors", 0) + counters.get("timeouts", 0)
+            self.metrics.observe_tier(tier, str(counters.get("breaker", "closed")),
+                                      errors - self._cache_errors.get(tier, 0))
+            self._cache_errors[tier] = errors
             seen_hits, seen_misses = self._cache_seen.get(tier, (0, 0))
             for _ in range(counters["hits"] - seen_hits):
                 self.metrics.observe_cache(tier, True)
@@ -178,8 +205,10 @@ class RunTelemetry:
             self._cache_seen[tier] = (counters["hits"], counters["misses"])
 
     def checkpointed(self, seconds: float) -> None:
+        """A checkpoint was committed after ``seconds`` of writing (its age is what operators alert on)."""
         if self.metrics is not None:
             self.metrics.checkpoint_duration.observe(seconds)
+            self.metrics.last_checkpoint.set(time.time())
 
     def _publish(self, found: list[Event]) -> None:
         for event in found:

@@ -1,9 +1,11 @@
-"""``esper report``: a run's compliance report in Markdown, HTML (with plots) and JSON.
+"""``esper report``: a run's compliance report in Markdown, HTML (with plots) and JSON, and the
+side-by-side comparison of two runs.
 
 :func:`write_report` reads the run directory (:mod:`.load`), audits its event chain, builds one
 report dict (:mod:`.content`) and renders the chosen formats from it (:mod:`.render`,
-:mod:`.plots`). The report is written even when the audit fails, saying so on its first line, so
-a tampered run can still be inspected; the caller decides the exit code.
+:mod:`.plots`). :func:`write_comparison` does the same for two runs (:mod:`.compare`). A report is
+written even when an audit fails, saying so on its first line, so a tampered run can still be
+inspected; the caller decides the exit code.
 """
 
 from __future__ import annotations
@@ -17,42 +19,63 @@ from typing import Any
 from esper_core.errors import Problem
 from esper_core.telemetry.audit import AuditResult
 
+from esper_core.telemetry.report.compare import compare, comparison_tables, comparison_title
 from esper_core.telemetry.report.content import build
 from esper_core.telemetry.report.load import load_run
-from esper_core.telemetry.report.plots import render_all
-from esper_core.telemetry.report.render import html, markdown
+from esper_core.telemetry.report.plots import SCALES, render_all, render_comparison
+from esper_core.telemetry.report.render import Note, html, markdown
+from esper_core.telemetry.report.tables import headline, sections
 
 FORMATS = ("md", "html", "json")
+__all__ = ["FORMATS", "SCALES", "Written", "write_comparison", "write_report"]
 
 
 @dataclass(frozen=True)
 class Written:
-    """What :func:`write_report` produced, and the integrity findings the caller turns into an exit code."""
+    """What was written, and the integrity findings (one per run) the caller turns into an exit code."""
 
     report: dict[str, Any]
     paths: list[Path]
-    audit: AuditResult
-    recipe_problem: Problem | None
+    audits: list[tuple[AuditResult, Problem | None]]
 
 
-def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str, ...] = FORMATS) -> Written:
+def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str, ...] = FORMATS,
+                 loss_scale: str = "log") -> Written:
     """Write the report files (``RUN/report/`` unless ``out_dir``) in the chosen formats."""
     files = load_run(run_dir)
     report = build(files)
-    out = out_dir or run_dir / "report"
+    notes = [(report["audit"]["ok"] and report["audit"]["recipe_ok"], report["audit"][k])
+             for k in ("detail", "recipe_detail")]
+    plots = render_all(report, loss_scale) if {"md", "html"} & set(formats) else {}
+    paths = _write_formats(out_dir or run_dir / "report", "report", formats, report, headline(report), notes, plots,
+                           sections(report))
+    return Written(report, paths, [(files.audit, files.recipe_problem)])
+
+
+def write_comparison(run_a: Path, run_b: Path, out_dir: Path | None = None, formats: tuple[str, ...] = FORMATS,
+                     loss_scale: str = "log") -> Written:
+    """Write ``comparison.{md,html,json}`` for two runs (``RUN_A/report/vs-<RUN_B name>/`` unless ``out_dir``)."""
+    files = (load_run(run_a), load_run(run_b))
+    comparison = compare(*files)
+    notes: list[Note] = [(run["audit_ok"], f"{run['label']}: {run['audit_detail']}") for run in comparison["runs"]]
+    plots = render_comparison(comparison, loss_scale) if {"md", "html"} & set(formats) else {}
+    out = out_dir or run_a / "report" / f"vs-{run_b.resolve().name}"
+    paths = _write_formats(out, "comparison", formats, comparison, comparison_title(comparison), notes, plots,
+                           comparison_tables(comparison))
+    return Written(comparison, paths, [(f.audit, f.recipe_problem) for f in files])
+
+
+def _write_formats(out: Path, stem: str, formats: tuple[str, ...], data: dict[str, Any], title: str,
+                   notes: list[Note], plots: dict[str, str], tables: list[Any]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    plots = render_all(report) if {"md", "html"} & set(formats) else {}
     if "json" in formats:
-        written.append(_write(out / "report.json", json.dumps(_finite(report), indent=2, allow_nan=False)))
+        written.append(_write(out / f"{stem}.json", json.dumps(_finite(data), indent=2, allow_nan=False)))
     if "html" in formats:
-        written.append(_write(out / "report.html", html(report, plots)))
+        written.append(_write(out / f"{stem}.html", html(title, notes, plots, tables)))
     if "md" in formats:
-        svg_files = {plot_id: f"{plot_id}.svg" for plot_id in plots}
-        for plot_id, name in svg_files.items():
-            written.append(_write(out / name, plots[plot_id] + "\n"))
-        written.append(_write(out / "report.md", markdown(report, svg_files)))
-    return Written(report, written, files.audit, files.recipe_problem)
+        written.append(_write(out / f"{stem}.md", markdown(title, notes, plots, tables)))
+    return written
 
 
 def _finite(value: Any) -> Any:

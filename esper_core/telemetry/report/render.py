@@ -1,11 +1,12 @@
-"""Lay the report out as Markdown and as one self-contained HTML page (inline CSS and SVG, no scripts)."""
+"""Lay a report (one run's, or a comparison of two) out as Markdown and as one self-contained HTML
+page. Both carry the plots as inline SVG: the Markdown file is then a single file too, with no image
+files beside it to lose (renderers that show HTML in Markdown draw them; others show the tables)."""
 
 from __future__ import annotations
 
 from html import escape
-from typing import Any
 
-from esper_core.telemetry.report.tables import Table, headline, sections
+from esper_core.telemetry.report.tables import Table
 
 _CSS = """
 body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }
@@ -14,16 +15,21 @@ h1 { font-size: 22px; margin: 0 0 4px 0; } h2 { font-size: 17px; margin: 28px 0 
 table { border-collapse: collapse; font-size: 13px; margin-bottom: 8px; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f5f5f5; } td { word-break: break-word; max-width: 620px; }
-figure { margin: 8px 0 16px 0; } svg { display: block; }
+figure { margin: 8px 0 16px 0; } svg { display: block; max-width: 100%; height: auto; }
 """
 
+Note = tuple[bool, str]
+"""A status line under the title: (good, text); a bad one is shown in bold red in HTML."""
 
-def markdown(report: dict[str, Any], plot_files: dict[str, str]) -> str:
-    """Markdown; ``plot_files`` maps plot ids to SVG files written beside it (may be empty)."""
-    out = [f"# {headline(report)}", ""]
-    if plot_files:
-        out += [f"![{plot_id}]({name})" for plot_id, name in plot_files.items()] + [""]
-    for table in sections(report):
+
+def markdown(title: str, notes: list[Note], plots: dict[str, str], tables: list[Table]) -> str:
+    """Markdown with every plot inline; each SVG is an HTML block (no blank line inside it)."""
+    out = [f"# {title}", ""]
+    out += [f"{'' if good else '**'}{_md_cell(text)}{'' if good else '**'}" for good, text in notes]
+    out += [""] if notes else []
+    for svg in plots.values():
+        out += [svg, ""]
+    for table in tables:
         out += [f"## {table.title}", ""] + _md_table(table) + [""]
     return "\n".join(out)
 
@@ -39,16 +45,16 @@ def _md_table(table: Table) -> list[str]:
     return lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
 
 
-def html(report: dict[str, Any], plots: dict[str, str]) -> str:
+def html(title: str, notes: list[Note], plots: dict[str, str], tables: list[Table]) -> str:
     """One HTML file with every plot inline: it opens offline, from a mail attachment or an archive."""
-    good = report["audit"]["ok"] and report["audit"]["recipe_ok"]
-    body = [f"<h1>{escape(headline(report))}</h1>"]
-    body += [f'<p class="{"ok" if good else "bad"}">{escape(report["audit"][k])}</p>' for k in ("detail", "recipe_detail")]
+    body = [f"<h1>{escape(title)}</h1>"]
+    body += [f'<p class="{"ok" if good else "bad"}">{escape(text)}</p>' for good, text in notes]
     body += [f'<figure id="figure-{escape(plot_id)}">{svg}</figure>' for plot_id, svg in plots.items()]
-    for table in sections(report):
+    for table in tables:
         body += [f"<h2>{escape(table.title)}</h2>", _html_table(table)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{escape(headline(report))}</title><style>{_CSS}</style></head><body>\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 

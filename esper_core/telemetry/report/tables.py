@@ -14,7 +14,8 @@ class Table:
     empty: str = "none"
 
 
-def _s(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A value as a table cell: ``-`` for none, thousands separators, 4 significant digits."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -24,9 +25,9 @@ def _s(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_s(v)}" for k, v in value.items())
+        return ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
     if isinstance(value, list):
-        return ", ".join(_s(v) for v in value)
+        return ", ".join(fmt(v) for v in value)
     return str(value)
 
 
@@ -34,36 +35,36 @@ def headline(report: dict[str, Any]) -> str:
     run, audit = report["run"], report["audit"]
     status = "finished" if run["finished"] else "unfinished"
     verdict = "audit passed" if audit["ok"] and audit["recipe_ok"] else "AUDIT FAILED"
-    return f"Run {run['name']}: {status}, {_s(run['steps'])} steps, {verdict}"
+    return f"Run {run['name']}: {status}, {fmt(run['steps'])} steps, {verdict}"
 
 
 def sections(report: dict[str, Any]) -> list[Table]:
     run, audit, final = report["run"], report["audit"], report["final"]
     versions = run["versions"]
     identity = [
-        ["run directory", run["dir"]], ["recipe sha256", _s(run["recipe_sha256"])], ["seed", _s(run["seed"])],
-        ["data", _s(run["data"])], ["model", _s(run["model"])], ["device", _s(run["device"])],
-        ["esper", _s(versions.get("esper_version"))], ["torch", _s(versions.get("torch_version"))],
-        ["python", _s(versions.get("python_version"))], ["started (UTC)", _s(run["started_at"])],
-        ["ended (UTC)", _s(run["ended_at"])], ["wall time (s)", _s(run["wall_time_s"])], ["steps", _s(run["steps"])],
-        ["metrics endpoint", _s(run["metrics_url"])],
+        ["run directory", run["dir"]], ["recipe sha256", fmt(run["recipe_sha256"])], ["seed", fmt(run["seed"])],
+        ["data", fmt(run["data"])], ["model", fmt(run["model"])], ["device", fmt(run["device"])],
+        ["esper", fmt(versions.get("esper_version"))], ["torch", fmt(versions.get("torch_version"))],
+        ["python", fmt(versions.get("python_version"))], ["started (UTC)", fmt(run["started_at"])],
+        ["ended (UTC)", fmt(run["ended_at"])], ["wall time (s)", fmt(run["wall_time_s"])], ["steps", fmt(run["steps"])],
+        ["metrics endpoint", fmt(run["metrics_url"])],
     ]
-    results = [[k.replace("_", " "), _s(final[k])] for k in ("val_accuracy", "test_accuracy", "val_loss", "test_loss",
+    results = [[k.replace("_", " "), fmt(final[k])] for k in ("val_accuracy", "test_accuracy", "val_loss", "test_loss",
                                                             "params_initial", "params_final", "seeds")]
-    budgets = [[b["key"], b["what"], _s(b["limit"]), _s(b["used"]),
+    budgets = [[b["key"], b["what"], fmt(b["limit"]), fmt(b["used"]),
                 "-" if b["within"] is None else ("within" if b["within"] else "EXCEEDED")] for b in report["budgets"]]
-    changes = [[_s(c.get("seq")), _s(c.get("step")), _s(c.get("event")) + (f" ({c['kind']})" if "kind" in c else ""),
-                c["where"] or "-", _s(c.get("blueprint")),
+    changes = [[fmt(c.get("seq")), fmt(c.get("step")), fmt(c.get("event")) + (f" ({c['kind']})" if "kind" in c else ""),
+                c["where"] or "-", fmt(c.get("blueprint")),
                 c["detail"] or "-"] for c in report["changes"]]
-    kernels = [[_s(k["address"]), _s(k["blueprint"]), f"{k['layer']}#{k['slot']}", _s(k["params"]), _s(k["step"]),
+    kernels = [[fmt(k["address"]), fmt(k["blueprint"]), f"{k['layer']}#{k['slot']}", fmt(k["params"]), fmt(k["step"]),
                 k["outcome"]] for k in report["kernels"]]
-    checkpoints = [[c["name"], _s(c["step"]), _s(c["bytes"]), _s(c["latest"]), _s(c["complete"])]
+    checkpoints = [[c["name"], fmt(c["step"]), fmt(c["bytes"]), fmt(c["latest"]), fmt(c["complete"])]
                    for c in report["checkpoints"]]
-    anomalies = [[_s(a.get("seq")), _s(a.get("step")), _s(a.get("kind")), _s(a.get("reason"))]
+    anomalies = [[fmt(a.get("seq")), fmt(a.get("step")), fmt(a.get("kind")), fmt(a.get("reason"))]
                  for a in report["anomalies"]]
     return [
         Table("Run identity", ["field", "value"], identity),
-        Table("Audit", ["check", "result"], [["event chain", audit["detail"]], ["records", _s(audit["records"])],
+        Table("Audit", ["check", "result"], [["event chain", audit["detail"]], ["records", fmt(audit["records"])],
                                              ["head", audit["head"]], ["recipe", audit["recipe_detail"]]]),
         Table("Final metrics", ["metric", "value"], results, empty="the run did not finish: no final metrics"),
         Table("Budgets", ["recipe key", "what", "limit", "used", "verdict"], budgets),

@@ -1,0 +1,74 @@
+"""The documentation stays true: the generated blueprint reference matches the IR and the library,
+every relative link in the README and docs/ points at a file (and heading) that exists, and every
+alert's runbook link lands on a section of docs/operations.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from esper_cli.main import COMMANDS
+from esper_core.blueprints import reference
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
+    headings = [line.lstrip("#").strip() for line in page.read_text(encoding="utf-8").splitlines()
+                if line.startswith("#") and not line.startswith("#!")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_blueprint_reference_is_up_to_date() -> None:
+    assert reference.main(["--check"]) == 0, "run: python -m esper_core.blueprints.reference"
+
+
+def test_blueprint_reference_check_detects_a_stale_file(tmp_path: Path) -> None:
+    page = tmp_path / "blueprints.md"
+    assert reference.main(["--check", "--output", str(page)]) == 1
+    assert reference.main(["--output", str(page)]) == 0 and reference.main(["--check", "--output", str(page)]) == 0
+    page.write_text(page.read_text(encoding="utf-8").replace("| 768 |", "| 769 |"), encoding="utf-8")
+    assert reference.main(["--check", "--output", str(page)]) == 1
+
+
+def test_the_reference_documents_every_op_and_builtin() -> None:
+    from esper_core.blueprints.ir import OP_NAMES
+    from esper_core.blueprints.library import BlueprintLibrary
+
+    text = reference.render_reference()
+    for name in OP_NAMES:
+        assert f"`{name}`" in text.split("## The builtin library")[0], name
+    for name in BlueprintLibrary.discover().names():
+        assert f"### Builtin: {name}" in text
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_resolve(page: Path) -> None:
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: {target}"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked), f"{page.name}: {target}"
+
+
+def test_every_alert_links_to_a_runbook_section() -> None:
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "esper-alerts.yml").read_text(encoding="utf-8"))
+    sections = anchors(REPO / "docs" / "operations.md")
+    for rule in (r for group in rules["groups"] for r in group["rules"]):
+        (anchor,) = re.findall(r"docs/operations\.md#([\w-]+)", rule["annotations"]["description"])
+        assert anchor in sections, (rule["alert"], anchor)
+
+
+def test_the_readme_lists_every_command() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for name in COMMANDS:
+        assert f"`esper {name}" in readme, name
