@@ -1,9 +1,9 @@
 """Esper: morphogenetic training for PyTorch.
 
-The Python API mirrors the CLI: ``wrap(model, targets=[...])`` turns chosen layers into Kasmina
-layers and returns their SeedManager; ``Trainer.from_recipe(path, overrides).fit()`` is
-``esper train``. Names are imported on first use, so ``import esper_core.errors`` (or the CLI's
-``--help``) does not pay for PyTorch.
+Two front doors to one growth engine: :class:`GrowthController` grows a model inside the user's own
+training loop (with :func:`save_checkpoint`/:func:`load_checkpoint` for its state), and
+``Trainer.from_recipe(path, overrides).fit()`` is ``esper train``. Names are imported on first use,
+so ``import esper_core.errors`` (or the CLI's ``--help``) does not pay for PyTorch.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from importlib import import_module, metadata
 from typing import Any
 
 _EXPORTS = {
+    "Evaluation": "esper_core.growth.evaluation",
+    "GrowthController": "esper_core.growth.controller",
+    "load_checkpoint": "esper_core.growth.checkpoint",
+    "save_checkpoint": "esper_core.growth.checkpoint",
+    "Task": "esper_core.training.tasks",
     "KasminaLayer": "esper_core.seeds.kasmina",
     "LoadedRecipe": "esper_core.recipe",
     "Recipe": "esper_core.recipe",

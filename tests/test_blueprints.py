@@ -18,9 +18,13 @@ from esper_core.errors import ConfigError
 LIBRARY = BlueprintLibrary.discover()
 HOSTS = {
     "linear": [nn.Linear(10, 20), nn.Linear(64, 3)],
+    "conv1d": [nn.Conv1d(3, 8, 5, padding=2), nn.Conv1d(8, 16, 3, stride=2), nn.Conv1d(4, 4, 4, padding="same"),
+               nn.Conv1d(4, 6, 3, padding=2, dilation=2, padding_mode="circular")],
     "conv2d": [nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Conv2d(4, 6, 1),
-               nn.Conv2d(4, 4, 5, stride=2, padding=2), nn.Conv2d(6, 6, 3, padding=2, dilation=2)],
+               nn.Conv2d(4, 4, 5, stride=2, padding=2), nn.Conv2d(6, 6, 3, padding=2, dilation=2),
+               nn.Conv2d(3, 5, 3, padding="same", padding_mode="reflect"), nn.Conv2d(4, 4, (2, 4), padding="same")],
 }
+INPUTS = {"linear": (), "conv1d": (13,), "conv2d": (11, 9)}
 
 
 def test_builtin_library_has_the_five_blueprints():
@@ -34,11 +38,11 @@ def test_builtin_blueprints_match_every_host_shape_they_can_serve(name):
         spec = HostSpec.of(host)
         try:
             resolved = resolve(blueprint, spec, rank=4)
-        except ResolveError as exc:
-            assert name == "se_gate" and spec.dilation != (1, 1), exc  # avg_pool cannot mirror dilation
+        except ResolveError as exc:  # avg_pool cannot mirror dilation or uneven 'same' padding
+            assert name == "se_gate" and (spec.dilation != (1, 1) or spec.kernel == (2, 4)), exc
             continue
         seed = build(resolved)
-        x = torch.randn(3, spec.in_features, 11, 9) if spec.kind == "conv2d" else torch.randn(3, spec.in_features)
+        x = torch.randn(3, spec.in_features, *INPUTS[spec.kind])
         assert seed(x).shape == host(x).shape
         assert sum(p.numel() for p in seed.parameters()) == resolved.params
 

@@ -229,9 +229,10 @@ def test_export_validator_catches_a_program_that_differs_from_eager() -> None:
 
 
 def test_every_builtin_blueprint_passes_every_validator() -> None:
-    conv = HostSpec("conv2d", 8, 16, (3, 3), (2, 2), (1, 1))
+    hosts = {"linear": LINEAR, "conv2d": HostSpec("conv2d", 8, 16, (3, 3), (2, 2), (1, 1)),
+             "conv1d": HostSpec("conv1d", 8, 16, (5,), (2,), (2,), (1,))}
     for path in sorted(BUILTIN_DIR.glob("*.yaml")):
         source: BlueprintFile = load_blueprint(path)
-        host = LINEAR if source.blueprint.host == "linear" else conv
+        host = hosts[source.blueprint.host]
         kernel = compile_kernel(KernelSpec(source.blueprint, host, 4), source=source)
         assert all(entry["passed"] for entry in kernel.manifest["validation"].values()), path.name

@@ -9,6 +9,7 @@ from torch import nn
 from esper_core import KasminaLayer, wrap
 from esper_core.errors import ConfigError
 from esper_core.recipe.schema import TrainerConfig
+from esper_core.seeds.manager import SlotRef
 from esper_core.seeds.targets import match_targets
 from esper_core.growth import optimizer as groups
 from esper_core.training import optim
@@ -40,7 +41,67 @@ def test_a_pattern_matching_nothing_lists_what_could_match():
         wrap(Net(), targets=["type:Linear", "layer*"])
     problem = info.value.problems[0]
     assert problem.field == "seeds.targets.1"
-    assert "'layer*' matches no Linear or Conv2d module (matchable: features.0, features.2, proj, head)" in problem.message
+    assert ("'layer*' matches no module that can host seeds (Linear, Conv1d, Conv2d, transformers' Conv1D); "
+            "matchable: features.0, features.2, proj, head") in problem.message
+
+
+def test_an_exclude_pattern_matching_nothing_is_an_error():
+    with pytest.raises(ConfigError) as info:
+        wrap(Net(), targets=["type:Linear"], exclude=["haed"])
+    problem = info.value.problems[0]
+    assert problem.field == "seeds.exclude.0" and "'haed' excludes nothing" in problem.message
+    assert "head" in problem.message  # the modules it could have meant
+
+
+def test_a_selected_module_that_cannot_host_seeds_is_named_with_its_type():
+    net = Net()
+    net.norm = nn.LayerNorm(8)
+    with pytest.raises(ConfigError) as info:
+        wrap(net, targets=["proj", "norm"])
+    problem = info.value.problems[0]
+    assert problem.field == "seeds.targets.1"
+    assert "'norm', a LayerNorm, which cannot host seeds (supported: Linear, Conv1d, Conv2d" in problem.message
+    # parameter-free modules a glob happens to select (activations, containers) are passed over
+    assert list(wrap(Net(), targets=["features.*"]).layers) == ["features.0", "features.2"]
+
+
+def test_wrapping_twice_is_a_clear_error():
+    net = Net()
+    wrap(net, targets=["proj"])
+    with pytest.raises(ConfigError, match="already wrapped .*proj"):
+        wrap(net, targets=["head"])
+
+
+@pytest.mark.parametrize("host", [nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"),
+                                  nn.Conv2d(3, 4, (2, 4), padding="same"), nn.Conv1d(3, 4, 5, padding=2),
+                                  nn.Conv1d(3, 4, 4, padding="same", padding_mode="circular")])
+def test_convolutions_with_any_padding_host_seeds(host: nn.Module):
+    from esper_core.blueprints.builder import build, resolve
+    from esper_core.blueprints.library import BlueprintLibrary
+
+    model = nn.Sequential(host)
+    manager = wrap(model, targets=["0"])
+    layer = manager.layers["0"]
+    x = torch.randn(2, 3, *((9, 7) if isinstance(host, nn.Conv2d) else (11,)))
+    before = model(x)
+    name = "residual_conv" if isinstance(host, nn.Conv2d) else "residual_conv1d"
+    seed = build(resolve(BlueprintLibrary.discover().get(name).blueprint, layer.spec, 4))
+    manager.germinate(SlotRef("0", 0), name, "k", 0)
+    manager.start_incubation(SlotRef("0", 0), seed)
+    assert torch.equal(model(x), before)  # function-preserving germination on this geometry
+    with torch.no_grad():
+        layer.start_blending(0)
+        layer.set_alpha(0, 1.0)
+        for p in seed.parameters():
+            p.normal_()
+    assert model(x).shape == before.shape and not torch.equal(model(x), before)
+
+
+def test_a_gpt2_conv1d_is_a_linear_host():
+    transformers = pytest.importorskip("transformers")
+    conv = transformers.pytorch_utils.Conv1D(6, 4)  # nf=6 outputs, nx=4 inputs
+    spec = KasminaLayer(conv, 1, 1.0).spec
+    assert (spec.kind, spec.in_features, spec.out_features) == ("linear", 4, 6)
 
 
 def test_a_broken_regex_is_a_config_error():

@@ -39,9 +39,10 @@ def build(resolved: ResolvedBlueprint) -> nn.Sequential:
     for op in resolved.ops:
         if op.kind == "linear":
             layer: nn.Module = nn.Linear(op.in_size, op.out_size, bias=op.bias)
-        elif op.kind == "conv2d":
-            layer = nn.Conv2d(op.in_size, op.out_size, op.kernel, op.stride, op.padding, op.dilation,
-                              op.groups, bias=op.bias)
+        elif op.kind in ("conv1d", "conv2d"):
+            conv = nn.Conv1d if op.kind == "conv1d" else nn.Conv2d
+            layer = conv(op.in_size, op.out_size, op.kernel, op.stride, op.padding, op.dilation, op.groups,
+                         bias=op.bias)
         elif op.kind == "avg_pool":
             layer = nn.AvgPool2d(op.kernel, op.stride, op.padding)
         elif op.kind == "se_gate":

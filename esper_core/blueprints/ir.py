@@ -35,11 +35,7 @@ class LinearOp(_Op):
                        "at zero output) or `small` (PyTorch's default scaled by 1e-3).")
 
 
-class Conv2dOp(_Op):
-    """A 2-D convolution ``in -> out`` channels (parameters: out x in / groups x kernel area, plus out
-    with a bias)."""
-
-    op: Literal["conv2d"]
+class _ConvOp(_Op):
     in_: Dim = Field(alias="in", description="Input channels.")
     out: Dim = Field(description="Output channels.")
     geometry: Literal["host", "same"] = Field(
@@ -49,6 +45,20 @@ class Conv2dOp(_Op):
     groups: Dim = Field(1, description="Channel groups (`in` for a depthwise conv).")
     bias: bool = Field(True, description="Add a bias.")
     init: Init = Field("default", description="As for `linear`.")
+
+
+class Conv2dOp(_ConvOp):
+    """A 2-D convolution ``in -> out`` channels (parameters: out x in / groups x kernel area, plus out
+    with a bias); for ``conv2d`` hosts."""
+
+    op: Literal["conv2d"]
+
+
+class Conv1dOp(_ConvOp):
+    """A 1-D convolution ``in -> out`` channels (parameters: out x in / groups x kernel, plus out with a
+    bias); for ``conv1d`` hosts."""
+
+    op: Literal["conv1d"]
 
 
 class ActivationOp(_Op):
@@ -79,7 +89,7 @@ class SEGateOp(_Op):
     reduction: Dim = Field(4, description="The gate's hidden width is channels // reduction (at least 1).")
 
 
-_OP_TYPES = (LinearOp, Conv2dOp, ActivationOp, DropoutOp, AvgPoolOp, SEGateOp)
+_OP_TYPES = (LinearOp, Conv1dOp, Conv2dOp, ActivationOp, DropoutOp, AvgPoolOp, SEGateOp)
 Op = Annotated[Union[_OP_TYPES], Field(discriminator="op")]  # type: ignore[valid-type]
 OP_NAMES = frozenset(name for cls in _OP_TYPES for name in get_args(cls.model_fields["op"].annotation))
 
@@ -93,7 +103,7 @@ class Blueprint(BaseModel):
                       description="The name recipes use in `seeds.blueprints`.")
     version: int = Field(1, ge=1, description="Bump when the ops change; part of every kernel's content hash.")
     description: str = Field("", description="One line for `esper blueprints list`.")
-    host: Literal["linear", "conv2d"] = Field(description="Host layer kind this blueprint grows on.")
+    host: Literal["linear", "conv1d", "conv2d"] = Field(description="Host layer kind this blueprint grows on.")
     dims: dict[str, Dim] = Field(default_factory=dict,
                                  description="Named sizes, evaluated in order; may use in, out, rank and earlier dims.")
     ops: list[Op] = Field(min_length=1, max_length=64, description="The branch, applied in order to the host's "

@@ -9,15 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from esper_core.blueprints.dims import DimError, evaluate
-from esper_core.blueprints.host import HostSpec
-from esper_core.blueprints.ir import (ActivationOp, AvgPoolOp, Blueprint, Conv2dOp, DropoutOp, LinearOp,
+from esper_core.blueprints.host import Grid, HostSpec, Padding
+from esper_core.blueprints.ir import (ActivationOp, AvgPoolOp, Blueprint, Conv1dOp, Conv2dOp, DropoutOp, LinearOp,
                                       SEGateOp)
 
 MAX_DIM = 2**20
 MAX_PARAMS = 10**9
-_PROBE_GRIDS = ((8, 8), (13, 11), (32, 32))
+_PROBE_GRIDS = {"conv1d": ((8,), (13,), (32,)), "conv2d": ((8, 8), (13, 11), (32, 32))}
 HOST_OPS = {"linear": (LinearOp, ActivationOp, DropoutOp),
-             "conv2d": (Conv2dOp, AvgPoolOp, SEGateOp, ActivationOp, DropoutOp)}
+            "conv1d": (Conv1dOp, ActivationOp, DropoutOp),
+            "conv2d": (Conv2dOp, AvgPoolOp, SEGateOp, ActivationOp, DropoutOp)}
+CONV_KINDS = ("conv1d", "conv2d")
 
 
 class ResolveError(ValueError):
@@ -36,10 +38,10 @@ class ResolvedOp:
     kind: str
     in_size: int = 0
     out_size: int = 0
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    kernel: Grid = (1, 1)
+    stride: Grid = (1, 1)
+    padding: Padding = (0, 0)
+    dilation: Grid = (1, 1)
     groups: int = 1
     bias: bool = True
     init: str = "default"
@@ -49,9 +51,11 @@ class ResolvedOp:
     def params(self) -> int:
         if self.kind == "linear":
             return self.in_size * self.out_size + (self.out_size if self.bias else 0)
-        if self.kind == "conv2d":
-            kh, kw = self.kernel
-            return self.out_size * (self.in_size // self.groups) * kh * kw + (self.out_size if self.bias else 0)
+        if self.kind in CONV_KINDS:
+            area = 1
+            for k in self.kernel:
+                area *= k
+            return self.out_size * (self.in_size // self.groups) * area + (self.out_size if self.bias else 0)
         if self.kind == "se_gate":
             hidden = self.out_size
             return 2 * self.in_size * hidden + hidden + self.in_size
@@ -102,25 +106,30 @@ def _resolve_op(op: object, i: int, host: HostSpec, env: dict[str, int]) -> Reso
     if isinstance(op, LinearOp):
         return ResolvedOp("linear", _size(op.in_, env, f"{where}.in"), _size(op.out, env, f"{where}.out"),
                           bias=op.bias, init=op.init)
-    if isinstance(op, Conv2dOp):
+    if isinstance(op, (Conv1dOp, Conv2dOp)):
         in_size, out_size = _size(op.in_, env, f"{where}.in"), _size(op.out, env, f"{where}.out")
         groups = _size(op.groups, env, f"{where}.groups")
         if in_size % groups or out_size % groups:
             raise ResolveError(f"{where}.groups", f"{groups} groups do not divide {in_size} -> {out_size} channels")
         if op.geometry == "host":
-            return ResolvedOp("conv2d", in_size, out_size, host.kernel, host.stride, host.padding, host.dilation,
+            return ResolvedOp(op.op, in_size, out_size, host.kernel, host.stride, host.padding, host.dilation,
                               groups, op.bias, op.init)
         k = _size(op.kernel, env, f"{where}.kernel")
         if k % 2 == 0:
             raise ResolveError(f"{where}.kernel", f"a 'same' conv needs an odd kernel, got {k}")
-        return ResolvedOp("conv2d", in_size, out_size, (k, k), (1, 1), (k // 2, k // 2), (1, 1), groups,
+        n = host.spatial
+        return ResolvedOp(op.op, in_size, out_size, (k,) * n, (1,) * n, (k // 2,) * n, (1,) * n, groups,
                           op.bias, op.init)
     if isinstance(op, AvgPoolOp):
         if host.dilation != (1, 1):
             raise ResolveError(f"{where}.op", "avg_pool cannot follow a dilated host conv")
-        if any(2 * p > k for p, k in zip(host.padding, host.kernel)):
+        pads = host.pads()
+        if any(before != after for before, after in pads):
+            raise ResolveError(f"{where}.op", "avg_pool cannot mirror a host padded unevenly ('same' with an even kernel)")
+        if any(2 * before > k for (before, _), k in zip(pads, host.kernel)):
             raise ResolveError(f"{where}.op", "avg_pool cannot mirror a host whose padding exceeds half its kernel")
-        return ResolvedOp("avg_pool", kernel=host.kernel, stride=host.stride, padding=host.padding)
+        return ResolvedOp("avg_pool", kernel=host.kernel, stride=host.stride,
+                          padding=tuple(before for before, _ in pads))
     if isinstance(op, SEGateOp):
         channels = _size(op.channels, env, f"{where}.channels")
         reduction = _size(op.reduction, env, f"{where}.reduction")
@@ -134,22 +143,23 @@ def _resolve_op(op: object, i: int, host: HostSpec, env: dict[str, int]) -> Reso
 def _check_chain(ops: tuple[ResolvedOp, ...], blueprint: Blueprint, host: HostSpec) -> None:
     """Walk sizes and grids through the ops: the branch must map the host's input to its output."""
     width = host.in_features
-    grids = list(_PROBE_GRIDS)
+    probes = _PROBE_GRIDS.get(host.kind, ())
+    grids = list(probes)
     for i, op in enumerate(ops):
-        if op.kind in ("linear", "conv2d", "se_gate"):
+        if op.kind in ("linear", "se_gate", *CONV_KINDS):
             if op.in_size != width:
                 field = "channels" if op.kind == "se_gate" else "in"
                 raise ResolveError(f"ops.{i}.{field}", f"expects {op.in_size} but receives {width}")
             if op.kind != "se_gate":
                 width = op.out_size
-        if op.kind in ("conv2d", "avg_pool"):
-            geo = HostSpec("conv2d", 1, 1, op.kernel, op.stride, op.padding, op.dilation)
-            grids = [geo.output_hw(h, w) for h, w in grids]
+        if op.kind in (*CONV_KINDS, "avg_pool"):
+            geo = HostSpec(host.kind, 1, 1, op.kernel, op.stride, op.padding, op.dilation)
+            grids = [geo.output_size(*grid) for grid in grids]
     if width != host.out_features:
         raise ResolveError(f"ops.{len(ops) - 1}", f"the branch ends with {width} features/channels but "
                            f"the host produces {host.out_features}")
-    if host.kind == "conv2d":
-        expected = [host.output_hw(h, w) for h, w in _PROBE_GRIDS]
-        if grids != expected:
-            raise ResolveError("ops", f"the branch's output grid {grids[0]} does not match the host's "
-                               f"{expected[0]} for an 8x8 input: use one op with `geometry: host` or `avg_pool`")
+    expected = [host.output_size(*grid) for grid in probes]
+    if grids != expected:
+        shown = "x".join(map(str, probes[0]))
+        raise ResolveError("ops", f"the branch's output grid {grids[0]} does not match the host's "
+                           f"{expected[0]} for a {shown} input: use one op with `geometry: host` or `avg_pool`")

@@ -49,7 +49,7 @@ def check_limits(cost: Cost) -> list[Check]:
 def check_host(spec: KernelSpec) -> Check:
     """The germination check allocates a real host layer of the target's geometry: refuse absurd ones."""
     host = spec.host
-    params = host.out_features * host.in_features * host.kernel[0] * host.kernel[1]
+    params = host.out_features * host.in_features * math.prod(host.kernel if host.kind != "linear" else (1,))
     return Check("limits.host", params <= MAX_HOST_PARAMS, f"the host layer has {params:,} weights "
                  f"(limit {MAX_HOST_PARAMS:,})")
 

@@ -76,11 +76,12 @@ def _op_cost(op: ResolvedOp, shape: tuple[int, ...]) -> tuple[int, int, tuple[in
         macs = rows * op.in_size * op.out_size
         bias = rows * op.out_size if op.bias else 0
         return 2 * macs + bias, 4 * macs + bias, (*shape[:-1], op.out_size)
-    if op.kind in ("conv2d", "avg_pool"):
-        channels = op.out_size if op.kind == "conv2d" else shape[0]
-        geometry = HostSpec("conv2d", 1, 1, op.kernel, op.stride, op.padding, op.dilation)
-        out = (channels, *geometry.output_hw(shape[1], shape[2]))
-        window = op.kernel[0] * op.kernel[1]
+    if op.kind in ("conv1d", "conv2d", "avg_pool"):
+        channels = shape[0] if op.kind == "avg_pool" else op.out_size
+        kind = "conv1d" if len(shape) == 2 else "conv2d"
+        geometry = HostSpec(kind, 1, 1, op.kernel, op.stride, op.padding, op.dilation)
+        out = (channels, *geometry.output_size(*shape[1:]))
+        window = math.prod(op.kernel)
         if op.kind == "avg_pool":
             flops = math.prod(out) * window
             return flops, flops, out

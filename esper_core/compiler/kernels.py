@@ -50,8 +50,8 @@ class KernelSpec:
         shape, width = self.sample_shape, self.host.in_features
         if self.host.kind == "linear" and (not shape or shape[-1] != width):
             raise ValueError(f"a linear host with {width} inputs cannot take samples of shape {shape}")
-        if self.host.kind == "conv2d" and (len(shape) != 3 or shape[0] != width):
-            raise ValueError(f"a conv2d host with {width} channels cannot take samples of shape {shape}")
+        if self.host.kind != "linear" and (len(shape) != 1 + self.host.spatial or shape[0] != width):
+            raise ValueError(f"a {self.host.kind} host with {width} channels cannot take samples of shape {shape}")
         if any(size < 1 for size in shape):
             raise ValueError(f"input shape {shape} has an empty dimension")
 
@@ -68,7 +68,7 @@ class KernelSpec:
         shape = self.sample_shape
         if self.host.kind == "linear":
             return (*shape[:-1], self.host.out_features)
-        return (self.host.out_features, *self.host.output_hw(shape[1], shape[2]))
+        return (self.host.out_features, *self.host.output_size(*shape[1:]))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -96,7 +96,7 @@ class KernelSpec:
         """A short human description of the target, e.g. ``conv2d 16->32 k3 s2 p1 @ 16x8x8``."""
         host = self.host
         text = f"{host.kind} {host.in_features}->{host.out_features}"
-        if host.kind == "conv2d":
+        if host.kind != "linear":
             text += f" k{_pair(host.kernel)} s{_pair(host.stride)} p{_pair(host.padding)}"
             if host.dilation != (1, 1):
                 text += f" d{_pair(host.dilation)}"
@@ -120,8 +120,10 @@ def address_of(spec_json: dict[str, Any], torch_version: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _pair(pair: tuple[int, int]) -> str:
-    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+def _pair(pair: tuple[int, ...] | str) -> str:
+    if isinstance(pair, str):
+        return pair
+    return str(pair[0]) if len(set(pair)) == 1 else "x".join(map(str, pair))
 
 
 def build_kernel(spec: KernelSpec) -> tuple[nn.Module, str]:

@@ -32,8 +32,8 @@ def feature_like_input(spec: KernelSpec, batch: int, gen: torch.Generator) -> to
     average to almost nothing under a global pool, which would make pooled branches look dead.
     """
     x = random_input(spec, batch, gen)
-    if len(spec.sample_shape) == 3:
-        offsets = torch.randn((batch, spec.sample_shape[0], 1, 1), generator=gen)
+    if spec.host.kind != "linear":
+        offsets = torch.randn((batch, spec.sample_shape[0], *(1,) * spec.host.spatial), generator=gen)
         x = x + offsets.to(device=x.device, dtype=x.dtype)
     return x
 

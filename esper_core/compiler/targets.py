@@ -58,7 +58,7 @@ def parse_conv2d(text: str, option: str = "--conv2d") -> Target:
     n_in, n_out, k, s, p = (int(match[i]) for i in (1, 2, 3, 4, 5))
     grid = (int(match[7]), int(match[8])) if match[7] else DEFAULT_GRID
     host = HostSpec("conv2d", n_in, n_out, (k, k), (s, s), (p, p))
-    if min(host.output_hw(*grid)) < 1:
+    if min(host.output_size(*grid)) < 1:
         raise ConfigError(Problem(COMMAND_LINE, f"{text!r}: a {grid[0]}x{grid[1]} input gives an empty output",
                                   field=option))
     return Target(host, (n_in, *grid))

@@ -115,11 +115,11 @@ def _host_layer(spec: KernelSpec) -> nn.Module:
         if host.kind == "linear":
             layer: nn.Module = nn.Linear(host.in_features, host.out_features)
         else:
-            layer = nn.Conv2d(host.in_features, host.out_features, host.kernel, host.stride, host.padding,
-                              host.dilation)
+            conv = nn.Conv1d if host.kind == "conv1d" else nn.Conv2d
+            layer = conv(host.in_features, host.out_features, host.kernel, host.stride, host.padding, host.dilation)
     return layer.to(device=device_of(spec), dtype=spec.torch_dtype)
 
 
 def _last_weighted_op(spec: KernelSpec) -> str:
-    weighted = [i for i, op in enumerate(spec.blueprint.ops) if op.op in ("linear", "conv2d")]
+    weighted = [i for i, op in enumerate(spec.blueprint.ops) if op.op in ("linear", "conv1d", "conv2d")]
     return f"ops.{weighted[-1]}.init" if weighted else "ops"

@@ -9,8 +9,10 @@ joined by ``/`` (escaped JSON-pointer style), so a checkpoint's tensor names say
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+import numpy as np
 import torch
 
 State = dict[str, Any]
@@ -73,3 +75,31 @@ def cpu_copy(tree: Any) -> Any:
     if isinstance(tree, (list, tuple)):
         return [cpu_copy(value) for value in tree]
     return tree
+
+
+def rng_state() -> State:
+    """Every global RNG (Python, NumPy, torch CPU and CUDA) as tensors and JSON values."""
+    np_state = np.random.get_state()
+    state: State = {"python": _jsonable(random.getstate()),
+                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                    "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: State) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(_tupled(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

@@ -94,14 +94,14 @@ class LayerSignals:
         gradient statistics follow in the backward pass through a tensor hook on ``output``."""
         x = x.detach()
         with torch.no_grad():
-            self._fold(name, _activation_stats(output.detach()))
+            self._fold(name, _activation_stats(output.detach(), layer.spec.kind))
         if output.requires_grad:
             output.register_hook(lambda grad: self._gradient(name, layer, x, grad))
 
     @torch.no_grad()
     def _gradient(self, name: str, layer: KasminaLayer, x: torch.Tensor, grad: torch.Tensor) -> None:
         batch = grad.shape[0]
-        rows_x, rows_v = _rows(layer, x), _rows_out(grad.float() * batch)
+        rows_x, rows_v = _rows(layer, x), _rows_out(grad.float() * batch, layer.spec.kind)
         n = rows_v.shape[0]
         stats = {"q": (rows_v * rows_v).sum() / batch, "rows": torch.tensor(n / batch, device=grad.device)}
         if rows_x is not None and rows_x.shape[1] <= MAX_PROJECTION_WIDTH:
@@ -141,9 +141,9 @@ class LayerSignals:
             self._ema.setdefault(name, {})[stat] = value.to(device)
 
 
-def _activation_stats(y: torch.Tensor) -> dict[str, torch.Tensor]:
+def _activation_stats(y: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     """Dead share and normalised effective rank of a layer output (batch, features[, h, w])."""
-    rows = _rows_out(y.float())
+    rows = _rows_out(y.float(), kind)
     dead = (rows.amax(dim=0) <= 0).float().mean()
     centred = rows - rows.mean(dim=0, keepdim=True)
     # Singular values from the small (width x width) Gram matrix: cheap for conv outputs with many rows.
@@ -153,21 +153,29 @@ def _activation_stats(y: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"dead": dead, "erank": torch.exp(entropy) / rows.shape[1]}
 
 
-def _rows_out(t: torch.Tensor) -> torch.Tensor:
-    """(rows, channels): one row per sample, or per sample and position of a feature map."""
-    if t.dim() == 4:
-        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+def _rows_out(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """(rows, channels): one row per sample (and position, for token sequences), or per sample and
+    position of a convolution's feature map (channels come second there)."""
+    if kind != "linear":
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
     return t.reshape(-1, t.shape[-1])
 
 
 def _rows(layer: KasminaLayer, x: torch.Tensor) -> torch.Tensor | None:
     """The host's inputs as rows matching :func:`_rows_out` of its output (with a ones column when the
-    host has a bias, which can absorb the mean); ``None`` for grouped convolutions."""
+    host has a bias, which can absorb the mean); ``None`` for grouped convolutions and for unevenly
+    padded ones ('same' with an even kernel), whose patches ``unfold`` cannot cut."""
     host, spec = layer.host, layer.spec
-    if spec.kind == "conv2d":
-        if getattr(host, "groups", 1) != 1:
+    if spec.kind != "linear":
+        pads = spec.pads()
+        if getattr(host, "groups", 1) != 1 or any(before != after for before, after in pads):
             return None
-        patches = F.unfold(x.float(), spec.kernel, dilation=spec.dilation, padding=spec.padding, stride=spec.stride)
+        if spec.kind == "conv1d":  # a length-L sequence is a 1 x L image
+            x, kernel, dilation, stride = x.unsqueeze(2), (1, *spec.kernel), (1, *spec.dilation), (1, *spec.stride)
+            padding: tuple[int, ...] = (0, pads[0][0])
+        else:
+            kernel, dilation, stride, padding = spec.kernel, spec.dilation, spec.stride, tuple(b for b, _ in pads)
+        patches = F.unfold(x.float(), kernel, dilation=dilation, padding=padding, stride=stride)
         rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
     else:
         rows = x.float().reshape(-1, x.shape[-1])

@@ -213,7 +213,8 @@ def wrap(model: nn.Module, targets: Sequence[str] | None = None, per_layer: int 
     try:
         names = match_targets(model, config.targets, config.exclude)
     except TargetMismatch as exc:
-        raise ConfigError(Problem(source=RECIPE_FIELD, field=f"seeds.targets.{exc.index}", message=exc.message)) from None
+        raise ConfigError(Problem(source=RECIPE_FIELD, field=f"seeds.{exc.which}.{exc.index}",
+                                  message=exc.message)) from None
     if not names:
         raise ConfigError(Problem(source=RECIPE_FIELD, field="seeds.exclude", message="excludes every targeted module"))
     layers: dict[str, KasminaLayer] = {}

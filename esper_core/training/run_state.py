@@ -9,14 +9,10 @@ governor (whose own snapshot would otherwise nest), and the lengths of the log f
 
 from __future__ import annotations
 
-import random
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from esper_core.growth import optimizer as optim
-from esper_core.growth.state import State
+from esper_core.growth.state import State, rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from esper_core.training.trainer import Trainer
@@ -49,30 +45,3 @@ def restore(trainer: Trainer, state: State) -> None:
     trainer.last_val = state["trainer"]["last_val"]
     if "data" in state:
         trainer.sampler.seek(**state["data"])
-
-
-def rng_state() -> State:
-    np_state = np.random.get_state()
-    state: State = {"python": _jsonable(random.getstate()),
-                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                    "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
-
-
-def set_rng_state(state: State) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(_tupled(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-
-
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
-
-
-def _tupled(value: Any) -> Any:
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

@@ -36,7 +36,7 @@ def recipe_targets(loaded: LoadedRecipe) -> list[Target]:
         raise ConfigError([loaded.locate(p.field, p.message) if p.source == RECIPE_FIELD and p.field else p
                            for p in exc.problems]) from None
     except TargetMismatch as exc:
-        raise ConfigError(loaded.locate(f"seeds.targets.{exc.index}", exc.message)) from None
+        raise ConfigError(loaded.locate(f"seeds.{exc.which}.{exc.index}", exc.message)) from None
     shapes = input_shapes(model, names, data.example(2))
     device = device_class(recipe.run.device)
     targets = (Target(HostSpec.of(model.get_submodule(name)), shapes[name], recipe.seeds.rank, "float32", device)
