@@ -95,12 +95,13 @@ class GrowthController:
     dict of keyword arguments): it is run once to learn the shape each wrapped layer really sees.
     ``evaluate(model)`` must evaluate the same held-out samples every call (verdicts compare two
     calls); it may also be given later, to :meth:`after_validation`. ``seed_lr(step)`` is the learning
-    rate of seed parameters (default: the optimizer's first group's learning rate now, times
-    ``seeds.lr_scale``). ``run_state`` is a pair (capture, restore) of the whole run's state for the
-    governor's snapshots; by default model, optimizer and controller.
+    rate of seed parameters (default: the optimizer's first group's learning rate when it is bound,
+    times ``seeds.lr_scale``). ``run_state`` is a pair (capture, restore) of the whole run's state for
+    the governor's snapshots; by default model, optimizer and controller. ``optimizer`` may be
+    ``None`` and bound later with :meth:`bind_optimizer` (a framework that creates it after setup).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: Any, max_steps: int,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, example: Any, max_steps: int,
                  seeds: SeedsConfig | dict[str, Any] | None = None,
                  policy: PolicyConfig | dict[str, Any] | None = None,
                  governor: GovernorConfig | dict[str, Any] | None = None,
@@ -135,10 +136,8 @@ class GrowthController:
                                    eta=self.seeds_config.eta,
                                    latency_of=lambda bp, layer: self.kernels.latency_ms(self.catalog.spec(bp, layer)))
         self.governor = Governor(_config(GovernorConfig, governor), self.device)
-        if seed_lr is None:
-            initial = float(optimizer.param_groups[0]["lr"]) * self.seeds_config.lr_scale
-            seed_lr = lambda step: initial  # noqa: E731 - constant: the user's scheduler owns the host's LR
-        self.executor = SeedExecutor(self.manager, optimizer, self.catalog, self.kernels, seed_lr)
+        self._seed_lr = seed_lr
+        self.executor = SeedExecutor(self.manager, None, self.catalog, self.kernels, self._lr_of_seeds)
         self.run_state: tuple[Callable[[], State], Callable[[State], None]] = (self._capture, self._restore)
         self._names = {id(layer): name for name, layer in self.manager.layers.items()}
         self._unusable: set[tuple[str, str]] = set()
@@ -148,6 +147,8 @@ class GrowthController:
         self._measuring = False
         self.kernel_wait_s = 0.0
         self.started = False
+        if optimizer is not None:
+            self.bind_optimizer(optimizer)
         if start:
             self.start()
 
@@ -157,6 +158,17 @@ class GrowthController:
     def step(self) -> int:
         """Optimizer steps taken (every lifecycle counter counts these)."""
         return self.manager.step_count
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer`` from now on; seeds that already exist get their groups in it."""
+        self.optimizer = optimizer
+        if self._seed_lr is None:  # constant: the user's scheduler owns the host's learning rate
+            self._constant_seed_lr = float(optimizer.param_groups[0]["lr"]) * self.seeds_config.lr_scale
+        self.executor.bind(optimizer)
+        self.executor.set_lr(self.step)
+
+    def _lr_of_seeds(self, step: int) -> float:
+        return self._seed_lr(step) if self._seed_lr is not None else self._constant_seed_lr
 
     def start(self) -> None:
         """Request every kernel this run can use; with ``deterministic`` wait for them, so the step at

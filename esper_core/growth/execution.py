@@ -7,6 +7,9 @@ the optimizer's seed groups (named by slot key). A germinated seed waits for its
 blocking anything; :meth:`SeedExecutor.activate_ready` starts incubation for those whose kernel
 arrived. Rebuilding a recorded topology (resume, rollback) goes through here too, so a restored run's
 optimizer has exactly the groups, in exactly the order, the recorded run had.
+
+The optimizer may be bound late (frameworks such as Lightning create it after the model is set up
+and restored): until :meth:`SeedExecutor.bind` the seed groups are only an ordered list of names.
 """
 
 from __future__ import annotations
@@ -36,13 +39,40 @@ class KernelFailure:
 class SeedExecutor:
     """``seed_lr(step)`` is the learning rate of every seed group at optimizer step ``step``."""
 
-    def __init__(self, manager: SeedManager, optimizer: torch.optim.Optimizer, catalog: SeedCatalog,
+    def __init__(self, manager: SeedManager, optimizer: torch.optim.Optimizer | None, catalog: SeedCatalog,
                  kernels: KernelSupply, seed_lr: Callable[[int], float]) -> None:
         self.manager = manager
         self.optimizer = optimizer
         self.catalog = catalog
         self.kernels = kernels
         self.seed_lr = seed_lr
+        self._unbound: list[str] = []  # seed group names while no optimizer is bound
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Adopt the optimizer: seed parameters it already holds in other groups (a framework built it
+        from all of the model's parameters) move to their own groups, in the recorded order."""
+        seed_params = {id(p) for name in self._unbound for p in self._params(name)}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in seed_params]
+        self.optimizer, order, self._unbound = optimizer, self._unbound, []
+        for name in order:
+            self._add(name)
+
+    def _params(self, key: str) -> list[torch.nn.Parameter]:
+        layer, _, index = key.rpartition("#")
+        return self.manager.seed_parameters(SlotRef(layer, int(index)))
+
+    def _add(self, key: str) -> None:
+        if self.optimizer is None:
+            self._unbound.append(key)
+        else:
+            optim.add_group(self.optimizer, key, self._params(key), self.seed_lr(self.manager.step_count))
+
+    def _drop(self, key: str) -> None:
+        if self.optimizer is None:
+            self._unbound.remove(key)
+        else:
+            optim.remove_group(self.optimizer, key)
 
     def germinate(self, decision: GrowthDecision) -> Event:
         spec = self.catalog.spec(decision.blueprint, decision.slot.layer)
@@ -69,7 +99,7 @@ class SeedExecutor:
                 continue
             seed = future.result().instantiate(*self._placement(ref))
             events.append(self.manager.start_incubation(ref, seed))
-            optim.add_group(self.optimizer, ref.key, self.manager.seed_parameters(ref), self.seed_lr(self.manager.step_count))
+            self._add(ref.key)
         return events, failures
 
     def remove(self, ref: SlotRef, rolled_back: bool, **evidence: Any) -> Event:
@@ -77,7 +107,7 @@ class SeedExecutor:
         had_module = str(ref.index) in self.manager.layers[ref.layer].seeds  # a GERMINATED seed has none yet
         event, _ = self.manager.cull(ref, rolled_back=rolled_back, **evidence)
         if had_module:
-            optim.remove_group(self.optimizer, ref.key)
+            self._drop(ref.key)
         return event
 
     def fossilize(self, ref: SlotRef, **evidence: Any) -> Event:
@@ -85,12 +115,16 @@ class SeedExecutor:
 
     def set_lr(self, step: int) -> None:
         """Every seed group's learning rate for optimizer step ``step``."""
+        if self.optimizer is None:
+            return
         lr = self.seed_lr(step)
         for group in optim.seed_groups(self.optimizer):
             group["lr"] = lr
 
     def group_order(self) -> list[str]:
         """Seed groups' names in optimizer order (a restore re-adds them in this order)."""
+        if self.optimizer is None:
+            return list(self._unbound)
         return [str(g["name"]) for g in optim.seed_groups(self.optimizer)]
 
     def rebuild(self, topology: dict[str, Any], group_order: list[str]) -> None:
@@ -98,15 +132,13 @@ class SeedExecutor:
         and optimizer state are loaded afterwards by the caller). Builds each seed from its kernel,
         waiting for a compile if the store lacks it."""
         for name in self.group_order():
-            optim.remove_group(self.optimizer, name)
+            self._drop(name)
         holding = self.manager.restore(topology, self._build)
-        refs = {ref.key: ref for ref in holding}
-        if sorted(group_order) != sorted(refs):
+        if sorted(group_order) != sorted(ref.key for ref in holding):
             raise ValueError(f"recorded optimizer seed groups {group_order} do not match the seeds "
-                             f"the topology holds {sorted(refs)}")
+                             f"the topology holds {sorted(ref.key for ref in holding)}")
         for name in group_order:
-            optim.add_group(self.optimizer, name, self.manager.seed_parameters(refs[name]),
-                            self.seed_lr(self.manager.step_count))
+            self._add(name)
 
     def _build(self, layer: str, blueprint: str) -> torch.nn.Module:
         return self.kernels.build(self.catalog.spec(blueprint, layer), *self._placement(SlotRef(layer, 0)),

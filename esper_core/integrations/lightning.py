@@ -1,0 +1,111 @@
+"""Growth inside ``lightning.Trainer``: a thin Callback over the growth controller.
+
+    trainer = lightning.Trainer(max_steps=3000, callbacks=[EsperGrowth(example=x[:2], evaluate=evaluate,
+                                                                       seeds={"targets": ["net.fc*"]})])
+    trainer.fit(module, data)
+
+The hooks map one to one onto the controller's three calls: ``on_after_backward`` ->
+``after_backward``, the end of a batch whose optimizer step ran -> ``after_step(loss)``, the end of a
+validation epoch -> ``after_validation(evaluate(module))``. Seeds' parameters get their own groups in
+the optimizer ``configure_optimizers`` returned (the first one).
+
+Checkpoints: the callback's state (tensors and JSON values) travels in Lightning's checkpoint. Lightning
+loads a module's weights before any callback hook runs, and a grown module has keys the freshly built
+one lacks, so when fitting resumes from a checkpoint the callback makes that first load non-strict,
+then rebuilds the recorded seeds and loads the weights again, strictly, before the optimizer (whose
+seed groups it re-creates) gets its state back. Use the callback's ``clip_grad_norm`` rather than
+``Trainer(gradient_clip_val=...)``: Lightning's clipping would let an incubating seed's gradient
+change the host's update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from esper_core.growth.controller import GrowthController
+from esper_core.growth.evaluation import Evaluate
+
+
+class EsperGrowth(pl.Callback):
+    """``example``: one input of the module's ``forward`` (as the training step passes it), to learn
+    the shape each wrapped layer sees; ``evaluate(module)``: validation on fixed held-out samples
+    (returns an :class:`~esper_core.growth.evaluation.Evaluation`); ``max_steps``: defaults to the
+    trainer's (or its estimate of the optimizer steps); ``clip_grad_norm``: isolation-safe clipping.
+    Other keywords go to :class:`~esper_core.growth.controller.GrowthController`."""
+
+    def __init__(self, *, example: Any, evaluate: Evaluate | None = None, max_steps: int | None = None,
+                 clip_grad_norm: float | None = None, **controller: Any) -> None:
+        self.example, self.evaluate, self.max_steps = example, evaluate, max_steps
+        self.clip = clip_grad_norm
+        self.options = controller
+        self.growth: GrowthController | None = None
+        self._steps_seen = 0
+        self._strict: bool | None = None
+
+    # --- set-up and checkpoints -------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.growth is not None:
+            return
+        max_steps = self.max_steps or (trainer.max_steps if trainer.max_steps > 0 else None)
+        if max_steps is None:
+            raise ValueError("EsperGrowth needs max_steps (give it, or Trainer(max_steps=...))")
+        self.growth = GrowthController(pl_module, None, example=self.example, max_steps=max_steps,
+                                       evaluate=self.evaluate, start=False, **self.options)
+        # A resumed fit loads the weights before any callback hook: let that load pass, and load them
+        # again (with the module's own strictness) once the seeds exist (on_load_checkpoint).
+        self._strict, pl_module.strict_loading = pl_module.strict_loading, False
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        assert self.growth is not None
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state:
+            self.growth.load_state_dict(state)
+        pl_module.load_state_dict(checkpoint["state_dict"], strict=bool(self._strict))
+        self._restore_strictness(pl_module)
+
+    def _restore_strictness(self, pl_module: pl.LightningModule) -> None:
+        if self._strict is not None:
+            pl_module.strict_loading, self._strict = self._strict, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.growth.state_dict() if self.growth is not None else {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.growth is not None
+        self._restore_strictness(pl_module)
+        self.growth.bind_optimizer(trainer.optimizers[0])
+        self.growth.start()
+        self._steps_seen = trainer.global_step
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.growth is not None:
+            self.growth.close()
+
+    # --- the three calls --------------------------------------------------------------------------
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.growth is not None
+        self.growth.after_backward()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if self.clip is not None and self.growth is not None:
+            self.growth.clip_grad_norm_(self.clip)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        assert self.growth is not None
+        if trainer.global_step == self._steps_seen:  # gradient accumulation: no optimizer step yet
+            return
+        self._steps_seen = trainer.global_step
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.growth.after_step(loss.detach() if isinstance(loss, torch.Tensor) else None)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.growth is None or not self.growth.started:
+            return
+        self.growth.after_validation(self.evaluate(pl_module) if self.evaluate is not None else None)
