@@ -43,3 +43,71 @@ def linear_model(input_shape: tuple[int, ...], num_classes: int, bias: bool = Tr
 
 def not_a_model(input_shape: tuple[int, ...], num_classes: int) -> str:
     return "model"
+
+
+class _TokenSequences(Dataset):
+    """Dict samples as a Hugging Face pipeline gives them: ``input_ids``, ``attention_mask``, ``labels``.
+    A plain map-style dataset (not tensors Esper can slice), so batches go through a DataLoader."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "attention_mask": torch.ones_like(self.ids[index]),
+                "labels": self.labels[index]}
+
+
+def majority_tokens(n: int = 384, length: int = 16, vocab: int = 32) -> _TokenSequences:
+    """Sequence classification: is the majority of a sequence's tokens in the lower half of the vocabulary?"""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (n, length), generator=gen)
+    return _TokenSequences(ids, ((ids < vocab // 2).sum(dim=1) > length // 2).long())
+
+
+def counting_tokens(n: int = 256, length: int = 16, vocab: int = 32) -> tuple[Dataset, Dataset, Dataset]:
+    """Language modelling: each sequence counts up from a random start (mod vocab), so the next token
+    is predictable; the target of a causal LM is the sequence itself (the task shifts it)."""
+    gen = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, vocab, (n, 1), generator=gen)
+    ids = (starts + torch.arange(length)) % vocab
+    cut = [int(n * 0.7), int(n * 0.85)]
+    return (_TokenSequences(ids[:cut[0]], ids[:cut[0]]), _TokenSequences(ids[cut[0]:cut[1]], ids[cut[0]:cut[1]]),
+            _TokenSequences(ids[cut[1]:], ids[cut[1]:]))
+
+
+def tiny_bert(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A Hugging Face BERT sequence classifier built from a config (nothing downloaded)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=num_classes)
+    return BertForSequenceClassification(config)
+
+
+def tiny_gpt2(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A Hugging Face GPT-2 language model (projections are transformers' Conv1D) from a config."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=32, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config)
+
+
+class _TokenMLP(nn.Module):
+    """A small classifier over token ids (embedding, mean over positions, a hidden Linear)."""
+
+    def __init__(self, vocab: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 16)
+        self.hidden = nn.Linear(16, 16)
+        self.out = nn.Linear(16, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids).mean(dim=1)
+        return self.out(torch.relu(self.hidden(h)))
+
+
+def token_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return _TokenMLP(32, num_classes)

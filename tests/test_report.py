@@ -241,7 +241,7 @@ def test_the_html_report_renders_its_plots_in_headless_chromium(reported: dict[s
     non_white = sum(1 for row in rows for x in range(0, len(row), bpp) if row[x:x + 3] != b"\xff\xff\xff")
     assert non_white > 0.03 * width * height, "the page rendered (almost) blank"
     colors = {"train loss": SERIES_COLORS["loss"], "val loss": SERIES_COLORS["val_loss"],
-              "val accuracy": SERIES_COLORS["val_accuracy"], "parameters": SERIES_COLORS["params"],
+              "val accuracy": SERIES_COLORS["val_metric"], "parameters": SERIES_COLORS["params"],
               "training state": STATE_COLORS["training"], "fossilized state": STATE_COLORS["fossilized"]}
     found = rows_with(rows, bpp, colors)
     for name, ys in found.items():
@@ -314,7 +314,7 @@ def test_no_marker_of_the_real_run_hides_another(reported: dict[str, Any]) -> No
 
     from esper_core.telemetry.report.svg import MARKER_SIZE
 
-    for plot_id in ("plot-loss", "plot-accuracy", "plot-params"):
+    for plot_id in ("plot-loss", "plot-metric", "plot-params"):
         svg = _svg(reported["html"], plot_id)
         boxes = [tuple(float(v) for v in m) for m in re.findall(r'class="event-marker".*?<rect x="([\d.]+)" '
                                                                 r'y="([\d.]+)"', svg)]
@@ -369,7 +369,7 @@ def test_comparison_puts_metrics_seeds_and_settings_side_by_side(finished: Path,
 
 def test_comparison_overlays_both_runs_curves_inline(compared: dict[str, Any]) -> None:
     for document in (compared["html"], compared["md"]):
-        for plot_id in ("compare-loss", "compare-accuracy", "compare-params"):
+        for plot_id in ("compare-loss", "compare-metric", "compare-params"):
             svg = _svg(document, plot_id)
             assert svg.count('class="series"') >= 2
             assert "A (" in svg and "B (" in svg

@@ -165,8 +165,9 @@ def test_scrape_follows_naming_and_cardinality_rules(scraped: dict[str, Any]) ->
     for name in ("esper_kernel_cache_hits", "esper_kernel_cache_misses"):
         assert {s.labels["tier"] for s in fams[name].samples if "tier" in s.labels} == set(TIERS)
     assert {s.labels["kind"] for s in fams["esper_anomalies"].samples if "kind" in s.labels} == set(ANOMALY_KINDS)
+    assert {s.labels["metric"] for s in fams["esper_val_metric"].samples} == {"accuracy"}  # the task's metric
     # No label anywhere carries a run name, a slot or a layer: only the closed sets above.
-    allowed = {"state", "tier", "kind", "le", "version", "torch_version", "python_version"}
+    allowed = {"state", "tier", "kind", "le", "version", "torch_version", "python_version", "metric"}
     assert {k for fam in fams.values() for s in fam.samples for k in s.labels} <= allowed
     assert "scraped" not in scraped["text"] and "layers.0" not in scraped["text"]
     info = fams["esper_build_info"].samples[0]

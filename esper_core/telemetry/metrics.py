@@ -116,6 +116,9 @@ class RunMetrics:
                             "or interrupted): alerts on a stalled run ignore runs that ended.", registry=r)
         self.loss = Gauge("esper_train_loss", "Training loss at the last logged step.", registry=r)
         self.val_loss = Gauge("esper_val_loss", "Validation loss at the last validation.", registry=r)
+        self.val_metric = Gauge("esper_val_metric", "The task's validation metric at the last validation (the `metric` "
+                                "label names it: accuracy, rmse, r2, perplexity, token_accuracy or loss).", ["metric"],
+                                registry=r)
         self.val_accuracy = Gauge("esper_val_accuracy_ratio", "Validation accuracy at the last validation (0..1).",
                                   registry=r)
         self.params = Gauge("esper_model_parameters", "Parameters in the model, seeds included.", registry=r)

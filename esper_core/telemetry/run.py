@@ -163,10 +163,13 @@ class RunTelemetry:
             self.metrics.observe_seeds({k: row[k] for k in _STATE_KEYS if k in row})
         self._publish(found)
 
-    def validated(self, val_loss: float, val_accuracy: float) -> None:
+    def validated(self, val_loss: float, metric: str, value: float) -> None:
+        """A validation pass: its loss and the task's metric (accuracy also feeds the accuracy gauge)."""
         if self.metrics is not None:
             self.metrics.val_loss.set(val_loss)
-            self.metrics.val_accuracy.set(val_accuracy)
+            self.metrics.val_metric.labels(metric).set(value)
+            if metric == "accuracy":
+                self.metrics.val_accuracy.set(value)
 
     def on_event(self, event: Event) -> None:
         """Every recorded event: counts lifecycle changes and anomalies, refreshes the seed gauge."""

@@ -27,7 +27,7 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     test = task.evaluate(trainer.model, trainer.eval_batches(trainer.data.test), trainer.device)
     final = trainer.run_dir / "final"
     final.mkdir(exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()},
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainer.model.state_dict().items()},
               str(final / "model.safetensors"))
     (final / "topology.json").write_text(json.dumps(manager.topology(), indent=2), encoding="utf-8")
     summary = {

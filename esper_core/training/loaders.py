@@ -28,13 +28,13 @@ def _take(dataset: TensorDataset, indices: torch.Tensor) -> tuple[torch.Tensor, 
     return tuple(t[indices] for t in dataset.tensors)
 
 
-def first_inputs(dataset: Dataset, n: int) -> Any:
-    """The model inputs of the first ``n`` samples (collated like a batch)."""
+def first_inputs(dataset: Dataset, n: int, target_key: str) -> Any:
+    """The model inputs of the first ``n`` samples (collated like a batch; a dict batch without its target)."""
     if isinstance(dataset, TensorDataset):
         return _take(dataset, torch.arange(min(n, len(dataset))))[0]
     batch = next(iter(DataLoader(dataset, batch_size=n, generator=torch.Generator().manual_seed(0))))
     if isinstance(batch, dict):
-        return batch  # the task splits off the target (the model ignores nothing it was not given)
+        return {k: v for k, v in batch.items() if k != target_key}
     return batch[0]
 
 

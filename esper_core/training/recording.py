@@ -80,10 +80,10 @@ class RunRecorder:
         self.telemetry.logged(row)
         self.telemetry.cache_counts(self.store.stats()["tiers"])
 
-    def validated(self, row: dict[str, Any], loss: float, accuracy: float) -> None:
+    def validated(self, row: dict[str, Any], loss: float, metric: str, value: float) -> None:
         assert self.metrics is not None
         self.metrics.write(row)
-        self.telemetry.validated(loss, accuracy)
+        self.telemetry.validated(loss, metric, value)
 
     def notify(self, event: Event) -> None:
         """Tell the listeners (not chained: progress reports and notices go only here)."""

@@ -201,7 +201,7 @@ class Trainer:
         val = self.task.evaluate(self.model, self.val_batches, self.device)
         self.last_val = val.metrics
         self.recorder.validated({"step": self.step, **{f"val_{k}": v for k, v in val.metrics.items()}},
-                                float(val.loss or 0.0), val.metric)
+                                float(val.loss or 0.0), val.name, val.metric)
         with self.recorder.telemetry.morph:
             return self.controller.after_validation(val)
 

@@ -20,7 +20,8 @@ from esper_core.telemetry.run import build_info
 
 SCHEMA = "esper-comparison/1"
 LABELS = ("A", "B")
-FINAL_METRICS = ("val_accuracy", "test_accuracy", "val_loss", "test_loss", "params_initial", "params_final")
+FINAL_METRICS = ("val_loss", "test_loss", "params_initial", "params_final")
+"""Compared for every pair of runs, after the task's own metric (``val_<metric>``, ``test_<metric>``)."""
 
 
 def compare(files_a: RunFiles, files_b: RunFiles) -> dict[str, Any]:
@@ -32,6 +33,7 @@ def compare(files_a: RunFiles, files_b: RunFiles) -> dict[str, Any]:
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "generated_by": build_info(),
         "runs": runs,
+        "metric": reports[0]["final"]["metric"],
         "metrics": _metrics(reports),
         "seeds": _keyed_counts([r["final"].get("seeds") or {} for r in reports], "state"),
         "kernels": _keyed_counts([Counter(f"{k['blueprint']} ({k['outcome']})" for k in r["kernels"])
@@ -56,7 +58,8 @@ def _run(label: str, report: dict[str, Any]) -> dict[str, Any]:
 
 def _metrics(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for key in FINAL_METRICS:
+    metric = reports[0]["final"]["metric"]
+    for key in (f"val_{metric}", f"test_{metric}", *FINAL_METRICS):
         a, b = (r["final"].get(key) for r in reports)
         rows.append({"metric": key, "A": a, "B": b, "difference": _difference(a, b)})
     a, b = (r["run"]["wall_time_s"] for r in reports)

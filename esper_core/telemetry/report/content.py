@@ -26,6 +26,7 @@ def build(files: RunFiles) -> dict[str, Any]:
     start = _first(files.events, "run_start")
     end = _last(files.events, "run_end")
     summary = files.summary or {}
+    metric = str(summary.get("metric") or "accuracy")  # runs from before tasks existed were classifiers
     steps = summary.get("steps") or (end or {}).get("step") or max((r["step"] for r in files.metrics), default=0)
     lifecycle = slot_timelines(files, steps)
     return {
@@ -38,10 +39,11 @@ def build(files: RunFiles) -> dict[str, Any]:
         "kernels": _kernels(files.events),
         "checkpoints": files.checkpoints,
         "anomalies": [_plain(e) for e in files.events if e.get("event") == "anomaly"],
-        "final": {k: summary.get(k) for k in ("val_loss", "val_accuracy", "test_loss", "test_accuracy",
-                                               "params_initial", "params_final", "seeds", "fossilized")},
+        "final": {"metric": metric, **{k: summary.get(k) for k in (
+            f"val_{metric}", f"test_{metric}", "val_loss", "test_loss", "params_initial", "params_final", "seeds",
+            "fossilized")}},
         "budgets": _budgets(files, lifecycle),
-        "series": _series(files.metrics),
+        "series": _series(files.metrics, metric),
         "lifecycle": lifecycle,
         "warnings": files.warnings + ([] if files.summary else ["summary.json is missing: the run did not finish"]),
     }
@@ -177,10 +179,10 @@ def _budget(key: str, what: str, limit: Any, used: Any, **extra: Any) -> dict[st
     return {"key": key, "what": what, "limit": limit, "used": used, "within": within, **extra}
 
 
-def _series(rows: list[Record]) -> dict[str, list[list[float]]]:
+def _series(rows: list[Record], metric: str) -> dict[str, list[list[float]]]:
     def pick(key: str) -> list[list[float]]:
         return [[r["step"], r[key]] for r in rows if isinstance(r.get(key), (int, float))]
-    return {"loss": pick("loss"), "val_loss": pick("val_loss"), "val_accuracy": pick("val_accuracy"),
+    return {"loss": pick("loss"), "val_loss": pick("val_loss"), "val_metric": pick(f"val_{metric}"),
             "params": pick("params")}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from esper_core.telemetry.report.svg import Bar, Marker, Series, line_chart, timeline
 
-SERIES_COLORS = {"loss": "#1f77b4", "val_loss": "#ff7f0e", "val_accuracy": "#2ca02c", "params": "#9467bd"}
+SERIES_COLORS = {"loss": "#1f77b4", "val_loss": "#ff7f0e", "val_metric": "#2ca02c", "params": "#9467bd"}
 EVENT_COLORS = {"germinate": "#17becf", "blend": "#bcbd22", "fossilize": "#006400", "cull": "#d62728",
                 "rollback": "#8b0000", "anomaly": "#e377c2", "checkpoint": "#7f7f7f", "run_resume": "#000000"}
 """Marked events; the other lifecycle steps (incubate, probation, reopen) show in the slot timeline."""
@@ -20,7 +20,7 @@ RUN_COLORS = ("#1f77b4", "#ff7f0e")
 STATE_COLORS = {"germinated": "#c7c7c7", "training": "#aec7e8", "blending": "#ffbb78", "probation": "#dbdb8d",
                 "fossilized": "#98df8a", "culled": "#d62728", "rolled_back": "#8b0000"}
 
-PLOT_IDS = ("plot-loss", "plot-accuracy", "plot-params", "plot-lifecycle")
+PLOT_IDS = ("plot-loss", "plot-metric", "plot-params", "plot-lifecycle")
 SCALES = ("log", "linear")
 """Choices for the loss axis; ``log`` is the default (see :mod:`.svg`)."""
 
@@ -45,9 +45,10 @@ def render_all(report: dict[str, Any], loss_scale: str = "log") -> dict[str, str
         Series("train loss", _points(report, "loss"), SERIES_COLORS["loss"]),
         Series("val loss", _points(report, "val_loss"), SERIES_COLORS["val_loss"], dashed=True)], markers, x_range,
         y_label="loss", log_y=loss_scale == "log")
-    accuracy = line_chart("plot-accuracy", "Validation accuracy with morphogenetic events", [
-        Series("val accuracy", _points(report, "val_accuracy"), SERIES_COLORS["val_accuracy"])], markers, x_range,
-        y_label="accuracy", height=240)
+    name = report["final"]["metric"].replace("_", " ")
+    accuracy = line_chart("plot-metric", f"Validation {name} with morphogenetic events", [
+        Series(f"val {name}", _points(report, "val_metric"), SERIES_COLORS["val_metric"])], markers, x_range,
+        y_label=name, height=240)
     params = line_chart("plot-params", "Parameter count", [
         Series("parameters", _points(report, "params"), SERIES_COLORS["params"])],
         [m for m in markers if m.kind in ("germinate", "fossilize", "cull", "rollback")], x_range,
@@ -72,9 +73,10 @@ def render_comparison(comparison: dict[str, Any], loss_scale: str = "log") -> di
     loss = line_chart("compare-loss", "Loss of both runs (train solid, validation dashed)",
                       series("loss", "train loss") + series("val_loss", "val loss", dashed=True), markers, x_range,
                       y_label="loss", log_y=loss_scale == "log")
-    accuracy = line_chart("compare-accuracy", "Validation accuracy of both runs", series("val_accuracy", "val accuracy"),
-                          markers, x_range, y_label="accuracy", height=240)
+    name = comparison["metric"].replace("_", " ")
+    accuracy = line_chart("compare-metric", f"Validation {name} of both runs", series("val_metric", f"val {name}"),
+                          markers, x_range, y_label=name, height=240)
     growth = [m for m in markers if m.kind in ("germinate", "fossilize", "cull", "rollback")]
     params = line_chart("compare-params", "Parameter count of both runs", series("params", "parameters"), growth,
                         x_range, y_label="parameters", height=220)
-    return {"compare-loss": loss, "compare-accuracy": accuracy, "compare-params": params}
+    return {"compare-loss": loss, "compare-metric": accuracy, "compare-params": params}

@@ -49,7 +49,8 @@ def sections(report: dict[str, Any]) -> list[Table]:
         ["ended (UTC)", fmt(run["ended_at"])], ["wall time (s)", fmt(run["wall_time_s"])], ["steps", fmt(run["steps"])],
         ["metrics endpoint", fmt(run["metrics_url"])],
     ]
-    results = [[k.replace("_", " "), fmt(final[k])] for k in ("val_accuracy", "test_accuracy", "val_loss", "test_loss",
+    metric = final["metric"]
+    results = [[k.replace("_", " "), fmt(final[k])] for k in (f"val_{metric}", f"test_{metric}", "val_loss", "test_loss",
                                                             "params_initial", "params_final", "seeds")]
     budgets = [[b["key"], b["what"], fmt(b["limit"]), fmt(b["used"]),
                 "-" if b["within"] is None else ("within" if b["within"] else "EXCEEDED")] for b in report["budgets"]]

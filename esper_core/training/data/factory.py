@@ -88,7 +88,8 @@ def from_factory(cfg: DataConfig, rng: np.random.Generator, classification: bool
         mean, std = feature_stats(x for x, _ in DataLoader(splits[0], batch_size=_STATS_BATCH))
         splits = [_Standardized(ds, mean, std) for ds in splits]
     train, val, test = splits
-    return DataSplits(train, val, test, input_shape=shapes.pop(), num_classes=outputs, name=spec)
+    return DataSplits(train, val, test, input_shape=shapes.pop(), num_classes=outputs, name=spec,
+                      target_key=target_key)
 
 
 def _is_dataset(obj: object) -> bool:

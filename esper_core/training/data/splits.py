@@ -32,12 +32,13 @@ class DataSplits:
     input_shape: tuple[int, ...]
     num_classes: int
     name: str
+    target_key: str = "labels"  # of dict samples
 
     def example(self, n: int) -> Any:
         """The model inputs of the first ``n`` training samples: what probes the layers' input shapes."""
         from esper_core.training.loaders import first_inputs
 
-        return first_inputs(self.train, n)
+        return first_inputs(self.train, n, self.target_key)
 
 
 class Arrays(NamedTuple):
