@@ -24,6 +24,7 @@ are the caller's (see :mod:`esper_core.growth.checkpoint` for saving all three t
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -246,12 +247,19 @@ class GrowthController:
         instead."""
         if evaluate is not None:
             self.evaluate = evaluate
+        if self.governor.enabled:
+            # The validation pass ran the very state a snapshot would keep: judge it before keeping it.
+            reason = _non_finite(evaluation)
+            if reason is None and self.governor.judged_step != self.step and self._last_loss is not None:
+                reason = self.governor.judge(self.step, float(self._last_loss))
+            if reason is not None:
+                self._roll_back(reason)
+                return True
+            if evaluation is not None:
+                self.governor.judged_step = self.step
         if evaluation is not None:
             self.policy.observe_validation(self.step, evaluation.loss, -evaluation.better())
         if self.governor.enabled:
-            if self.governor.judged_step != self.step and self._last_loss is not None:
-                if self._govern(float(self._last_loss)):
-                    return True
             self.governor.keep(self.step, self.run_state[0]())
         if not self.policy.in_window(self.step):
             return False
@@ -387,6 +395,11 @@ class GrowthController:
         reason = self.governor.judge(self.step, loss_value)
         if reason is None:
             return False
+        self._roll_back(reason)
+        return True
+
+    def _roll_back(self, reason: str) -> None:
+        """Back to the governor's known-good snapshot; the seed changed last is rolled back with it."""
         self._record({"event": "anomaly", "step": self.step, "kind": "loss", "reason": reason})
         if self.governor.snapshot is None:
             raise EsperError(f"governor: {reason} at step {self.step}, and there is no good state to roll back to")
@@ -399,6 +412,14 @@ class GrowthController:
             self.policy.penalise(suspect.layer, layer.slots[suspect.index].blueprint)
             if str(suspect.index) in layer.seeds and self.manager.state(suspect).live:
                 self._record(self.executor.remove(suspect, rolled_back=True, **evidence))
-                return True
+                return
         self._record({"event": "rollback", "step": self.step, **evidence})
-        return True
+
+
+def _non_finite(evaluation: Evaluation | None) -> str | None:
+    """Why a validation result shows a broken model (non-finite loss or metric), or ``None``."""
+    if evaluation is None:
+        return None
+    values = {"loss": evaluation.loss, evaluation.name: evaluation.metric}
+    bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(v)}
+    return f"non-finite validation {', '.join(f'{k} ({v})' for k, v in bad.items())}" if bad else None

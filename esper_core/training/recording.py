@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from esper_core.compiler.store import KernelStore
+from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.schema import TelemetryConfig
 from esper_core.seeds.manager import Event
 from esper_core.telemetry.jsonl import EventLog, JsonlWriter
@@ -115,12 +116,17 @@ class RunRecorder:
 
 
 def fresh_run_dir(base: Path) -> Path:
-    """``runs/NAME``, or ``runs/NAME-2``, ``-3``... so an earlier run's results are never overwritten."""
+    """``runs/NAME``, or ``runs/NAME-2``, ``-3``... so an earlier run's results are never overwritten.
+    A parent that is not a usable directory is the recipe's ``run.output_dir`` at fault."""
     candidate, n = base, 1
     while candidate.exists():
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
-    candidate.mkdir(parents=True)
+    try:
+        candidate.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(Problem(RECIPE_FIELD, f"cannot create the run directory {candidate}: "
+                                  f"{exc.strerror or exc}", field="run.output_dir")) from None
     return candidate
 
 

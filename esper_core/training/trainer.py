@@ -34,6 +34,7 @@ from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.storage import open_kernel_store
 from esper_core.training import optim, run_state
+from esper_core.training.checkpoint_state import check_run_state, refusing
 from esper_core.training.data import build_data, import_factory
 from esper_core.training.finish import finish_run
 from esper_core.training.loaders import EvalBatches, TrainBatches
@@ -77,16 +78,22 @@ class Trainer:
         recorded = checkpoint.manifest.get("recipe_sha256")
         if not saved.is_file() or hashlib.sha256(saved.read_bytes()).hexdigest() != recorded:
             raise EsperError(Problem(str(saved), "missing or does not match the recipe hash in the checkpoint"))
-        trainer = cls(load_recipe(saved, overrides), Path(checkpoint.state["recipe_dir"]))
-        run_state.restore(trainer, join(checkpoint.tensors, checkpoint.state["run"]))
+        where = str(checkpoint.path / store.STATE)
+        check_run_state(checkpoint.state.get("run"), run_dir, where)
+        recipe_dir = checkpoint.state.get("recipe_dir")
+        trainer = cls(load_recipe(saved, overrides), Path(recipe_dir) if isinstance(recipe_dir, str) else None)
+        with refusing(where):
+            run_state.restore(trainer, join(checkpoint.tensors, checkpoint.state["run"]))
         trainer.run_dir = run_dir
         trainer._resumed_from = checkpoint
+        trainer._resume_overrides = list(overrides)
         return trainer
 
     def __post_init__(self) -> None:
         recipe = self.loaded.recipe
         self.base_dir = self.base_dir or self.loaded.path.parent
-        self.device = select_device(recipe.run.device)
+        with self._located():
+            self.device = select_device(recipe.run.device)
         seed_everything(recipe.run.seed, recipe.run.deterministic, self.device)
         with self._located():
             function = import_factory(recipe.task.function, "task.function") if recipe.task.function else None
@@ -120,6 +127,7 @@ class Trainer:
         self.last_val: dict[str, float] | None = None
         self.run_dir: Path | None = None
         self._resumed_from: store.Checkpoint | None = None
+        self._resume_overrides: list[str] = []
         self._stop_signal: int | None = None
 
     @property
@@ -219,7 +227,8 @@ class Trainer:
         cursor = None
         if self._resumed_from is None:
             recipe = self.loaded.recipe
-            self.run_dir = fresh_run_dir(Path(recipe.run.output_dir).resolve() / recipe.run.name)
+            with self._located():
+                self.run_dir = fresh_run_dir(Path(recipe.run.output_dir).resolve() / recipe.run.name)
             (self.run_dir / "recipe.yaml").write_text(self.loaded.resolved_yaml, encoding="utf-8")
             (self.run_dir / "recipe.sha256").write_text(self.loaded.sha256 + "\n", encoding="utf-8")
         else:
@@ -236,7 +245,8 @@ class Trainer:
                                   "params": self.params_initial, "layers": list(self.manager.layers), **identity})
         else:
             self.recorder.record({"event": "run_resume", "step": self.step, "run_id": run_id,
-                                  "checkpoint": self._resumed_from.path.name, **identity})
+                                  "checkpoint": self._resumed_from.path.name, "overrides": self._resume_overrides,
+                                  "recipe_sha256": self.loaded.sha256, **identity})
 
     def _checkpoint_due(self) -> bool:
         cfg = self.loaded.recipe.checkpoint

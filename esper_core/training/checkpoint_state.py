@@ -1,0 +1,64 @@
+"""What a checkpoint's content must satisfy before a resume uses it.
+
+The store verifies bytes (every file against the manifest's sha256) before anything is parsed; this
+module checks meaning: a rehashed manifest can carry any JSON. The run state must have the expected
+shape, a step that is a plausible count, a data position of non-negative integers, and log cursors
+that do not point past the end of the logs on disk (a resume truncates the logs to them). Anything
+else (foreign tensors, a topology for other layers, a missing optimizer) surfaces while restoring,
+and is turned into the same kind of refusal: exit 3, naming the checkpoint, never a traceback.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from esper_core.errors import CheckpointError, Problem
+
+_INT_LIMIT = 2**53  # beyond what a float64 (JSON's number) counts exactly: no real counter gets there
+
+
+def _integer(value: Any, low: int = 0, high: int = _INT_LIMIT) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_run_state(state: Any, run_dir: Path, where: str) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` (the checkpoint's JSON ``run`` part) is sound."""
+
+    def fail(message: str) -> CheckpointError:
+        return CheckpointError(Problem(where, message))
+
+    if not isinstance(state, dict):
+        raise fail("state.json holds no run state")
+    for key in ("model", "optimizer", "controller", "rng", "trainer", "data", "logs"):
+        if not isinstance(state.get(key), dict):
+            raise fail(f"state.json has no {key!r} section")
+    topology = state["controller"].get("topology")
+    if not isinstance(topology, dict) or not _integer(topology.get("step")):
+        raise fail("state.json: the step must be a non-negative integer")
+    data = state["data"]
+    if set(data) != {"epoch", "offset"} or not all(_integer(v) for v in data.values()):
+        raise fail("state.json: the data position must be non-negative integers 'epoch' and 'offset'")
+    logs = state["logs"]
+    for key, filename in (("events_bytes", "events.jsonl"), ("metrics_bytes", "metrics.jsonl")):
+        path = run_dir / filename
+        size = path.stat().st_size if path.is_file() else -1
+        if not _integer(logs.get(key)) or logs[key] > size:
+            raise fail(f"state.json: logs.{key} ({logs.get(key)!r}) points past the end of {filename} "
+                       f"({max(size, 0)} bytes)")
+    if not _integer(logs.get("events_seq")) or not isinstance(logs.get("events_prev"), str):
+        raise fail("state.json: the event log cursor is malformed")
+
+
+@contextmanager
+def refusing(where: str) -> Iterator[None]:
+    """Turn any failure to restore a (verified, well-formed) state into a CheckpointError."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(Problem(where, f"does not fit this run's model and recipe: {message}")) from None
+

@@ -1,0 +1,170 @@
+"""Growth correctness defects found by review (issue 11, items 1-4), each with the test that would have
+caught it, on the growth controller a user's loop and `esper train` share:
+
+1. clipping must not let an incubating seed change the host's update;
+2. the governor must never keep an unhealthy state as its known-good snapshot;
+3. the governor's snapshot and suspect travel in checkpoints, so a resumed run can roll back;
+4. the latency budget never waits for a compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esper_core import Evaluation, GrowthController, load_checkpoint, save_checkpoint
+from esper_core.compiler.store import LocalKernelStore
+from esper_core.growth.kernels import KernelSupply
+from esper_core.seeds.lifecycle import SeedState
+from esper_core.seeds.manager import SlotRef
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+DATA = torch.Generator().manual_seed(0)
+X, Y = torch.randn(256, 8, generator=DATA), torch.randint(0, 4, (256,), generator=DATA)
+
+
+def evaluate(model: nn.Module) -> Evaluation:
+    with torch.no_grad():
+        logits = model(X[:128])
+    correct = (logits.argmax(1) == Y[:128]).double()
+    return Evaluation(float(correct.mean()), True, "accuracy", float(F.cross_entropy(logits, Y[:128])), correct)
+
+
+def controller(tmp_path: Path, model: nn.Module, **policy: object) -> GrowthController:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return GrowthController(model, optimizer, example=X[:2], max_steps=400, evaluate=evaluate,
+                            store=LocalKernelStore(tmp_path / "kernels"), check_every=5,
+                            seeds={"targets": ["fc1"], "blueprints": ["wide_mlp"], "incubation_steps": 1000},
+                            policy={"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 1.0],
+                                    **policy})
+
+
+def step(growth: GrowthController, batch: int, clip: float | None = None) -> torch.Tensor:
+    model, optimizer = growth.model, growth.optimizer
+    rows = torch.arange(batch * 32, batch * 32 + 32) % len(X)
+    loss = F.cross_entropy(model(X[rows]), Y[rows])
+    optimizer.zero_grad()
+    loss.backward()
+    growth.after_backward()
+    if clip is not None:
+        growth.clip_grad_norm_(clip)
+    optimizer.step()
+    growth.after_step(loss)
+    return loss
+
+
+def test_clipping_leaves_the_host_update_as_if_the_incubating_seed_were_absent(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    host = Net()
+    twin = copy.deepcopy(host)
+    grown = controller(tmp_path, host)
+    plain = controller(tmp_path, twin, max_seeds=0)
+    for i in range(10):
+        step(grown, i, clip=0.5)
+        step(plain, i, clip=0.5)
+    grown.after_validation(evaluate(host))  # germinates in fc1; it then incubates for the rest of the test
+    assert grown.manager.state(SlotRef("fc1", 0)) == SeedState.TRAINING
+    with torch.no_grad():  # a seed whose gradient would dominate a global norm
+        for p in grown.manager.seed_parameters(SlotRef("fc1", 0)):
+            p.mul_(50.0)
+    for i in range(10, 30):
+        step(grown, i, clip=0.5)
+        step(plain, i, clip=0.5)
+    for (name, a), b in zip(host.named_parameters(), [p for n, p in twin.named_parameters()]):
+        if ".seeds." not in name:
+            assert torch.equal(a, b), f"{name}: the incubating seed changed the host's update"
+
+
+def test_the_governor_never_keeps_a_state_whose_validation_is_not_finite(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = Net()
+    growth = controller(tmp_path, model, max_seeds=0)
+    for i in range(10):
+        step(growth, i)
+    growth.after_validation(evaluate(model))  # a healthy, judged state: the snapshot
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(10, 15):
+        step(growth, i)
+    with torch.no_grad():  # an update that broke the weights after the last judged (finite) loss
+        model.fc2.weight[0, 0] = float("inf")
+    rolled_back = growth.after_validation(evaluate(model))
+    assert rolled_back
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in good.items())
+    snapshot = growth.governor.snapshot
+    assert snapshot is not None and all(torch.isfinite(t).all() for t in snapshot["model"].values())
+    assert [e["event"] for e in growth.recorder.events][-2:] == ["anomaly", "rollback"]
+
+
+def test_a_resumed_run_rolls_back_like_the_uninterrupted_one(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = Net()
+    growth = controller(tmp_path, model)
+    for i in range(10):
+        step(growth, i)
+    growth.after_validation(evaluate(model))  # snapshot at step 10, then a seed germinates (the suspect)
+    for i in range(10, 12):
+        step(growth, i)
+    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=growth.optimizer, growth=growth, extra={"i": 12})
+
+    torch.manual_seed(3)
+    fresh = Net()
+    resumed = controller(tmp_path, fresh)
+    assert load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=resumed.optimizer, growth=resumed) == {"i": 12}
+    assert resumed.governor.snapshot is not None and resumed.governor.suspect == SlotRef("fc1", 0)
+    for run in (growth, resumed):  # the same bad update in the uninterrupted run and in the resumed one
+        with torch.no_grad():
+            run.model.fc1.host.weight.fill_(float("nan"))
+        for i in range(12, 15):
+            step(run, i)
+        assert run.step == 10  # back to the snapshot, taken before the seed germinated
+        assert run.manager.state(SlotRef("fc1", 0)) == SeedState.DORMANT
+        assert [e["event"] for e in run.recorder.events][-2:] == ["anomaly", "rollback"]
+        assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert resumed.policy.selector.describe("wide_mlp@linear") == growth.policy.selector.describe("wide_mlp@linear")
+
+
+def test_the_latency_budget_never_waits_for_a_compile(tmp_path: Path) -> None:
+    from esper_core.blueprints.host import HostSpec
+    from esper_core.blueprints.library import BlueprintLibrary
+    from esper_core.compiler.kernels import KernelSpec
+
+    supply = KernelSupply(LocalKernelStore(tmp_path / "cold"))
+    spec = KernelSpec(BlueprintLibrary.discover().get("wide_mlp").blueprint, HostSpec("linear", 8, 16), 4)
+    try:
+        started = time.perf_counter()
+        assert supply.latency_ms(spec) is None  # compiling in the background: unknown, not awaited
+        assert time.perf_counter() - started < 0.5
+        supply.request(spec).result(timeout=120)
+        latency = supply.latency_ms(spec)
+        assert latency is not None and latency > 0
+    finally:
+        supply.close()
+
+
+@pytest.mark.parametrize("limit", [1e-9, 1e9])
+def test_under_a_latency_limit_only_measured_kernels_within_it_grow(tmp_path: Path, limit: float) -> None:
+    torch.manual_seed(4)
+    model = Net()
+    growth = controller(tmp_path, model, max_latency_ms=limit)
+    for i in range(10):
+        step(growth, i)
+    growth.after_validation(evaluate(model))
+    grown = [e for e in growth.recorder.events if e["event"] == "germinate"]
+    assert bool(grown) == (limit > 1)
