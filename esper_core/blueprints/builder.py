@@ -15,7 +15,7 @@ from esper_core.blueprints.resolve import (HOST_OPS, MAX_DIM, MAX_PARAMS, Resolv
                                            resolve)
 
 __all__ = ["HOST_OPS", "MAX_DIM", "MAX_PARAMS", "ResolveError", "ResolvedBlueprint", "ResolvedOp", "SEGate", "build",
-           "resolve"]
+           "build_seeded", "resolve"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -54,6 +54,14 @@ def build(resolved: ResolvedBlueprint) -> nn.Sequential:
         _initialise(layer, op.init)
         layers.append(layer)
     return nn.Sequential(*layers)
+
+
+def build_seeded(resolved: ResolvedBlueprint, seed: int) -> nn.Sequential:
+    """:func:`build` with initial weights drawn from ``seed`` (on the CPU), leaving the global RNG as it
+    was: each germination gets its own weights, and reruns get the same ones."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(resolved)
 
 
 def _initialise(layer: nn.Module, init: str) -> None:

@@ -104,14 +104,25 @@ class Blueprint(BaseModel):
     version: int = Field(1, ge=1, description="Bump when the ops change; part of every kernel's content hash.")
     description: str = Field("", description="One line for `esper blueprints list`.")
     host: Literal["linear", "conv1d", "conv2d"] = Field(description="Host layer kind this blueprint grows on.")
+    kind: Literal["branch", "span"] = Field(
+        "branch", description="`branch`: a residual branch beside one host layer (reads its input, adds to its "
+        "output; `in`/`out` are that layer's). `span`: new hidden units across a pair of consecutive host "
+        "layers l, l+1 (reads l's input, adds to l+1's output; `in` is l's input size, `out` l+1's output "
+        "size, and a conv span keeps l's geometry, so l+1 must keep the grid): exactly a wider layer l when "
+        "only an elementwise activation sits between them, as in an MLP.")
     dims: dict[str, Dim] = Field(default_factory=dict,
                                  description="Named sizes, evaluated in order; may use in, out, rank and earlier dims.")
     ops: list[Op] = Field(min_length=1, max_length=64, description="The branch, applied in order to the host's "
                           "input; it must end with the host's output size (and grid, for conv2d).")
 
     def canonical_json(self) -> str:
-        """The IR with defaults filled in, keys sorted, no whitespace: the input of content hashes."""
-        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+        """The IR with defaults filled in, keys sorted, no whitespace: the input of content hashes.
+        ``kind: branch`` (every blueprint written before spans existed) is left out, so their kernels
+        keep their addresses."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if data["kind"] == "branch":
+            del data["kind"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()

@@ -38,9 +38,10 @@ def compile_file(path: str | Path, targets: Sequence[Target], store: KernelStore
         result.problems.extend(exc.problems)
         return result
     result.name = source.blueprint.name
-    matching = [t for t in targets if t.host.kind == source.blueprint.host]
+    matching = [t for t in targets if t.serves(source.blueprint)]
     if not matching:
-        result.skipped = f"no {source.blueprint.host} target"
+        kind = "" if source.blueprint.kind == "branch" else f" {source.blueprint.kind}"
+        result.skipped = f"no {source.blueprint.host}{kind} target"
         return result
     result.kernels.extend(compile_target(source, target, store, budget) for target in matching)
     return result

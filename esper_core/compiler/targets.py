@@ -25,11 +25,19 @@ DEFAULT_RANK = 8
 
 @dataclass(frozen=True)
 class Target:
+    """``blueprint_kind`` is ``branch`` (one layer) or ``span`` (a layer pair, whose host is the first
+    layer's geometry with the second one's output size) for a recipe's targets; ``None`` (command-line
+    targets) serves blueprints of either kind."""
+
     host: HostSpec
     input_shape: tuple[int, ...]
     rank: int = DEFAULT_RANK
     dtype: str = "float32"
     device: str = "cpu"
+    blueprint_kind: str | None = None
+
+    def serves(self, blueprint: Blueprint) -> bool:
+        return blueprint.host == self.host.kind and self.blueprint_kind in (None, blueprint.kind)
 
     def spec(self, blueprint: Blueprint) -> KernelSpec:
         return KernelSpec(blueprint, self.host, self.rank, self.dtype, self.device, self.input_shape)

@@ -1,16 +1,21 @@
-"""What may grow where: the allowed blueprints per host kind, and each (blueprint, layer) as a kernel spec.
+"""What may grow where: the allowed blueprints per layer, and each (blueprint, layer) as a kernel spec.
 
 The catalog is the growth engine's view of the blueprint library. It answers, for one wrapped model:
-which blueprints grow on a layer, the exact kernel (:class:`KernelSpec`) a blueprint becomes on that
-layer (host geometry, the input shape the layer really sees, dtype, device class), and what the seed
-would cost. Problems are reported against the recipe fields that caused them (``seeds.blueprints.N``).
+which blueprints grow on a layer (its host kind; span blueprints only where the layer has a feeder,
+the wrapped layer before it), the exact kernel (:class:`KernelSpec`) a blueprint becomes there (host
+geometry, the input shape the seed really reads, dtype, device class), and what the seed would cost.
+A span seed on layer l+1 is a branch from l's input to l+1's output: its kernel's host is l's kind
+and geometry with l's input size and l+1's output size. Problems are reported against the recipe
+fields that caused them (``seeds.blueprints.N``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from esper_core.blueprints.builder import ResolveError
+from esper_core.blueprints.host import HostSpec
 from esper_core.blueprints.library import BlueprintLibrary
 from esper_core.compiler.flops import analytic_cost
 from esper_core.compiler.kernels import KernelSpec
@@ -21,51 +26,91 @@ from esper_core.seeds.kasmina import KasminaLayer
 
 class SeedCatalog:
     def __init__(self, library: BlueprintLibrary, names: Sequence[str], layers: dict[str, KasminaLayer],
-                 input_shapes: dict[str, tuple[int, ...]], rank: int, device_class: str) -> None:
+                 feeders: dict[str, str], input_shapes: dict[str, tuple[int, ...]], rank: int,
+                 device_class: str) -> None:
         self.library = library
         self.names = list(names)
         self.layers = layers
+        self.feeders = feeders
         self.input_shapes = input_shapes
         self.rank = rank
         self.device_class = device_class
         self._costs: dict[tuple[str, str], SeedCost] = {}
 
+    def is_span(self, blueprint: str) -> bool:
+        return self.library.get(blueprint).blueprint.kind == "span"
+
     def check(self) -> None:
         """Every named blueprint must exist and build on at least one wrapped layer, before step 1."""
         problems = []
-        kinds = {layer.spec.kind for layer in self.layers.values()}
         for i, name in enumerate(self.names):
             field = f"seeds.blueprints.{i}"
             if name not in self.library.files:
                 problems.append(Problem(RECIPE_FIELD, f"unknown blueprint {name!r} (known: "
                                         f"{', '.join(self.library.names())})", field=field))
-            elif self.library.get(name).blueprint.host not in kinds:
-                problems.append(Problem(RECIPE_FIELD, f"blueprint {name!r} grows on "
-                                        f"{self.library.get(name).blueprint.host} layers but the targets wrap only "
-                                        f"{', '.join(sorted(kinds))} layers", field=field))
+            elif not any(name in self.blueprints_for(layer) for layer in self.layers):
+                blueprint = self.library.get(name).blueprint
+                kinds = ", ".join(sorted({layer.spec.kind for layer in self.layers.values()}))
+                where = (f"a pair of consecutive {blueprint.host} layers (the targets wrap "
+                         f"{', '.join(self.layers)}; pairs found: {self._pairs() or 'none'})"
+                         if blueprint.kind == "span" else f"{blueprint.host} layers but the targets wrap only {kinds} layers")
+                problems.append(Problem(RECIPE_FIELD, f"blueprint {name!r} grows on {where}", field=field))
         if problems:
             raise ConfigError(problems)
-        for layer_name, layer in self.layers.items():
-            for name in self.blueprints_for(layer.spec.kind):
+        for layer in self.layers:
+            for name in self.blueprints_for(layer):
                 try:
-                    self.spec(name, layer_name).resolve()
+                    self.spec(name, layer).resolve()
                 except ResolveError as exc:
                     raise ConfigError(self.library.get(name).problem(exc)) from None
 
-    def blueprints_for(self, kind: str) -> list[str]:
-        """The allowed blueprints that grow on ``kind`` hosts, in the recipe's preference order."""
-        return [n for n in self.names if n in self.library.files and self.library.get(n).blueprint.host == kind]
+    def _pairs(self) -> str:
+        return ", ".join(f"{feeder} -> {dest}" for dest, feeder in self.feeders.items())
+
+    def blueprints_for(self, layer: str) -> list[str]:
+        """The allowed blueprints that grow on ``layer``, in the recipe's preference order."""
+        kind = self.layers[layer].spec.kind
+        out = []
+        for name in self.names:
+            if name not in self.library.files:
+                continue
+            blueprint = self.library.get(name).blueprint
+            if blueprint.kind == "span":
+                feeder = self.feeders.get(layer)
+                if feeder is None or blueprint.host != self.layers[feeder].spec.kind or not self._span_fits(layer):
+                    continue
+            elif blueprint.host != kind:
+                continue
+            out.append(name)
+        return out
+
+    def _span_fits(self, layer: str) -> bool:
+        """A conv span keeps the feeder's geometry, so the layer it adds to must keep the grid."""
+        dest = self.layers[layer].spec
+        if dest.kind == "linear":
+            return True
+        grid = self.input_shapes[layer][1:]
+        return dest.output_size(*grid) == tuple(grid)
+
+    def source(self, blueprint: str, layer: str) -> str | None:
+        """The feeder a seed of ``blueprint`` on ``layer`` reads from (``None`` for a branch)."""
+        return self.feeders[layer] if self.is_span(blueprint) else None
 
     def spec(self, blueprint: str, layer: str) -> KernelSpec:
-        host = self.layers[layer].host
-        dtype = str(next(host.parameters()).dtype).removeprefix("torch.")
-        return KernelSpec(self.library.get(blueprint).blueprint, self.layers[layer].spec, self.rank, dtype,
-                          self.device_class, self.input_shapes[layer])
+        dest = self.layers[layer]
+        dtype = str(next(dest.host.parameters()).dtype).removeprefix("torch.")
+        source = self.source(blueprint, layer)
+        if source is None:
+            host, shape = dest.spec, self.input_shapes[layer]
+        else:
+            feeder = self.layers[source].spec
+            host: HostSpec = replace(feeder, out_features=dest.spec.out_features)
+            shape = self.input_shapes[source]
+        return KernelSpec(self.library.get(blueprint).blueprint, host, self.rank, dtype, self.device_class, shape)
 
     def every_spec(self) -> dict[tuple[str, str], KernelSpec]:
         """(layer, blueprint) -> spec for every seed this model can grow."""
-        return {(layer, bp): self.spec(bp, layer)
-                for layer, kasmina in self.layers.items() for bp in self.blueprints_for(kasmina.spec.kind)}
+        return {(layer, bp): self.spec(bp, layer) for layer in self.layers for bp in self.blueprints_for(layer)}
 
     def cost(self, blueprint: str, layer: str) -> SeedCost:
         """Parameters and analytic forward FLOPs per sample of ``blueprint`` on ``layer``."""

@@ -51,7 +51,7 @@ from esper_core.recipe.schema import GovernorConfig, PolicyConfig, SeedsConfig, 
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.manager import Event, SlotRef, wrap
-from esper_core.seeds.probe import input_shapes
+from esper_core.seeds.probe import probe_layers
 
 
 class Recorder(Protocol):
@@ -121,9 +121,10 @@ class GrowthController:
         self.deterministic = deterministic
         self.manager = wrap(model, config=self.seeds_config)
         self.device = next(model.parameters()).device
-        shapes = input_shapes(model, list(self.manager.layers), example)
+        shapes = probe_layers(model, list(self.manager.layers), example)
+        feeders = self.manager.pair_spans(shapes.order, shapes.inputs, shapes.outputs)
         library = BlueprintLibrary.discover(blueprint_dirs)
-        self.catalog = SeedCatalog(library, self.seeds_config.blueprints, self.manager.layers, shapes,
+        self.catalog = SeedCatalog(library, self.seeds_config.blueprints, self.manager.layers, feeders, shapes.inputs,
                                    self.seeds_config.rank, self.device.type)
         self.catalog.check()
         if store is None:
@@ -138,7 +139,7 @@ class GrowthController:
                                    latency_of=lambda bp, layer: self.kernels.latency_ms(self.catalog.spec(bp, layer)))
         self.governor = Governor(_config(GovernorConfig, governor), self.device)
         self._seed_lr = seed_lr
-        self.executor = SeedExecutor(self.manager, None, self.catalog, self.kernels, self._lr_of_seeds)
+        self.executor = SeedExecutor(self.manager, None, self.catalog, self.kernels, self._lr_of_seeds, seed)
         self.run_state: tuple[Callable[[], State], Callable[[State], None]] = (self._capture, self._restore)
         self._names = {id(layer): name for name, layer in self.manager.layers.items()}
         self._unusable: set[tuple[str, str]] = set()

@@ -5,7 +5,7 @@ The policy decides and the lifecycle clock (:class:`SeedManager`) counts; this m
 they say on the two objects that must stay consistent with each other: the model's seed modules and
 the optimizer's seed groups (named by slot key). A germinated seed waits for its kernel without
 blocking anything; :meth:`SeedExecutor.activate_ready` starts incubation for those whose kernel
-arrived. Rebuilding a recorded topology (resume, rollback) goes through here too, so a restored run's
+arrived, with fresh initial weights drawn from (run seed, step, layer, slot). Rebuilding a recorded topology (resume, rollback) goes through here too, so a restored run's
 optimizer has exactly the groups, in exactly the order, the recorded run had.
 
 The optimizer may be bound late (frameworks such as Lightning create it after the model is set up
@@ -14,12 +14,14 @@ and restored): until :meth:`SeedExecutor.bind` the seed groups are only an order
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from esper_core.blueprints.builder import build_seeded
 from esper_core.growth import optimizer as optim
 from esper_core.growth.catalog import SeedCatalog
 from esper_core.growth.kernels import KernelSupply
@@ -40,8 +42,9 @@ class SeedExecutor:
     """``seed_lr(step)`` is the learning rate of every seed group at optimizer step ``step``."""
 
     def __init__(self, manager: SeedManager, optimizer: torch.optim.Optimizer | None, catalog: SeedCatalog,
-                 kernels: KernelSupply, seed_lr: Callable[[int], float]) -> None:
+                 kernels: KernelSupply, seed_lr: Callable[[int], float], run_seed: int = 0) -> None:
         self.manager = manager
+        self.run_seed = run_seed
         self.optimizer = optimizer
         self.catalog = catalog
         self.kernels = kernels
@@ -77,7 +80,8 @@ class SeedExecutor:
     def germinate(self, decision: GrowthDecision) -> Event:
         spec = self.catalog.spec(decision.blueprint, decision.slot.layer)
         self.kernels.request(spec)
-        event = self.manager.germinate(decision.slot, decision.blueprint, spec.address(), spec.resolve().params)
+        event = self.manager.germinate(decision.slot, decision.blueprint, spec.address(), spec.resolve().params,
+                                       self.catalog.source(decision.blueprint, decision.slot.layer))
         return event | {"reason": decision.reason, "merit": decision.merit, "kernel": spec.address(),
                         "inputs": decision.inputs}
 
@@ -98,6 +102,8 @@ class SeedExecutor:
                 events.append(self.remove(ref, rolled_back=False, reason="its kernel failed to compile"))
                 continue
             seed = future.result().instantiate(*self._placement(ref))
+            fresh = build_seeded(future.result().spec.resolve(), self._init_seed(ref))
+            seed.load_state_dict(fresh.state_dict())
             events.append(self.manager.start_incubation(ref, seed))
             self._add(ref.key)
         return events, failures
@@ -143,6 +149,12 @@ class SeedExecutor:
     def _build(self, layer: str, blueprint: str) -> torch.nn.Module:
         return self.kernels.build(self.catalog.spec(blueprint, layer), *self._placement(SlotRef(layer, 0)),
                                   waited=self.manager.step_count > 0)
+
+    def _init_seed(self, ref: SlotRef) -> int:
+        """The seed of a germination's initial weights: a function of (run seed, step, layer, slot), so
+        two seeds are never copies of each other and a rerun draws the same weights."""
+        key = f"{self.run_seed}:{self.manager.step_count}:{ref.layer}:{ref.index}".encode()
+        return int(hashlib.sha256(key).hexdigest()[:15], 16)
 
     def _placement(self, ref: SlotRef) -> tuple[torch.device, torch.dtype]:
         reference = next(self.manager.layers[ref.layer].host.parameters())

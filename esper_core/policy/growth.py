@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from esper_core.policy.bandits import ArmStats
@@ -70,8 +71,8 @@ class Decisions:
 class GrowthPolicy:
     """See the module docstring.
 
-    ``kinds`` maps each wrapped layer to its host kind; ``blueprints_for(kind)`` lists the recipe's
-    blueprints for a kind in preference order; ``cost_of(blueprint, layer)`` gives a seed's size;
+    ``kinds`` maps each wrapped layer to its host kind; ``blueprints_for(layer)`` lists the recipe's
+    blueprints that can grow on a layer, in preference order; ``cost_of(blueprint, layer)`` gives a seed's size;
     ``latency_of(blueprint, layer)`` reads its measured latency, ``None`` while the kernel is still
     compiling (only called when ``max_latency_ms`` is set; remembered in the state so a resumed run
     decides alike); ``seed`` seeds the
@@ -99,12 +100,16 @@ class GrowthPolicy:
         self.forbidden: set[tuple[str, str]] = set()  # (layer, blueprint) whose kernel is unusable
         self.latency: dict[tuple[str, str], float] = {}
         self._costs: dict[tuple[str, str], SeedCost] = {}
+        # The random baseline's own generator and schedule (policy.random).
+        self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0xBA5E]))
+        self._next_random = round(config.growth_window[0] * max_steps + self._rng.random() * config.period_steps)
         self._last_skip: str | None = None
         # Set for the duration of one decide() call (the Planner interface of the strategies).
         self.step = 0
         self.seeds: SeedView = {}
         self._health: dict[str, LayerHealth] = {}
         self._contributions: dict[str, float] = {}
+        self._pending: list[Candidate] = []
 
     # --- signals -----------------------------------------------------------------------------------
 
@@ -124,6 +129,8 @@ class GrowthPolicy:
 
     def _triggered(self, step: int) -> str | None:
         cfg = self.config
+        if cfg.random:
+            return f"random trigger: due at step {self._next_random}" if step >= self._next_random else None
         underfit = self.signals.underfitting(cfg.underfit_gap) and cfg.underfit_speedup > 1
         speed = cfg.underfit_speedup if underfit else 1.0
         faster = (f", /{speed:g} while underfitting: train-val gap {self.signals.gap:.3g}"
@@ -162,26 +169,53 @@ class GrowthPolicy:
         if why is None or not self.in_window(step) or out.germinations:  # a released slot is this round's growth
             return out
         self._health = self.layers.read()
-        ranked = sorted(((merit.get(name, 0.0), name) for name in seeds), reverse=True)
+        if self.config.random:  # the baseline: a random order of the layers, every one eligible
+            order = list(self._rng.permutation(len(seeds)))
+            ranked = [(0.0, name) for _, name in sorted(zip(order, seeds))]
+        else:
+            ranked = sorted(((self._placement_score(name, merit), name) for name in seeds), reverse=True)
         best = ranked[0][0] if ranked else 0.0
         inputs = {"trigger": why, "global": self.signals.to_json(), "strategy": self.strategy.name,
-                  "layers": {name: {"merit": round(score, 6), "rank": rank,
+                  "placement": "random" if self.config.random else self.config.placement,
+                  "layers": {name: {"score": round(score, 6), "merit": round(merit.get(name, 0.0), 6), "rank": rank,
                                     **(self._health[name].to_json() if name in self._health else {})}
                              for rank, (score, name) in enumerate(ranked, start=1)},
                   "budget": self._budget()}
         if self._seeds_used() >= self.config.max_seeds:
             return self._skip(out, "seeds", f"{why}; but the seed budget is spent "
                               f"({self._seeds_used()} of {self.config.max_seeds})", inputs)
+        self._pending = []
+        what = "random order" if self.config.random else self.config.placement
         for rank, (score, name) in enumerate(ranked, start=1):
             if best > 0 and score < self.config.merit_ratio * best:
                 break
             plan = self.strategy.plan(self, name)
-            if plan is not None:
-                self._adopt(plan, out, name, f"{why}; gradient merit {score:.3g} (rank {rank} of {len(ranked)})",
-                            score, inputs)
-                return out
-        return self._skip(out, "nothing", f"{why}; but no layer above {self.config.merit_ratio:g} of the best merit "
+            if plan is None:
+                continue
+            self._adopt(plan, out, name, f"{why}; {what} score {score:.3g} (rank {rank} of {len(ranked)})",
+                        score, inputs)
+            if len(out.germinations) + len(plan.reserve) >= self.config.max_germinations:
+                break
+        self._pending = []
+        if out.germinations or out.culls:
+            self.last_growth_step = self.step
+            if self.config.random:
+                self._next_random = self.step + round(self.config.period_steps * (0.5 + self._rng.random()))
+            self.signals.plateau.reset()
+            self._last_skip = None
+            return out
+        return self._skip(out, "nothing", f"{why}; but no layer above {self.config.merit_ratio:g} of the best score "
                           f"can take a seed now (busy, full, or no blueprint within the budgets)", inputs)
+
+    def _placement_score(self, layer: str, merit: dict[str, float]) -> float:
+        """How much ``layer`` needs capacity. ``residual``: the share of the functional gradient at its
+        output that its own weights cannot express (TINY's expressivity bottleneck; scale-free, so the
+        layer nearest the loss does not win by gradient size alone); ``merit``: raw gradient merit."""
+        if self.config.placement == "merit":
+            return merit.get(layer, 0.0)
+        health = self._health.get(layer)
+        share = health.residual_share if health is not None else 0.0
+        return share if math.isfinite(share) else 0.0
 
     def _adopt(self, plan: Plan, out: Decisions, layer: str, where: str, merit: float, inputs: dict[str, Any]) -> None:
         note = f"; {plan.note}" if plan.note else ""
@@ -196,9 +230,7 @@ class GrowthPolicy:
         for g in plan.germinate:
             out.germinations.append(self._decision(SlotRef(layer, g.index), g, f"{where}; {g.explanation}{note}",
                                                    merit, inputs))
-        self.last_growth_step = self.step
-        self.signals.plateau.reset()
-        self._last_skip = None
+        self._pending.extend(g.candidate for g in (*plan.germinate, *plan.reserve))
 
     def _decision(self, ref: SlotRef, g: Germination, why: str, merit: float, inputs: dict[str, Any]) -> GrowthDecision:
         c = g.candidate
@@ -239,6 +271,7 @@ class GrowthPolicy:
         """The blueprints that may grow on ``layer`` now: right kind, usable kernel, within every budget
         (after ``spent`` candidates of the same plan and without the seeds in ``freed``)."""
         cfg = self.config
+        spent = [*self._pending, *spent]  # seeds this decision already chose elsewhere
         if self._seeds_used() + len(spent) - len(freed) >= cfg.max_seeds:
             return []
         params, flops = self._used()
@@ -251,7 +284,7 @@ class GrowthPolicy:
         kind = self.kinds[layer]
         health = self._health.get(layer)
         out = []
-        for blueprint in self.blueprints_for(kind):
+        for blueprint in self.blueprints_for(layer):
             if (layer, blueprint) in self.forbidden:
                 continue
             cost = self._cost(blueprint, layer)
@@ -276,12 +309,16 @@ class GrowthPolicy:
                 waiting[arm] = waiting.get(arm, 0) + 1
         for g in self.reserved.values():
             waiting[g.candidate.arm] = waiting.get(g.candidate.arm, 0) + 1
+        if self.config.random and candidates:
+            pick = candidates[int(self._rng.integers(len(candidates)))]
+            return self.selector.choose([pick])
         return self.selector.choose(sorted(candidates, key=lambda c: waiting.get(c.arm, 0)))
 
     def champion(self, kind: str) -> tuple[str, ArmStats] | None:
         """The blueprint of ``kind`` with the best mean reward among those with a fossilized seed."""
         best: tuple[str, ArmStats] | None = None
-        for blueprint in self.blueprints_for(kind):
+        of_kind = dict.fromkeys(bp for layer, k in self.kinds.items() if k == kind for bp in self.blueprints_for(layer))
+        for blueprint in of_kind:
             arm = arm_key(blueprint, kind)
             stats = self.selector.bandit.arms.get(arm)
             if self.kept.get(arm, 0) and stats is not None and (best is None or stats.mean > best[1].mean):
@@ -369,7 +406,7 @@ class GrowthPolicy:
                 "reserved": {k: _germination_json(g) for k, g in self.reserved.items()},
                 "forbidden": sorted([layer, bp] for layer, bp in self.forbidden),
                 "latency": [[bp, layer, ms] for (bp, layer), ms in self.latency.items()],
-                "last_skip": self._last_skip}
+                "last_skip": self._last_skip, "random": {"next": self._next_random, "rng": self._rng.bit_generator.state}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_growth_step = state["last_growth_step"]
@@ -380,6 +417,8 @@ class GrowthPolicy:
         self.forbidden = {(layer, bp) for layer, bp in state["forbidden"]}
         self.latency = {(bp, layer): ms for bp, layer, ms in state["latency"]}
         self._last_skip = state["last_skip"]
+        self._next_random = int(state["random"]["next"])
+        self._rng.bit_generator.state = state["random"]["rng"]
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         """The running layer statistics (device tensors; checkpoints store them with the weights)."""

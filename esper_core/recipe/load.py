@@ -8,7 +8,8 @@ and its SHA-256, so a run can save exactly what it ran with and a resume can pro
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from esper_core.errors import ConfigError, Problem
+from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.diagnostics import Locator, validation_problems
 from esper_core.recipe.overrides import COMMAND_LINE, apply_overrides
 from esper_core.recipe.schema import Recipe
@@ -43,6 +44,16 @@ class LoadedRecipe:
         """A problem found after loading (a target that matches nothing, an unknown blueprint),
         placed at the line of ``field_path`` in the file, or at the override that set it."""
         return self.locator.problem(tuple(field_path.split(".")), message)
+
+    @contextmanager
+    def located(self) -> Iterator[None]:
+        """Re-raise the recipe-field problems code without the file found (``RECIPE_FIELD`` source)
+        at their line in this recipe; other problems pass unchanged."""
+        try:
+            yield
+        except ConfigError as exc:
+            raise ConfigError([self.locate(p.field, p.message) if p.source == RECIPE_FIELD and p.field else p
+                               for p in exc.problems]) from None
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:

@@ -228,6 +228,10 @@ class SeedsConfig(Section):
     eval_batches: int = Field(4, ge=1, le=10_000, description="Held-out batches for counterfactual evaluation.")
     lr_scale: float = Field(1.0, gt=0.0, le=1000.0,
                             description="Learning rate of seed parameters relative to the host's.")
+    lr_schedule: Literal["window", "host"] = Field(
+        "window", description="Seed learning rate in `esper train`: `window` keeps `trainer.lr x lr_scale` while "
+        "the growth window is open and decays it (cosine) to zero by the end, so a seed born late still learns; "
+        "`host` follows the host's schedule.")
 
 
 class SelectorConfig(Section):
@@ -266,9 +270,15 @@ class PolicyConfig(Section):
                              "and the residual functional gradient, on the device, read only when the policy decides.")
     merit_decay: float = Field(0.8, ge=0.0, lt=1.0,
                                description="Exponential averaging of merit across measurements (batches).")
-    merit_ratio: float = Field(0.5, ge=0.0, le=1.0,
-                               description="A layer is eligible only if its merit is at least this share of "
-                               "the best layer's.")
+    placement: Literal["residual", "merit"] = Field(
+        "residual", description="How layers are ranked for growth: `residual` by the share of the functional "
+        "gradient at the layer's output that its own weights cannot express (scale-free), `merit` by gradient "
+        "merit (favours the layer nearest the loss).")
+    merit_ratio: float = Field(0.0, ge=0.0, le=1.0,
+                               description="A layer is eligible only if its placement score is at least this share "
+                               "of the best layer's (0: every layer, in score order).")
+    max_germinations: int = Field(2, ge=1, le=1024, description="Seeds that may germinate at one decision, each in "
+                                  "a different layer (several incubate at once).")
     max_seeds: int = Field(4, ge=0, le=10_000, description="Most seeds alive (training, blending, probation "
                            "or fossilized) at once.")
     max_added_params: int = Field(1_000_000, ge=0, description="Most parameters growth may add.")
@@ -283,6 +293,10 @@ class PolicyConfig(Section):
                                     "plateau patience are divided by this (grow faster).")
     trend_window: int = Field(5, ge=2, le=10_000, description="Recent losses the train and validation trends "
                               "(least-squares slopes) are fitted to.")
+    random: bool = Field(False, description="A baseline: replace every choice of when (growth every `period_steps` "
+                         "x U(0.5, 1.5), the first one uniformly inside the first period of the window), where "
+                         "(a uniformly random layer that can take a seed) and what (a uniformly random blueprint "
+                         "within the budgets) by a seeded random one; budgets, lifecycle and verdicts are unchanged.")
     orchestrator: Literal["replace", "diversify", "specialize", "ensemble"] = Field(
         "diversify", description="`replace`: cull a full layer's weakest live seed for a new choice; `diversify`: "
         "prefer blueprints a layer does not hold yet; `specialize`: replicate the best blueprint into layers of "

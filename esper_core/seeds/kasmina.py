@@ -6,6 +6,10 @@ is held in two tensors per slot, ``alpha`` (blend weight) and ``isolate`` (1 whi
 moving a seed from incubation through blending to probation changes no graph structure and does not
 make ``torch.compile`` recompile. Only germination and culling (a module appears or disappears)
 change the structure.
+
+A *span* seed lives in the slot of the second layer of a consecutive pair: it reads the input of the
+layer before (its ``feeder``, which keeps its last input while a span seed needs it) and adds to
+this layer's output, so its hidden units widen the feeder's layer.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class SlotInfo:
     steps_in_state: int = 0
     embargo_left: int = 0
     germinated_at: int | None = None
+    source: str | None = None  # a span seed's feeder layer (it reads that layer's input)
 
 
 class KasminaLayer(nn.Module):
@@ -69,17 +74,23 @@ class KasminaLayer(nn.Module):
         self.register_buffer("alpha", torch.zeros(slots, device=reference.device, dtype=reference.dtype))
         self.register_buffer("isolate", torch.zeros(slots, device=reference.device, dtype=reference.dtype))
         self.slots = [SlotInfo() for _ in range(slots)]
-        self._active: list[tuple[int, nn.Module]] = []
+        self._active: list[tuple[int, nn.Module, bool]] = []
+        self._feeder: tuple[KasminaLayer, ...] = ()  # a tuple, so the feeder is not registered as a child
+        self.capture = False  # keep the last input (a span seed of the next layer reads it)
+        self.captured: torch.Tensor | None = None
         self.probe: Callable[[KasminaLayer, torch.Tensor, torch.Tensor], None] | None = None
         """Set by the growth controller for the one forward pass it measures (health signals); one
         attribute check per forward otherwise, so a dormant layer costs (almost) nothing."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.capture:
+            self.captured = x
         y = self.host(x)
-        for index, seed in self._active:
+        for index, seed, span in self._active:
             iso = self.isolate[index]
+            source = self._feeder[0].captured if span else x
             # lerp(x, x.detach(), iso) == x in value; the host gets (1 - iso) of the seed's gradient.
-            out = seed(torch.lerp(x, x.detach(), iso))
+            out = seed(torch.lerp(source, source.detach(), iso))
             y = y + _Incubate.apply(out, iso, self.eta) + out * self.alpha[index]
         if self.probe is not None and torch.is_grad_enabled():
             self.probe(self, x, y)
@@ -93,12 +104,25 @@ class KasminaLayer(nn.Module):
         slot.state = target
         slot.steps_in_state = 0
 
-    def germinate(self, index: int, blueprint: str, kernel: str, params: int, step: int) -> None:
+    @property
+    def feeder(self) -> KasminaLayer | None:
+        """The layer before this one whose input span seeds read (``None`` if unpaired)."""
+        return self._feeder[0] if self._feeder else None
+
+    def pair(self, feeder: KasminaLayer | None) -> None:
+        self._feeder = (feeder,) if feeder is not None else ()
+
+    def germinate(self, index: int, blueprint: str, kernel: str, params: int, step: int,
+                  source: str | None = None) -> None:
         """Reserve the slot for a kernel (DORMANT -> GERMINATED). Nothing runs until the kernel's
-        module arrives with :meth:`start_incubation`, so a slow compile never holds training up."""
+        module arrives with :meth:`start_incubation`, so a slow compile never holds training up.
+        ``source`` names the feeder layer of a span seed."""
+        if source is not None and self.feeder is None:
+            raise ValueError("a span seed needs a feeder layer")
         self.transition(index, SeedState.GERMINATED)
         slot = self.slots[index]
         slot.blueprint, slot.kernel, slot.params, slot.germinated_at = blueprint, kernel, params, step
+        slot.source = source
 
     def start_incubation(self, index: int, seed: nn.Module) -> None:
         """GERMINATED -> TRAINING: the seed joins the forward pass with value exactly zero."""
@@ -165,8 +189,12 @@ class KasminaLayer(nn.Module):
         return self.seeds[str(index)]
 
     def _refresh_active(self) -> None:
-        self._active = [(i, self.seeds[str(i)]) for i, s in enumerate(self.slots)
+        self._active = [(i, self.seeds[str(i)], s.source is not None) for i, s in enumerate(self.slots)
                         if s.state.contributes and str(i) in self.seeds]
+        if self.feeder is not None:
+            self.feeder.capture = any(span for _, _, span in self._active)
+            if not self.feeder.capture:
+                self.feeder.captured = None
 
 
 class _Muted:

@@ -8,6 +8,7 @@ come from the policy and the trainer's counterfactual evaluation (GradMax's spli
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class SeedManager:
         self.layers = layers
         self.config = config
         self.step_count = 0
+        self.feeders: dict[str, str] = {}  # span pairs: dest layer -> feeder layer
 
     # --- queries ----------------------------------------------------------------------------------
 
@@ -60,6 +62,19 @@ class SeedManager:
         for name, layer in self.layers.items():
             for index in range(len(layer.slots)):
                 yield SlotRef(name, index), layer
+
+    def pair_spans(self, order: list[str], inputs: dict[str, tuple[int, ...]],
+                   outputs: dict[str, tuple[int, ...]]) -> dict[str, str]:
+        """Pair each wrapped layer with the wrapped layer called just before it (``order``: first
+        calls in one forward pass) when the earlier one's output shape is the later one's input shape,
+        so span seeds of the later layer can read the earlier one's input. Returns dest -> feeder."""
+        pairs = {}
+        for feeder, dest in zip(order, order[1:]):
+            if feeder in self.layers and dest in self.layers and outputs.get(feeder) == inputs.get(dest):
+                self.layers[dest].pair(self.layers[feeder])
+                pairs[dest] = feeder
+        self.feeders = pairs
+        return pairs
 
     def view(self) -> SeedView:
         """A read-only copy of every slot, for the policy."""
@@ -92,6 +107,15 @@ class SeedManager:
                 return index
         return None
 
+    @contextlib.contextmanager
+    def all_muted(self) -> Iterator[None]:
+        """Every seed that has a module contributes nothing inside the block (the host alone)."""
+        with contextlib.ExitStack() as stack:
+            for ref, layer in self.slots():
+                if str(ref.index) in layer.seeds:
+                    stack.enter_context(layer.muted(ref.index))
+            yield
+
     def due_for_verdict(self) -> list[SlotRef]:
         """Seeds that finished probation and wait for the counterfactual evaluation."""
         return [ref for ref, layer in self.slots()
@@ -105,11 +129,12 @@ class SeedManager:
         """JSON-ready description of every layer and slot: enough to rebuild the seeds."""
         return {
             "step": self.step_count,
+            "spans": dict(self.feeders),
             "layers": {
                 name: {"host": layer.spec.to_json(), "slots": [
                     {"state": s.state.name, "blueprint": s.blueprint, "kernel": s.kernel, "params": s.params,
                      "steps_in_state": s.steps_in_state, "embargo_left": s.embargo_left,
-                     "germinated_at": s.germinated_at, "alpha": float(layer.alpha[i])}
+                     "germinated_at": s.germinated_at, "alpha": float(layer.alpha[i]), "source": s.source}
                     for i, s in enumerate(layer.slots)]}
                 for name, layer in self.layers.items()},
         }
@@ -124,7 +149,10 @@ class SeedManager:
         for name, entry in topology["layers"].items():
             for index, raw in enumerate(entry["slots"]):
                 info = SlotInfo(SeedState[raw["state"]], raw["blueprint"], raw["kernel"], raw["params"],
-                                raw["steps_in_state"], raw["embargo_left"], raw["germinated_at"])
+                                raw["steps_in_state"], raw["embargo_left"], raw["germinated_at"], raw.get("source"))
+                if info.source is not None and self.feeders.get(name) != info.source:
+                    raise ValueError(f"{name} slot {index} holds a span seed fed by {info.source!r}, which is not "
+                                     f"the layer before it in this model")
                 holds_module = info.state.contributes  # a GERMINATED seed's kernel is requested again
                 seed = build(name, info.blueprint) if holds_module else None
                 self.layers[name].restore_slot(index, info, seed)
@@ -134,10 +162,12 @@ class SeedManager:
 
     # --- transitions --------------------------------------------------------------------------------
 
-    def germinate(self, ref: SlotRef, blueprint: str, kernel: str, params: int) -> Event:
-        """Reserve ``ref`` for a kernel; the seed starts incubating when its module arrives."""
-        self.layers[ref.layer].germinate(ref.index, blueprint, kernel, params, self.step_count)
-        return self._event("germinate", ref, params=params)
+    def germinate(self, ref: SlotRef, blueprint: str, kernel: str, params: int, source: str | None = None) -> Event:
+        """Reserve ``ref`` for a kernel; the seed starts incubating when its module arrives. ``source``
+        is a span seed's feeder layer."""
+        self.layers[ref.layer].germinate(ref.index, blueprint, kernel, params, self.step_count, source)
+        fields = {"params": params} | ({"source": source} if source is not None else {})
+        return self._event("germinate", ref, **fields)
 
     def start_incubation(self, ref: SlotRef, seed: nn.Module) -> Event:
         self.layers[ref.layer].start_incubation(ref.index, seed)

@@ -9,6 +9,7 @@ embedding as integers and dict inputs reach the model as keyword arguments.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,21 +38,34 @@ def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> A
     return value
 
 
-def input_shapes(model: nn.Module, names: Sequence[str], example: Any) -> dict[str, tuple[int, ...]]:
-    """Per-sample input shape of each named layer, from one eval-mode, no-grad forward of ``example``.
+@dataclass(frozen=True)
+class LayerShapes:
+    """What one forward pass showed of the named layers: per-sample input and output shapes, and the
+    order in which they were first called (layers never reached are missing from ``order``)."""
+
+    inputs: dict[str, tuple[int, ...]]
+    outputs: dict[str, tuple[int, ...]]
+    order: list[str]
+
+
+def probe_layers(model: nn.Module, names: Sequence[str], example: Any) -> LayerShapes:
+    """One eval-mode, no-grad forward of ``example`` through the model, watching the named layers.
 
     The model's mode is restored afterwards and no parameter changes (eval mode: batch norm reads its
-    running statistics). A layer the forward pass never reaches gets the default shape of its kind.
+    running statistics). A layer the forward pass never reaches gets the default input shape of its kind.
     """
-    seen: dict[str, tuple[int, ...]] = {}
+    inputs: dict[str, tuple[int, ...]] = {}
+    outputs: dict[str, tuple[int, ...]] = {}
 
-    def recorder(name: str):  # a pre-hook's return value would replace the layer's inputs: return None
-        def record(_module: nn.Module, args: tuple) -> None:
-            seen.setdefault(name, tuple(args[0].shape[1:]))
+    def recorder(name: str):
+        def record(_module: nn.Module, args: tuple, output: Any) -> None:
+            inputs.setdefault(name, tuple(args[0].shape[1:]))
+            if isinstance(output, torch.Tensor):
+                outputs.setdefault(name, tuple(output.shape[1:]))
         return record
 
     device = next(model.parameters()).device
-    hooks = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in names]
+    hooks = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in names]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -61,7 +75,15 @@ def input_shapes(model: nn.Module, names: Sequence[str], example: Any) -> dict[s
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return {name: seen.get(name) or _host_of(model.get_submodule(name)).default_input_shape() for name in names}
+    order = list(inputs)
+    for name in names:
+        inputs.setdefault(name, _host_of(model.get_submodule(name)).default_input_shape())
+    return LayerShapes(inputs, outputs, order)
+
+
+def input_shapes(model: nn.Module, names: Sequence[str], example: Any) -> dict[str, tuple[int, ...]]:
+    """Per-sample input shape of each named layer (see :func:`probe_layers`)."""
+    return probe_layers(model, names, example).inputs
 
 
 def _host_of(module: nn.Module) -> HostSpec:

@@ -24,7 +24,11 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
         controller.policy.selector.share(workspace_store(recipe.storage.workspace))
     task = trainer.task
     val = task.evaluate(trainer.model, trainer.val_batches, trainer.device)
-    test = task.evaluate(trainer.model, trainer.eval_batches(trainer.data.test), trainer.device)
+    test_batches = trainer.eval_batches(trainer.data.test)
+    test = task.evaluate(trainer.model, test_batches, trainer.device)
+    with manager.all_muted():  # what the grown seeds are worth: the same model with every seed silent
+        muted = {"val": task.evaluate(trainer.model, trainer.val_batches, trainer.device),
+                 "test": task.evaluate(trainer.model, test_batches, trainer.device)}
     final = trainer.run_dir / "final"
     final.mkdir(exist_ok=True)
     save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainer.model.state_dict().items()},
@@ -35,6 +39,7 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
         "steps": trainer.step, "wall_time_s": round(time.perf_counter() - trainer.started, 3),
         "task": task.kind, "metric": task.metric, "higher_is_better": task.higher_is_better,
         **{f"val_{k}": v for k, v in val.metrics.items()}, **{f"test_{k}": v for k, v in test.metrics.items()},
+        "seeds_muted": {f"{split}_{k}": v for split, result in muted.items() for k, v in result.metrics.items()},
         "params_initial": trainer.params_initial, "params_final": count_parameters(trainer.model),
         "seeds": manager.counts(),
         "fossilized": [{"layer": n, "slot": i, "blueprint": s.blueprint, "params": s.params}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from esper_core.growth.optimizer import SEED_GROUP
-from esper_core.recipe.schema import TrainerConfig
+from esper_core.recipe.schema import SeedsConfig, TrainerConfig
 
 HOST_GROUP = "host"
 
@@ -37,6 +37,19 @@ def lr_factor(step: int, cfg: TrainerConfig) -> float:
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
+
+
+def seed_lr(step: int, trainer: TrainerConfig, seeds: SeedsConfig, window_end: float) -> float:
+    """The seed groups' learning rate at optimizer step ``step`` (see ``seeds.lr_schedule``);
+    ``window_end`` is the share of the run after which growth stops."""
+    base = trainer.lr * seeds.lr_scale
+    if seeds.lr_schedule == "host":
+        return base * lr_factor(step, trainer)
+    end = window_end * trainer.max_steps
+    if step < end:
+        return base
+    progress = min(1.0, (step - end) / max(1.0, trainer.max_steps - end))
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainerConfig) -> None:

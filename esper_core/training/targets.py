@@ -1,20 +1,21 @@
-"""The kernel targets of a recipe: every distinct wrapped layer with the input it really sees.
+"""The kernel targets of a recipe: every distinct wrapped layer (and layer pair, for span seeds) with
+the input its seeds really read.
 
 Used by ``esper compile --for RECIPE`` so CI can compile ahead of time exactly the kernels a run
 will ask for. It builds the recipe's data and model (a throwaway copy; the global RNG is left as it
-was) and probes the layer inputs with a real batch, as the growth controller does.
+was), wraps the targets and probes the layers with a real batch, as the growth controller does.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from esper_core.blueprints.host import HostSpec
 from esper_core.compiler.targets import Target
-from esper_core.errors import RECIPE_FIELD, ConfigError
 from esper_core.recipe.load import LoadedRecipe
-from esper_core.seeds.probe import input_shapes
-from esper_core.seeds.targets import TargetMismatch, match_targets
+from esper_core.seeds.manager import wrap
+from esper_core.seeds.probe import probe_layers
 from esper_core.training.data import build_data
 from esper_core.training.models import build_model
 
@@ -25,20 +26,18 @@ def device_class(choice: str) -> str:
 
 
 def recipe_targets(loaded: LoadedRecipe) -> list[Target]:
-    """Every distinct target of the layers the recipe's seeds wrap, in model order."""
+    """Every distinct target of the layers (and span pairs) the recipe's seeds wrap, in model order."""
     recipe = loaded.recipe
-    try:
-        data = build_data(recipe.data, recipe.run.seed, loaded.path.parent)
+    with loaded.located():
+        data = build_data(recipe.data, recipe.run.seed, loaded.path.parent, recipe.task.kind, recipe.task.target_key)
         with torch.random.fork_rng(devices=[]):
             model = build_model(recipe.model, data.input_shape, data.num_classes)
-        names = match_targets(model, recipe.seeds.targets, recipe.seeds.exclude)
-    except ConfigError as exc:
-        raise ConfigError([loaded.locate(p.field, p.message) if p.source == RECIPE_FIELD and p.field else p
-                           for p in exc.problems]) from None
-    except TargetMismatch as exc:
-        raise ConfigError(loaded.locate(f"seeds.{exc.which}.{exc.index}", exc.message)) from None
-    shapes = input_shapes(model, names, data.example(2))
-    device = device_class(recipe.run.device)
-    targets = (Target(HostSpec.of(model.get_submodule(name)), shapes[name], recipe.seeds.rank, "float32", device)
-               for name in names)
+        manager = wrap(model, config=recipe.seeds)
+    shapes = probe_layers(model, list(manager.layers), data.example(2))
+    feeders = manager.pair_spans(shapes.order, shapes.inputs, shapes.outputs)
+    device, rank = device_class(recipe.run.device), recipe.seeds.rank
+    targets = [Target(layer.spec, shapes.inputs[name], rank, "float32", device, "branch")
+               for name, layer in manager.layers.items()]
+    targets += [Target(replace(manager.layers[feeder].spec, out_features=manager.layers[dest].spec.out_features),
+                       shapes.inputs[feeder], rank, "float32", device, "span") for dest, feeder in feeders.items()]
     return list(dict.fromkeys(targets))

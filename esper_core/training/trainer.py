@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from esper_core.checkpoints import store
-from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError, Problem
+from esper_core.errors import ConfigError, EsperError, Problem
 from esper_core.growth.controller import GrowthController, StepOutcome
 from esper_core.growth.evaluation import Evaluation
 from esper_core.growth.state import cpu_copy, join, split
@@ -92,10 +92,10 @@ class Trainer:
     def __post_init__(self) -> None:
         recipe = self.loaded.recipe
         self.base_dir = self.base_dir or self.loaded.path.parent
-        with self._located():
+        with self.loaded.located():
             self.device = select_device(recipe.run.device)
         seed_everything(recipe.run.seed, recipe.run.deterministic, self.device)
-        with self._located():
+        with self.loaded.located():
             function = import_factory(recipe.task.function, "task.function") if recipe.task.function else None
             self.task = Task(recipe.task, function)
             self.data = build_data(recipe.data, recipe.run.seed, self.base_dir, recipe.task.kind,
@@ -107,13 +107,12 @@ class Trainer:
             self.optimizer = optim.build_optimizer(self.model, recipe.trainer)
             self.recorder = RunRecorder(recipe.telemetry, self.kernel_store, lambda: self.controller.step,
                                         lambda: self.controller.manager.counts())
-            seed_lr = recipe.trainer.lr * recipe.seeds.lr_scale
             self.controller = GrowthController(
                 self.model, self.optimizer, example=self.data.example(2), max_steps=recipe.trainer.max_steps,
                 seeds=recipe.seeds, policy=recipe.policy, governor=recipe.trainer.governor, store=self.kernel_store,
                 seed=recipe.run.seed, evaluate=self._verdict_evaluation, recorder=self.recorder,
                 check_every=recipe.trainer.log_every,
-                seed_lr=lambda step: seed_lr * optim.lr_factor(step, recipe.trainer),
+                seed_lr=lambda step: optim.seed_lr(step, recipe.trainer, recipe.seeds, recipe.policy.growth_window[1]),
                 blueprint_dirs=[self.base_dir / d for d in recipe.seeds.blueprint_dirs],
                 deterministic=recipe.run.deterministic, start=False)
         self.controller.run_state = (lambda: cpu_copy(run_state.capture(self, checkpoint=False)),
@@ -227,7 +226,7 @@ class Trainer:
         cursor = None
         if self._resumed_from is None:
             recipe = self.loaded.recipe
-            with self._located():
+            with self.loaded.located():
                 self.run_dir = fresh_run_dir(Path(recipe.run.output_dir).resolve() / recipe.run.name)
             (self.run_dir / "recipe.yaml").write_text(self.loaded.resolved_yaml, encoding="utf-8")
             (self.run_dir / "recipe.sha256").write_text(self.loaded.sha256 + "\n", encoding="utf-8")
@@ -288,25 +287,6 @@ class Trainer:
                            f"Continue with: esper resume --checkpoint {self.run_dir}")
         stop.exit_code = 128 + int(self._stop_signal or signal.SIGINT)
         raise stop
-
-    def _located(self) -> "_Relocate":
-        return _Relocate(self.loaded)
-
-
-class _Relocate:
-    """Re-raise recipe-field problems found while building the run at their line in the recipe file."""
-
-    def __init__(self, loaded: LoadedRecipe) -> None:
-        self.loaded = loaded
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
-        if isinstance(exc, ConfigError):
-            raise ConfigError([self.loaded.locate(p.field, p.message) if p.source == RECIPE_FIELD and p.field else p
-                               for p in exc.problems]) from None
-        return False
 
 
 def _version() -> str:
