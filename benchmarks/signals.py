@@ -68,16 +68,21 @@ POOL = 4  # distinct batches, cycled
 
 
 def load_old(ref: str) -> tuple[ModuleType, ModuleType] | None:
-    """``signals`` and ``merit`` as they were at ``ref`` (None if git or the ref is unavailable)."""
+    """``signals`` and ``merit`` as they were at commit ``ref``, or as the ``signals.py`` and
+    ``merit.py`` in directory ``ref`` (for a copy of the tree without its git history); None if
+    neither is available."""
     modules = []
     directory = Path(tempfile.mkdtemp(prefix="esper-old-signals-"))
     for name in ("signals", "merit"):
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:esper_core/policy/{name}.py"],
-                               capture_output=True, text=True)
-        if shown.returncode != 0:
-            return None
         path = directory / f"old_{name}.py"
-        path.write_text(shown.stdout, encoding="utf-8")
+        if Path(ref).is_dir():
+            path.write_bytes((Path(ref) / f"{name}.py").read_bytes())
+        else:
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:esper_core/policy/{name}.py"],
+                                   capture_output=True, text=True)
+            if shown.returncode != 0:
+                return None
+            path.write_text(shown.stdout, encoding="utf-8")
         spec = importlib.util.spec_from_file_location(f"esper_old_{name}", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -243,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks-of", type=int, default=10, help="steps per timed block, a multiple of 10")
     parser.add_argument("--repeats", type=int, default=6, help="interleaved repeats (default 6)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per arm first (default 10)")
-    parser.add_argument("--old-ref", default=OLD_REF, help="commit of the old signals to compare ('' for none)")
+    parser.add_argument("--old-ref", default=OLD_REF, help="commit (or directory) of the old signals to compare "
+                        "('' for none)")
     args = parser.parse_args(argv)
     if args.blocks_of < MERIT_EVERY or args.blocks_of % MERIT_EVERY or args.repeats < 1 or args.batch < 1:
         parser.error(f"--blocks-of must be a positive multiple of {MERIT_EVERY}; --repeats and --batch at least 1")

@@ -57,9 +57,10 @@ class GradientMerit:
         if vector is None or vector.shape[0] != matrix.shape[1] or vector.device != matrix.device:
             vector = start_vector(matrix.shape[1], matrix.device)
         sigma, following = spectral_norm_step(matrix, vector, POWER_ITERATIONS)
-        score = sigma / (torch.linalg.vector_norm(weight.detach().float()) + 1e-12)
+        norm = torch.linalg.vector_norm(weight.detach().float())
         average = self._merit.setdefault(name, RunningAverage(self.decay))
-        average.fold({"merit": score}, all_finite(following))
+        # an overflowing weight norm would make the score a finite but meaningless 0: reject it too
+        average.fold({"merit": sigma / (norm + 1e-12)}, all_finite(following) & torch.isfinite(norm))
         self._vectors[name] = torch.where(average.ok, following, vector)
 
     def scores(self) -> dict[str, float]:

@@ -202,13 +202,15 @@ class LayerSignals:
     def observe_forward(self, name: str, layer: KasminaLayer, x: torch.Tensor, y: torch.Tensor) -> None:
         """Measure one forward pass of ``layer`` (input ``x``, output ``y``): the activation statistics
         now and, when ``y`` takes part in autograd, the gradient statistics when the backward pass
-        reaches ``y`` (a tensor hook; only the first samples of ``x`` that it needs are kept)."""
+        reaches ``y`` (a tensor hook; only the first samples of ``x`` that it needs are kept). A pass
+        whose activations were rejected as non-finite has its gradient statistics rejected too."""
         if y.dim() < 2:
             return  # an unbatched call: nothing to average over
         self.observe_activations(name, y)
         if y.requires_grad:
             kept = x[:_samples(y.shape, projection_width(layer))].detach()
-            y.register_hook(lambda grad: self.observe_output_grad(name, layer, kept, grad))
+            accepted = self._group(name, ACTIVATIONS).ok
+            y.register_hook(lambda grad: self.observe_output_grad(name, layer, kept, grad, accepted))
 
     @torch.no_grad()
     def observe_activations(self, name: str, y: torch.Tensor) -> None:
@@ -224,12 +226,13 @@ class LayerSignals:
         self._group(name, ACTIVATIONS).fold({"dead": dead, "cov": cov}, valid)
 
     @torch.no_grad()
-    def observe_output_grad(self, name: str, layer: KasminaLayer, x: torch.Tensor, grad: torch.Tensor) -> None:
+    def observe_output_grad(self, name: str, layer: KasminaLayer, x: torch.Tensor, grad: torch.Tensor,
+                            valid: torch.Tensor | None = None) -> None:
         """Fold the functional-gradient statistics of one backward pass: ``grad`` is ``dL/dy`` for the
         whole batch, ``x`` the layer input (the whole batch or its first samples; only the first
-        samples are used, see the module docstring)."""
+        samples are used, see the module docstring); ``valid`` (0-dim bool) can veto the fold."""
         batch = grad.shape[0]
-        valid = all_finite(grad)
+        valid = all_finite(grad) if valid is None else all_finite(grad) & valid
         k = min(x.shape[0], _samples(grad.shape, projection_width(layer)))
         rows_v = _rows_out(grad[:k].float() * batch)
         n = rows_v.shape[0]
