@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from esper_core.policy.merit import GradientMerit
-from esper_core.policy.signals import GlobalSignals, LayerSignals, PlateauTracker
+from esper_core.policy.signals import GlobalSignals, LayerSignals, PlateauTracker, StatBank
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
 
@@ -142,6 +142,29 @@ def test_layer_signals_survive_a_checkpoint() -> None:
     assert second.read() == first.read()
 
 
+def test_stat_bank_averages_accepted_measurements_the_same_whatever_is_queued_together() -> None:
+    """Folding all layers at once (the fast path) and some layers only (one at a time) give the same
+    averages; a rejected measurement changes nothing but its counters."""
+    decay = 0.5
+    bank = StatBank(decay)
+    measurements = [{"a": 1.0, "b": 10.0}, {"a": 2.0}, {"a": 4.0, "b": math.nan}, {"b": 30.0, "a": 8.0}]
+    for measurement in measurements:
+        for layer, value in measurement.items():
+            bank.add(layer, {"x": torch.tensor([value, -value])}, torch.zeros(()))
+        bank.flush()
+
+    def expected(values: list[float]) -> float:  # the first value starts the average
+        mean = values[0]
+        for value in values[1:]:
+            mean = decay * mean + (1 - decay) * value
+        return mean
+
+    assert bank.stats("a")["x"].tolist() == pytest.approx([expected([1, 2, 4, 8]), -expected([1, 2, 4, 8])])
+    assert bank.stats("b")["x"].tolist() == pytest.approx([expected([10, 30]), -expected([10, 30])])
+    state = bank.state_dict()
+    assert [int(state[n]["measured"]) - int(state[n]["folds"]) for n in "ab"] == [0, 1]
+
+
 def _train_and_measure(model: nn.Sequential, layers: dict[str, KasminaLayer], signals: LayerSignals,
                        merit: GradientMerit, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for x, y in batches:
@@ -166,7 +189,7 @@ def test_a_checkpoint_round_trip_continues_identically() -> None:
     batches = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))) for _ in range(6)]
     signals, merit = LayerSignals(decay=0.8), GradientMerit(decay=0.8)
     _train_and_measure(model, layers, signals, merit, batches[:3])
-    tensors = {k: v.clone() for k, v in signals.state_dict().items()}
+    tensors = {k: v.clone() for k, v in sorted(signals.state_dict().items())}  # safetensors sorts keys
     merit_json = json.loads(json.dumps(merit.state_dict()))
     restored_signals, restored_merit = LayerSignals(decay=0.8), GradientMerit(decay=0.8)
     restored_signals.load_state_dict(tensors, torch.device("cpu"))
@@ -240,11 +263,12 @@ def test_non_finite_or_huge_activations_and_gradients_never_crash_or_poison(kind
         assert attacked[1].scores()["l"] < clean[1].scores()["l"]  # gradient: merit measures it
     else:
         assert attacked[1].scores() == clean[1].scores()
-    counters = attacked[0].state_dict()
-    assert counters["l/activations.rejected"].item() >= 1 and counters["l/gradients.rejected"].item() >= 1
+    state = attacked[0].state_dict()
+    for group in ("activations", "gradients"):  # rejected measurements are counted
+        assert state[f"l/{group}.measured"].item() - state[f"l/{group}.folds"].item() >= 1
     for key, value in clean[0].state_dict().items():
-        if not key.endswith("rejected"):
-            assert torch.equal(counters[key], value), key
+        if not key.endswith("measured"):
+            assert torch.equal(state[key], value), key
 
 
 def test_a_malformed_signal_state_is_refused_with_the_key_named() -> None:
@@ -258,7 +282,8 @@ def test_a_malformed_signal_state_is_refused_with_the_key_named() -> None:
         with pytest.raises(ValueError, match=message):
             LayerSignals(decay=0.8).load_state_dict(state | {key: value}, torch.device("cpu"))
     entry = merit.state_dict()["conv"]
-    for bad in ({**entry, "vector": [math.inf] * len(entry["vector"])}, {**entry, "folds": -1}, {"merit": 1.0}):
+    for bad in ({**entry, "vector": [math.inf] * len(entry["vector"])}, {**entry, "folds": -1},
+                {**entry, "folds": entry["measured"] + 1}, {"merit": 1.0}):
         with pytest.raises(ValueError, match="merit.conv"):
             GradientMerit(decay=0.8).load_state_dict({"conv": bad}, torch.device("cpu"))
 

@@ -11,12 +11,15 @@ per layer (on the shorter side of ``G``): each measurement runs ``POWER_ITERATIO
 from the vector the previous measurement left, so the vector keeps converging across measurements
 while the gradient drifts slowly, and a measurement costs ``4 * POWER_ITERATIONS`` FLOPs per weight
 instead of a full SVD. The estimate ``||G^T G v|| / ||G v||`` never exceeds the true value and is
-accurate to second order in the vector's error. The vector is part of the state dict, so a resumed
-run measures what the uninterrupted one would have.
+accurate to second order in the vector's error. Measured on the zoo CNN (7 wrapped layers) trained
+on a teacher task and measured every 10 steps, the estimate's ratio to the SVD's value had a median
+of 0.999 and a 5th percentile of 0.90 (the top direction sometimes turns between measurements); one
+pair per measurement gave 0.98 and 0.67. The vector is part of the state dict, so a resumed run
+measures what the uninterrupted one would have.
 
 The running averages stay on the device: reading them is the only host-device sync, done when the
 policy actually decides. A measurement with a non-finite gradient or score is not folded (and does
-not move the vector): see :class:`~esper_core.policy.signals.RunningAverage`.
+not move the vector); see :class:`~esper_core.policy.signals.StatBank`.
 """
 
 from __future__ import annotations
@@ -26,88 +29,91 @@ from typing import Any
 
 import torch
 
-from esper_core.policy.signals import RunningAverage, all_finite
+from esper_core.policy.signals import StatBank
 from esper_core.seeds.manager import SeedManager
 
 POWER_ITERATIONS = 2
 """Matvec pairs per measurement (see the module docstring)."""
 
 _START_SEED = 20_251_130  # the persistent vectors start from a fixed draw: runs and resumes agree
+_FIELDS = {"merit", "folds", "measured", "ok", "vector"}
 
 
 class GradientMerit:
     def __init__(self, decay: float) -> None:
         self.decay = decay
-        self._merit: dict[str, RunningAverage] = {}
-        self._vectors: dict[str, torch.Tensor] = {}
+        self._merit = StatBank(decay)
+        self._vectors = StatBank(0.0)  # the latest accepted vector, not an average
 
     def observe(self, manager: SeedManager) -> None:
         """Fold the current host gradients into the running merit (call after backward)."""
         for name, layer in manager.layers.items():
             self.observe_weight(name, layer.host.weight)
+        self._merit.flush()
+        self._vectors.flush()
 
     @torch.no_grad()
     def observe_weight(self, name: str, weight: torch.Tensor) -> None:
-        """Fold the merit of one host weight from its ``.grad`` (nothing when it has none)."""
+        """Queue the merit of one host weight from its ``.grad`` (nothing when it has none); folded
+        with the other layers' by :meth:`observe`, or before anything reads it."""
         if weight.grad is None:
             return
         grad = weight.grad.reshape(weight.shape[0], -1).float()
         matrix = grad if grad.shape[1] <= grad.shape[0] else grad.T  # the vector lives on the shorter side
-        vector = self._vectors.get(name)
-        if vector is None or vector.shape[0] != matrix.shape[1] or vector.device != matrix.device:
-            vector = start_vector(matrix.shape[1], matrix.device)
+        stored = self._vectors.current(name)
+        vector = stored["vector"] if stored is not None else None
+        start = None
+        if vector is None or vector.shape[0] != matrix.shape[1]:
+            vector = start = start_vector(matrix.shape[1], matrix.device)
         sigma, following = spectral_norm_step(matrix, vector, POWER_ITERATIONS)
         norm = torch.linalg.vector_norm(weight.detach().float())
-        average = self._merit.setdefault(name, RunningAverage(self.decay))
-        # an overflowing weight norm would make the score a finite but meaningless 0: reject it too
-        average.fold({"merit": sigma / (norm + 1e-12)}, all_finite(following) & torch.isfinite(norm))
-        self._vectors[name] = torch.where(average.ok, following, vector)
+        score = sigma / (norm + 1e-12)
+        # one check for both: an overflowing weight norm would make the score a finite but meaningless 0
+        check = self._merit.add(name, {"merit": score}, norm + following.sum())
+        self._vectors.add(name, {"vector": following}, check, initial=None if start is None else {"vector": start})
 
     def scores(self) -> dict[str, float]:
         """Current merit per layer with at least one finite measurement (one sync)."""
-        if not self._merit:
+        names = list(self._merit.spans)
+        if not names:
             return {}
-        names = list(self._merit)
-        values = torch.stack([self._merit[n].stats()["merit"] for n in names]).tolist()
+        values = torch.stack([self._merit.stats(n)["merit"] for n in names]).tolist()
         return {name: value for name, value in zip(names, values) if math.isfinite(value)}
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """JSON: per layer the running merit, its counters and the persistent vector (float32 values
         written as exact decimal floats, so a resume continues bit for bit)."""
-        out = {}
-        for name, average in self._merit.items():
-            state = average.state_dict()
-            out[name] = {"merit": state["merit"].item(), "folds": int(state["folds"]),
-                         "rejected": int(state["rejected"]), "ok": bool(state["ok"]),
-                         "vector": self._vectors[name].tolist()}
-        return out
+        vectors = self._vectors.state_dict()
+        return {name: {"merit": state["merit"].item(), "folds": int(state["folds"]),
+                       "measured": int(state["measured"]), "ok": bool(state["ok"]),
+                       "vector": vectors[name]["vector"].tolist()}
+                for name, state in self._merit.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         """Restore from :meth:`state_dict`; ``ValueError`` naming the layer and field when malformed."""
         if not isinstance(state, dict):
             raise ValueError("merit: expected a mapping of layer names")
-        merit: dict[str, RunningAverage] = {}
-        vectors: dict[str, torch.Tensor] = {}
+        layers, vectors = {}, {}
         for name, entry in state.items():
-            if not isinstance(entry, dict) or set(entry) != {"merit", "folds", "rejected", "ok", "vector"}:
-                raise ValueError(f"merit.{name}: expected the fields merit, folds, rejected, ok, vector")
+            if not isinstance(entry, dict) or set(entry) != _FIELDS:
+                raise ValueError(f"merit.{name}: expected the fields {', '.join(sorted(_FIELDS))}")
             vector = entry["vector"]
             if not isinstance(vector, list) or not vector or not all(isinstance(v, float) for v in vector):
                 raise ValueError(f"merit.{name}.vector: expected a non-empty list of floats")
-            for key in ("folds", "rejected"):
-                if type(entry[key]) is not int:
-                    raise ValueError(f"merit.{name}.{key}: expected an integer")
+            if type(entry["folds"]) is not int or type(entry["measured"]) is not int \
+                    or not 0 <= entry["folds"] <= entry["measured"]:
+                raise ValueError(f"merit.{name}: folds and measured must be integers, 0 <= folds <= measured")
             if not isinstance(entry["merit"], float) or not isinstance(entry["ok"], bool):
                 raise ValueError(f"merit.{name}: merit must be a float and ok a boolean")
-            tensor = torch.tensor(vector, dtype=torch.float32)
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"merit.{name}.vector: non-finite values")
-            average = RunningAverage(self.decay)
-            average.load_state_dict({"merit": torch.tensor(entry["merit"], dtype=torch.float32),
-                                     "folds": torch.tensor(entry["folds"]), "rejected": torch.tensor(entry["rejected"]),
-                                     "ok": torch.tensor(entry["ok"])}, device, f"merit.{name}")
-            merit[name], vectors[name] = average, tensor.to(device)
-        self._merit, self._vectors = merit, vectors
+            merit, tensor = torch.tensor(entry["merit"], dtype=torch.float32), torch.tensor(vector, dtype=torch.float32)
+            if not math.isfinite(entry["merit"]) or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"merit.{name}: non-finite values")
+            counters = {"folds": torch.tensor(entry["folds"]), "measured": torch.tensor(entry["measured"]),
+                        "ok": torch.tensor(entry["ok"])}
+            layers[name] = {"merit": merit, **counters}
+            vectors[name] = {"vector": tensor, **counters}
+        self._merit.load_state_dict(layers, device)
+        self._vectors.load_state_dict(vectors, device)
 
 
 def start_vector(size: int, device: torch.device) -> torch.Tensor:
@@ -119,16 +125,17 @@ def start_vector(size: int, device: torch.device) -> torch.Tensor:
 def spectral_norm_step(matrix: torch.Tensor, vector: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``iterations`` power-iteration pairs on ``matrix^T matrix`` from the unit ``vector``: the
     estimate of the top singular value (``||A^T A v|| / ||A v||`` at the last step, 0 for a zero
-    matrix) and the next unit vector (``vector`` itself where ``A^T A v`` vanished). No host sync."""
+    matrix) and the next unit vector (``vector`` itself for a zero matrix). No host sync."""
     tiny = torch.finfo(matrix.dtype).tiny
-    sigma = torch.zeros((), device=matrix.device)
-    for _ in range(iterations):
-        image = matrix @ vector
+    sigma, current, norm = torch.zeros((), device=matrix.device), vector, torch.zeros((), device=matrix.device)
+    for i in range(iterations):
+        image = matrix @ current
         back = image @ matrix
-        back_norm = torch.linalg.vector_norm(back)
-        sigma = back_norm / torch.linalg.vector_norm(image).clamp_min(tiny)
-        vector = torch.where(back_norm > 0, back / back_norm.clamp_min(tiny), vector)
-    return sigma, vector
+        norm = torch.linalg.vector_norm(back)
+        if i == iterations - 1:
+            sigma = norm / (torch.linalg.vector_norm(image) + tiny)
+        current = back / norm.clamp_min(tiny)
+    return sigma, torch.where(norm > 0, current, vector)
 
 
 def merit_flops(weight_numel: int) -> int:

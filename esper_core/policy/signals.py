@@ -16,9 +16,9 @@ Per layer (measured every ``policy.merit_every`` steps, on the same steps as gra
   host's own weights can produce is its least-squares projection onto the layer inputs; what is left
   is what only new capacity can provide. With ``S = E[x x^T]``, ``M = E[x v^T]`` and
   ``q = E[||v||^2]`` averaged over rows (samples, or positions of a convolution), the residual is
-  ``q - tr(M^T S^+ M)``. ``S``, ``M`` and ``q`` are averaged across measurements, so the projection is
-  taken over many batches (one batch is often smaller than the input width, which makes every
-  gradient look expressible).
+  ``q - tr(M^T S^+ M)`` per row, times the rows per sample. ``S``, ``M`` and ``q`` are averaged
+  across measurements, so the projection is taken over many batches (one batch is often smaller
+  than the input width, which makes every gradient look expressible).
 
 Cost. A measurement uses every row for the cheap statistics (the dead share, the finiteness check)
 and the rows of the first few samples of the batch for the matrix ones: at least
@@ -27,14 +27,16 @@ most the batch. The sampler shuffles, so the first samples are a random subset; 
 average over rows, so a subset estimates the same expectation, and the running average over
 measurements supplies the rows a single subset lacks (with the default ``merit_decay`` of 0.8 it
 weighs about nine measurements, i.e. ~18 rows per input feature, which bounds the in-sample
-optimism of the projection to a few percent of the residual, the same share for every layer). All
-statistics stay on the device as running averages; nothing syncs with the host until
+optimism of the projection to a few percent of the residual, the same share for every layer).
+No statistic needs a decomposition at measurement time (about thirty small tensor operations per
+layer, activations and gradients together); the running averages of all layers live in one device
+buffer per group (:class:`StatBank`) and are folded together. Nothing syncs with the host until
 :meth:`LayerSignals.read` (one sync, plus a pseudo-inverse and an eigendecomposition per layer).
 
-Robustness. A measurement with a non-finite activation or gradient anywhere in the batch, or whose
-statistics overflow, is not folded: it is counted as rejected, the running averages keep their
-previous value (one NaN does not poison them), and the layer reads as not ``finite`` until a finite
-measurement arrives. No measurement or read raises on such input.
+Robustness. A layer's measurement with a non-finite activation or gradient anywhere in the batch, or
+whose statistics overflow float32, is not folded: it is counted as rejected, that layer's running
+averages keep their previous value (one NaN does not poison them), and the layer reads as not
+``finite`` until a finite measurement arrives. No measurement or read raises on such input.
 
 Measurement is off the hot path: forward hooks exist only during the forward pass of a measurement
 step (:meth:`LayerSignals.measuring`), or a caller invokes :meth:`LayerSignals.observe_forward` from
@@ -49,7 +51,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -70,7 +72,8 @@ MIN_ROWS = 1024
 """Rows a measurement takes at least (all of them when the batch has fewer)."""
 
 ACTIVATIONS, GRADIENTS = "activations", "gradients"
-_GROUP_STATS = {ACTIVATIONS: {"dead", "cov"}, GRADIENTS: {"q", "rows", "S", "M"}}
+_STATS = {ACTIVATIONS: {"dead", "cov"}, GRADIENTS: {"q", "S", "M"}}
+_COUNTERS = ("folds", "measured", "ok")
 
 
 @dataclass(frozen=True)
@@ -97,78 +100,155 @@ class LayerHealth:
                 for k, v in values.items()}
 
 
-class RunningAverage:
-    """Exponential average of a group of named statistics, on their device, folded all or nothing.
+class StatBank:
+    """Exponential running averages of named statistics for many layers, in one flat device buffer.
 
-    The statistics are kept flattened in one tensor (sorted by name), so a fold is a handful of
-    kernels whatever the group holds. A measurement is folded only if it, and the new average, are
-    finite; otherwise it is counted in ``rejected`` and the average stays as it was. The first accepted
-    measurement becomes the average (no bias towards the zero start). ``ok`` says whether the latest
-    measurement was accepted. Nothing here syncs with the host."""
+    :meth:`add` queues one layer's measurement: its statistics and a ``check`` scalar whose
+    finiteness certifies the inputs they came from. A measurement is accepted only if its check and
+    the sum of its statistics are finite; a rejected one is replaced, in the queue, by the layer's
+    current average, so folding it changes nothing, and it counts as rejected. :meth:`flush` folds
+    everything queued; when the queue holds every layer in buffer order (what a measurement of the
+    whole model produces) that is a handful of operations over the buffer, whatever the number of
+    layers. Queued measurements are flushed before a layer is queued twice and before anything is
+    read, so results do not depend on when flushing happens. Nothing here syncs with the host.
+
+    The average is exponential, ``mean <- decay * mean + (1 - decay) * x`` on accepted measurements,
+    and a layer's first accepted measurement becomes its mean (it is queued as the value that the
+    common fold turns into it, to within rounding). With ``decay`` 0 the mean is the latest accepted
+    value, and ``initial`` values (given when a layer is first added) stand until one is accepted.
+    """
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
-        self.shapes: dict[str, torch.Size] = {}
-        self.mean = torch.zeros(0)
-        self.folds = torch.zeros((), dtype=torch.int64)
-        self.rejected = torch.zeros((), dtype=torch.int64)
-        self.ok = torch.ones((), dtype=torch.bool)
+        self._clear()
 
-    def fold(self, stats: dict[str, torch.Tensor], valid: torch.Tensor | None = None) -> None:
-        """Fold one measurement; ``valid`` (a 0-dim bool tensor) can veto it, e.g. when the batch the
-        statistics were computed on held a non-finite value outside the rows they used."""
+    def _clear(self) -> None:
+        self.shapes: dict[str, dict[str, torch.Size]] = {}  # layer -> statistic -> shape, in buffer order
+        self.spans: dict[str, tuple[int, int]] = {}  # layer -> [start, stop) in the buffer
+        self._index: dict[str, int] = {}  # layer -> its position among the layers
+        self.measured: dict[str, int] = {}
+        self.ema = torch.zeros(0)
+        self.folds = torch.zeros(0, dtype=torch.int64)  # per layer
+        self.ok = torch.zeros(0, dtype=torch.bool)  # per layer: the latest measurement was accepted
+        self._queue: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, layer: str, stats: dict[str, torch.Tensor], check: torch.Tensor,
+            initial: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Queue one measurement of ``layer``; returns its full check (finite iff it is accepted),
+        which a later measurement of the same pass can depend on."""
         names = sorted(stats)
-        flat = torch.cat([stats[n].detach().reshape(-1).float() for n in names])
         shapes = {n: stats[n].shape for n in names}
-        if shapes != self.shapes or self.mean.device != flat.device:  # first measurement of this group
-            self._reset(shapes, flat.device)
-        weight = torch.where(self.folds > 0, 1.0 - self.decay, 1.0)
-        new = torch.lerp(self.mean, flat, weight)
-        accepted = all_finite(new)
-        if valid is not None:
-            accepted = accepted & valid
-        self.mean = torch.where(accepted, new, self.mean)
-        self.folds = self.folds + accepted
-        self.rejected = self.rejected + ~accepted
-        self.ok = accepted
+        flat = torch.cat([stats[n].reshape(-1) for n in names]).float()
+        if layer in self._queue:
+            self.flush()
+        if self.shapes.get(layer) != shapes or self.ema.device != flat.device:
+            if layer in self.spans or self.ema.device != flat.device:
+                self.flush()  # the buffer is about to be rearranged
+            self._lay_out(layer, shapes, flat.device, initial)
+        check = check + flat.sum()
+        valid = torch.isfinite(check)
+        current = self.ema[slice(*self.spans[layer])]
+        if self.decay > 0:  # a first accepted value must become the mean: queue what the fold maps onto it
+            flat = torch.where(self.folds[self._index[layer]] > 0, flat, torch.lerp(current, flat, 1 / (1 - self.decay)))
+        self._queue[layer] = (torch.where(valid, flat, current), valid)
+        self.measured[layer] += 1
+        return check
 
-    def stats(self) -> dict[str, torch.Tensor]:
-        """The averaged statistics, as views of the flat average (NaN before the first fold)."""
-        mean = torch.where(self.folds > 0, self.mean, math.nan)
-        sizes = [math.prod(s) for s in self.shapes.values()]
-        return {n: part.view(s) for (n, s), part in zip(self.shapes.items(), mean.split(sizes))}
+    def flush(self) -> None:
+        if not self._queue:
+            return
+        names, queued = list(self._queue), list(self._queue.values())
+        self._queue = {}
+        if set(names) == set(self.spans) and names != list(self.spans):
+            self._reorder(names)  # e.g. after a restore, whose key order is not the hooks' order
+        weight = 1.0 - self.decay
+        if names == list(self.spans):  # the whole buffer at once
+            valid = torch.stack([v for _, v in queued])
+            self.ema = torch.lerp(self.ema, torch.cat([x for x, _ in queued]), weight)
+            self.folds = self.folds + valid
+            self.ok = valid
+            return
+        for name, (x, valid) in zip(names, queued):  # some layers only: one at a time
+            part, i = slice(*self.spans[name]), self._index[name]
+            self.ema[part] = torch.lerp(self.ema[part], x, weight)
+            self.folds[i] += valid
+            self.ok[i] = valid
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        sizes = [math.prod(s) for s in self.shapes.values()]
-        out = {n: part.view(s) for (n, s), part in zip(self.shapes.items(), self.mean.split(sizes))}
-        return out | {"folds": self.folds, "rejected": self.rejected, "ok": self.ok}
+    def current(self, layer: str) -> dict[str, torch.Tensor] | None:
+        """The raw averages of a layer (with ``decay`` 0: the latest accepted values, or the initial
+        ones), or None for a layer not laid out yet."""
+        if layer not in self.spans:
+            return None
+        if layer in self._queue:
+            self.flush()
+        return _split(self.ema[slice(*self.spans[layer])], self.shapes[layer])
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], device: torch.device, where: str) -> None:
-        """Restore from :meth:`state_dict`; ``ValueError`` naming ``where`` for anything malformed."""
-        counters = {"folds": torch.int64, "rejected": torch.int64, "ok": torch.bool}
-        for key, dtype in counters.items():
-            value = tensors.get(key)
-            if value is None or value.dtype != dtype or value.dim() != 0:
-                raise ValueError(f"{where}.{key}: expected a scalar {dtype}")
-            if dtype == torch.int64 and int(value) < 0:
-                raise ValueError(f"{where}.{key}: negative count {int(value)}")
-        stats = {k: v for k, v in tensors.items() if k not in counters}
-        if not stats:
-            raise ValueError(f"{where}: no statistics")
-        for key, value in stats.items():
-            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{where}.{key}: expected finite floating-point values")
-        names = sorted(stats)
-        self._reset({n: stats[n].shape for n in names}, device)
-        self.mean = torch.cat([stats[n].reshape(-1).float() for n in names]).to(device)
-        self.folds, self.rejected, self.ok = (tensors[k].to(device) for k in counters)
+    def stats(self, layer: str) -> dict[str, torch.Tensor]:
+        """A layer's means (NaN before its first accepted measurement; flushed first)."""
+        self.flush()
+        mean = torch.where(self.folds[self._index[layer]] > 0, self.ema[slice(*self.spans[layer])], math.nan)
+        return _split(mean, self.shapes[layer])
 
-    def _reset(self, shapes: dict[str, torch.Size], device: torch.device) -> None:
-        self.shapes = shapes
-        self.mean = torch.zeros(sum(math.prod(s) for s in shapes.values()), device=device)
-        self.folds = torch.zeros((), dtype=torch.int64, device=device)
-        self.rejected = torch.zeros((), dtype=torch.int64, device=device)
-        self.ok = torch.ones((), dtype=torch.bool, device=device)
+    def layer_ok(self, layer: str) -> torch.Tensor:
+        self.flush()
+        return self.ok[self._index[layer]]
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer, as copies: the averages by statistic name (zeros, or the initial values, before a
+        first accepted measurement) and the counters."""
+        self.flush()
+        return {layer: _split(self.ema[start:stop].clone(), self.shapes[layer])
+                | {"folds": self.folds[i].clone(), "measured": torch.tensor(self.measured[layer]), "ok": self.ok[i].clone()}
+                for i, (layer, (start, stop)) in enumerate(self.spans.items())}
+
+    def load_state_dict(self, layers: dict[str, dict[str, torch.Tensor]], device: torch.device) -> None:
+        """Restore from :meth:`state_dict` (already validated by the caller)."""
+        self._clear()
+        for layer, tensors in layers.items():
+            stats = {k: v for k, v in tensors.items() if k not in _COUNTERS}
+            names = sorted(stats)
+            self._lay_out(layer, {n: stats[n].shape for n in names}, device, None)
+            i = self._index[layer]
+            self.ema[slice(*self.spans[layer])] = torch.cat([stats[n].reshape(-1).float() for n in names]).to(device)
+            self.folds[i] = int(tensors["folds"])
+            self.ok[i] = bool(tensors["ok"])
+            self.measured[layer] = int(tensors["measured"])
+
+    def _lay_out(self, layer: str, shapes: dict[str, torch.Size], device: torch.device,
+                 initial: dict[str, torch.Tensor] | None) -> None:
+        """Give ``layer`` (new, or with new shapes) its place at the end of the buffer."""
+        if layer in self.spans:
+            self._reorder([name for name in self.spans if name != layer])
+            del self.shapes[layer], self.measured[layer]
+        if self.ema.device != device:
+            self.ema, self.folds, self.ok = self.ema.to(device), self.folds.to(device), self.ok.to(device)
+        start, initial = self.ema.numel(), initial or {}
+        ema = [initial[n].reshape(-1).float() if n in initial else torch.zeros(math.prod(s), device=device)
+               for n, s in shapes.items()]
+        self.ema = torch.cat([self.ema, *ema])
+        self.folds = torch.cat([self.folds, torch.zeros(1, dtype=torch.int64, device=device)])
+        self.ok = torch.cat([self.ok, torch.ones(1, dtype=torch.bool, device=device)])
+        self.shapes[layer], self.spans[layer] = shapes, (start, self.ema.numel())
+        self._index[layer] = len(self.spans) - 1
+        self.measured[layer] = 0
+
+    def _reorder(self, names: list[str]) -> None:
+        """Rearrange the buffer into the order ``names`` (a subset of the layers: the rest are dropped)."""
+        index = {name: i for i, name in enumerate(self.spans)}
+        parts = [self.spans[n] for n in names]
+        self.ema = torch.cat([self.ema[a:b] for a, b in parts]) if parts else self.ema[:0]
+        order = torch.tensor([index[n] for n in names], dtype=torch.long, device=self.folds.device)
+        self.folds, self.ok = self.folds[order], self.ok[order]
+        spans, start = {}, 0
+        for name, (a, b) in zip(names, parts):
+            spans[name] = (start, start + b - a)
+            start += b - a
+        self.spans, self._index = spans, {name: i for i, name in enumerate(spans)}
+
+
+def _split(flat: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    sizes = [math.prod(s) for s in shapes.values()]
+    return {n: part.view(s) for (n, s), part in zip(shapes.items(), flat.split(sizes))}
 
 
 class LayerSignals:
@@ -177,7 +257,9 @@ class LayerSignals:
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
-        self._groups: dict[str, dict[str, RunningAverage]] = {}  # layer -> group name -> average
+        self._banks = {ACTIVATIONS: StatBank(decay), GRADIENTS: StatBank(decay)}
+        self._rows: dict[str, float] = {}  # layer -> output rows (positions) per sample, latest
+        self._ones: dict[tuple[int, torch.device], torch.Tensor] = {}  # bias columns, by length
 
     @contextmanager
     def measuring(self, layers: dict[str, KasminaLayer], active: bool) -> Iterator[None]:
@@ -203,68 +285,83 @@ class LayerSignals:
         """Measure one forward pass of ``layer`` (input ``x``, output ``y``): the activation statistics
         now and, when ``y`` takes part in autograd, the gradient statistics when the backward pass
         reaches ``y`` (a tensor hook; only the first samples of ``x`` that it needs are kept). A pass
-        whose activations were rejected as non-finite has its gradient statistics rejected too."""
+        whose activations are non-finite has its gradient statistics rejected too."""
         if y.dim() < 2:
             return  # an unbatched call: nothing to average over
-        self.observe_activations(name, y)
+        check = self.observe_activations(name, y)
         if y.requires_grad:
             kept = x[:_samples(y.shape, projection_width(layer))].detach()
-            accepted = self._group(name, ACTIVATIONS).ok
-            y.register_hook(lambda grad: self.observe_output_grad(name, layer, kept, grad, accepted))
+            y.register_hook(lambda grad: self.observe_output_grad(name, layer, kept, grad, check))
 
     @torch.no_grad()
-    def observe_activations(self, name: str, y: torch.Tensor) -> None:
-        """Fold the dead share and the output covariance of one batch of outputs of layer ``name``."""
-        y = y.detach()
-        width = y.shape[1] if y.dim() == 4 else y.shape[-1]
-        valid = all_finite(y)
-        top = y.amax(dim=(0, 2, 3)) if y.dim() == 4 else y.reshape(-1, width).amax(dim=0)
-        dead = (top <= 0).float().mean()
-        rows = _rows_out(y[:_samples(y.shape, width)].float())
-        centred = rows - rows.mean(dim=0, keepdim=True)
-        cov = centred.T @ centred / rows.shape[0]
-        self._group(name, ACTIVATIONS).fold({"dead": dead, "cov": cov}, valid)
+    def observe_activations(self, name: str, y: torch.Tensor) -> torch.Tensor:
+        """Queue the dead units and the output covariance of one batch of outputs of layer ``name``;
+        returns the measurement's check (see :meth:`StatBank.add`)."""
+        with _no_autocast(y.device.type):
+            y = y.detach()
+            width = y.shape[1] if y.dim() == 4 else y.shape[-1]
+            total = y.sum(dtype=torch.float32)
+            top = y.amax(dim=(0, 2, 3)) if y.dim() == 4 else y.reshape(-1, width).amax(dim=0)
+            rows = _rows_out(y[:_samples(y.shape, width)]).float()
+            centred = rows - rows.mean(dim=0, keepdim=True)
+            cov = torch.addmm(centred[:1], centred.T, centred, beta=0, alpha=1 / rows.shape[0])
+            return self._banks[ACTIVATIONS].add(name, {"dead": top <= 0, "cov": cov}, total)
 
     @torch.no_grad()
     def observe_output_grad(self, name: str, layer: KasminaLayer, x: torch.Tensor, grad: torch.Tensor,
-                            valid: torch.Tensor | None = None) -> None:
-        """Fold the functional-gradient statistics of one backward pass: ``grad`` is ``dL/dy`` for the
+                            check: torch.Tensor | None = None) -> None:
+        """Queue the functional-gradient statistics of one backward pass: ``grad`` is ``dL/dy`` for the
         whole batch, ``x`` the layer input (the whole batch or its first samples; only the first
-        samples are used, see the module docstring); ``valid`` (0-dim bool) can veto the fold."""
-        batch = grad.shape[0]
-        valid = all_finite(grad) if valid is None else all_finite(grad) & valid
-        k = min(x.shape[0], _samples(grad.shape, projection_width(layer)))
-        rows_v = _rows_out(grad[:k].float() * batch)
-        n = rows_v.shape[0]
-        stats = {"q": (rows_v * rows_v).sum() / k, "rows": torch.full((), n / k, device=grad.device)}
-        rows_x = _rows(layer, x[:k])
-        if rows_x is not None and rows_x.shape[1] <= MAX_PROJECTION_WIDTH:
-            stats["S"] = rows_x.T @ rows_x / n
-            stats["M"] = rows_x.T @ rows_v / n
-        self._group(name, GRADIENTS).fold(stats, valid)
+        samples are used, see the module docstring); a non-finite ``check`` rejects the measurement."""
+        with _no_autocast(grad.device.type):
+            batch = grad.shape[0]
+            total = grad.sum(dtype=torch.float32)
+            if check is not None:
+                total = total + check  # only its finiteness matters: a non-finite check rejects
+            k = min(x.shape[0], _samples(grad.shape, projection_width(layer)))
+            rows_v = _rows_out(grad[:k]).float()
+            n = rows_v.shape[0]
+            flat = rows_v.reshape(-1)
+            stats = {"q": torch.dot(flat, flat) * (batch * batch / n)}  # v = batch * dL/dy, per row
+            rows_x = self._rows_in(layer, x[:k])
+            if rows_x is not None and rows_x.shape[1] <= MAX_PROJECTION_WIDTH:
+                stats["S"] = torch.addmm(rows_x[:1], rows_x.T, rows_x, beta=0, alpha=1 / n)
+                stats["M"] = torch.addmm(rows_v[:1], rows_x.T, rows_v, beta=0, alpha=batch / n)
+            self._rows[name] = n / k
+            self._banks[GRADIENTS].add(name, stats, total)
 
-    def _group(self, name: str, group: str) -> RunningAverage:
-        groups = self._groups.setdefault(name, {})
-        if group not in groups:
-            groups[group] = RunningAverage(self.decay)
-        return groups[group]
+    def _rows_in(self, layer: KasminaLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """The host's inputs as rows matching :func:`_rows_out` of its output, with a ones column
+        when the host has a bias (which can absorb the mean); ``None`` for grouped convolutions."""
+        host, spec = layer.host, layer.spec
+        if spec.kind == "conv2d":
+            if getattr(host, "groups", 1) != 1:
+                return None
+            patches = F.unfold(x.float(), spec.kernel, dilation=spec.dilation, padding=spec.padding, stride=spec.stride)
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        else:
+            rows = x.float().reshape(-1, x.shape[-1])
+        if getattr(host, "bias", None) is None:
+            return rows
+        key = (rows.shape[0], rows.device)
+        if key not in self._ones:
+            self._ones[key] = torch.ones(rows.shape[0], 1, device=rows.device)
+        return torch.cat([rows, self._ones[key]], dim=1)
 
     def read(self) -> dict[str, LayerHealth]:
         """The current averages of every layer with gradient statistics (one host-device sync, plus a
         pseudo-inverse and an eigendecomposition per layer). Never raises on what was measured."""
+        acts, grads = self._banks[ACTIVATIONS], self._banks[GRADIENTS]
         names, rows = [], []
-        for name, groups in self._groups.items():
-            if GRADIENTS not in groups:
-                continue
-            grads = groups[GRADIENTS]
-            acts = groups.get(ACTIVATIONS)
-            nan = torch.full((), math.nan, device=grads.mean.device)
-            dead, erank, ok = nan, nan, grads.ok
-            if acts is not None:
-                a = acts.stats()
-                dead, erank, ok = a["dead"], _effective_rank_share(a["cov"]), ok & acts.ok
-            g = grads.stats()
-            rows.append(torch.stack([dead, erank, g["q"], _residual(g), ok.float()]))
+        for name in grads.spans:
+            g = grads.stats(name)
+            ok = grads.layer_ok(name)
+            dead = erank = torch.full((), math.nan, device=g["q"].device)
+            if name in acts.spans:
+                a = acts.stats(name)
+                dead, erank, ok = a["dead"].mean(), _effective_rank_share(a["cov"]), ok & acts.layer_ok(name)
+            per_sample = self._rows.get(name, 1.0)
+            rows.append(torch.stack([dead, erank, g["q"] * per_sample, _residual(g) * per_sample, ok.float()]))
             names.append(name)
         if not rows:
             return {}
@@ -274,61 +371,83 @@ class LayerSignals:
     def nonfinite_layers(self) -> list[str]:
         """Layers whose latest measurement was rejected as non-finite (one sync, no decomposition:
         cheap enough for the governor to ask at every judgement)."""
-        names = list(self._groups)
-        if not names:
+        banks = [bank for bank in self._banks.values() if bank.spans]
+        for bank in banks:
+            bank.flush()
+        if not banks:
             return []
-        flags = torch.stack([torch.stack([g.ok for g in self._groups[n].values()]).all() for n in names]).tolist()
-        return [name for name, ok in zip(names, flags) if not ok]
+        flags = torch.cat([bank.ok for bank in banks]).tolist()
+        names = [name for bank in banks for name in bank.spans]
+        return sorted({name for name, ok in zip(names, flags) if not ok})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors, keyed ``layer/group.statistic`` (they go with the checkpoint's tensors)."""
-        return {f"{name}/{group}.{key}": value for name, groups in self._groups.items()
-                for group, average in groups.items() for key, value in average.state_dict().items()}
+        out = {f"{name}/{group}.{key}": value for group, bank in self._banks.items()
+               for name, tensors in bank.state_dict().items() for key, value in tensors.items()}
+        out.update({f"{name}/{GRADIENTS}.rows": torch.tensor(rows) for name, rows in self._rows.items()})
+        return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Restore from :meth:`state_dict`; ``ValueError`` naming the key for anything malformed (an
         unknown group or statistic, a missing counter, a non-finite average, inconsistent shapes)."""
-        parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {ACTIVATIONS: {}, GRADIENTS: {}}
+        rows: dict[str, float] = {}
         for key, value in tensors.items():
             name, _, rest = key.rpartition("/")
             group, _, stat = rest.partition(".")
-            if not name or group not in _GROUP_STATS or stat not in _GROUP_STATS[group] | {"folds", "rejected", "ok"}:
+            if not name or group not in _STATS or stat not in _STATS[group] | set(_COUNTERS) | {"rows"}:
                 raise ValueError(f"{key}: not a layer statistic")
-            parts.setdefault(name, {}).setdefault(group, {})[stat] = value
-        loaded: dict[str, dict[str, RunningAverage]] = {}
-        for name, groups in parts.items():
-            for group, stats in groups.items():
-                _check_shapes(f"{name}/{group}", stats)
-                average = RunningAverage(self.decay)
-                average.load_state_dict(stats, device, f"{name}/{group}")
-                loaded.setdefault(name, {})[group] = average
-        self._groups = loaded
+            if stat == "rows":
+                if group != GRADIENTS or value.dim() != 0 or not value.is_floating_point() or not float(value) > 0:
+                    raise ValueError(f"{key}: expected a positive scalar")
+                rows[name] = float(value)
+                continue
+            parts[group].setdefault(name, {})[stat] = value
+        for group, layers in parts.items():
+            for name, stats in layers.items():
+                _check_layer_state(f"{name}/{group}", group, stats)
+        for name in parts[GRADIENTS]:
+            if name not in rows:
+                raise ValueError(f"{name}/{GRADIENTS}.rows: missing")
+        for group, layers in parts.items():
+            self._banks[group].load_state_dict(layers, device)
+        self._rows = rows
 
 
-def all_finite(t: torch.Tensor) -> torch.Tensor:
-    """Whether every value of ``t`` is finite, as a 0-dim bool tensor (no sync): one reduction pass, a
-    quarter of the cost of ``isfinite(t).all()``. A NaN or an infinity makes the sum non-finite; so
-    does a sum that overflows float32, which only values near 1e38 / numel can cause: they count as
-    non-finite too, which is what a health signal should say of them."""
-    return torch.isfinite(t.sum(dtype=torch.float32))
+def _no_autocast(device_type: str) -> AbstractContextManager[None]:
+    """Statistics in float32 even inside an autocast region (entering autocast costs more than the
+    check, so it is entered only when needed)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
-def _check_shapes(where: str, stats: dict[str, torch.Tensor]) -> None:
-    scalars = [k for k in ("dead", "q", "rows") if k in stats]
-    for key in scalars:
-        if stats[key].dim() != 0:
-            raise ValueError(f"{where}.{key}: expected a scalar")
-    if "cov" in stats and (stats["cov"].dim() != 2 or stats["cov"].shape[0] != stats["cov"].shape[1]):
-        raise ValueError(f"{where}.cov: expected a square matrix, got {tuple(stats['cov'].shape)}")
+def _check_layer_state(where: str, group: str, stats: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``stats`` is one layer's state of ``group``."""
+    for key, dtype in (("folds", torch.int64), ("measured", torch.int64), ("ok", torch.bool)):
+        value = stats.get(key)
+        if value is None or value.dtype != dtype or value.dim() != 0:
+            raise ValueError(f"{where}.{key}: expected a scalar {dtype}")
+    if int(stats["folds"]) < 0 or int(stats["measured"]) < int(stats["folds"]):
+        raise ValueError(f"{where}: counts out of range (folds {int(stats['folds'])}, measured {int(stats['measured'])})")
+    for key, value in stats.items():
+        if key not in _COUNTERS and (not value.is_floating_point() or not bool(torch.isfinite(value).all())):
+            raise ValueError(f"{where}.{key}: expected finite floating-point values")
+    required = {"dead", "cov"} if group == ACTIVATIONS else {"q"}
+    missing = required - stats.keys()
+    if missing:
+        raise ValueError(f"{where}: missing {sorted(missing)}")
+    if group == ACTIVATIONS:
+        dead, cov = stats["dead"], stats["cov"]
+        if dead.dim() != 1 or cov.shape != (dead.shape[0], dead.shape[0]):
+            raise ValueError(f"{where}.cov: shape {tuple(cov.shape)} does not match {tuple(dead.shape[:1])} units")
+        return
+    if stats["q"].dim() != 0:
+        raise ValueError(f"{where}.q: expected a scalar")
     if ("S" in stats) != ("M" in stats):
         raise ValueError(f"{where}: S and M come together")
     if "S" in stats:
         s, m = stats["S"], stats["M"]
         if s.dim() != 2 or m.dim() != 2 or s.shape[0] != s.shape[1] or m.shape[0] != s.shape[0]:
             raise ValueError(f"{where}.S/M: inconsistent shapes {tuple(s.shape)} and {tuple(m.shape)}")
-    missing = {"dead", "cov"} - stats.keys() if "dead" in stats or "cov" in stats else {"q", "rows"} - stats.keys()
-    if missing:
-        raise ValueError(f"{where}: missing {sorted(missing)}")
 
 
 def _effective_rank_share(cov: torch.Tensor) -> torch.Tensor:
@@ -346,7 +465,7 @@ def _effective_rank_share(cov: torch.Tensor) -> torch.Tensor:
 
 
 def _residual(stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``q - rows * tr(M^T S^+ M)``, clamped at zero; the whole ``q`` when the projection is skipped."""
+    """Per row: ``q - tr(M^T S^+ M)``, clamped at zero; the whole ``q`` when the projection is skipped."""
     q = stats["q"]
     if "S" not in stats:
         return q
@@ -355,7 +474,7 @@ def _residual(stats: dict[str, torch.Tensor]) -> torch.Tensor:
         explained = (stats["M"] * (torch.linalg.pinv(s, hermitian=True) @ stats["M"])).sum()
     except torch.linalg.LinAlgError:  # see _effective_rank_share
         return torch.full((), math.nan, device=q.device)
-    return (q - explained * stats["rows"]).clamp_min(0.0)
+    return (q - explained).clamp_min(0.0)
 
 
 def _samples(shape: torch.Size, width: int) -> int:
@@ -371,7 +490,7 @@ def _leading_samples(batch: int, per_sample: int, width: int) -> int:
 
 
 def projection_width(layer: KasminaLayer) -> int:
-    """Columns of :func:`_rows` for this layer: inputs per output position, plus one for a bias."""
+    """Columns of the input rows for this layer: inputs per output position, plus one for a bias."""
     spec = layer.spec
     width = spec.in_features * (spec.kernel[0] * spec.kernel[1] if spec.kind == "conv2d" else 1)
     return width + (getattr(layer.host, "bias", None) is not None)
@@ -384,33 +503,17 @@ def _rows_out(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _rows(layer: KasminaLayer, x: torch.Tensor) -> torch.Tensor | None:
-    """The host's inputs as rows matching :func:`_rows_out` of its output (with a ones column when the
-    host has a bias, which can absorb the mean); ``None`` for grouped convolutions."""
-    host, spec = layer.host, layer.spec
-    if spec.kind == "conv2d":
-        if getattr(host, "groups", 1) != 1:
-            return None
-        patches = F.unfold(x.float(), spec.kernel, dilation=spec.dilation, padding=spec.padding, stride=spec.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    else:
-        rows = x.float().reshape(-1, x.shape[-1])
-    if getattr(host, "bias", None) is not None:
-        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, device=rows.device)], dim=1)
-    return rows
-
-
 def measurement_flops(in_width: int, out_width: int, batch: int, rows_per_sample: int) -> int:
     """Analytic FLOPs of one measurement of one layer (benchmarks count them) on a batch of ``batch``
     samples with ``rows_per_sample`` output positions each; ``in_width`` is
-    :func:`projection_width`. The dead share and the finiteness checks read every row, the matrix
+    :func:`projection_width`. The dead units and the finiteness checks read every row, the matrix
     statistics only the rows of the leading samples; the eigendecomposition and the pseudo-inverse
     are paid only at reads (:func:`readout_flops`)."""
     every = batch * rows_per_sample
     act = rows_per_sample * _leading_samples(batch, rows_per_sample, out_width)
     grad = rows_per_sample * _leading_samples(batch, rows_per_sample, in_width)
-    activation = 3 * every * out_width + 2 * act * out_width ** 2 + 3 * act * out_width
-    gradient = every * out_width + 3 * grad * out_width
+    activation = 2 * every * out_width + 2 * act * out_width ** 2 + 2 * act * out_width
+    gradient = every * out_width + 2 * grad * out_width
     if in_width <= MAX_PROJECTION_WIDTH:
         gradient += 2 * grad * in_width ** 2 + 2 * grad * in_width * out_width
     return activation + gradient
