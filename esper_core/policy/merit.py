@@ -42,15 +42,13 @@ _FIELDS = {"merit", "folds", "measured", "ok", "vector"}
 class GradientMerit:
     def __init__(self, decay: float) -> None:
         self.decay = decay
-        self._merit = StatBank(decay)
-        self._vectors = StatBank(0.0)  # the latest accepted vector, not an average
+        self._bank = StatBank(decay, fixed={"vector": 0.0})  # the vector: the latest accepted one
 
     def observe(self, manager: SeedManager) -> None:
         """Fold the current host gradients into the running merit (call after backward)."""
         for name, layer in manager.layers.items():
             self.observe_weight(name, layer.host.weight)
-        self._merit.flush()
-        self._vectors.flush()
+        self._bank.flush()
 
     @torch.no_grad()
     def observe_weight(self, name: str, weight: torch.Tensor) -> None:
@@ -60,7 +58,7 @@ class GradientMerit:
             return
         grad = weight.grad.reshape(weight.shape[0], -1).float()
         matrix = grad if grad.shape[1] <= grad.shape[0] else grad.T  # the vector lives on the shorter side
-        stored = self._vectors.current(name)
+        stored = self._bank.current(name)
         vector = stored["vector"] if stored is not None else None
         start = None
         if vector is None or vector.shape[0] != matrix.shape[1]:
@@ -68,32 +66,30 @@ class GradientMerit:
         sigma, following = spectral_norm_step(matrix, vector, POWER_ITERATIONS)
         norm = torch.linalg.vector_norm(weight.detach().float())
         score = sigma / (norm + 1e-12)
-        # one check for both: an overflowing weight norm would make the score a finite but meaningless 0
-        check = self._merit.add(name, {"merit": score}, norm + following.sum())
-        self._vectors.add(name, {"vector": following}, check, initial=None if start is None else {"vector": start})
+        # the weight norm in the check: overflowing, it would make the score a finite but meaningless 0
+        self._bank.add(name, {"merit": score, "vector": following}, norm,
+                       initial=None if start is None else {"vector": start})
 
     def scores(self) -> dict[str, float]:
         """Current merit per layer with at least one finite measurement (one sync)."""
-        names = list(self._merit.spans)
+        names = list(self._bank.spans)
         if not names:
             return {}
-        values = torch.stack([self._merit.stats(n)["merit"] for n in names]).tolist()
+        values = torch.stack([self._bank.stats(n)["merit"] for n in names]).tolist()
         return {name: value for name, value in zip(names, values) if math.isfinite(value)}
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """JSON: per layer the running merit, its counters and the persistent vector (float32 values
         written as exact decimal floats, so a resume continues bit for bit)."""
-        vectors = self._vectors.state_dict()
         return {name: {"merit": state["merit"].item(), "folds": int(state["folds"]),
-                       "measured": int(state["measured"]), "ok": bool(state["ok"]),
-                       "vector": vectors[name]["vector"].tolist()}
-                for name, state in self._merit.state_dict().items()}
+                       "measured": int(state["measured"]), "ok": bool(state["ok"]), "vector": state["vector"].tolist()}
+                for name, state in self._bank.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         """Restore from :meth:`state_dict`; ``ValueError`` naming the layer and field when malformed."""
         if not isinstance(state, dict):
             raise ValueError("merit: expected a mapping of layer names")
-        layers, vectors = {}, {}
+        layers = {}
         for name, entry in state.items():
             if not isinstance(entry, dict) or set(entry) != _FIELDS:
                 raise ValueError(f"merit.{name}: expected the fields {', '.join(sorted(_FIELDS))}")
@@ -110,10 +106,8 @@ class GradientMerit:
                 raise ValueError(f"merit.{name}: non-finite values")
             counters = {"folds": torch.tensor(entry["folds"]), "measured": torch.tensor(entry["measured"]),
                         "ok": torch.tensor(entry["ok"])}
-            layers[name] = {"merit": merit, **counters}
-            vectors[name] = {"vector": tensor, **counters}
-        self._merit.load_state_dict(layers, device)
-        self._vectors.load_state_dict(vectors, device)
+            layers[name] = {"merit": merit, "vector": tensor, **counters}
+        self._bank.load_state_dict(layers, device)
 
 
 def start_vector(size: int, device: torch.device) -> torch.Tensor:
@@ -123,19 +117,19 @@ def start_vector(size: int, device: torch.device) -> torch.Tensor:
 
 
 def spectral_norm_step(matrix: torch.Tensor, vector: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``iterations`` power-iteration pairs on ``matrix^T matrix`` from the unit ``vector``: the
-    estimate of the top singular value (``||A^T A v|| / ||A v||`` at the last step, 0 for a zero
-    matrix) and the next unit vector (``vector`` itself for a zero matrix). No host sync."""
+    """``iterations`` (at least one) power-iteration pairs on ``matrix^T matrix`` from the unit
+    ``vector``: the estimate of the top singular value (``||A^T A v|| / ||A v||`` at the last step,
+    0 for a zero matrix) and the next unit vector (``vector`` itself for a zero matrix). No host sync."""
     tiny = torch.finfo(matrix.dtype).tiny
-    sigma, current, norm = torch.zeros((), device=matrix.device), vector, torch.zeros((), device=matrix.device)
-    for i in range(iterations):
-        image = matrix @ current
-        back = image @ matrix
-        norm = torch.linalg.vector_norm(back)
-        if i == iterations - 1:
-            sigma = norm / (torch.linalg.vector_norm(image) + tiny)
-        current = back / norm.clamp_min(tiny)
-    return sigma, torch.where(norm > 0, current, vector)
+    current = vector
+    for _ in range(iterations - 1):
+        back = (matrix @ current) @ matrix
+        current = back / torch.linalg.vector_norm(back).clamp_min(tiny)
+    image = matrix @ current
+    back = image @ matrix
+    norm = torch.linalg.vector_norm(back)
+    sigma = norm / (torch.linalg.vector_norm(image) + tiny)
+    return sigma, torch.where(norm > 0, back / norm.clamp_min(tiny), vector)
 
 
 def merit_flops(weight_numel: int) -> int:

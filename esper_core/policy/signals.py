@@ -104,22 +104,23 @@ class StatBank:
     """Exponential running averages of named statistics for many layers, in one flat device buffer.
 
     :meth:`add` queues one layer's measurement: its statistics and a ``check`` scalar whose
-    finiteness certifies the inputs they came from. A measurement is accepted only if its check and
-    the sum of its statistics are finite; a rejected one is replaced, in the queue, by the layer's
-    current average, so folding it changes nothing, and it counts as rejected. :meth:`flush` folds
-    everything queued; when the queue holds every layer in buffer order (what a measurement of the
-    whole model produces) that is a handful of operations over the buffer, whatever the number of
+    finiteness certifies the inputs they came from (two or three tensor operations per layer).
+    :meth:`flush` folds everything queued: a measurement is accepted only if its check and the sum of
+    its statistics are finite; a rejected one leaves the layer's averages as they were and counts as
+    rejected. When the queue holds every layer in buffer order (what a measurement of the whole
+    model produces) the fold is a handful of operations over the buffer, whatever the number of
     layers. Queued measurements are flushed before a layer is queued twice and before anything is
     read, so results do not depend on when flushing happens. Nothing here syncs with the host.
 
     The average is exponential, ``mean <- decay * mean + (1 - decay) * x`` on accepted measurements,
-    and a layer's first accepted measurement becomes its mean (it is queued as the value that the
-    common fold turns into it, to within rounding). With ``decay`` 0 the mean is the latest accepted
-    value, and ``initial`` values (given when a layer is first added) stand until one is accepted.
+    and a layer's first accepted measurement becomes its mean. A statistic named in ``fixed`` has its
+    own decay (0: the mean is the latest accepted value); ``initial`` values (given when a layer is
+    first added) stand until a measurement is accepted.
     """
 
-    def __init__(self, decay: float) -> None:
+    def __init__(self, decay: float, fixed: dict[str, float] | None = None) -> None:
         self.decay = decay
+        self.fixed = fixed or {}
         self._clear()
 
     def _clear(self) -> None:
@@ -127,9 +128,12 @@ class StatBank:
         self.spans: dict[str, tuple[int, int]] = {}  # layer -> [start, stop) in the buffer
         self._index: dict[str, int] = {}  # layer -> its position among the layers
         self.measured: dict[str, int] = {}
-        self.ema = torch.zeros(0)
+        self.mean = torch.zeros(0)
+        self.weight = torch.zeros(0)  # per value: the weight of the next accepted measurement
+        self.after = torch.zeros(0)  # per value: 1 - its decay, the weight once one was accepted
         self.folds = torch.zeros(0, dtype=torch.int64)  # per layer
         self.ok = torch.zeros(0, dtype=torch.bool)  # per layer: the latest measurement was accepted
+        self._owner: torch.Tensor | None = None  # per value: the position of its layer
         self._queue: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, layer: str, stats: dict[str, torch.Tensor], check: torch.Tensor,
@@ -138,19 +142,15 @@ class StatBank:
         which a later measurement of the same pass can depend on."""
         names = sorted(stats)
         shapes = {n: stats[n].shape for n in names}
-        flat = torch.cat([stats[n].reshape(-1) for n in names]).float()
+        flat = (torch.cat([stats[n].reshape(-1) for n in names]) if len(names) > 1 else stats[names[0]].reshape(-1)).float()
         if layer in self._queue:
             self.flush()
-        if self.shapes.get(layer) != shapes or self.ema.device != flat.device:
-            if layer in self.spans or self.ema.device != flat.device:
+        if self.shapes.get(layer) != shapes or self.mean.device != flat.device:
+            if layer in self.spans or self.mean.device != flat.device:
                 self.flush()  # the buffer is about to be rearranged
             self._lay_out(layer, shapes, flat.device, initial)
         check = check + flat.sum()
-        valid = torch.isfinite(check)
-        current = self.ema[slice(*self.spans[layer])]
-        if self.decay > 0:  # a first accepted value must become the mean: queue what the fold maps onto it
-            flat = torch.where(self.folds[self._index[layer]] > 0, flat, torch.lerp(current, flat, 1 / (1 - self.decay)))
-        self._queue[layer] = (torch.where(valid, flat, current), valid)
+        self._queue[layer] = (flat, check)
         self.measured[layer] += 1
         return check
 
@@ -161,32 +161,38 @@ class StatBank:
         self._queue = {}
         if set(names) == set(self.spans) and names != list(self.spans):
             self._reorder(names)  # e.g. after a restore, whose key order is not the hooks' order
-        weight = 1.0 - self.decay
+        valid = torch.isfinite(torch.stack([check for _, check in queued]))
         if names == list(self.spans):  # the whole buffer at once
-            valid = torch.stack([v for _, v in queued])
-            self.ema = torch.lerp(self.ema, torch.cat([x for x, _ in queued]), weight)
+            if self._owner is None:
+                sizes = torch.tensor([b - a for a, b in self.spans.values()])
+                self._owner = torch.arange(len(sizes)).repeat_interleave(sizes).to(self.mean.device)
+            self._fold(slice(None), torch.cat([flat for flat, _ in queued]), valid[self._owner])
             self.folds = self.folds + valid
             self.ok = valid
             return
-        for name, (x, valid) in zip(names, queued):  # some layers only: one at a time
-            part, i = slice(*self.spans[name]), self._index[name]
-            self.ema[part] = torch.lerp(self.ema[part], x, weight)
-            self.folds[i] += valid
-            self.ok[i] = valid
+        for i, (name, (flat, _)) in enumerate(zip(names, queued)):  # some layers only: one at a time
+            self._fold(slice(*self.spans[name]), flat, valid[i])
+            self.folds[self._index[name]] += valid[i]
+            self.ok[self._index[name]] = valid[i]
+
+    def _fold(self, part: slice, flat: torch.Tensor, accept: torch.Tensor) -> None:
+        mean, weight = self.mean[part], self.weight[part]
+        self.mean[part] = torch.where(accept, torch.lerp(mean, flat, weight), mean)
+        self.weight[part] = torch.where(accept, self.after[part], weight)
 
     def current(self, layer: str) -> dict[str, torch.Tensor] | None:
-        """The raw averages of a layer (with ``decay`` 0: the latest accepted values, or the initial
-        ones), or None for a layer not laid out yet."""
+        """A layer's averages as they stand (its initial values before a first accepted measurement),
+        or None for a layer not laid out yet."""
         if layer not in self.spans:
             return None
         if layer in self._queue:
             self.flush()
-        return _split(self.ema[slice(*self.spans[layer])], self.shapes[layer])
+        return _split(self.mean[slice(*self.spans[layer])], self.shapes[layer])
 
     def stats(self, layer: str) -> dict[str, torch.Tensor]:
         """A layer's means (NaN before its first accepted measurement; flushed first)."""
         self.flush()
-        mean = torch.where(self.folds[self._index[layer]] > 0, self.ema[slice(*self.spans[layer])], math.nan)
+        mean = torch.where(self.folds[self._index[layer]] > 0, self.mean[slice(*self.spans[layer])], math.nan)
         return _split(mean, self.shapes[layer])
 
     def layer_ok(self, layer: str) -> torch.Tensor:
@@ -197,7 +203,7 @@ class StatBank:
         """Per layer, as copies: the averages by statistic name (zeros, or the initial values, before a
         first accepted measurement) and the counters."""
         self.flush()
-        return {layer: _split(self.ema[start:stop].clone(), self.shapes[layer])
+        return {layer: _split(self.mean[start:stop].clone(), self.shapes[layer])
                 | {"folds": self.folds[i].clone(), "measured": torch.tensor(self.measured[layer]), "ok": self.ok[i].clone()}
                 for i, (layer, (start, stop)) in enumerate(self.spans.items())}
 
@@ -208,11 +214,13 @@ class StatBank:
             stats = {k: v for k, v in tensors.items() if k not in _COUNTERS}
             names = sorted(stats)
             self._lay_out(layer, {n: stats[n].shape for n in names}, device, None)
-            i = self._index[layer]
-            self.ema[slice(*self.spans[layer])] = torch.cat([stats[n].reshape(-1).float() for n in names]).to(device)
+            part, i = slice(*self.spans[layer]), self._index[layer]
+            self.mean[part] = torch.cat([stats[n].reshape(-1).float() for n in names]).to(device)
             self.folds[i] = int(tensors["folds"])
             self.ok[i] = bool(tensors["ok"])
             self.measured[layer] = int(tensors["measured"])
+            if int(tensors["folds"]) > 0:
+                self.weight[part] = self.after[part]
 
     def _lay_out(self, layer: str, shapes: dict[str, torch.Size], device: torch.device,
                  initial: dict[str, torch.Tensor] | None) -> None:
@@ -220,30 +228,35 @@ class StatBank:
         if layer in self.spans:
             self._reorder([name for name in self.spans if name != layer])
             del self.shapes[layer], self.measured[layer]
-        if self.ema.device != device:
-            self.ema, self.folds, self.ok = self.ema.to(device), self.folds.to(device), self.ok.to(device)
-        start, initial = self.ema.numel(), initial or {}
-        ema = [initial[n].reshape(-1).float() if n in initial else torch.zeros(math.prod(s), device=device)
-               for n, s in shapes.items()]
-        self.ema = torch.cat([self.ema, *ema])
+        if self.mean.device != device:
+            self.mean, self.weight, self.after = self.mean.to(device), self.weight.to(device), self.after.to(device)
+            self.folds, self.ok = self.folds.to(device), self.ok.to(device)
+        start, size, initial = self.mean.numel(), sum(math.prod(s) for s in shapes.values()), initial or {}
+        mean = [initial[n].reshape(-1).float() if n in initial else torch.zeros(math.prod(s), device=device)
+                for n, s in shapes.items()]
+        after = [torch.full((math.prod(s),), 1.0 - self.fixed.get(n, self.decay), device=device) for n, s in shapes.items()]
+        self.mean = torch.cat([self.mean, *mean])
+        self.weight = torch.cat([self.weight, torch.ones(size, device=device)])
+        self.after = torch.cat([self.after, *after])
         self.folds = torch.cat([self.folds, torch.zeros(1, dtype=torch.int64, device=device)])
         self.ok = torch.cat([self.ok, torch.ones(1, dtype=torch.bool, device=device)])
-        self.shapes[layer], self.spans[layer] = shapes, (start, self.ema.numel())
+        self.shapes[layer], self.spans[layer] = shapes, (start, start + size)
         self._index[layer] = len(self.spans) - 1
         self.measured[layer] = 0
+        self._owner = None
 
     def _reorder(self, names: list[str]) -> None:
         """Rearrange the buffer into the order ``names`` (a subset of the layers: the rest are dropped)."""
-        index = {name: i for i, name in enumerate(self.spans)}
         parts = [self.spans[n] for n in names]
-        self.ema = torch.cat([self.ema[a:b] for a, b in parts]) if parts else self.ema[:0]
-        order = torch.tensor([index[n] for n in names], dtype=torch.long, device=self.folds.device)
+        take = (lambda t: torch.cat([t[a:b] for a, b in parts]) if parts else t[:0])
+        self.mean, self.weight, self.after = take(self.mean), take(self.weight), take(self.after)
+        order = torch.tensor([self._index[n] for n in names], dtype=torch.long, device=self.folds.device)
         self.folds, self.ok = self.folds[order], self.ok[order]
         spans, start = {}, 0
         for name, (a, b) in zip(names, parts):
             spans[name] = (start, start + b - a)
             start += b - a
-        self.spans, self._index = spans, {name: i for i, name in enumerate(spans)}
+        self.spans, self._index, self._owner = spans, {name: i for i, name in enumerate(spans)}, None
 
 
 def _split(flat: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
