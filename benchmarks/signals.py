@@ -3,6 +3,7 @@ same steps never measured.
 
     python benchmarks/signals.py [--json PATH] [--device cpu|cuda] [--repeats R] [--blocks-of N]
                                  [--channels 16,32,64] [--batch 128] [--old-ref REF]
+                                 [--threads N] [--clock wall|cpu]
 
 The policy measures every wrapped layer every ``policy.merit_every`` (default 10) steps: gradient
 merit (the host weight gradient's spectral norm), the activation statistics and the residual
@@ -27,6 +28,10 @@ Method, and why:
   block-sum ratios, with its spread, is reported beside it as a cross-check.
 - On CUDA every step ends with ``synchronize`` (the measurement must not merely be queued; this
   also exposes host-side cost in full, so the CUDA figure is, if anything, pessimistic).
+- On a CPU shared with other work, ``--threads 1 --clock cpu`` times each step by the CPU time of
+  this process instead of the wall clock: other processes then slow a step only through shared
+  caches and memory bandwidth, not by taking the core away (on a 2-core machine running other
+  jobs, wall-clock step times of identical arms differed by 15%; CPU times by a few percent).
 - ``read()`` (the one sync and the decompositions, paid only when the policy decides) is timed
   apart and reported per call; it is not part of a training step.
 
@@ -135,15 +140,15 @@ def build_arms(channels: list[int], device: torch.device, old: tuple[ModuleType,
 
 
 def time_block(arm: Arm, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int,
-               sync: Callable[[], None]) -> list[float]:
+               sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Seconds of each of ``steps`` consecutive steps of ``arm``."""
     times = []
     sync()
     for i in range(steps):
-        started = time.perf_counter()
+        started = clock()
         arm.step(*batches[i % len(batches)])
         sync()
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     return times
 
 
@@ -168,6 +173,7 @@ def time_read(arm: Arm, sync: Callable[[], None], repeats: int = 5) -> float:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     old = load_old(args.old_ref) if args.old_ref else None
     arms = build_arms(args.channels, device, old)
     generator = torch.Generator().manual_seed(1)
@@ -184,7 +190,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.repeats):
             order = arms[r % len(arms):] + arms[:r % len(arms)]
             for arm in order:
-                times = time_block(arm, batches, args.blocks_of, sync)
+                times = time_block(arm, batches, args.blocks_of, sync, clock)
                 steps[arm.name].extend(times)
                 blocks[arm.name].append(sum(times))
     finally:
@@ -195,6 +201,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                   "wrapped_layers": len(arms[0].manager.layers), "merit_every": MERIT_EVERY,
                   "steps_per_block": args.blocks_of, "repeats": args.repeats, "warmup_steps": args.warmup,
                   "device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "clock": "process CPU time" if args.clock == "cpu" else "wall",
                   "python": platform.python_version(), "old_ref": args.old_ref if old else None},
         "cycle_ms": {name: 1000 * seconds for name, seconds in cycles.items()},
         "measured_step_ms": {name: 1000 * statistics.median(times[::MERIT_EVERY]) for name, times in steps.items()},
@@ -219,7 +226,8 @@ def _device_name(device: torch.device) -> str:
 def report(out: dict[str, Any]) -> str:
     s = out["setup"]
     lines = [f"health-signal cost: {s['model']}, batch {s['batch']}, {s['wrapped_layers']} wrapped layers measured "
-             f"every {s['merit_every']} steps, {s['device']}, torch {s['torch']}, {s['threads']} threads",
+             f"every {s['merit_every']} steps, {s['device']}, torch {s['torch']}, {s['threads']} threads, "
+             f"{s['clock']} clock",
              f"{s['repeats']} interleaved repeats of {s['steps_per_block']}-step blocks per arm; "
              "ratio = median over repeats of (arm block / never block)", ""]
     lines.append(f"  {'arm':<34} {'measured step':>13} {'other steps':>11} {'10-step cycle':>13}  ratio  "
@@ -248,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks-of", type=int, default=10, help="steps per timed block, a multiple of 10")
     parser.add_argument("--repeats", type=int, default=6, help="interleaved repeats (default 6)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per arm first (default 10)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: as the process has it)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time steps by the wall clock or by this process's CPU time (CPU only)")
     parser.add_argument("--old-ref", default=OLD_REF, help="commit (or directory) of the old signals to compare "
                         "('' for none)")
     args = parser.parse_args(argv)
@@ -255,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--blocks-of must be a positive multiple of {MERIT_EVERY}; --repeats and --batch at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu times the host only: use the wall clock on CUDA")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     out = measure(args)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
