@@ -99,7 +99,8 @@ class FlopCounter:
         import torch
 
         from esper_core.compiler.flops import analytic_cost
-        from esper_core.policy.signals import measurement_flops, readout_flops
+        from esper_core.policy.merit import merit_flops
+        from esper_core.policy.signals import measurement_flops, projection_width, readout_flops
 
         self.trainer, self.train, self.growth = trainer, 0, 0
         self.batch = trainer.loaded.recipe.data.batch_size
@@ -108,10 +109,9 @@ class FlopCounter:
         self._seed: dict[tuple[str, str], tuple[int, int]] = {}
         self._analytic = analytic_cost
         layers = trainer.manager.layers
-        widths = {n: (l.spec.in_features + (l.host.bias is not None), l.spec.out_features) for n, l in layers.items()}
-        svd = sum(4 * l.host.weight.numel() * min(l.host.weight.shape[0], l.host.weight[0].numel())
-                  for l in layers.values())
-        self.measurement = svd + sum(measurement_flops(i, o, self.batch * rows[n]) for n, (i, o) in widths.items())
+        widths = {n: (projection_width(l), l.spec.out_features) for n, l in layers.items()}
+        self.measurement = sum(merit_flops(l.host.weight.numel()) for l in layers.values()) + \
+            sum(measurement_flops(i, o, self.batch, rows[n]) for n, (i, o) in widths.items())
         self.readout = sum(readout_flops(i, o) for i, o in widths.values())
         step, verdict, contribution = trainer._train_step, trainer._verdict, trainer._contribution
 

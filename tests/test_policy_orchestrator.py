@@ -28,7 +28,7 @@ model: {model}
 seeds: {{targets: {targets}, exclude: [head], per_layer: {per_layer}, blueprints: {blueprints}, rank: 4,
         incubation_steps: 20, blend_steps: 20, probation_steps: {probation}, embargo_steps: {embargo},
         fossilize_margin: -1.0}}
-policy: {{trigger: periodic, period_steps: 10, growth_window: [0.05, 0.8], merit_ratio: 0.0, {policy}}}
+policy: {{trigger: periodic, period_steps: 10, growth_window: [0.05, 0.8], max_germinations: 1, {policy}}}
 trainer: {{max_steps: {steps}, lr: 0.01, eval_every: 10, log_every: 10}}
 telemetry: {{progress: none}}
 """

@@ -36,8 +36,9 @@ class Net(nn.Module):
 def _policy(**policy: object) -> tuple[GrowthPolicy, SeedManager]:
     manager = wrap(Net(), targets=["conv", "a", "b"], per_layer=2)
     config = PolicyConfig.model_validate(policy)
-    growth = GrowthPolicy(config, 1000, {n: l.spec.kind for n, l in manager.layers.items()},
-                          lambda kind: [b for b in COSTS if KIND[b] == kind], lambda bp, layer: COSTS[bp],
+    kinds = {n: layer.spec.kind for n, layer in manager.layers.items()}
+    growth = GrowthPolicy(config, 1000, kinds,
+                          lambda layer: [b for b in COSTS if KIND[b] == kinds[layer]], lambda bp, layer: COSTS[bp],
                           seed=0, eta=1.0, latency_of=lambda bp, layer: {"small": 0.5, "big": 3.0, "conv": 1.0}[bp])
     growth.seeds, growth.step = manager.view(), 0
     return growth, manager

@@ -343,7 +343,7 @@ class GrowthController:
         self._measuring = False
 
     def _probe(self, layer: KasminaLayer, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.policy.layers.observe(self._names[id(layer)], layer, x, y)
+        self.policy.layers.observe_forward(self._names[id(layer)], layer, x, y)
 
     def _update_gate(self, loss_value: float) -> None:
         """The gated blend schedule advances only while the read training loss is not rising."""
@@ -401,7 +401,9 @@ class GrowthController:
 
     def _roll_back(self, reason: str) -> None:
         """Back to the governor's known-good snapshot; the seed changed last is rolled back with it."""
-        self._record({"event": "anomaly", "step": self.step, "kind": "loss", "reason": reason})
+        broken = self.policy.layers.nonfinite_layers()  # where measured activations went non-finite, if seen
+        self._record({"event": "anomaly", "step": self.step, "kind": "loss", "reason": reason,
+                      **({"nonfinite_layers": broken} if broken else {})})
         if self.governor.snapshot is None:
             raise EsperError(f"governor: {reason} at step {self.step}, and there is no good state to roll back to")
         self.governor.rolled_back()

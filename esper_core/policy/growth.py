@@ -295,7 +295,8 @@ class GrowthPolicy:
             latency = self._latency(blueprint, layer)
             if cfg.max_latency_ms is not None and (latency is None or latency > cfg.max_latency_ms):
                 continue  # unknown latency (kernel still compiling) is not yet eligible under a limit
-            prior = self.eta * health.residual / (cost.params / 1000.0) if health and cost.params else None
+            finite = health is not None and health.finite and math.isfinite(health.residual)
+            prior = self.eta * health.residual / (cost.params / 1000.0) if finite and cost.params else None
             out.append(Candidate(blueprint, layer, kind, cost.params, cost.flops, latency, prior))
         return out
 
