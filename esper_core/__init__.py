@@ -2,7 +2,8 @@
 
 The Python API mirrors the CLI: ``wrap(model, targets=[...])`` turns chosen layers into Kasmina
 layers and returns their SeedManager; ``Trainer.from_recipe(path, overrides).fit()`` is
-``esper train``. Names are imported on first use, so ``import esper_core.errors`` (or the CLI's
+``esper train``; ``load_run(RUN_DIR)`` gives the trained model back and ``unwrap(model)`` makes it a
+plain module (seeds merged where exact). Names are imported on first use, so ``import esper_core.errors`` (or the CLI's
 ``--help``) does not pay for PyTorch.
 """
 
@@ -14,6 +15,8 @@ from typing import Any
 _EXPORTS = {
     "KasminaLayer": "esper_core.seeds.kasmina",
     "LoadedRecipe": "esper_core.recipe",
+    "load_run": "esper_core.export.load",
+    "unwrap": "esper_core.export.plain",
     "Recipe": "esper_core.recipe",
     "load_recipe": "esper_core.recipe",
     "SeedManager": "esper_core.seeds.manager",

@@ -47,7 +47,8 @@ class SeedExecutor:
     def germinate(self, decision: GrowthDecision) -> Event:
         spec = self.catalog.spec(decision.blueprint, decision.slot.layer)
         self.kernels.request(spec)
-        event = self.manager.germinate(decision.slot, decision.blueprint, spec.address(), spec.resolve().params)
+        event = self.manager.germinate(decision.slot, decision.blueprint, spec.address(), spec.resolve().params,
+                                       spec.to_json())
         return event | {"reason": decision.reason, "merit": decision.merit, "kernel": spec.address(),
                         "inputs": decision.inputs}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +55,9 @@ class SlotInfo:
     steps_in_state: int = 0
     embargo_left: int = 0
     germinated_at: int | None = None
+    spec: dict[str, Any] | None = None
+    """The kernel spec's plain form (``{"ir": canonical blueprint IR, "target": host, rank, ...}``): with
+    it a recorded topology rebuilds the seed with the blueprint builder alone, without the kernel store."""
 
 
 class KasminaLayer(nn.Module):
@@ -93,12 +97,14 @@ class KasminaLayer(nn.Module):
         slot.state = target
         slot.steps_in_state = 0
 
-    def germinate(self, index: int, blueprint: str, kernel: str, params: int, step: int) -> None:
+    def germinate(self, index: int, blueprint: str, kernel: str, params: int, step: int,
+                  spec: dict[str, Any] | None = None) -> None:
         """Reserve the slot for a kernel (DORMANT -> GERMINATED). Nothing runs until the kernel's
         module arrives with :meth:`start_incubation`, so a slow compile never holds training up."""
         self.transition(index, SeedState.GERMINATED)
         slot = self.slots[index]
         slot.blueprint, slot.kernel, slot.params, slot.germinated_at = blueprint, kernel, params, step
+        slot.spec = spec
 
     def start_incubation(self, index: int, seed: nn.Module) -> None:
         """GERMINATED -> TRAINING: the seed joins the forward pass with value exactly zero."""
