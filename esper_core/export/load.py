@@ -87,6 +87,9 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
         path = Path(checkpoint)
         if not path.is_dir():
             path = run_dir / "checkpoints" / str(checkpoint)
+        if not path.is_dir():
+            found = ", ".join(p.name for p in store.committed(run_dir / "checkpoints")) or "none"
+            raise CheckpointError(Problem(str(path), f"no such checkpoint (the run has: {found})"))
         loaded_checkpoint = store.load(path)
         try:
             state = join(loaded_checkpoint.tensors, loaded_checkpoint.state["run"])
