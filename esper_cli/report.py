@@ -68,7 +68,7 @@ def _publish(run: Path, paths: list[Path]) -> None:
         storage = load_recipe(run / "recipe.yaml").recipe.storage
     except EsperError:  # a missing or edited recipe: the audit above reports it
         return
-    publish_files(run, [p for p in paths if p.resolve().is_relative_to(run.resolve())], storage)
+    publish_files(run, paths, storage)
 
 
 def _verify(runs: list[Path], as_json: bool) -> None:

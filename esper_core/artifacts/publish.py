@@ -119,17 +119,17 @@ def publish_run(run_dir: Path, storage: StorageConfig) -> None:
 
 
 def publish_files(run_dir: Path, paths: list[Path], storage: StorageConfig) -> bool:
-    """Upload files that a command wrote inside ``run_dir`` (an export, a report); returns whether all
-    were uploaded (``True`` when there is no artifact store). A failure is one warning, never an error."""
+    """Upload the files among ``paths`` that lie inside ``run_dir`` (an export, a report); returns whether
+    all were uploaded (``True`` when there is nothing to do). A failure is one warning, never an error."""
     location = location_of(storage)
-    if location is None:
-        return True
     root = run_dir.resolve()
+    inside = [p for p in paths if p.resolve().is_relative_to(root)]  # an export --out elsewhere stays local
+    if location is None or not inside:
+        return True
     store = ObjectStore(location, storage.artifacts_timeout_s, storage.artifacts_attempts)
     try:
-        for path in paths:
-            relpath = path.resolve().relative_to(root).as_posix()
-            store.put(f"{root.name}/{relpath}", path)
+        for path in inside:
+            store.put(f"{root.name}/{path.resolve().relative_to(root).as_posix()}", path)
     except ObjectError as exc:
         print(f"warning: artifact store {location.url()} is unreachable ({exc}); upload later with: "
               f"esper sync {run_dir}", file=sys.stderr)
