@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect-cache": ("esper_cli.inspect_cache", "inspect_cache", "Show the kernel cache tiers and their "
                       "entries; verify or prune them."),
     "report": ("esper_cli.report", "report", "Write a compliance report of a run, or compare two runs."),
+    "export": ("esper_cli.export", "export", "Export a run's trained model (merged weights, torch.export program or "
+               "ONNX) and check its outputs."),
+    "sync": ("esper_cli.sync", "sync", "Upload what is missing of a run to its artifact store (compared by sha256)."),
     "blueprints": ("esper_cli.blueprints", "app", "List the built-in blueprints, or show one resolved for an "
                    "example host."),
     "schema": ("esper_cli.schema", "schema", "Write the recipe JSON Schema (for editors and validators)."),

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from esper_cli.errors import reported
-from esper_core.errors import ConfigError, Problem
+from esper_core.errors import ConfigError, EsperError, Problem
 from esper_core.telemetry.audit import AuditError, AuditResult, audit, recipe_problem
 from esper_core.telemetry.events import RunDirEvents
 from esper_core.telemetry.report import FORMATS, SCALES, write_comparison, write_report
@@ -55,7 +55,20 @@ def report(
         written = write_report(runs[0], out, chosen, loss_scale)
     for path in written.paths:
         print(f"wrote {path}")
+    _publish(runs[0], written.paths)
     _fail_if_broken(written.audits)
+
+
+def _publish(run: Path, paths: list[Path]) -> None:
+    """Upload the report to the run's artifact store, when its recipe names one (a failure only warns)."""
+    from esper_core.artifacts.publish import publish_files
+    from esper_core.recipe.load import load_recipe
+
+    try:
+        storage = load_recipe(run / "recipe.yaml").recipe.storage
+    except EsperError:  # a missing or edited recipe: the audit above reports it
+        return
+    publish_files(run, paths, storage)
 
 
 def _verify(runs: list[Path], as_json: bool) -> None:

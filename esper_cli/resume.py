@@ -1,8 +1,6 @@
-"""`esper resume --checkpoint RUN_DIR|CHECKPOINT [--strict] [key=value ...]`."""
+"""`esper resume --checkpoint RUN_DIR|CHECKPOINT|s3://... [--strict] [key=value ...]`."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -13,8 +11,9 @@ from esper_cli.train import fit_and_summarise
 
 @reported
 def resume(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A run directory (its newest verified checkpoint) "
-                                    "or one checkpoint directory.", show_default=False),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A run directory (its newest verified checkpoint), "
+                                   "one checkpoint directory, or s3://BUCKET/PREFIX/RUN[/checkpoints/NAME] (downloaded "
+                                   "and verified first).", show_default=False),
     strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to an older checkpoint "
                                 "when the chosen one fails verification."),
     overrides: list[str] = typer.Argument(None, help="Only trainer.max_steps, checkpoint.* and telemetry.* "

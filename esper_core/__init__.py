@@ -2,8 +2,9 @@
 
 Two front doors to one growth engine: :class:`GrowthController` grows a model inside the user's own
 training loop (with :func:`save_checkpoint`/:func:`load_checkpoint` for its state), and
-``Trainer.from_recipe(path, overrides).fit()`` is ``esper train``. Names are imported on first use,
-so ``import esper_core.errors`` (or the CLI's ``--help``) does not pay for PyTorch.
+``Trainer.from_recipe(path, overrides).fit()`` is ``esper train``; ``load_run(RUN_DIR)`` gives a trained
+model back and ``unwrap(model)`` makes it a plain module (seeds merged where exact). Names are imported
+on first use, so ``import esper_core.errors`` (or the CLI's ``--help``) does not pay for PyTorch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ _EXPORTS = {
     "Task": "esper_core.training.tasks",
     "KasminaLayer": "esper_core.seeds.kasmina",
     "LoadedRecipe": "esper_core.recipe",
+    "load_run": "esper_core.export.load",
+    "unwrap": "esper_core.export.plain",
     "Recipe": "esper_core.recipe",
     "load_recipe": "esper_core.recipe",
     "SeedManager": "esper_core.seeds.manager",

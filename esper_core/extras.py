@@ -24,7 +24,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "s3": ("boto3",),
     "lightning": ("lightning",),
     "tensorboard": ("tensorboard",),
-    "onnx": ("onnx",),
+    "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "transformers": ("transformers",),
 }
 """Extra name -> the top-level modules it provides (must match ``[project.optional-dependencies]``

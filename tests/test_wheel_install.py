@@ -127,6 +127,7 @@ def test_the_quickstart_trains_from_the_installed_wheel(installed: dict[str, obj
     (["train", QUICKSTART, "run.output_dir=never", "storage.redis_url=redis://127.0.0.1:6379/0"], {}, "redis"),
     (["train", QUICKSTART, "run.output_dir=never", "storage.database_url=postgresql://u@127.0.0.1/db"], {},
      "postgres"),
+    (["train", QUICKSTART, "run.output_dir=never", "storage.artifacts_url=s3://bucket/runs"], {}, "s3"),
     (["inspect-cache", "--workspace", "ws"], {"ESPER_REDIS_URL": "redis://127.0.0.1:6379/0"}, "redis"),
     (["inspect-cache", "--workspace", "ws"], {"ESPER_DATABASE_URL": "postgresql://u@127.0.0.1/db"}, "postgres"),
 ])

@@ -153,6 +153,11 @@ def _sync_and_close(handle: BinaryIO) -> None:
         handle.close()
 
 
+def file_entries(payloads: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """The manifest entries (sha256 and size) of files about to be written; :func:`read_verified` checks them."""
+    return {name: _digest(data) for name, data in payloads.items()}
+
+
 def remove_leftovers(directory: Path) -> list[Path]:
     """Delete temporary directories and pointers that a crash during a save left behind."""
     removed = []
@@ -199,6 +204,24 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     return data
 
 
+def read_verified(path: Path, files: dict[str, Any]) -> dict[str, bytes]:
+    """The bytes of each file a manifest lists (``{name: {"sha256", "bytes"}}``) under ``path``, each
+    checked against its size and sha256 before anyone parses it; raises :class:`CheckpointError`
+    naming the first file that is missing or differs."""
+    data: dict[str, bytes] = {}
+    for filename, expected in files.items():
+        file_path = path / filename
+        try:
+            blob = _read_bounded(file_path, int(expected["bytes"]))
+        except FileNotFoundError:
+            raise CheckpointError(Problem(str(file_path), "missing")) from None
+        if len(blob) != expected["bytes"] or hashlib.sha256(blob).hexdigest() != expected["sha256"]:
+            raise CheckpointError(Problem(str(file_path), "sha256 does not match the manifest (truncated, "
+                                          "corrupted or swapped)"))
+        data[filename] = blob
+    return data
+
+
 def load(path: Path) -> Checkpoint:
     """Verify every file of a checkpoint against its manifest, then parse it (safetensors and JSON only)."""
     manifest_path = path / MANIFEST
@@ -211,17 +234,7 @@ def load(path: Path) -> Checkpoint:
         raise CheckpointError(Problem(str(manifest_path), "missing: the checkpoint is incomplete")) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(Problem(str(manifest_path), f"unreadable manifest ({exc})")) from None
-    data: dict[str, bytes] = {}
-    for filename, expected in files.items():
-        file_path = path / filename
-        try:
-            blob = _read_bounded(file_path, int(expected["bytes"]))
-        except FileNotFoundError:
-            raise CheckpointError(Problem(str(file_path), "missing")) from None
-        if len(blob) != expected["bytes"] or hashlib.sha256(blob).hexdigest() != expected["sha256"]:
-            raise CheckpointError(Problem(str(file_path), "sha256 does not match the manifest (truncated, "
-                                          "corrupted or swapped)"))
-        data[filename] = blob
+    data = read_verified(path, files)
     try:
         tensors = load_safetensors(data[TENSORS])
     except Exception as exc:  # safetensors raises its own error types for malformed headers

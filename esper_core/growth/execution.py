@@ -81,7 +81,7 @@ class SeedExecutor:
         spec = self.catalog.spec(decision.blueprint, decision.slot.layer)
         self.kernels.request(spec)
         event = self.manager.germinate(decision.slot, decision.blueprint, spec.address(), spec.resolve().params,
-                                       self.catalog.source(decision.blueprint, decision.slot.layer))
+                                       spec.to_json(), self.catalog.source(decision.blueprint, decision.slot.layer))
         return event | {"reason": decision.reason, "merit": decision.merit, "kernel": spec.address(),
                         "inputs": decision.inputs}
 

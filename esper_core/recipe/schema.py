@@ -389,6 +389,18 @@ class StorageConfig(Section):
                                   "deadlines) after which a tier is skipped for `breaker_reset_s`.")
     breaker_reset_s: float = Field(30.0, gt=0.0, le=86_400.0, description="Seconds a failing tier is skipped "
                                    "before one trial call checks whether it is back.")
+    artifacts_url: str | None = Field(None, pattern=r"^s3://[^/?]+", description="S3-compatible location "
+                                      "`s3://BUCKET/PREFIX[?endpoint_url=URL]`: the final model, summary, exports, "
+                                      "report and every committed checkpoint are uploaded under `PREFIX/<run name>/` "
+                                      "after their local commit (needs the `[s3]` extra; credentials from the usual "
+                                      "AWS environment variables). An unreachable store never fails the run: "
+                                      "`esper sync RUN_DIR` uploads what is missing.")
+    s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible store (MinIO, Ceph, ...) "
+                                        "when `artifacts_url` names none (default: env `AWS_ENDPOINT_URL`, else AWS).")
+    artifacts_timeout_s: float = Field(3.0, gt=0.0, le=600.0, description="Longest one connect or read of the "
+                                       "artifact store may take.")
+    artifacts_attempts: int = Field(2, ge=1, le=10, description="Tries per upload before the store is reported "
+                                    "unreachable (once) and skipped for `breaker_reset_s`.")
 
 
 class Recipe(Section):

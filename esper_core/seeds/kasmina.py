@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,6 +59,9 @@ class SlotInfo:
     steps_in_state: int = 0
     embargo_left: int = 0
     germinated_at: int | None = None
+    spec: dict[str, Any] | None = None
+    """The kernel spec's plain form (``{"ir": canonical blueprint IR, "target": host, rank, ...}``): with
+    it a recorded topology rebuilds the seed with the blueprint builder alone, without the kernel store."""
     source: str | None = None  # a span seed's feeder layer (it reads that layer's input)
 
 
@@ -113,7 +117,7 @@ class KasminaLayer(nn.Module):
         self._feeder = (feeder,) if feeder is not None else ()
 
     def germinate(self, index: int, blueprint: str, kernel: str, params: int, step: int,
-                  source: str | None = None) -> None:
+                  spec: dict[str, Any] | None = None, source: str | None = None) -> None:
         """Reserve the slot for a kernel (DORMANT -> GERMINATED). Nothing runs until the kernel's
         module arrives with :meth:`start_incubation`, so a slow compile never holds training up.
         ``source`` names the feeder layer of a span seed."""
@@ -122,6 +126,7 @@ class KasminaLayer(nn.Module):
         self.transition(index, SeedState.GERMINATED)
         slot = self.slots[index]
         slot.blueprint, slot.kernel, slot.params, slot.germinated_at = blueprint, kernel, params, step
+        slot.spec = spec
         slot.source = source
 
     def start_incubation(self, index: int, seed: nn.Module) -> None:

@@ -126,7 +126,10 @@ class SeedManager:
         return list(self.layers[ref.layer].seed_module(ref.index).parameters())
 
     def topology(self) -> dict[str, Any]:
-        """JSON-ready description of every layer and slot: enough to rebuild the seeds."""
+        """JSON-ready description of every layer and slot: enough to rebuild the seeds. ``ir`` and
+        ``target`` (a seed's canonical blueprint IR and resolved target: host spec, rank, dtype, shapes)
+        make it self-sufficient: :func:`esper_core.export.load.load_run` rebuilds seeds from them with
+        the blueprint builder, without the kernel store or a compile."""
         return {
             "step": self.step_count,
             "spans": dict(self.feeders),
@@ -134,7 +137,8 @@ class SeedManager:
                 name: {"host": layer.spec.to_json(), "slots": [
                     {"state": s.state.name, "blueprint": s.blueprint, "kernel": s.kernel, "params": s.params,
                      "steps_in_state": s.steps_in_state, "embargo_left": s.embargo_left,
-                     "germinated_at": s.germinated_at, "alpha": float(layer.alpha[i]), "source": s.source}
+                     "germinated_at": s.germinated_at, "alpha": float(layer.alpha[i]), "source": s.source,
+                     "ir": s.spec["ir"] if s.spec else None, "target": s.spec["target"] if s.spec else None}
                     for i, s in enumerate(layer.slots)]}
                 for name, layer in self.layers.items()},
         }
@@ -148,8 +152,10 @@ class SeedManager:
         holding = []
         for name, entry in topology["layers"].items():
             for index, raw in enumerate(entry["slots"]):
+                spec = {"ir": raw["ir"], "target": raw["target"]} if raw.get("ir") and raw.get("target") else None
                 info = SlotInfo(SeedState[raw["state"]], raw["blueprint"], raw["kernel"], raw["params"],
-                                raw["steps_in_state"], raw["embargo_left"], raw["germinated_at"], raw.get("source"))
+                                raw["steps_in_state"], raw["embargo_left"], raw["germinated_at"], spec,
+                                raw.get("source"))
                 if info.source is not None and self.feeders.get(name) != info.source:
                     raise ValueError(f"{name} slot {index} holds a span seed fed by {info.source!r}, which is not "
                                      f"the layer before it in this model")
@@ -162,10 +168,11 @@ class SeedManager:
 
     # --- transitions --------------------------------------------------------------------------------
 
-    def germinate(self, ref: SlotRef, blueprint: str, kernel: str, params: int, source: str | None = None) -> Event:
-        """Reserve ``ref`` for a kernel; the seed starts incubating when its module arrives. ``source``
-        is a span seed's feeder layer."""
-        self.layers[ref.layer].germinate(ref.index, blueprint, kernel, params, self.step_count, source)
+    def germinate(self, ref: SlotRef, blueprint: str, kernel: str, params: int,
+                  spec: dict[str, Any] | None = None, source: str | None = None) -> Event:
+        """Reserve ``ref`` for a kernel (``spec``: its plain form, recorded in the topology; ``source``: a
+        span seed's feeder layer); the seed starts incubating when its module arrives."""
+        self.layers[ref.layer].germinate(ref.index, blueprint, kernel, params, self.step_count, spec, source)
         fields = {"params": params} | ({"source": source} if source is not None else {})
         return self._event("germinate", ref, **fields)
 

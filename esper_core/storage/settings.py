@@ -61,6 +61,8 @@ class StorageSettings:
                                        "not a Redis URL (expected redis://HOST:PORT[/DB], rediss:// or unix://)"))
         if redis_url is not None:
             _require(redis_from, "storage.redis_url", "redis", f"{redis_url.split('://')[0]}:// URLs")
+        if cfg.artifacts_url:  # checked before the run starts, not at its first checkpoint
+            _require("storage.artifacts_url", "storage.artifacts_url", "s3", "s3:// URLs")
         key = env.get(SIGNING_KEY_ENV) or None
         if key is not None and len(key.encode()) < MIN_KEY_BYTES:
             raise ConfigError(Problem(SIGNING_KEY_ENV, f"the signing key must be at least {MIN_KEY_BYTES} bytes"))

@@ -6,8 +6,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from safetensors.torch import save_file
-
+from esper_core.artifacts.publish import publish_run
+from esper_core.export.final import write_final
 from esper_core.policy.arm_store import workspace_store
 from esper_core.training.models import count_parameters
 
@@ -29,11 +29,9 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     with manager.all_muted():  # what the grown seeds are worth: the same model with every seed silent
         muted = {"val": task.evaluate(trainer.model, trainer.val_batches, trainer.device),
                  "test": task.evaluate(trainer.model, test_batches, trainer.device)}
-    final = trainer.run_dir / "final"
-    final.mkdir(exist_ok=True)
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainer.model.state_dict().items()},
-              str(final / "model.safetensors"))
-    (final / "topology.json").write_text(json.dumps(manager.topology(), indent=2), encoding="utf-8")
+    write_final(trainer.run_dir, trainer.model.state_dict(), manager.topology(),
+                {"step": trainer.step, "recipe_sha256": trainer.loaded.sha256, "recipe_dir": str(trainer.base_dir),
+                 "host_model": host_model(trainer)})
     summary = {
         "run_dir": str(trainer.run_dir), "recipe_sha256": trainer.loaded.sha256, "device": str(trainer.device),
         "steps": trainer.step, "wall_time_s": round(time.perf_counter() - trainer.started, 3),
@@ -54,4 +52,10 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     summary["events_head"] = trainer.recorder.events.prev
     trainer.recorder.mirror(lambda repo: repo.finish_run(trainer.recorder.run_id, "finished"))
     (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    publish_run(trainer.run_dir, recipe.storage)
     return summary
+
+
+def host_model(trainer: Trainer) -> dict[str, Any]:
+    """What rebuilding the host model needs besides the recipe (recorded in final/ and checkpoints)."""
+    return {"input_shape": list(trainer.data.input_shape), "num_classes": trainer.data.num_classes}

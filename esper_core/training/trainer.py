@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from esper_core.artifacts.publish import publish_checkpoint
 from esper_core.checkpoints import store
 from esper_core.errors import ConfigError, EsperError, Problem
 from esper_core.growth.controller import GrowthController, StepOutcome
@@ -36,7 +37,7 @@ from esper_core.storage import open_kernel_store
 from esper_core.training import optim, run_state
 from esper_core.training.checkpoint_state import check_run_state, refusing
 from esper_core.training.data import build_data, import_factory
-from esper_core.training.finish import finish_run
+from esper_core.training.finish import finish_run, host_model
 from esper_core.training.loaders import EvalBatches, TrainBatches
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.recording import RunRecorder, fresh_run_dir, progress_event
@@ -67,11 +68,15 @@ class Trainer:
     @classmethod
     def resume(cls, target: str | Path, overrides: Sequence[str] = (), strict: bool = False,
                warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> "Trainer":
-        """Rebuild a run from its newest verified checkpoint (or the one named) and continue it."""
+        """Rebuild a run from its newest verified checkpoint (or the one named; ``s3://`` URLs are
+        downloaded first) and continue it."""
         bad = [o for o in overrides if not o.split("=", 1)[0].startswith(RESUMABLE_OVERRIDES)]
         if bad:
             raise ConfigError([Problem(COMMAND_LINE, f"override {o!r} cannot change at resume (allowed: "
                                        f"trainer.max_steps, checkpoint.*, telemetry.*)") for o in bad])
+        if str(target).startswith("s3://"):  # downloaded into the local cache and verified, then as below
+            from esper_core.artifacts.fetch import fetch_run
+            target = fetch_run(str(target), "checkpoint")
         checkpoint = store.find(Path(target), strict, warn)
         run_dir = checkpoint.path.parent.parent
         saved = run_dir / "recipe.yaml"
@@ -261,10 +266,11 @@ class Trainer:
         tensors, skeleton = split(run_state.capture(self, checkpoint=True))
         val = self.last_val
         info = {"recipe_sha256": self.loaded.sha256, "device": str(self.device), "epoch": self.sampler.epoch,
-                "esper": _version(), "val_loss": val["loss"] if val else None}
+                "esper": _version(), "val_loss": val["loss"] if val else None, "host_model": host_model(self)}
         directory = self.run_dir / "checkpoints"
         path = store.save(directory, self.step, tensors, {"run": skeleton, "recipe_dir": str(self.base_dir)}, info)
         store.retain(directory, self.loaded.recipe.checkpoint.keep, lambda m: m.get("val_loss"))
+        publish_checkpoint(self.run_dir, path, self.loaded.recipe.storage)
         self._last_checkpoint_time = time.monotonic()
         self.recorder.telemetry.checkpointed(time.perf_counter() - started)
         return path

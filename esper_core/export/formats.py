@@ -1,0 +1,112 @@
+"""Writing a plain model in each export format, and running what was written.
+
+- ``pt2``: a ``torch.export`` program with a dynamic batch dimension (every input tensor's first
+  dimension), saved with ``torch.export.save``: ``torch.export.load(path).module()`` runs it with
+  PyTorch alone. Esper checks the program in memory and never loads a ``.pt2`` itself.
+- ``safetensors``: the plain state dict plus ``architecture.json`` (see :func:`architecture`).
+- ``onnx``: the same program converted by PyTorch's ``torch.export``-based ONNX exporter (needs the
+  ``[onnx]`` extra: onnx, onnxscript, onnxruntime), checked with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from esper_core.export.plain import SeedOutcome
+from esper_core.extras import require_extra
+from esper_core.seeds.probe import call_model
+
+FORMATS = ("pt2", "safetensors", "onnx")
+ARCHITECTURE = "architecture.json"
+
+
+def _args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(positional, keyword) arguments of one batch of model inputs, as :func:`call_model` passes them."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def export_program(plain: nn.Module, inputs: Any) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``plain`` (eval mode) with the batch dimension of every input dynamic."""
+    args, kwargs = _args(inputs)
+    batch = torch.export.Dim("batch", min=1)
+
+    def dynamic(value: Any) -> Any:
+        return {0: batch} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+
+    shapes: Any = {k: dynamic(v) for k, v in kwargs.items()} if kwargs else tuple(dynamic(a) for a in args)
+    with torch.no_grad():
+        return torch.export.export(plain.eval(), args, kwargs or None, dynamic_shapes=shapes)
+
+
+def write_pt2(program: torch.export.ExportedProgram, out: Path) -> list[Path]:
+    path = out / "model.pt2"
+    torch.export.save(program, str(path))
+    return [path]
+
+
+def write_safetensors(plain: nn.Module, description: dict[str, Any], out: Path) -> list[Path]:
+    weights, arch = out / "model.safetensors", out / ARCHITECTURE
+    save_file({k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}, str(weights))
+    arch.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return [weights, arch]
+
+
+def load_safetensors_into(module: nn.Module, path: Path) -> nn.Module:
+    """``module`` with the exported weights loaded (strict: every key and shape must match)."""
+    module.load_state_dict(load_file(str(path)), strict=True)
+    return module.eval()
+
+
+def write_onnx(program: torch.export.ExportedProgram, out: Path) -> list[Path]:
+    require_extra("onnx", "ONNX export", source="--format onnx")
+    path = out / "model.onnx"
+    onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+    onnx_program.save(str(path))
+    return [path]
+
+
+def run_onnx(path: Path, inputs: Any) -> torch.Tensor:
+    """The first output of the ONNX model at ``path`` on ``inputs`` (onnxruntime, CPU)."""
+    require_extra("onnx", "ONNX checks", source="--format onnx")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    args, kwargs = _args(inputs)
+    values = [*args, *kwargs.values()]
+    feed = {spec.name: value.detach().cpu().numpy() for spec, value in zip(session.get_inputs(), values)}
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+def run_program(program: torch.export.ExportedProgram, inputs: Any) -> Any:
+    with torch.no_grad():
+        return call_model(program.module(), inputs)
+
+
+def architecture(recipe_model: dict[str, Any], host_model: dict[str, Any], plain: nn.Module,
+                 outcomes: list[SeedOutcome], original_keys: bool, merged: bool) -> dict[str, Any]:
+    """The JSON that says how to rebuild the exported state dict: the host network (the recipe's
+    ``model`` section and its input/output sizes) and, per layer that kept seeds as branches, the
+    host's geometry and each branch's blueprint IR, target and scale (a :class:`GrownLayer` whose
+    branches are built by Esper's blueprint builder from that IR)."""
+    grown: dict[str, Any] = {}
+    for outcome in outcomes:
+        if outcome.action != "branch":
+            continue
+        entry = grown.setdefault(outcome.layer, {"host": (outcome.target or {}).get("host"), "branches": []})
+        entry["branches"].append({"slot": outcome.slot, "blueprint": outcome.blueprint, "scale": outcome.alpha,
+                                  "ir": outcome.ir, "target": outcome.target})
+    return {"format": "esper-export", "version": 1, "model": recipe_model, **host_model,
+            "merged": merged, "original_keys": original_keys, "grown_layers": grown,
+            "parameters": sum(p.numel() for p in plain.parameters()),
+            "seeds": [o.to_json() | {"ir": None, "target": None} for o in outcomes]}

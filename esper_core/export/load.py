@@ -1,0 +1,193 @@
+"""``load_run``: a finished run (or one of its checkpoints) back as the trained ``nn.Module``.
+
+The model is rebuilt, never unpickled: the host network from the run's saved recipe (its hash checked
+against the one the run recorded), the Kasmina layers from the recipe's ``seeds`` section, each seed
+from the blueprint IR and target its slot recorded (:meth:`SeedManager.topology`) with Esper's own
+resolver and builder, and then every weight from safetensors, verified against its manifest first.
+No kernel store, compile or data is needed (a run written before slots recorded their IR falls back
+to the blueprint library by name and the recipe's rank; one written before ``final/`` had a manifest
+loads with a warning, as there is nothing to verify it against).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from esper_core.blueprints.builder import ResolveError, build, resolve
+from esper_core.blueprints.host import HostSpec
+from esper_core.blueprints.ir import Blueprint
+from esper_core.checkpoints import store
+from esper_core.errors import CheckpointError, Problem
+from esper_core.export.final import read_final
+from esper_core.growth.state import join
+from esper_core.recipe.load import LoadedRecipe, load_recipe
+from esper_core.seeds.manager import SeedManager, wrap
+
+Warn = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclass
+class LoadedRun:
+    """A rebuilt run: the trained model (eval mode, CPU, Kasmina layers in place) and what it came from."""
+
+    model: nn.Module
+    manager: SeedManager
+    loaded: LoadedRecipe
+    run_dir: Path
+    source: Path  # final/ or the checkpoint directory
+    step: int
+    host_model: dict[str, Any]  # input_shape, num_classes
+    recipe_dir: Path
+
+    def base_model(self) -> nn.Module:
+        """A fresh, unwrapped host network of the recipe (random weights; the global RNG is untouched)."""
+        return _host_network(self.loaded, self.host_model, self.recipe_dir)
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> nn.Module:
+    """The trained model of ``run_dir`` (a run directory or an ``s3://`` run URL): its ``final/``, or
+    ``checkpoint`` (a checkpoint directory, or its name such as ``step-00000200``). In eval mode on
+    the CPU, with its Kasmina layers; ``esper_core.export.plain.unwrap`` turns it into a plain module.
+    Raises :class:`~esper_core.errors.CheckpointError` for a missing, damaged or mismatched run."""
+    return open_run(run_dir, checkpoint).model
+
+
+def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: Warn = _stderr) -> LoadedRun:
+    """:func:`load_run` with everything it read (what ``esper export`` needs besides the model)."""
+    if str(target).startswith("s3://"):
+        from esper_core.artifacts.fetch import fetch_run
+
+        remote = str(target).rstrip("/")
+        if checkpoint is not None:
+            target = fetch_run(f"{remote}/checkpoints/{Path(str(checkpoint)).name}", "checkpoint").parent.parent
+        else:
+            target = fetch_run(remote, "final")
+    run_dir = Path(target)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise CheckpointError(Problem(str(run_dir), "not a run directory (no recipe.yaml)"))
+    if checkpoint is None:
+        final = read_final(run_dir, warn)
+        tensors, topology, info, source = final.tensors, final.topology, final.manifest, final.path
+        recipe_dir = Path(info.get("recipe_dir") or run_dir)
+    else:
+        path = Path(checkpoint)
+        if not path.is_dir():
+            path = run_dir / "checkpoints" / str(checkpoint)
+        if not path.is_dir():
+            found = ", ".join(p.name for p in store.committed(run_dir / "checkpoints")) or "none"
+            raise CheckpointError(Problem(str(path), f"no such checkpoint (the run has: {found})"))
+        loaded_checkpoint = store.load(path)
+        try:
+            state = join(loaded_checkpoint.tensors, loaded_checkpoint.state["run"])
+            tensors, topology = state["model"], state["controller"]["topology"]
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(Problem(str(path / store.STATE), f"not a run checkpoint ({exc})")) from None
+        info, source = loaded_checkpoint.manifest, path
+        recipe_dir = Path(loaded_checkpoint.state.get("recipe_dir") or run_dir)
+    loaded = _saved_recipe(run_dir, info.get("recipe_sha256"))
+    host_model = info.get("host_model") or _shapes_from_data(loaded, recipe_dir)
+    model = _host_network(loaded, host_model, recipe_dir)
+    manager = wrap(model, config=loaded.recipe.seeds)
+    topology_file = source / "topology.json" if checkpoint is None else source / store.STATE
+    _restore_seeds(manager, topology, loaded, recipe_dir, topology_file)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(Problem(str(source), "the weights do not fit the model rebuilt from the recipe and "
+                                      f"topology ({' '.join(first[:2])[:300]})")) from None
+    model.eval()
+    return LoadedRun(model, manager, loaded, run_dir, source, int(topology.get("step", 0)), host_model, recipe_dir)
+
+
+def _saved_recipe(run_dir: Path, recorded: str | None) -> LoadedRecipe:
+    saved = run_dir / "recipe.yaml"
+    digest = hashlib.sha256(saved.read_bytes()).hexdigest()
+    hash_file = run_dir / "recipe.sha256"
+    expected = recorded or (hash_file.read_text(encoding="utf-8").strip() if hash_file.is_file() else None)
+    if expected is not None and digest != expected:
+        raise CheckpointError(Problem(str(saved), "does not match the recipe hash the run recorded"))
+    return load_recipe(saved)
+
+
+def _shapes_from_data(loaded: LoadedRecipe, recipe_dir: Path) -> dict[str, Any]:
+    """An old run recorded no host shapes: read the data once to learn them."""
+    from esper_core.training.data import build_data
+
+    recipe = loaded.recipe
+    data = build_data(recipe.data, recipe.run.seed, recipe_dir, recipe.task.kind, recipe.task.target_key)
+    return {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
+
+
+def _host_network(loaded: LoadedRecipe, host_model: dict[str, Any], recipe_dir: Path) -> nn.Module:
+    from esper_core.training.models import build_model
+
+    with torch.random.fork_rng(devices=[]), _importable(recipe_dir):  # initial weights are overwritten anyway
+        return build_model(loaded.recipe.model, tuple(host_model["input_shape"]), int(host_model["num_classes"]))
+
+
+@contextlib.contextmanager
+def _importable(directory: Path):
+    """A model factory named by the recipe is importable from the recipe's directory, as in training."""
+    added = str(directory) not in sys.path
+    if added:
+        sys.path.insert(0, str(directory))
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(str(directory))
+
+
+def _restore_seeds(manager: SeedManager, topology: dict[str, Any], loaded: LoadedRecipe, recipe_dir: Path,
+                   where: Path) -> None:
+    """Recreate each recorded seed module (weights come afterwards from the state dict)."""
+    layers = topology.get("layers") if isinstance(topology, dict) else None
+    if not isinstance(layers, dict) or set(layers) != set(manager.layers):
+        raise CheckpointError(Problem(str(where), "its seed topology wraps different layers than the recipe does"))
+    recorded = {(name, raw.get("blueprint")): raw for name, entry in layers.items() for raw in entry["slots"]
+                if raw.get("ir") and raw.get("target")}
+    library: list[Any] = []  # discovered only for runs that recorded no IR
+
+    def seed_module(layer: str, blueprint: str) -> nn.Module:
+        host = manager.layers[layer].spec
+        raw = recorded.get((layer, blueprint))
+        try:
+            if raw is not None:
+                ir = Blueprint.model_validate(raw["ir"])
+                target_host = HostSpec.from_json(raw["target"]["host"])
+                if target_host != host:
+                    raise ValueError(f"the seed was built for {target_host}, the layer is {host}")
+                resolved = resolve(ir, target_host, int(raw["target"]["rank"]))
+            else:
+                if not library:
+                    from esper_core.blueprints.library import BlueprintLibrary
+
+                    library.append(BlueprintLibrary.discover(
+                        [recipe_dir / d for d in loaded.recipe.seeds.blueprint_dirs]))
+                resolved = resolve(library[0].get(blueprint).blueprint, host, loaded.recipe.seeds.rank)
+        except (ValidationError, ResolveError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(Problem(str(where), f"seed {blueprint!r} on {layer} cannot be rebuilt: "
+                                          f"{str(exc).splitlines()[0]}")) from None
+        with torch.device("meta"):
+            module = build(resolved)
+        return module.to_empty(device="cpu")
+
+    try:
+        manager.restore(topology, seed_module)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(Problem(str(where), f"unreadable seed topology ({exc})")) from None

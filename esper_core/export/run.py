@@ -1,0 +1,143 @@
+"""``esper export``: a run's trained model written as pt2, safetensors or ONNX, and checked.
+
+Steps: rebuild the trained model (:func:`~esper_core.export.load.open_run`), make it plain
+(:func:`~esper_core.export.plain.unwrap`, merging by default), write the format into ``--out``
+(default ``RUN/exports/<format>`` or ``<format>-unmerged``), then run what was written on held-out
+data (the run's validation split, rebuilt from its recipe) and compare its outputs with the trained
+model's. The result says parameters before and after, file sizes and the largest absolute
+difference; it fails (exit 1) when that difference exceeds the tolerance for the model's dtype,
+scaled by the outputs' magnitude when it exceeds 1 (:data:`TOLERANCE`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper_core.errors import ConfigError, Problem
+from esper_core.export import formats
+from esper_core.export.load import LoadedRun, open_run
+from esper_core.export.plain import unwrap
+from esper_core.seeds.probe import call_model
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+"""Largest accepted ``max |exported - trained|`` per unit of output scale, by the model's dtype. bf16
+keeps 8 significant bits (a relative step of 2**-8 = 0.4%), and merging re-rounds each merged weight
+once, so a bf16 export is held to 2e-2; float16 (11 bits) to 2e-3."""
+
+
+def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | None = None,
+               checkpoint: str | None = None, samples: int = 512, tolerance: float | None = None,
+               warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Export and check; returns the machine-readable result (what ``--json`` prints)."""
+    if fmt not in formats.FORMATS:
+        raise ConfigError(Problem("--format", f"unknown format {fmt!r} (choose from {', '.join(formats.FORMATS)})"))
+    if fmt == "onnx":  # before any work: a missing extra is one line, at once
+        from esper_core.extras import require_extra
+
+        require_extra("onnx", "ONNX export", source="--format onnx")
+    warnings: list[str] = []
+
+    def note(message: str) -> None:
+        warnings.append(message)
+        if warn is not None:
+            warn(message)
+
+    run = open_run(target, checkpoint, warn=note)
+    plain, outcomes = unwrap(run.model, merge)
+    for outcome in outcomes:
+        if outcome.action == "branch" and outcome.state != "FOSSILIZED":
+            note(f"warning: {outcome.layer} slot {outcome.slot} ({outcome.blueprint}) is live ({outcome.state.lower()});"
+                 f" exported as a branch scaled by its current alpha {outcome.alpha:g}")
+    base = run.base_model()
+    original_keys = _shapes(plain) == _shapes(base)
+    directory = out or run.run_dir / "exports" / (fmt if merge else f"{fmt}-unmerged")
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    inputs = held_out_inputs(run, samples)
+    dtype = next(run.model.parameters()).dtype
+    with torch.no_grad():
+        reference = _prediction(call_model(run.model, inputs))
+    if fmt == "safetensors":
+        description = formats.architecture(run.loaded.recipe.model.model_dump(mode="json"), run.host_model, plain,
+                                           outcomes, original_keys, merge)
+        files = formats.write_safetensors(plain, description, directory)
+        fresh = base if original_keys else _empty_like(plain)
+        with torch.no_grad():
+            exported = _prediction(call_model(formats.load_safetensors_into(fresh, files[0]), inputs))
+    else:
+        program = formats.export_program(plain, inputs)
+        if fmt == "pt2":
+            files = formats.write_pt2(program, directory)
+            exported = _prediction(formats.run_program(program, inputs))
+        else:
+            files = formats.write_onnx(program, directory)
+            exported = formats.run_onnx(files[0], inputs)
+    diff = float((exported.double() - reference.double()).abs().max()) if reference.numel() else 0.0
+    scale = max(1.0, float(reference.double().abs().max())) if reference.numel() else 1.0
+    allowed = (tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-5)) * scale
+    result = {
+        "run_dir": str(run.run_dir), "source": str(run.source), "step": run.step, "format": fmt, "merge": merge,
+        "out": str(directory), "files": [_describe(p) for p in files],
+        "parameters": {"host": _count(base), "trained": _count(run.model), "exported": _count(plain)},
+        "seeds": [{k: v for k, v in o.to_json().items() if k not in ("ir", "target")} for o in outcomes],
+        "original_keys": original_keys, "samples": int(reference.shape[0]) if reference.dim() else 1,
+        "dtype": str(dtype).removeprefix("torch."), "max_abs_diff": diff, "tolerance": allowed,
+        "within_tolerance": diff <= allowed, "warnings": warnings,
+    }
+    (directory / "export.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    from esper_core.artifacts.publish import publish_files
+
+    result["uploaded"] = publish_files(run.run_dir, [*files, directory / "export.json"], run.loaded.recipe.storage)
+    return result
+
+
+def held_out_inputs(run: LoadedRun, samples: int) -> Any:
+    """Model inputs of the first ``samples`` validation samples, rebuilt from the run's recipe."""
+    from esper_core.training.data import build_data
+    from esper_core.training.loaders import first_inputs
+
+    recipe = run.loaded.recipe
+    data = build_data(recipe.data, recipe.run.seed, run.recipe_dir, recipe.task.kind, recipe.task.target_key)
+    inputs = first_inputs(data.val, samples, recipe.task.target_key)
+    if isinstance(inputs, dict):
+        inputs = {k: v for k, v in inputs.items() if k != recipe.task.target_key}
+    return inputs
+
+
+def _prediction(output: Any) -> torch.Tensor:
+    from esper_core.training.tasks import logits_of
+
+    return logits_of(output).detach().cpu()
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _empty_like(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure with every tensor zeroed: the exported file must fill it."""
+    import copy
+
+    fresh = copy.deepcopy(module)
+    with torch.no_grad():
+        for tensor in fresh.state_dict().values():
+            tensor.zero_()
+    return fresh
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -1,0 +1,214 @@
+"""Run artifacts on S3-compatible storage, against a real S3 server started here on 127.0.0.1 (moto's).
+
+One MLP run (low-rank seeds only, so a merged export has the user's original key names) uploads to
+the module's server; the tests then check what arrived, resume from a checkpoint in the store
+(bit-exactly, as from a local one), export straight from an ``s3://`` URL, refuse a corrupted object,
+and survive the server going down in the middle of a second run (one warning, the run finishes,
+``esper sync`` uploads what is missing once a server is back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import free_port
+from esper_cli.main import app
+from esper_core import load_run
+from esper_core.export.load import open_run
+from esper_core.export.run import held_out_inputs
+from esper_core.training.models import build_model
+from esper_core.training.trainer import Trainer
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+
+RECIPE = """\
+run: {{name: {name}, seed: 0, device: cpu}}
+data: {{source: digits, layout: flat, batch_size: 32}}
+model: {{arch: mlp, widths: [16]}}
+seeds: {{targets: ["layers.0"], per_layer: 2, blueprints: [lowrank_adapter], rank: 2, incubation_steps: 10,
+        blend_steps: 10, probation_steps: 5, embargo_steps: 100000, fossilize_margin: -1.0}}
+policy: {{trigger: periodic, period_steps: 15, growth_window: [0.05, 0.5], max_seeds: 2}}
+trainer: {{max_steps: {steps}, lr: 0.01, eval_every: 10, log_every: 10}}
+checkpoint: {{every_steps: 25, keep: 100}}
+telemetry: {{progress: none}}
+storage: {{workspace: "{workspace}", artifacts_url: "{url}", artifacts_timeout_s: 1.0}}
+"""
+
+
+class Server:
+    """A moto S3 server on a loopback port of its own."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    def start(self) -> Server:
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def client(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def url(self, bucket: str, path: str = "runs") -> str:
+        return f"s3://{bucket}/{path}?endpoint_url={self.endpoint}"
+
+
+def esper(*args: str | Path) -> Any:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aws_environment() -> Iterator[None]:
+    """Credentials as users give them (environment variables); nothing else of the caller's AWS setup."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CONFIG_FILE"):
+            patch.delenv(name, raising=False)
+        patch.setenv("AWS_ACCESS_KEY_ID", "esper-test-key")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "esper-test-secret")
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    running = Server().start()
+    running.client().create_bucket(Bucket="esper-runs")
+    yield running
+    running.stop()
+
+
+def train(root: Path, name: str, url: str, steps: int, on_event: Any = None) -> Trainer:
+    recipe = root / f"{name}.yaml"
+    recipe.write_text(RECIPE.format(name=name, steps=steps, workspace=root / "workspace", url=url), encoding="utf-8")
+    trainer = Trainer.from_recipe(recipe, [f"run.output_dir={root / 'runs'}"])
+    trainer.fit(on_event)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def uploaded(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    return train(tmp_path_factory.mktemp("s3run"), "lowrank", server.url("esper-runs"), 100)
+
+
+def test_every_committed_artifact_is_uploaded_with_its_sha256(server: Server, uploaded: Trainer) -> None:
+    client, run_dir = server.client(), uploaded.run_dir
+    expected = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert {p.relative_to(run_dir).as_posix() for p in expected} >= {
+        "final/model.safetensors", "final/topology.json", "final/manifest.json", "summary.json", "recipe.yaml",
+        "checkpoints/LATEST", *(f"checkpoints/step-{s:08d}/{f}" for s in (25, 50, 75, 100)
+                                for f in ("tensors.safetensors", "state.json", "manifest.json"))}
+    for path in expected:
+        key = f"runs/{run_dir.name}/{path.relative_to(run_dir).as_posix()}"
+        obj = client.get_object(Bucket="esper-runs", Key=key)
+        body = obj["Body"].read()
+        assert body == path.read_bytes(), key
+        assert obj["Metadata"]["sha256"] == sha256(path), key
+
+
+def test_export_from_s3_gives_the_original_models_keys(server: Server, uploaded: Trainer, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the download cache is .esper/remote under the working directory
+    url = server.url("esper-runs", f"runs/{uploaded.run_dir.name}")
+    done = esper("export", url, "--format", "safetensors", "--out", tmp_path / "out", "--json")
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert result["within_tolerance"] and result["original_keys"]
+    assert result["parameters"]["exported"] == result["parameters"]["host"]  # merged low-rank seeds add nothing
+    assert {s["action"] for s in result["seeds"]} == {"merged"}
+    cached = tmp_path / ".esper" / "remote" / "esper-runs" / "runs" / uploaded.run_dir.name
+    assert sha256(cached / "final" / "model.safetensors") == sha256(uploaded.run_dir / "final" / "model.safetensors")
+    data = uploaded.data
+    with torch.random.fork_rng():
+        original = build_model(uploaded.loaded.recipe.model, data.input_shape, data.num_classes)
+    original.load_state_dict(load_file(str(tmp_path / "out" / "model.safetensors")), strict=True)
+    x = held_out_inputs(open_run(uploaded.run_dir), 64)
+    with torch.no_grad():
+        assert (original.eval()(x) - uploaded.model.eval()(x)).abs().max() <= result["tolerance"]
+
+
+def test_resume_from_s3_continues_bit_exactly(server: Server, uploaded: Trainer, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    name = uploaded.run_dir.name
+    url = f"s3://esper-runs/runs/{name}/checkpoints/step-00000050?endpoint_url={server.endpoint}"
+    done = esper("resume", "--checkpoint", url)
+    assert done.exit_code == 0, done.output
+    resumed = tmp_path / ".esper" / "remote" / "esper-runs" / "runs" / name
+    original, again = load_run(uploaded.run_dir).state_dict(), load_run(resumed).state_dict()
+    assert original.keys() == again.keys() and all(torch.equal(v, again[k]) for k, v in original.items())
+
+
+def test_a_corrupted_object_is_refused_naming_it(server: Server, uploaded: Trainer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    client, name = server.client(), uploaded.run_dir.name
+    key = f"runs/{name}/checkpoints/step-00000075/tensors.safetensors"
+    stored = client.get_object(Bucket="esper-runs", Key=key)
+    body = bytearray(stored["Body"].read())
+    body[len(body) // 2] ^= 0xFF  # bit rot: the recorded sha256 stays, the bytes change
+    client.put_object(Bucket="esper-runs", Key=key, Body=bytes(body), Metadata=stored["Metadata"])
+    url = f"s3://esper-runs/runs/{name}/checkpoints/step-00000075?endpoint_url={server.endpoint}"
+    done = esper("resume", "--checkpoint", url)
+    assert done.exit_code == 3
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"s3://esper-runs/{key}" in lines[0] and "refused" in lines[0]
+    assert "Traceback" not in done.output
+    assert not (tmp_path / ".esper" / "remote" / "esper-runs" / "runs" / name / "checkpoints" / "step-00000075"
+                / "tensors.safetensors").exists()
+
+
+def test_an_outage_mid_run_warns_once_and_sync_uploads_what_is_missing(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    server = Server().start()
+    server.client().create_bucket(Bucket="esper-outage")
+
+    def stop_after_first_checkpoint(event: dict[str, Any]) -> None:
+        if event.get("event") == "checkpoint" and event["step"] == 50:
+            server.stop()  # the store vanishes after step 25's checkpoint was uploaded
+
+    trainer = train(tmp_path, "outage", server.url("esper-outage"), 100, stop_after_first_checkpoint)
+    run_dir = trainer.run_dir
+    assert (run_dir / "summary.json").is_file()
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "unreachable" in line]
+    assert len(warnings) == 1 and f"esper sync {run_dir}" in warnings[0]
+    assert "esper-test-secret" not in warnings[0]
+
+    back = Server(server.port).start()
+    try:
+        done = esper("sync", run_dir, "--json")
+        assert done.exit_code == 0, done.output
+        result = json.loads(done.stdout)
+        assert "final/model.safetensors" in result["uploaded"] and "summary.json" in result["uploaded"]
+        assert "checkpoints/step-00000075/tensors.safetensors" in result["uploaded"]
+        assert "checkpoints/step-00000025/tensors.safetensors" in result["unchanged"]  # uploaded before the outage
+        client = back.client()
+        for path in (p for p in run_dir.rglob("*") if p.is_file()):
+            head = client.head_object(Bucket="esper-outage", Key=f"runs/{run_dir.name}/{path.relative_to(run_dir)}")
+            assert head["Metadata"]["sha256"] == sha256(path)
+        again = json.loads(esper("sync", run_dir, "--json").stdout)
+        assert again["uploaded"] == []
+    finally:
+        back.stop()
