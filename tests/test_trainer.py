@@ -47,7 +47,7 @@ seeds:
   targets: ["type:Linear"]
   exclude: ["head"]
   per_layer: 2
-  blueprints: [lowrank_adapter]
+  blueprints: [wide_mlp]
   rank: 4
   incubation_steps: 20
   blend_steps: 20
@@ -228,3 +228,40 @@ def test_cuda_without_a_gpu_is_a_clear_user_error(recipe: Path, tmp_path: Path) 
     message = str(info.value)
     assert "run.device" in message and "cuda" in message.lower() and "no CUDA device" in message
     assert not output.exists(), "a run that cannot start must not leave a run directory behind"
+
+
+def test_a_fossilized_linear_seed_is_merged_into_its_host_and_adds_no_parameter(fit: Callable[..., Run]) -> None:
+    """lowrank_adapter on a Linear host is (W + BA)x: kept, it is folded into W and its module is dropped."""
+    run = fit(KEEP_ALL, "seeds.blueprints=[lowrank_adapter]")
+    s = run.summary
+    assert s["seeds"]["fossilized"] == 2 and all(f["merged"] and f["params"] == 0 for f in s["fossilized"])
+    assert s["params_final"] == s["params_initial"]
+    assert not any(".seeds." in k for k in run.weights())
+    assert all(e.get("merged_into_host") for e in run.events("fossilize"))
+    assert [g.get("name") for g in run.trainer.optimizer.param_groups] == ["host"]
+    _check_optimizer_holds_only_model_parameters(run.trainer)
+
+
+def test_merging_at_fossilize_leaves_the_model_function_unchanged() -> None:
+    from esper_core.blueprints.builder import build, resolve
+    from esper_core.blueprints.library import BlueprintLibrary
+    from esper_core.seeds.manager import SlotRef, wrap
+    from esper_core.seeds.merge import linear_delta, merge_into
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    manager = wrap(model, targets=["0"])
+    layer = manager.layers["0"]
+    seed = build(resolve(BlueprintLibrary.discover().get("lowrank_adapter").blueprint, layer.spec, 2))
+    torch.nn.init.normal_(seed[1].weight)  # a trained seed: not zero any more
+    ref = SlotRef("0", 0)
+    manager.germinate(ref, "lowrank_adapter", "k", 0)
+    manager.start_incubation(ref, seed)
+    layer.start_blending(0)
+    layer.start_probation(0)
+    x = torch.randn(16, 6)
+    before = model(x)
+    assert linear_delta(seed, layer.spec) is not None and merge_into(layer.host, seed, 1.0)
+    manager.fossilize(ref)
+    layer.release_merged(0)
+    assert torch.allclose(model(x), before, atol=1e-5) and "0" not in layer.seeds and layer.slots[0].merged

@@ -12,9 +12,10 @@ from esper_core.blueprints.host import HostSpec
 from esper_core.blueprints.ir import Blueprint
 from esper_core.compiler.flops import analytic_cost
 
-EXAMPLE_HOSTS = {"linear": (64, 32), "conv2d": (16, 32)}
-"""Default example host sizes (in, out) per host kind; conv hosts are 3x3, stride 1, padding 1."""
-EXAMPLE_GRID = (8, 8)
+EXAMPLE_HOSTS = {"linear": (64, 32), "conv1d": (16, 32), "conv2d": (16, 32)}
+"""Default example host sizes (in, out) per host kind; conv hosts are 3 (x3) wide, stride 1, padding 1.
+A span blueprint's example is a pair of such layers: ``in`` of the first, ``out`` of the second."""
+EXAMPLE_GRID = {"conv1d": (16,), "conv2d": (8, 8)}
 DEFAULT_RANK = 8
 
 
@@ -45,15 +46,21 @@ def resolve_example(blueprint: Blueprint, in_size: int | None = None, out_size: 
     if blueprint.host == "linear":
         host, sample, label = HostSpec("linear", width_in, width_out), (width_in,), f"Linear({width_in}, {width_out})"
     else:
-        host = HostSpec("conv2d", width_in, width_out, (3, 3), (1, 1), (1, 1))
-        sample = (width_in, *EXAMPLE_GRID)
-        label = f"Conv2d({width_in}, {width_out}, 3x3, stride 1, padding 1) on {EXAMPLE_GRID[0]}x{EXAMPLE_GRID[1]}"
+        grid = EXAMPLE_GRID[blueprint.host]
+        n = len(grid)
+        host = HostSpec(blueprint.host, width_in, width_out, (3,) * n, (1,) * n, (1,) * n, (1,) * n)
+        sample = (width_in, *grid)
+        kernel = "x".join(["3"] * n)
+        label = (f"{'Conv1d' if n == 1 else 'Conv2d'}({width_in}, {width_out}, {kernel}, stride 1, padding 1) "
+                 f"on {'x'.join(map(str, grid))}")
+    if blueprint.kind == "span":
+        label = f"a pair of layers, {width_in} inputs to the first and {width_out} outputs of the second ({label})"
     resolved = resolve(blueprint, host, rank)
     cost = analytic_cost(resolved, sample)
     ops = []
     for op, op_cost in zip(resolved.ops, cost.ops):
-        sized = op.kind in ("linear", "conv2d", "se_gate")
-        spatial = op.kind in ("conv2d", "avg_pool")
+        sized = op.kind in ("linear", "conv1d", "conv2d", "se_gate")
+        spatial = op.kind in ("conv1d", "conv2d", "avg_pool")
         ops.append({"index": op_cost.index, "op": op.kind, "in": op.in_size if sized else None,
                     # an SE gate maps its channels to themselves; its out_size is the gate's hidden width
                     "out": (op.in_size if op.kind == "se_gate" else op.out_size) if sized else None,

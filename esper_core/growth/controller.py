@@ -139,7 +139,8 @@ class GrowthController:
                                    latency_of=lambda bp, layer: self.kernels.latency_ms(self.catalog.spec(bp, layer)))
         self.governor = Governor(_config(GovernorConfig, governor), self.device)
         self._seed_lr = seed_lr
-        self.executor = SeedExecutor(self.manager, None, self.catalog, self.kernels, self._lr_of_seeds, seed)
+        self.executor = SeedExecutor(self.manager, None, self.catalog, self.kernels, self._lr_of_seeds, seed,
+                                     self.seeds_config.merge_linear)
         self.run_state: tuple[Callable[[], State], Callable[[State], None]] = (self._capture, self._restore)
         self._names = {id(layer): name for name, layer in self.manager.layers.items()}
         self._unusable: set[tuple[str, str]] = set()

@@ -23,6 +23,7 @@ import torch
 
 from esper_core.blueprints.builder import build_seeded
 from esper_core.growth import optimizer as optim
+from esper_core.seeds.merge import linear_delta, merge_into
 from esper_core.growth.catalog import SeedCatalog
 from esper_core.growth.kernels import KernelSupply
 from esper_core.policy.growth import GrowthDecision
@@ -42,9 +43,11 @@ class SeedExecutor:
     """``seed_lr(step)`` is the learning rate of every seed group at optimizer step ``step``."""
 
     def __init__(self, manager: SeedManager, optimizer: torch.optim.Optimizer | None, catalog: SeedCatalog,
-                 kernels: KernelSupply, seed_lr: Callable[[int], float], run_seed: int = 0) -> None:
+                 kernels: KernelSupply, seed_lr: Callable[[int], float], run_seed: int = 0,
+                 merge_linear: bool = True) -> None:
         self.manager = manager
         self.run_seed = run_seed
+        self.merge_linear = merge_linear
         self.optimizer = optimizer
         self.catalog = catalog
         self.kernels = kernels
@@ -117,7 +120,32 @@ class SeedExecutor:
         return event
 
     def fossilize(self, ref: SlotRef, **evidence: Any) -> Event:
-        return self.manager.fossilize(ref, **evidence)
+        """Keep the seed; a branch that is an exact linear map of its host's input (a low-rank adapter
+        on a Linear host adds no expressivity) is folded into the host's weight and its module and
+        optimizer group are dropped: it then costs no parameter and no FLOP."""
+        layer = self.manager.layers[ref.layer]
+        slot, seed = layer.slots[ref.index], layer.seed_module(ref.index)
+        alpha = float(layer.alpha[ref.index])
+        merged = self.merge_linear and slot.source is None and linear_delta(seed, layer.spec) is not None
+        event = self.manager.fossilize(ref, **evidence)
+        if merged:
+            bias_before = getattr(layer.host, "bias", None)
+            merge_into(layer.host, seed, alpha)
+            layer.release_merged(ref.index)
+            self._drop(ref.key)
+            if bias_before is None and getattr(layer.host, "bias", None) is not None:  # the fold created one
+                self._adopt_host_parameter(layer.host.weight, layer.host.bias)
+            event["merged_into_host"] = True
+        return event
+
+    def _adopt_host_parameter(self, sibling: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
+        """A parameter the host gained (a bias created by a merge) joins the group of its weight."""
+        if self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            if any(p is sibling for p in group["params"]):
+                group["params"].append(new)
+                return
 
     def set_lr(self, step: int) -> None:
         """Every seed group's learning rate for optimizer step ``step``."""

@@ -367,7 +367,7 @@ class GrowthPolicy:
         params = flops = 0
         for name, slot in self._occupied():
             params += slot.params
-            flops += self._cost(str(slot.blueprint), name).flops
+            flops += 0 if slot.merged else self._cost(str(slot.blueprint), name).flops
         for key, g in self.reserved.items():
             params += g.candidate.params
             flops += g.candidate.flops

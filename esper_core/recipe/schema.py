@@ -228,6 +228,9 @@ class SeedsConfig(Section):
     eval_batches: int = Field(4, ge=1, le=10_000, description="Held-out batches for counterfactual evaluation.")
     lr_scale: float = Field(1.0, gt=0.0, le=1000.0,
                             description="Learning rate of seed parameters relative to the host's.")
+    merge_linear: bool = Field(True, description="Fold a fossilized seed that is an exact linear map of its host's "
+                               "input (e.g. `lowrank_adapter` on a Linear host: (W + BA)x) into the host's weight: it "
+                               "added no expressivity, and merged it costs no parameter.")
     lr_schedule: Literal["window", "host"] = Field(
         "window", description="Seed learning rate in `esper train`: `window` keeps `trainer.lr x lr_scale` while "
         "the growth window is open and decays it (cosine) to zero by the end, so a seed born late still learns; "

@@ -63,6 +63,7 @@ class SlotInfo:
     """The kernel spec's plain form (``{"ir": canonical blueprint IR, "target": host, rank, ...}``): with
     it a recorded topology rebuilds the seed with the blueprint builder alone, without the kernel store."""
     source: str | None = None  # a span seed's feeder layer (it reads that layer's input)
+    merged: bool = False  # a fossilized linear seed folded into the host's weight (no module left)
 
 
 class KasminaLayer(nn.Module):
@@ -156,6 +157,17 @@ class KasminaLayer(nn.Module):
 
     def fossilize(self, index: int) -> None:
         self.transition(index, SeedState.FOSSILIZED)
+
+    def release_merged(self, index: int) -> list[nn.Parameter]:
+        """A fossilized seed whose map is now part of the host's weight: drop its module (it adds no
+        parameter any more); returns its parameters for the optimizer to forget."""
+        slot = self.slots[index]
+        if slot.state != SeedState.FOSSILIZED:
+            raise ValueError("only a fossilized seed can be merged into its host")
+        seed = self.seeds.pop(str(index))
+        slot.merged, slot.params = True, 0
+        self._refresh_active()
+        return list(seed.parameters())
 
     def remove(self, index: int, target: SeedState, embargo: int) -> list[nn.Parameter]:
         """Cull or roll back: the seed leaves the forward pass and the module; returns its parameters

@@ -79,7 +79,8 @@ class SeedManager:
     def view(self) -> SeedView:
         """A read-only copy of every slot, for the policy."""
         return {name: LayerView(layer.spec.kind, tuple(
-                    SlotView(s.state, s.blueprint, s.params, s.steps_in_state, s.germinated_at) for s in layer.slots))
+                    SlotView(s.state, s.blueprint, s.params, s.steps_in_state, s.germinated_at, s.merged)
+                    for s in layer.slots))
                 for name, layer in self.layers.items()}
 
     def state(self, ref: SlotRef) -> SeedState:
@@ -138,6 +139,7 @@ class SeedManager:
                     {"state": s.state.name, "blueprint": s.blueprint, "kernel": s.kernel, "params": s.params,
                      "steps_in_state": s.steps_in_state, "embargo_left": s.embargo_left,
                      "germinated_at": s.germinated_at, "alpha": float(layer.alpha[i]), "source": s.source,
+                     "merged": s.merged,
                      "ir": s.spec["ir"] if s.spec else None, "target": s.spec["target"] if s.spec else None}
                     for i, s in enumerate(layer.slots)]}
                 for name, layer in self.layers.items()},
@@ -159,7 +161,8 @@ class SeedManager:
                 if info.source is not None and self.feeders.get(name) != info.source:
                     raise ValueError(f"{name} slot {index} holds a span seed fed by {info.source!r}, which is not "
                                      f"the layer before it in this model")
-                holds_module = info.state.contributes  # a GERMINATED seed's kernel is requested again
+                info.merged = bool(raw.get("merged", False))
+                holds_module = info.state.contributes and not info.merged  # a GERMINATED seed's kernel is requested again
                 seed = build(name, info.blueprint) if holds_module else None
                 self.layers[name].restore_slot(index, info, seed)
                 if seed is not None:

@@ -20,6 +20,7 @@ class SlotView:
     params: int
     steps_in_state: int
     germinated_at: int | None
+    merged: bool = False  # folded into the host: no parameters, no FLOPs
 
     @property
     def holds(self) -> bool:

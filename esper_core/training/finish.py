@@ -40,7 +40,7 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
         "seeds_muted": {f"{split}_{k}": v for split, result in muted.items() for k, v in result.metrics.items()},
         "params_initial": trainer.params_initial, "params_final": count_parameters(trainer.model),
         "seeds": manager.counts(),
-        "fossilized": [{"layer": n, "slot": i, "blueprint": s.blueprint, "params": s.params}
+        "fossilized": [{"layer": n, "slot": i, "blueprint": s.blueprint, "params": s.params, "merged": s.merged}
                        for n, layer in manager.layers.items() for i, s in enumerate(layer.slots)
                        if s.state.name == "FOSSILIZED"],
         "rollbacks": controller.governor.rollbacks,
