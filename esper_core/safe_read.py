@@ -13,6 +13,7 @@ those becomes one :class:`UnsafeInput` with a plain message instead of a hang or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,18 +35,8 @@ class UnsafeInput(ValueError):
 def read_regular(path: Path, limit: int) -> bytes:
     """The bytes of ``path`` if it is a regular file (not a link, FIFO, device or directory) of at
     most ``limit`` bytes. ``FileNotFoundError`` passes through so callers can say "missing"."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    descriptor = _open_regular(path)
     try:
-        descriptor = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:  # ELOOP: a symbolic link; ENOTDIR: a parent is a file; EACCES ...
-        kind = "a symbolic link" if os.path.islink(path) else exc.strerror
-        raise UnsafeInput(f"cannot be read ({kind})") from None
-    try:
-        mode = os.fstat(descriptor).st_mode
-        if not stat.S_ISREG(mode):
-            raise UnsafeInput(f"is not a regular file (it is {_kind(mode)})")
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(descriptor, min(1 << 20, limit + 1 - size))
@@ -93,3 +84,27 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a file"
+
+
+def sha256_regular(path: Path) -> str:
+    """sha256 of a regular file (not a link, FIFO or device), streamed: model files can be large."""
+    with os.fdopen(_open_regular(path), "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _open_regular(path: Path) -> int:
+    """A descriptor of ``path`` opened without following links or blocking (a FIFO), checked to be a
+    regular file. ``FileNotFoundError`` passes through so callers can say "missing"."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: a symbolic link; ENOTDIR: a parent is a file; EACCES ...
+        kind = "a symbolic link" if os.path.islink(path) else exc.strerror
+        raise UnsafeInput(f"cannot be read ({kind})") from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        raise UnsafeInput(f"is not a regular file (it is {_kind(mode)})")
+    return descriptor

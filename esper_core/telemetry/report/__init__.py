@@ -32,7 +32,7 @@ class Written:
     report: dict[str, Any]
     paths: list[Path]
     audit: AuditResult
-    recipe_problem: Problem | None
+    problems: list[Problem]
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str, ...] = FORMATS) -> Written:
@@ -52,7 +52,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str,
         for plot_id, name in svg_files.items():
             written.append(_write(out / name, plots[plot_id] + "\n"))
         written.append(_write(out / "report.md", markdown(report, svg_files)))
-    return Written(report, written, files.audit, files.recipe_problem)
+    return Written(report, written, files.audit, files.integrity)
 
 
 def _finite(value: Any) -> Any:

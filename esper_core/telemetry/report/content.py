@@ -75,9 +75,9 @@ def _model(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recipe_check(files: RunFiles) -> dict[str, Any]:
-    problem = files.recipe_problem
-    return {"recipe_ok": problem is None, "recipe_detail": str(problem) if problem else "recipe.yaml matches its "
-            "recorded sha256"}
+    problems = files.integrity
+    return {"recipe_ok": not problems, "recipe_detail": "; ".join(map(str, problems)) if problems else "recipe.yaml "
+            "matches its recorded sha256 and the results match those bound in the event chain"}
 
 
 def change(event: Record) -> dict[str, Any]:
