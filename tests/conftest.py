@@ -24,6 +24,22 @@ import pytest
 if TYPE_CHECKING:
     from esper_core.compiler.artifact import Kernel
 
+TRAINER_WIRED = False
+"""Whether the trainer records issue 11's run_end binding (artifact digests and summary figures in
+``run_end``, the recipe hash and overrides in ``run_resume``, the signed head in summary.json). Tests
+marked ``needs_trainer_wiring`` check exactly that and are skipped until this is True."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if TRAINER_WIRED:
+        return
+    waiting = pytest.mark.skip(reason="needs the trainer to record the run_end binding (issue 11 item 8); "
+                                      "set TRAINER_WIRED = True in tests/conftest.py once it does")
+    for item in items:
+        if "needs_trainer_wiring" in item.keywords:
+            item.add_marker(waiting)
+
+
 REDIS_URL = os.environ.get("ESPER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("ESPER_TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
 
