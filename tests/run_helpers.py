@@ -14,6 +14,19 @@ from typer.testing import CliRunner, Result
 from esper_cli.report import report
 from esper_core import Trainer
 
+MIRRORED_RECIPE = """\
+run: {{name: bound, seed: 0, device: cpu}}
+data: {{source: digits, layout: flat, batch_size: 32}}
+model: {{arch: mlp, widths: [16]}}
+seeds: {{targets: ["type:Linear"], exclude: [head], per_layer: 1, blueprints: [lowrank_adapter], rank: 4,
+        incubation_steps: 10, blend_steps: 10, probation_steps: 5, fossilize_margin: -1.0}}
+policy: {{trigger: periodic, period_steps: 20, growth_window: [0.05, 0.5], max_seeds: 2}}
+trainer: {{max_steps: 60, lr: 0.01, eval_every: 10, log_every: 10}}
+telemetry: {{progress: none}}
+storage: {{workspace: "{workspace}"}}
+"""
+"""A small growing run whose asset repository (SQLite) lives in ``{workspace}``; format it in."""
+
 _app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 _app.command("report")(report)
 

@@ -18,19 +18,9 @@ import pytest
 
 from esper_core.telemetry.audit import recipe_problem
 from esper_core.telemetry.binding import ARTIFACTS, artifact_digests, sign_head, summary_figures
+from run_helpers import MIRRORED_RECIPE as RECIPE
 from run_helpers import esper_report, finish_per_contract, finished_run, rechain, records_of
 
-RECIPE = """\
-run: {{name: bound, seed: 0, device: cpu}}
-data: {{source: digits, layout: flat, batch_size: 32}}
-model: {{arch: mlp, widths: [16]}}
-seeds: {{targets: ["type:Linear"], exclude: [head], per_layer: 1, blueprints: [lowrank_adapter], rank: 4,
-        incubation_steps: 10, blend_steps: 10, probation_steps: 5, fossilize_margin: -1.0}}
-policy: {{trigger: periodic, period_steps: 20, growth_window: [0.05, 0.5], max_seeds: 2}}
-trainer: {{max_steps: 60, lr: 0.01, eval_every: 10, log_every: 10}}
-telemetry: {{progress: none}}
-storage: {{workspace: "{workspace}"}}
-"""
 KEY = b"a signing key of some length"
 
 
