@@ -12,6 +12,8 @@ every ``log_every`` steps): telemetry never adds a synchronisation to measure mo
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +27,8 @@ from esper_core.recipe.schema import TelemetryConfig
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.telemetry.anomaly import AnomalyDetector, AnomalyThresholds, resident_memory_bytes
 from esper_core.telemetry.metrics import MetricsServer, RunMetrics
+
+log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
@@ -64,6 +68,16 @@ class MorphClock:
         self.seconds += time.perf_counter() - self._start
 
 
+def is_loopback(bind: str) -> bool:
+    """Whether an address to bind to is reachable from this machine only (``localhost`` counts)."""
+    if bind.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 class RunTelemetry:
     """Metrics, endpoint and anomaly detection of one run; see the module docstring.
 
@@ -98,6 +112,10 @@ class RunTelemetry:
         except OSError as exc:  # port taken, address not local, permission...
             raise EsperError(Problem("recipe", f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}",
                                      field="telemetry.metrics_port")) from None
+        if not is_loopback(bind):
+            log.warning("warning: the metrics endpoint %s is exposed beyond this machine (telemetry.metrics_bind=%s): "
+                        "anyone who can reach it can read this run's metrics; bind 127.0.0.1 unless that is "
+                        "intended", self.server.url, bind)
         self.metrics.observe_seeds(self._seed_counts())
         return self.server.url
 
