@@ -1,7 +1,8 @@
 """Shared fixtures: the real services the storage tests talk to.
 
-A test that needs Redis or PostgreSQL skips on a machine without them, but fails when
-``ESPER_REQUIRE_SERVICES=1`` (set by ``.ci/run``), so CI can never go green by skipping them.
+A test that needs Redis or PostgreSQL (or a tool CI installs: Chromium, promtool) skips on a machine
+without them, but fails when ``ESPER_REQUIRE_SERVICES=1`` (set by ``.ci/run``), so CI can never go
+green by skipping them.
 Addresses: ``ESPER_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) and
 ``ESPER_TEST_POSTGRES_URL`` (default ``postgresql://root@127.0.0.1:5432/test``).
 """
@@ -54,6 +55,14 @@ def require_service(name: str, probe: Callable[[], object]) -> None:
         if os.environ.get("ESPER_REQUIRE_SERVICES") == "1":
             pytest.fail(message + " (ESPER_REQUIRE_SERVICES=1)", pytrace=False)
         pytest.skip(message)
+
+
+def require_tool(name: str, path: str | None) -> None:
+    """Skip (or, with ``ESPER_REQUIRE_SERVICES=1``, fail) unless a program CI installs was found."""
+    def probe() -> None:
+        if path is None:
+            raise FileNotFoundError("not on PATH")
+    require_service(name, probe)
 
 
 @pytest.fixture(scope="session")

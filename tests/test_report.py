@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import require_tool
 from run_helpers import esper_report, finished_run
 from esper_core.telemetry.report.plots import EVENT_COLORS, PLOT_IDS, SERIES_COLORS, STATE_COLORS
 
@@ -200,8 +201,8 @@ def read_png(path: Path) -> tuple[int, int, list[bytes], int]:
     return width, height, rows, bpp
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_the_html_report_renders_its_plots_in_headless_chromium(reported: dict[str, Any], tmp_path: Path) -> None:
+    require_tool("Chromium (apt-get install chromium)", CHROMIUM)  # fails instead with ESPER_REQUIRE_SERVICES=1
     shot = tmp_path / "report.png"
     page = (reported["out"] / "report.html").resolve()
     subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -32,6 +32,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import require_tool
 from esper_core import Trainer
 from esper_core.errors import EsperError
 from esper_core.recipe.schema import TelemetryConfig
@@ -175,8 +176,8 @@ def test_scrape_exposes_no_secret(scraped: dict[str, Any]) -> None:
     assert "ESPER_" not in scraped["text"] and "process_" not in scraped["text"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (apt-get install prometheus)")
 def test_promtool_accepts_the_exposition(scraped: dict[str, Any]) -> None:
+    require_tool("promtool (apt-get install prometheus)", shutil.which("promtool"))  # CI: must be there
     result = subprocess.run(["promtool", "check", "metrics"], input=scraped["text"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
