@@ -129,7 +129,7 @@ def _first_break(stored: list[StoredEvent], records: list[dict[str, Any] | None]
     return None
 
 
-def recipe_problem(run_dir: Path, records: list[dict[str, Any] | None] | None = None) -> Problem | None:
+def recipe_problem(run_dir: Path, records: list[dict[str, Any] | None]) -> Problem | None:
     """``recipe.yaml`` (the recipe as first run) must hash to the sha256 in ``recipe.sha256`` and in
     the ``run_start`` event; ``summary.json``'s hash is the recipe the run ended with, which is that
     of the last ``run_start`` / ``run_resume`` event (a resume with overrides records the hash of the
@@ -141,8 +141,6 @@ def recipe_problem(run_dir: Path, records: list[dict[str, Any] | None] | None = 
         return Problem(str(path), "missing: the run's recipe cannot be checked")
     except (UnsafeInput, OSError) as exc:
         return Problem(str(path), f"{exc}: the run's recipe cannot be checked")
-    if records is None:
-        records = [s.parse() for s in RunDirEvents(run_dir).stored()]
     starts = [r for r in records if r is not None and r.get("event") in ("run_start", "run_resume")]
     first = next((r for r in starts if r.get("event") == "run_start"), {})
     effective = next((r["recipe_sha256"] for r in reversed(starts) if "recipe_sha256" in r), actual)
@@ -177,9 +175,6 @@ class RunVerification:
     @property
     def ok(self) -> bool:
         return self.chain.ok and not self.problems
-
-    def all_problems(self) -> list[Problem]:
-        return ([self.chain.first_break.problem(self.chain.name)] if self.chain.first_break else []) + self.problems
 
 
 def verify_run(run_dir: Path, check_repository: bool = True) -> RunVerification:

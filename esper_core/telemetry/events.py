@@ -25,9 +25,8 @@ from typing import Any, Protocol
 
 from esper_core.errors import EsperError, Problem
 from esper_core.safe_read import UnsafeInput, parse_json, read_regular
+from esper_core.telemetry.jsonl import MAX_LINE_BYTES
 
-MAX_LINE_BYTES = 1 << 20
-"""Longest event line read (Esper's longest records, decisions with their inputs, are a few KB)."""
 MAX_LOG_BYTES = 1 << 30
 MAX_RUN_JSON_BYTES = 16 << 20
 """Largest ``summary.json`` or checkpoint manifest a report reads."""
