@@ -75,7 +75,8 @@ def start_cold_training(tmp_path: Path) -> tuple[subprocess.Popen[bytes], set[in
     recipe.write_text(RECIPE.format(root=tmp_path))
     with (tmp_path / "stderr.txt").open("wb") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "esper_cli", "train", str(recipe)],
-                                   stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+                                   stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                   preexec_fn=_default_sigint)
     kernels = tmp_path / "workspace" / "kernels"
     deadline = time.monotonic() + 90
     while not any(kernels.glob("*/*/manifest.json")):  # the first kernel is stored: the worker goes on
@@ -115,6 +116,12 @@ def test_ctrl_c_during_a_compile_gives_no_worker_traceback(tmp_path: Path) -> No
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     assert not survivors
+
+
+def _default_sigint() -> None:
+    """As in a terminal: a shell's background job (CI scripts, nohup) starts with SIGINT ignored, and
+    a Python started so never sees Ctrl-C at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def kernels_done(tmp_path: Path) -> int:
