@@ -166,3 +166,22 @@ def test_the_untouched_run_verifies_in_both_variants(finished: Path, tmp_path: P
     monkeypatch.setenv("ESPER_DATABASE_URL", "sqlite:////nonexistent/esper.db")
     result = esper_report("--verify", run)
     assert result.exit_code == 0, result.output
+
+
+def test_the_report_of_a_run_with_damaged_checkpoints_is_written_without_a_traceback(
+        finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints are outside the chain (they are the resume's business, verified there): a report
+    lists what it can read of them and never crashes on what it cannot."""
+    monkeypatch.delenv("ESPER_SIGNING_KEY", raising=False)
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    checkpoints = run / "checkpoints"
+    (checkpoints / "step-00000010").mkdir(parents=True)
+    (checkpoints / "step-00000010" / "manifest.json").write_text('{"files": {"x": {"bytes": "many"}}, "step": 10}')
+    (checkpoints / "step-00000020").mkdir()
+    nest(checkpoints / "step-00000020" / "manifest.json")
+    (checkpoints / "LATEST").write_bytes(os.urandom(40) + b"\xff")
+    result = esper_report(run, "--format", "json")
+    assert result.exit_code == 0, result.output
+    listed = json.loads((run / "report" / "report.json").read_text())["checkpoints"]
+    assert [(c["name"], c["bytes"], c["latest"]) for c in listed] == [("step-00000010", 0, False),
+                                                                       ("step-00000020", 0, False)]

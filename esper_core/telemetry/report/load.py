@@ -106,8 +106,10 @@ def _list_checkpoints(directory: Path) -> list[Record]:
     """Committed checkpoints (``step-*`` directories), oldest first, with what their manifests say."""
     if not directory.is_dir():
         return []
-    latest_path = directory / "LATEST"
-    latest = latest_path.read_text(encoding="utf-8").strip() if latest_path.is_file() else None
+    try:
+        latest = read_regular(directory / "LATEST", 64).decode("ascii", "replace").strip()
+    except (OSError, UnsafeInput):  # missing or damaged: no checkpoint is marked latest
+        latest = None
     listed = []
     for path in sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-")):
         try:
@@ -117,6 +119,7 @@ def _list_checkpoints(directory: Path) -> list[Record]:
         files = manifest.get("files")
         files = files if isinstance(files, dict) else {}
         listed.append({"name": path.name, "step": manifest.get("step"), "latest": path.name == latest,
-                       "bytes": sum(f.get("bytes", 0) for f in files.values() if isinstance(f, dict)),
+                       "bytes": sum(f["bytes"] for f in files.values()
+                                    if isinstance(f, dict) and isinstance(f.get("bytes"), int)),
                        "complete": bool(manifest), "val_loss": manifest.get("val_loss")})
     return listed
