@@ -185,3 +185,43 @@ def test_the_report_of_a_run_with_damaged_checkpoints_is_written_without_a_trace
     listed = json.loads((run / "report" / "report.json").read_text())["checkpoints"]
     assert [(c["name"], c["bytes"], c["latest"]) for c in listed] == [("step-00000010", 0, False),
                                                                        ("step-00000020", 0, False)]
+
+
+WRONG_TYPES = [
+    ("events.jsonl", "step", "many"), ("events.jsonl", "layer", ["a"]), ("events.jsonl", "slot", {"a": 1}),
+    ("events.jsonl", "time", 1e30), ("events.jsonl", "event", ["germinate"]), ("events.jsonl", "layers", 1.5),
+    ("events.jsonl", "versions", True), ("events.jsonl", "params", "x"),
+    ("summary.json", "steps", "many"), ("summary.json", "params_initial", "x"), ("summary.json", "params_final", []),
+    ("summary.json", "seeds", [1]), ("summary.json", "fossilized", 5), ("summary.json", "val_accuracy", "x"),
+]
+
+
+@pytest.mark.parametrize("name, key, value", WRONG_TYPES, ids=[f"{n}-{k}" for n, k, _ in WRONG_TYPES])
+def test_the_report_of_a_run_with_fields_of_the_wrong_type_is_written_without_a_traceback(
+        finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, key: str, value: object) -> None:
+    """The report is written even for a tampered run (its first line says the audit failed): no field
+    of any type in any record may crash it. Found by editing fields of real runs at random."""
+    monkeypatch.delenv("ESPER_SIGNING_KEY", raising=False)
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    path = run / name
+    if name == "events.jsonl":
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        for record in records:
+            if key in record or key in ("layer", "slot", "time", "event") or record["event"] == "run_start":
+                record[key] = value
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    result = esper_report(run, "--format", "md,html,json")
+    assert (result.exception is None or isinstance(result.exception, SystemExit)) and result.exit_code in (0, 4), \
+        result.output
+    assert (run / "report" / "report.html").is_file() and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text", ["seeds: [1]\npolicy: 3\nrun: x\n", "seeds: {per_layer: x}\nmodel: [a]\ndata: 5\n"])
+def test_the_report_of_a_run_with_a_recipe_of_the_wrong_shape_is_written(finished: Path, tmp_path: Path,
+                                                                          text: str) -> None:
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    (run / "recipe.yaml").write_text(text)
+    result = esper_report(run)
+    assert result.exit_code == 4 and "Traceback" not in result.output and (run / "report" / "report.md").is_file()

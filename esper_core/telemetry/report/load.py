@@ -49,6 +49,8 @@ def load_run(run_dir: Path) -> RunFiles:
         record = stored.parse()
         if record is None:
             warnings.append(f"{source.name}:{stored.where}: not a JSON object; left out of the report")
+        elif not _is_int(record.get("step")):
+            warnings.append(f"{source.name}:{stored.where}: its step is not an integer; left out of the report")
         else:
             events.append(record | {"_line": stored.where})
     recipe = _read_recipe(run_dir / "recipe.yaml", warnings)
@@ -56,9 +58,16 @@ def load_run(run_dir: Path) -> RunFiles:
         recipe_sha256 = read_regular(run_dir / "recipe.sha256", 1024).decode("ascii").strip()
     except (OSError, ValueError):
         recipe_sha256 = None  # the audit says what is wrong with it
+    summary = read_json(run_dir / "summary.json")
+    if summary is not None and "steps" in summary and not _is_int(summary["steps"]):
+        warnings.append(f"{run_dir / 'summary.json'}: steps is not an integer; ignored")
+        summary = {k: v for k, v in summary.items() if k != "steps"}
     return RunFiles(run_dir, verification.chain, events, _read_metrics(run_dir / "metrics.jsonl", warnings), recipe,
-                    recipe_sha256, verification.problems, read_json(run_dir / "summary.json"),
-                    _list_checkpoints(run_dir / "checkpoints"), warnings)
+                    recipe_sha256, verification.problems, summary, _list_checkpoints(run_dir / "checkpoints"), warnings)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_recipe(path: Path, warnings: list[str]) -> dict[str, Any]:
@@ -95,7 +104,7 @@ def _read_metrics(path: Path, warnings: list[str]) -> list[Record]:
         except ValueError as exc:
             warnings.append(f"{path}:{number}: not valid JSON ({str(exc)[:80]}); skipped")
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
+        if isinstance(row, dict) and _is_int(row.get("step")):
             rows.append(row)
         else:
             warnings.append(f"{path}:{number}: not a metrics row; skipped")

@@ -28,7 +28,8 @@ def _points(report: dict[str, Any], key: str) -> list[tuple[float, float]]:
 def _markers(report: dict[str, Any]) -> list[Marker]:
     return [Marker(float(c["step"]), c["event"], EVENT_COLORS[c["event"]],
                    f"step {c['step']}: {c['event']} {c.get('blueprint') or c.get('kind') or ''} {c['where']}".strip())
-            for c in report["changes"] if c.get("event") in EVENT_COLORS and isinstance(c.get("step"), int)]
+            for c in report["changes"] if isinstance(c.get("event"), str) and c["event"] in EVENT_COLORS
+            and isinstance(c.get("step"), int)]
 
 
 def render_all(report: dict[str, Any]) -> dict[str, str]:
