@@ -73,7 +73,12 @@ def reference_run(workdir: Path) -> tuple[bytes, float, float]:
     return weights, summary["wall_time_s"] - compile_s, compile_s
 
 
-def trial(workdir: Path, expected: bytes, delay_s: float, index: int, mode: str = "random") -> dict:
+GRACE_S = 5.0
+"""How long after the kill a process of the killed run may still run before it counts as orphaned."""
+
+
+def trial(workdir: Path, expected: bytes, delay_s: float, index: int, mode: str = "random",
+          grace_s: float = GRACE_S) -> dict:
     """Start a run, kill -9 it ``delay_s`` after its event log appeared, check what is on disk and
     which of its processes survived, resume, compare weights.
 
@@ -99,7 +104,7 @@ def trial(workdir: Path, expected: bytes, delay_s: float, index: int, mode: str 
     compiling = any("spawn_main" in _cmdline(pid) for pid in helpers)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    orphans = _survivors(helpers)
+    orphans = _survivors(helpers, grace_s)
     run_dir = out / "kill"
     finished = (run_dir / "summary.json").exists()
     checkpoints = store.committed(run_dir / "checkpoints")
@@ -158,7 +163,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _survivors(helpers: set[int], grace_s: float = 5.0) -> list[str]:
+def _survivors(helpers: set[int], grace_s: float) -> list[str]:
     """Processes of the killed run still running ``grace_s`` after the kill (then killed, so that one
     failed trial does not slow the others)."""
     deadline = time.monotonic() + grace_s
@@ -180,7 +185,7 @@ def _verifies(store: object, path: Path) -> bool:
 
 
 def run_trials(trials: int, seed: int = 0, workdir: Path | None = None, parallel: int = 2,
-               modes: tuple[str, ...] = ("random",)) -> list[dict]:
+               modes: tuple[str, ...] = ("random",), grace_s: float = GRACE_S) -> list[dict]:
     """``parallel`` trials at a time: the killed runs are separate processes and overlap freely."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,7 +197,7 @@ def run_trials(trials: int, seed: int = 0, workdir: Path | None = None, parallel
             window = compile_s if mode == "compile" else 1.2 * train_s
             plan.append((rng.uniform(0.0, window), mode))
         with ThreadPoolExecutor(parallel) as pool:
-            return list(pool.map(lambda i: trial(base, expected, plan[i][0], i, plan[i][1]), range(trials)))
+            return list(pool.map(lambda i: trial(base, expected, plan[i][0], i, plan[i][1], grace_s), range(trials)))
 
 
 def main() -> None:
@@ -201,13 +206,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--grace-s", type=float, default=GRACE_S, help="seconds after a kill before a process of "
+                        "the killed run that still runs counts as orphaned")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: choose from {', '.join(MODES)}")
     started = time.perf_counter()
-    results = run_trials(args.trials, args.seed, parallel=args.parallel, modes=modes)
+    results = run_trials(args.trials, args.seed, parallel=args.parallel, modes=modes, grace_s=args.grace_s)
     figures = {
         "trials": len(results),
         "resumed": sum(1 for r in results if r["checkpoints_at_kill"] and not r["finished_before_kill"]),
