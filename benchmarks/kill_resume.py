@@ -79,8 +79,8 @@ GRACE_S = 5.0
 
 def trial(workdir: Path, expected: bytes, delay_s: float, index: int, mode: str = "random",
           grace_s: float = GRACE_S) -> dict:
-    """Start a run, kill -9 it ``delay_s`` after its event log appeared, check what is on disk and
-    which of its processes survived, resume, compare weights.
+    """Start a run, kill -9 it ``delay_s`` after it started (see :func:`_wait_for_start`), check what is
+    on disk and which of its processes survived, resume, compare weights.
 
     The resume runs in this process (through the same ``Trainer.resume`` that ``esper resume`` calls)
     to save an interpreter start per trial; the killed run is always a separate process.
@@ -96,9 +96,7 @@ def trial(workdir: Path, expected: bytes, delay_s: float, index: int, mode: str 
     command = esper("train", str(workdir / "recipe.yaml"), f"run.output_dir={out}", f"storage.workspace={workspace}",
                     *OVERRIDES[mode])
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
-    events = out / "kill" / "events.jsonl"
-    while not events.exists() and process.poll() is None:
-        time.sleep(0.01)
+    _wait_for_start(out / "kill" / "events.jsonl", process, training=mode != "compile")
     time.sleep(delay_s)
     helpers = descendants(process.pid)
     compiling = any("spawn_main" in _cmdline(pid) for pid in helpers)
@@ -129,6 +127,18 @@ def trial(workdir: Path, expected: bytes, delay_s: float, index: int, mode: str 
     return {"mode": mode, "delay_s": round(delay_s, 3), "checkpoints_at_kill": len(checkpoints),
             "finished_before_kill": finished, "killed_while_compiling": compiling, "lost_checkpoints": lost,
             "orphaned_processes": orphans, "identical": same}
+
+
+def _wait_for_start(events: Path, process: subprocess.Popen[bytes], training: bool, limit_s: float = 60.0) -> None:
+    """Until the run's event log exists (a compile-mode kill window starts there: the worker starts and
+    compiles next) or, for the other modes, until its kernels are ready and training starts: the
+    start-up before that takes longer on a loaded machine, and a window counted from the log's
+    creation would then end before any checkpoint."""
+    deadline = time.monotonic() + limit_s
+    while process.poll() is None and time.monotonic() < deadline:
+        if events.exists() and (not training or b'"kernels_ready"' in events.read_bytes()):
+            return
+        time.sleep(0.005)
 
 
 def descendants(root: int) -> set[int]:
