@@ -210,3 +210,22 @@ def test_summary_may_hold_the_hash_of_the_recipe_with_resume_overrides(run: Path
     assert "summary.json" in str(recipe_problem(run, records))  # without the resume: the hash is not this run's
     original = {**resume, "recipe_sha256": records[0]["recipe_sha256"]}
     assert "summary.json" in str(recipe_problem(run, records[:3] + [original] + records[3:]))
+
+
+@pytest.mark.needs_trainer_wiring
+def test_a_resume_with_an_allowed_override_verifies(tmp_path: Path, monkeypatch) -> None:
+    """Issue 11 item 7 end to end: `esper resume RUN trainer.max_steps=N` must leave a run that
+    verifies (the trainer records the resume's overrides and recipe hash in `run_resume`)."""
+    from esper_core.training.trainer import Trainer
+
+    monkeypatch.delenv("ESPER_SIGNING_KEY", raising=False)
+    monkeypatch.delenv("ESPER_DATABASE_URL", raising=False)
+    text = RECIPE.format(workspace=tmp_path / "workspace").replace("telemetry:", "checkpoint: {every_steps: 20}\n"
+                                                                   "telemetry:")
+    run = finished_run(tmp_path, text)
+    Trainer.resume(run, ["trainer.max_steps=80"]).fit()
+    resume = next(r for r in records_of(run) if r["event"] == "run_resume")
+    assert resume["overrides"] == ["trainer.max_steps=80"] and resume["recipe_sha256"] != records_of(run)[0][
+        "recipe_sha256"]
+    result = verify(run)
+    assert result.exit_code == 0, result.output
