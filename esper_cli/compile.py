@@ -47,7 +47,12 @@ def compile_(
                                   "backward) per sample per kernel [default: none]", show_default=False),
     store: Path = typer.Option(None, "--store", help="Kernel store directory [default: "
                                "<storage.workspace>/kernels, i.e. .esper/kernels]", show_default=False),
-    check: bool = typer.Option(False, "--check", help="Build and validate only; read and write no store."),
+    check: bool = typer.Option(False, "--check", help="Build and validate only; read and write no store. A "
+                               "blueprint with no target of its kind fails the check (exit 2)."),
+    allow_skip: bool = typer.Option(False, "--allow-skip", help="With --check, let a blueprint with no target of "
+                                    "its kind pass (it is reported as skipped)."),
+    no_factories: bool = typer.Option(False, "--no-factories", help="Refuse a --for recipe that names user code "
+                                      "(data.factory, model.factory) instead of running it; as ESPER_ALLOW_FACTORIES=0."),
     as_json: bool = typer.Option(False, "--json", help="Print the machine-readable report on stdout."),
 ) -> None:
     """Build, export, validate, characterise and store kernels: one per blueprint and target."""
@@ -55,14 +60,14 @@ def compile_(
 
     plan = plan_compile(recipe=recipe, linear=linear or [], conv2d=conv2d or [], rank=rank, dtype=dtype,
                         device=device, max_params=max_params, max_flops=max_flops, store=store, check=check,
-                        targets_of=recipe_targets)
+                        targets_of=recipe_targets, allow_factories=False if no_factories else None)
     if plan.storage is not None:  # the recipe's (or the default) tiered cache: shared with the team
         kernel_store = open_kernel_store(plan.storage)
     else:
         kernel_store = None if plan.store_root is None else LocalKernelStore(plan.store_root)
     try:
         report = compile_blueprints(blueprints, plan.targets, store=kernel_store, budget=plan.budget,
-                                    recipe=None if recipe is None else str(recipe))
+                                    recipe=None if recipe is None else str(recipe), allow_skip=allow_skip)
     finally:
         if kernel_store is not None and hasattr(kernel_store, "close"):
             kernel_store.close()
@@ -73,7 +78,9 @@ def compile_(
         # A CI log is not a terminal: rich would assume 80 columns and wrap every row.
         (console if console.is_terminal else Console(width=CI_LOG_WIDTH)).print(summary_table(report))
     if not report.ok:
-        raise CompileFailed(report.problems())
+        failure = CompileFailed(report.problems())
+        failure.exit_code = report.exit_code  # 2 when a blueprint is invalid input, 1 when one failed to compile
+        raise failure
 
 
 def summary_table(report: CompileReport) -> Table:

@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 
 from esper_cli.errors import reported
 from esper_core.errors import ConfigError, EsperError, Problem
-from esper_core.telemetry.audit import AuditError, AuditResult, audit, recipe_problem
-from esper_core.telemetry.events import RunDirEvents
+from esper_core.telemetry.audit import AuditError, AuditResult, RunVerification, verify_run
 from esper_core.telemetry.report import FORMATS, SCALES, write_comparison, write_report
 
 
@@ -23,8 +23,10 @@ def report(
                              "runs RUN/report/vs-NAME_B].", show_default=False),
     formats: str = typer.Option(",".join(FORMATS), "--format", help="Comma-separated formats: md, html, json."),
     loss_scale: str = typer.Option("log", "--loss-scale", help=f"Loss axis of the plots: {' or '.join(SCALES)}."),
-    verify: bool = typer.Option(False, "--verify", help="Only check each run's event hash chain, its anchor in "
-                                "summary.json and the recipe's hash; exit 4 naming the first bad record."),
+    verify: bool = typer.Option(False, "--verify", help="Only verify each run: the event log's hash chain and its "
+                                "anchor in summary.json, the recipe's hashes, the final artifacts and summary "
+                                "figures bound in run_end, the head signature (with ESPER_SIGNING_KEY) and the asset "
+                                "repository's copy of the events; exit 4 naming the first bad record or file."),
     as_json: bool = typer.Option(False, "--json", help="With --verify: print the verification result as JSON on "
                                  "stdout."),
 ) -> None:
@@ -72,29 +74,33 @@ def _publish(run: Path, paths: list[Path]) -> None:
 
 
 def _verify(runs: list[Path], as_json: bool) -> None:
-    """Audit each run; print one line per run, or one JSON object (``ok`` and a result per run)."""
-    results = [(run, audit(RunDirEvents(run)), recipe_problem(run)) for run in runs]
+    """Verify each run; print one line per run (and notes of what could not be checked), or one JSON
+    object (``ok`` and a result per run)."""
+    results = [(run, verify_run(run)) for run in runs]
     if as_json:
-        print(json.dumps({"ok": all(r.ok and p is None for _, r, p in results),
-                          "runs": [verification_json(run, result, problem) for run, result, problem in results]},
-                         indent=2))
+        print(json.dumps({"ok": all(v.ok for _, v in results),
+                          "runs": [verification_json(run, v) for run, v in results]}, indent=2))
     else:
-        for run, result, problem in results:
-            if result.ok and problem is None:
-                print(f"ok: {result.describe()}" if len(runs) == 1 else f"ok: {run}: {result.describe()}")
-    _fail_if_broken([(result, problem) for _, result, problem in results])
+        for run, verification in results:
+            where = "" if len(runs) == 1 else f"{run}: "
+            if verification.ok:
+                print(f"ok: {where}{verification.chain.describe()}")
+            for note in verification.notes:  # what could not be checked, and why
+                print(f"note: {where}{note}", file=sys.stdout if verification.ok else sys.stderr)
+    _fail_if_broken([(v.chain, v.problems) for _, v in results])
 
 
-def verification_json(run: Path, result: AuditResult, problem: Problem | None) -> dict[str, object]:
-    """One run's verification: the event chain's audit (as in report.json) and the recipe check."""
-    problems = ([str(result.first_break.problem(result.name))] if result.first_break else []) + \
-        ([str(problem)] if problem else [])
-    return {"run": str(run), "ok": result.ok and problem is None, "events": result.to_json(),
-            "recipe_ok": problem is None, "problems": problems}
+def verification_json(run: Path, verification: RunVerification) -> dict[str, object]:
+    """One run's verification: the event chain's audit (as in report.json), problems and notes."""
+    chain = verification.chain
+    problems = ([str(chain.first_break.problem(chain.name))] if chain.first_break else []) + \
+        [str(p) for p in verification.problems]
+    return {"run": str(run), "ok": verification.ok, "events": chain.to_json(), "problems": problems,
+            "notes": verification.notes}
 
 
-def _fail_if_broken(audits: list[tuple[AuditResult, Problem | None]]) -> None:
-    problems = [p for result, recipe in audits
-                for p in ([result.first_break.problem(result.name)] if result.first_break else []) + ([recipe] if recipe else [])]
+def _fail_if_broken(audits: list[tuple[AuditResult, list[Problem]]]) -> None:
+    problems = [p for result, others in audits
+                for p in ([result.first_break.problem(result.name)] if result.first_break else []) + others]
     if problems:
         raise AuditError(problems)

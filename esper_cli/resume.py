@@ -18,11 +18,14 @@ def resume(
                                 "when the chosen one fails verification."),
     overrides: list[str] = typer.Argument(None, help="Only trainer.max_steps, checkpoint.* and telemetry.* "
                                           "may change at resume.", show_default=False),
+    no_factories: bool = typer.Option(False, "--no-factories", help="Refuse a run whose recipe names code to run "
+                                      "(data/model factories, a custom loss); also ESPER_ALLOW_FACTORIES=0."),
 ) -> None:
     """Continue a run exactly where its checkpoint left it."""
     from esper_core.training.trainer import Trainer  # PyTorch loads only for commands that train
 
     console = Console()
-    trainer = Trainer.resume(checkpoint, overrides or [], strict=strict)
+    trainer = Trainer.resume(checkpoint, overrides or [], strict=strict,
+                             allow_factories=False if no_factories else None)
     console.print(f"resuming {trainer.run_dir} at step {trainer.step}", soft_wrap=True)
     fit_and_summarise(trainer, console)

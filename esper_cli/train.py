@@ -21,11 +21,15 @@ def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
     overrides: list[str] = typer.Argument(None, help="Overrides such as trainer.max_steps=200 seeds.per_layer=2.",
                                           show_default=False),
+    no_factories: bool = typer.Option(False, "--no-factories", help="Refuse a recipe that names code to run "
+                                      "(data/model factories, a custom loss) before importing anything; also "
+                                      "ESPER_ALLOW_FACTORIES=0."),
 ) -> None:
     """Train (and grow) a model as the recipe says."""
     from esper_core.training.trainer import Trainer  # PyTorch loads only for commands that train
 
-    fit_and_summarise(Trainer.from_recipe(recipe, overrides or []), Console())
+    trainer = Trainer.from_recipe(recipe, overrides or [], allow_factories=False if no_factories else None)
+    fit_and_summarise(trainer, Console())
 
 
 def fit_and_summarise(trainer: "Trainer", console: Console) -> None:

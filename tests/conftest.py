@@ -1,7 +1,8 @@
 """Shared fixtures: the real services the storage tests talk to.
 
-A test that needs Redis or PostgreSQL skips on a machine without them, but fails when
-``ESPER_REQUIRE_SERVICES=1`` (set by ``.ci/run``), so CI can never go green by skipping them.
+A test that needs Redis or PostgreSQL (or a tool CI installs: Chromium, promtool) skips on a machine
+without them, but fails when ``ESPER_REQUIRE_SERVICES=1`` (set by ``.ci/run``), so CI can never go
+green by skipping them.
 Addresses: ``ESPER_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) and
 ``ESPER_TEST_POSTGRES_URL`` (default ``postgresql://root@127.0.0.1:5432/test``).
 """

@@ -1,7 +1,10 @@
-"""Helpers shared by the report and audit tests: a finished run, and `esper report` in-process."""
+"""Helpers shared by the report and audit tests: a finished run, `esper report` in-process, and the
+event-log rewrites a forger (or the trainer's run_end contract) makes."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -10,6 +13,19 @@ from typer.testing import CliRunner, Result
 
 from esper_cli.report import report
 from esper_core import Trainer
+
+MIRRORED_RECIPE = """\
+run: {{name: bound, seed: 0, device: cpu}}
+data: {{source: digits, layout: flat, batch_size: 32}}
+model: {{arch: mlp, widths: [16]}}
+seeds: {{targets: ["type:Linear"], exclude: [head], per_layer: 1, blueprints: [lowrank_adapter], rank: 4,
+        incubation_steps: 10, blend_steps: 10, probation_steps: 5, fossilize_margin: -1.0}}
+policy: {{trigger: periodic, period_steps: 20, growth_window: [0.05, 0.5], max_seeds: 2}}
+trainer: {{max_steps: 60, lr: 0.01, eval_every: 10, log_every: 10}}
+telemetry: {{progress: none}}
+storage: {{workspace: "{workspace}"}}
+"""
+"""A small growing run whose asset repository (SQLite) lives in ``{workspace}``; format it in."""
 
 _app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 _app.command("report")(report)
@@ -34,3 +50,48 @@ def finished_run(root: Path, recipe: str) -> Path:
     finally:
         torch.set_num_threads(before)
     return Path(summary["run_dir"])
+
+
+def dumps_record(record: dict) -> str:
+    """A record serialised exactly as the trainer writes event lines."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def rechain(run: Path, records: list[dict], key: bytes | None = None) -> None:
+    """Write ``records`` as the run's whole event log with every ``prev``, ``seq`` and the summary's
+    head recomputed (and re-signed with ``key``): a forger who rewrites the chain consistently."""
+    from esper_core.telemetry.binding import sign_head
+    from esper_core.telemetry.jsonl import GENESIS
+
+    prev, lines = GENESIS, []
+    for seq, record in enumerate(records):
+        line = dumps_record(record | {"seq": seq, "prev": prev})
+        lines.append(line)
+        prev = hashlib.sha256(line.encode("utf-8")).hexdigest()
+    (run / "events.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    summary["events_head"] = prev
+    summary.pop("events_head_signature", None)
+    if key is not None:
+        summary["events_head_signature"] = sign_head(prev, key)
+    (run / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+def records_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def finish_per_contract(run: Path, key: bytes | None = None) -> None:
+    """Make a run's ``run_end`` what the trainer will record (issue 11 item 8's contract): the final
+    artifacts' digests and the summary's figures, with the head re-anchored and signed with ``key``.
+
+    Until the trainer writes these itself, this is how tests obtain a run that follows the contract;
+    it recomputes the last record's hash only, exactly as the trainer does when it writes ``run_end``.
+    """
+    from esper_core.telemetry.binding import artifact_digests, summary_figures
+
+    records = records_of(run)
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    assert records[-1]["event"] == "run_end"
+    records[-1] |= {"artifacts": artifact_digests(run), "summary": summary_figures(summary)}
+    rechain(run, records, key)

@@ -46,8 +46,7 @@ CASES = [
     Case("unknown nested key", "trainer:\n  lr: 0.1\n  epochs: 3\n",
          [f"{{f}}:3: trainer.epochs: unknown key (allowed: {TRAINER_KEYS})"]),
     Case("string for int", "trainer:\n  max_steps: ten\n",
-         ["{f}:2: trainer.max_steps: Input should be a valid integer, unable to parse string as an integer "
-          "(got 'ten')"]),
+         ["{f}:2: trainer.max_steps: must be an integer (got 'ten', a string)"]),
     Case("bad enum value", "run:\n  name: demo\n  device: tpu\n",
          ["{f}:3: run.device: must be one of 'auto', 'cpu', 'cuda' (got 'tpu')"]),
     Case("negative batch size", "data:\n  batch_size: -1\n",
@@ -122,8 +121,8 @@ CASES = [
          overrides=("data.source=file",)),
     Case("file and override errors together", "run:\n  device: tpu\n",
          ["{f}:2: run.device: must be one of 'auto', 'cpu', 'cuda' (got 'tpu')",
-          "<command line>: seeds.per_layer: override 'seeds.per_layer=many': Input should be a valid integer, "
-          "unable to parse string as an integer (got 'many')"], overrides=("seeds.per_layer=many",)),
+          "<command line>: seeds.per_layer: override 'seeds.per_layer=many': must be an integer (got 'many', "
+          "a string)"], overrides=("seeds.per_layer=many",)),
 ]
 
 

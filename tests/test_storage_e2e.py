@@ -29,7 +29,7 @@ def test_train_and_compile_succeed_with_every_remote_tier_unreachable(tmp_path: 
     recipe.write_text(RECIPE + f"storage: {{workspace: {tmp_path / 'ws'}}}\n")
     env = {**os.environ, **UNREACHABLE}
     esper = [sys.executable, "-m", "esper_cli"]
-    compiled = subprocess.run([*esper, "compile", str(ROOT / "recipes/blueprints/lowrank_adapter.yaml"),
+    compiled = subprocess.run([*esper, "compile", str(ROOT / "esper_core/blueprints/library/lowrank_adapter.yaml"),
                                "--for", str(recipe)], capture_output=True, text=True, env=env, timeout=300)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
     trained = subprocess.run([*esper, "train", str(recipe), f"run.output_dir={tmp_path / 'runs'}"],

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -138,4 +139,29 @@ def test_events_are_append_only(backend: str, tmp_path: Path, request: pytest.Fi
             db.execute(text(statement))
     assert len(repository.events("run-1")) == 3
     repository.finish_run("run-1", "completed")
+    repository.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_database_refuses_truncate_and_lines_whose_sha256_is_not_theirs(backend: str, tmp_path: Path,
+                                                                           request: pytest.FixtureRequest) -> None:
+    """Issue 11 item 9: the database itself, not only Esper's code, keeps the events table append-only
+    and verbatim: a direct TRUNCATE (PostgreSQL) and an INSERT with a forged digest both fail."""
+    url = f"sqlite:///{tmp_path / 'e.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    repository = AssetRepository(url)
+    repository.start_run("run-1", "demo", "0" * 64)
+    line = json.dumps({"seq": 0, "event": "run_start", "prev": "0" * 64}, sort_keys=True)
+    repository.append_event("run-1", line)
+    forged = json.dumps({"seq": 1, "event": "fossilize", "prev": "0" * 64}, sort_keys=True)
+    insert = text("INSERT INTO events (run_id, seq, kind, line, sha256, created_at) "
+                  "VALUES ('run-1', 1, 'fossilize', :line, :sha, 0)")
+    with pytest.raises(Exception, match="sha256 does not match the line"), repository.engine.begin() as db:
+        db.execute(insert, {"line": forged, "sha": hashlib.sha256(line.encode()).hexdigest()})
+    with repository.engine.begin() as db:  # the line's own digest is accepted
+        db.execute(insert, {"line": forged, "sha": hashlib.sha256(forged.encode()).hexdigest()})
+    statements = ["TRUNCATE events", "TRUNCATE events CASCADE"] if backend == "postgresql" else ["DELETE FROM events"]
+    for statement in statements:
+        with pytest.raises(Exception, match="append-only"), repository.engine.begin() as db:
+            db.execute(text(statement))
+    assert [e.seq for e in repository.events("run-1")] == [0, 1]
     repository.close()

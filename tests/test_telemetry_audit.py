@@ -160,9 +160,10 @@ def test_a_path_that_is_not_a_run_directory_is_exit_2(tmp_path: Path, kind: str,
         assert "Traceback" not in result.output
 
 
-def test_a_malformed_summary_is_a_located_error(run: Path) -> None:
+def test_a_malformed_summary_is_a_located_audit_failure(run: Path) -> None:
+    """A damaged summary.json in a run directory is tampering or corruption (exit 4), not a usage error."""
     (run / "summary.json").write_text('{\n  "events_head": \n', encoding="utf-8")
     result = esper_report("--verify", run)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 4, result.output
     assert f"error: {run / 'summary.json'}:3: not valid JSON" in result.stderr
     assert "Traceback" not in result.output

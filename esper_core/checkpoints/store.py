@@ -7,6 +7,16 @@ directory, every file and the directory are fsynced, the directory is renamed in
 parent is fsynced, and only then is ``LATEST`` replaced. A reader therefore sees either a whole
 checkpoint or none, and a checkpoint whose bytes changed after the commit fails its hashes before
 a single byte of it is parsed. Nothing here ever unpickles.
+
+Nothing is deleted in place either. Saving a step that already has a checkpoint (a signal on a
+checkpoint step) moves the old directory aside to ``.old-step-N-PID``, renames the new one in, and
+only then deletes the old one; a crash between the two renames leaves the old one to be moved back
+(:func:`recover`). Retention renames a doomed checkpoint to ``.trash-step-N-PID`` before deleting
+it, so a kill mid-delete never leaves a half-deleted ``step-*`` directory.
+
+Reading is defensive: files must be regular files (not links, FIFOs or devices), of bounded size,
+with JSON of bounded nesting; a checkpoint that fails any of this is skipped with a warning naming
+the file, like one whose hashes do not match.
 """
 
 from __future__ import annotations
@@ -30,14 +40,21 @@ from safetensors.torch import save_file as save_tensors
 
 from esper_core.durable import fsync_dir
 from esper_core.errors import CheckpointError, Problem
+from esper_core.safe_read import UnsafeInput, parse_json, read_regular
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 FORMAT = 1
-MAX_JSON_BYTES = 64 << 20
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_FILE_BYTES = 1 << 40
+"""Largest checkpoint file a manifest may announce (1 TiB); reads stop at the announced size."""
+TEMP_PREFIX, OLD_PREFIX, TRASH_PREFIX = ".tmp-", ".old-", ".trash-"
 _NAME = re.compile(r"^step-(\d{8})$")
+NO_CHECKPOINT_YET = ("no checkpoint was written yet: the run stopped before its first checkpoint, so there is "
+                     "nothing to resume; start it again with `esper train`, and enable checkpoints with "
+                     "checkpoint.every_steps=N or checkpoint.every_minutes=M")
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,7 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
     directory.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     final = directory / name
-    temp = directory / f".tmp-{name}-{os.getpid()}"
+    temp = directory / f"{TEMP_PREFIX}{name}-{os.getpid()}"
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir()
@@ -100,13 +117,19 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
         syncs.append(pool.submit(fsync_dir, temp))
         for sync in syncs:
             sync.result()  # an fsync that failed fails the save before anything is renamed
-        if final.exists():  # a checkpoint of this step from before a crash: replace it whole
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # a checkpoint of this step already exists: replace it, never leaving neither
+            old = directory / f"{OLD_PREFIX}{name}-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
         os.rename(temp, final)
         fsync_dir(directory)
         os.replace(latest, directory / LATEST)
         latest = None
         fsync_dir(directory)
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         wait(syncs)  # on failure too: no file of this save is left open behind it
         if latest is not None:
@@ -158,13 +181,31 @@ def file_entries(payloads: dict[str, bytes]) -> dict[str, dict[str, Any]]:
     return {name: _digest(data) for name, data in payloads.items()}
 
 
+def recover(directory: Path) -> list[Path]:
+    """Move back a checkpoint that a crash during :func:`save` left set aside (``.old-step-N-*``
+    while ``step-N`` is missing): it was complete when it was moved. Returns what was restored."""
+    restored = []
+    if directory.is_dir():
+        for path in sorted(directory.glob(f"{OLD_PREFIX}step-*")):
+            name = path.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
+            if _NAME.match(name) and not (directory / name).exists() and path.is_dir() and not path.is_symlink():
+                os.rename(path, directory / name)
+                restored.append(directory / name)
+        if restored:
+            fsync_dir(directory)
+    return restored
+
+
 def remove_leftovers(directory: Path) -> list[Path]:
-    """Delete temporary directories and pointers that a crash during a save left behind."""
+    """Finish what a crash during a save or a retention left: restore a set-aside checkpoint whose
+    replacement never arrived, then delete temporary, set-aside and half-deleted directories."""
+    recover(directory)
     removed = []
     if directory.is_dir():
-        for path in directory.glob(".tmp-*"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-            removed.append(path)
+        for prefix in (TEMP_PREFIX, OLD_PREFIX, TRASH_PREFIX):
+            for path in directory.glob(f"{prefix}*"):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                removed.append(path)
     return removed
 
 
@@ -177,7 +218,9 @@ def committed(directory: Path) -> list[Path]:
 
 def retain(directory: Path, keep: int, metric: Callable[[dict[str, Any]], float | None]) -> list[Path]:
     """Keep the newest ``keep`` checkpoints plus the best by ``metric`` (lower is better); delete the
-    rest. Runs only after a commit, so a crash here never leaves fewer checkpoints than intended."""
+    rest. Runs only after a commit, so a crash here never leaves fewer checkpoints than intended; a
+    doomed checkpoint is renamed out of the ``step-*`` namespace before it is deleted, so a crash
+    mid-delete leaves only a ``.trash-*`` directory that :func:`remove_leftovers` finishes."""
     paths = committed(directory)
     keep_set = set(paths[-keep:])
     scored = [(m, p) for p in paths if (m := metric(_read_manifest_quietly(p))) is not None]
@@ -185,23 +228,28 @@ def retain(directory: Path, keep: int, metric: Callable[[dict[str, Any]], float 
         keep_set.add(min(scored, key=lambda item: item[0])[1])
     removed = [p for p in paths if p not in keep_set]
     for path in removed:
-        shutil.rmtree(path)
+        trash = directory / f"{TRASH_PREFIX}{path.name}-{os.getpid()}"
+        os.rename(path, trash)
+        shutil.rmtree(trash)
     return removed
 
 
 def _read_manifest_quietly(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        manifest = parse_json(read_regular(path / MANIFEST, MAX_MANIFEST_BYTES), MAX_MANIFEST_BYTES)
     except (OSError, ValueError):
         return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
-    with path.open("rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(Problem(str(path), f"larger than {limit} bytes"))
-    return data
+def _read_file(path: Path, limit: int) -> bytes:
+    """A checkpoint file's bytes: a regular file of at most ``limit`` bytes, else a located problem."""
+    try:
+        return read_regular(path, limit)
+    except FileNotFoundError:
+        raise CheckpointError(Problem(str(path), "missing: the checkpoint is incomplete")) from None
+    except UnsafeInput as exc:
+        raise CheckpointError(Problem(str(path), str(exc))) from None
 
 
 def read_verified(path: Path, files: dict[str, Any]) -> dict[str, bytes]:
@@ -211,10 +259,7 @@ def read_verified(path: Path, files: dict[str, Any]) -> dict[str, bytes]:
     data: dict[str, bytes] = {}
     for filename, expected in files.items():
         file_path = path / filename
-        try:
-            blob = _read_bounded(file_path, int(expected["bytes"]))
-        except FileNotFoundError:
-            raise CheckpointError(Problem(str(file_path), "missing")) from None
+        blob = _read_file(file_path, int(expected["bytes"]))
         if len(blob) != expected["bytes"] or hashlib.sha256(blob).hexdigest() != expected["sha256"]:
             raise CheckpointError(Problem(str(file_path), "sha256 does not match the manifest (truncated, "
                                           "corrupted or swapped)"))
@@ -224,14 +269,19 @@ def read_verified(path: Path, files: dict[str, Any]) -> dict[str, bytes]:
 
 def load(path: Path) -> Checkpoint:
     """Verify every file of a checkpoint against its manifest, then parse it (safetensors and JSON only)."""
+    if path.is_symlink() or not path.is_dir():
+        what = "a symbolic link" if path.is_symlink() else "missing" if not path.exists() else "not a directory"
+        raise CheckpointError(Problem(str(path), f"not a checkpoint directory ({what})"))
     manifest_path = path / MANIFEST
+    raw_manifest = _read_file(manifest_path, MAX_MANIFEST_BYTES)
     try:
-        manifest = json.loads(_read_bounded(manifest_path, 1 << 20))
+        manifest = parse_json(raw_manifest, MAX_MANIFEST_BYTES)
         files = manifest["files"]
-        if manifest.get("format") != FORMAT or set(files) != {TENSORS, STATE}:
+        if manifest.get("format") != FORMAT or not isinstance(files, dict) or set(files) != {TENSORS, STATE}:
             raise ValueError("unexpected format or file list")
-    except FileNotFoundError:
-        raise CheckpointError(Problem(str(manifest_path), "missing: the checkpoint is incomplete")) from None
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+        if any(size < 0 or size > MAX_FILE_BYTES for size, _ in expected.values()):
+            raise ValueError(f"a file size outside 0..{MAX_FILE_BYTES}")
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(Problem(str(manifest_path), f"unreadable manifest ({exc})")) from None
     data = read_verified(path, files)
@@ -240,9 +290,11 @@ def load(path: Path) -> Checkpoint:
     except Exception as exc:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(Problem(str(path / TENSORS), f"not a valid safetensors file ({exc})")) from None
     try:
-        state = json.loads(data[STATE])
+        state = parse_json(data[STATE], MAX_FILE_BYTES)
     except ValueError as exc:
         raise CheckpointError(Problem(str(path / STATE), f"not valid JSON ({exc})")) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(Problem(str(path / STATE), "not a JSON object"))
     return Checkpoint(path, manifest, tensors, state)
 
 
@@ -254,14 +306,12 @@ def find(target: Path, strict: bool, warn: Callable[[str], None]) -> Checkpoint:
         directory, first = target.parent, target
     else:
         directory = target / "checkpoints"
-        first = None
-        pointer = directory / LATEST
-        if pointer.is_file():
-            name = pointer.read_text(encoding="utf-8").strip()
-            if _NAME.match(name):
-                first = directory / name
-    if not directory.is_dir():
-        raise CheckpointError(Problem(str(target), "no checkpoints directory: not a run directory or checkpoint"))
+        if not directory.is_dir():
+            message = NO_CHECKPOINT_YET if _looks_like_run(target) else \
+                "no checkpoints directory: not a run directory or checkpoint"
+            raise CheckpointError(Problem(str(target), message))
+        recover(directory)
+        first = _latest(directory, strict, warn)
     candidates = committed(directory)
     if first is not None:
         candidates = [c for c in candidates if c.name <= first.name]
@@ -269,7 +319,8 @@ def find(target: Path, strict: bool, warn: Callable[[str], None]) -> Checkpoint:
             candidates.append(first)
     candidates.sort(key=lambda p: p.name, reverse=True)
     if not candidates:
-        raise CheckpointError(Problem(str(directory), "holds no committed checkpoint"))
+        raise CheckpointError(Problem(str(directory), NO_CHECKPOINT_YET if _looks_like_run(directory.parent)
+                                      else "holds no committed checkpoint"))
     failures = []
     for candidate in candidates:
         try:
@@ -280,3 +331,26 @@ def find(target: Path, strict: bool, warn: Callable[[str], None]) -> Checkpoint:
             failures.extend(exc.problems)
             warn(f"warning: skipping checkpoint {candidate.name}: {exc.problems[0]}")
     raise CheckpointError(failures)
+
+
+def _looks_like_run(path: Path) -> bool:
+    return (path / "events.jsonl").is_file() or (path / "recipe.yaml").is_file()
+
+
+def _latest(directory: Path, strict: bool, warn: Callable[[str], None]) -> Path | None:
+    """The checkpoint ``LATEST`` names, or ``None`` (with a warning, or an error if ``strict``) when
+    it is unreadable or names something that is not a checkpoint."""
+    pointer = directory / LATEST
+    if not pointer.exists() and not pointer.is_symlink():
+        return None
+    try:
+        name = read_regular(pointer, 64).decode("ascii").strip()
+        if not _NAME.match(name):
+            raise UnsafeInput(f"does not name a checkpoint ({name[:40]!r})")
+    except (OSError, UnicodeDecodeError, UnsafeInput) as exc:
+        problem = Problem(str(pointer), f"unreadable ({exc}); falling back to the newest checkpoint directory")
+        if strict:
+            raise CheckpointError(problem) from None
+        warn(f"warning: {problem}")
+        return None
+    return directory / name

@@ -22,11 +22,12 @@ from esper_core.errors import ConfigError, Problem
 
 
 def compile_blueprints(paths: Sequence[str | Path], targets: Sequence[Target], *, store: KernelStore | None,
-                       budget: Budget = Budget(), recipe: str | None = None) -> CompileReport:
+                       budget: Budget = Budget(), recipe: str | None = None, allow_skip: bool = False) -> CompileReport:
     """Compile every blueprint for every target of its host kind. ``store=None`` is ``--check``:
     everything is built and validated, nothing is read from or written to a store."""
     results = [compile_file(path, targets, store, budget) for path in paths]
-    return CompileReport(results, check=store is None, store=None if store is None else str(store.root), recipe=recipe)
+    return CompileReport(results, check=store is None, store=None if store is None else str(store.root), recipe=recipe,
+                         allow_skip=allow_skip)
 
 
 def compile_file(path: str | Path, targets: Sequence[Target], store: KernelStore | None,
@@ -36,6 +37,7 @@ def compile_file(path: str | Path, targets: Sequence[Target], store: KernelStore
         source = load_blueprint(path)
     except ConfigError as exc:
         result.problems.extend(exc.problems)
+        result.loaded = False
         return result
     result.name = source.blueprint.name
     matching = [t for t in targets if t.serves(source.blueprint)]

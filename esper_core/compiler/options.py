@@ -35,13 +35,13 @@ class CompilePlan:
 def plan_compile(*, recipe: str | Path | None = None, linear: Sequence[str] = (), conv2d: Sequence[str] = (),
                  rank: int | None = None, dtype: str | None = None, device: str | None = None,
                  max_params: int | None = None, max_flops: int | None = None, store: str | Path | None = None,
-                 check: bool = False,
+                 check: bool = False, allow_factories: bool | None = None,
                  targets_of: Callable[[LoadedRecipe], list[Target]] | None = None) -> CompilePlan:
     """Raise ``ConfigError`` (exit 2) for anything wrong with the options or the recipe.
     ``targets_of(loaded)`` lists a recipe's targets (required with ``recipe``)."""
     _check_choice("--dtype", dtype, DTYPES)
     _check_choice("--device", device, DEVICE_CLASSES)
-    loaded = load_recipe(recipe) if recipe is not None else None
+    loaded = load_recipe(recipe, allow_factories=allow_factories) if recipe is not None else None
     given = [*(parse_linear(text) for text in linear), *(parse_conv2d(text) for text in conv2d)]
     if loaded is not None:
         given = [with_options(t, rank=loaded.recipe.seeds.rank) for t in given]

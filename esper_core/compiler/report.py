@@ -17,9 +17,11 @@ from esper_core.errors import Problem
 REPORT_VERSION = 1
 EXIT_OK = 0
 EXIT_FAILED = 1
-"""At least one blueprint failed to load, resolve, validate or store; the others were still compiled."""
+"""At least one blueprint failed to resolve, validate or store; the others were still compiled."""
 EXIT_USAGE = 2
-"""Bad command line or recipe: nothing was compiled."""
+"""Bad input: a command line or recipe (nothing was compiled), a blueprint file that is missing or does
+not validate, or under ``--check`` a blueprint with no target of its kind (unless ``--allow-skip``); the
+other blueprints were still compiled."""
 
 Status = Literal["compiled", "cached", "checked", "failed"]
 
@@ -65,10 +67,12 @@ class BlueprintResult:
     kernels: list[KernelResult] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     skipped: str | None = None
+    loaded: bool = True
+    """False when the file is missing or does not validate as a blueprint (invalid input: exit 2)."""
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(k.status != "failed" for k in self.kernels)
+        return self.loaded and not self.problems and all(k.status != "failed" for k in self.kernels)
 
     def all_problems(self) -> list[Problem]:
         """File-level problems and every kernel's, without repeats (in first-seen order)."""
@@ -87,21 +91,34 @@ class CompileReport:
     check: bool
     store: str | None
     recipe: str | None = None
+    allow_skip: bool = False
+    """Under ``--check``, whether a blueprint with no target of its kind may pass (it checks nothing)."""
 
     @property
     def ok(self) -> bool:
-        return all(b.ok for b in self.blueprints)
+        return all(b.ok for b in self.blueprints) and not self.unchecked()
 
     @property
     def exit_code(self) -> int:
+        if any(not b.loaded for b in self.blueprints) or self.unchecked():
+            return EXIT_USAGE
         return EXIT_OK if self.ok else EXIT_FAILED
 
+    def unchecked(self) -> list[BlueprintResult]:
+        """Blueprints that ``--check`` would pass without checking anything (no target of their kind)."""
+        return [b for b in self.blueprints if self.check and b.skipped and not self.allow_skip]
+
     def problems(self) -> list[Problem]:
-        return [p for b in self.blueprints for p in b.all_problems()]
+        skipped = [Problem(b.file, f"{b.skipped}: --check checked nothing for blueprint {b.name!r}; give a target "
+                           "of its kind, or --allow-skip") for b in self.unchecked()]
+        return [p for b in self.blueprints for p in b.all_problems()] + skipped
 
     def counts(self) -> dict[str, int]:
+        """Kernels per status; a blueprint that did not load counts as one failure (it has no kernels)."""
         statuses = [k.status for b in self.blueprints for k in b.kernels]
-        return {status: statuses.count(status) for status in ("compiled", "cached", "checked", "failed")}
+        counts = {status: statuses.count(status) for status in ("compiled", "cached", "checked", "failed")}
+        counts["failed"] += sum(1 for b in self.blueprints if not b.loaded)
+        return counts
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -13,15 +13,24 @@ seed when the future is done and keeps training meanwhile (DESIGN: compilation n
 - A failed compile marks that kernel (blueprint x target) unusable: its future, and every later
   request for it, carries a :class:`KernelUnavailable` with the located problems. Nothing raises in
   the caller's thread and nothing is retried in a loop; a new service starts with a clean slate.
+- A worker never outlives the process that started it: a watchdog thread in the worker exits it as
+  soon as its parent is gone (kill -9 included), and with it goes multiprocessing's resource tracker,
+  which exits when the last process holding its pipe does. Ctrl-C reaches the whole foreground
+  process group, but only the parent decides what it means: a worker starts with SIGINT blocked and
+  then ignores it, so no ``KeyboardInterrupt`` traceback from a worker lands in the user's terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
+import signal
 import threading
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -39,6 +48,8 @@ from esper_core.compiler.store import KernelStore
 from esper_core.errors import EsperError, Problem
 
 log = logging.getLogger(__name__)
+PARENT_POLL_S = 0.2
+"""How often a worker checks that its parent is alive (kill -9 of the parent: the worker exits within this)."""
 
 
 class KernelUnavailable(EsperError):
@@ -68,8 +79,9 @@ class CompileService:
         self._unusable: dict[str, KernelUnavailable] = {}
         self._pool = self._new_pool()
         if warm:  # pay process start-up, imports and torch.export's first-call cost before the first miss
-            for _ in range(workers):
-                self._pool.submit(_warm_worker)
+            with _sigint_blocked():
+                for _ in range(workers):
+                    self._pool.submit(_warm_worker)
 
     def request(self, spec: KernelSpec) -> Future[Kernel]:
         """A future of the kernel for ``spec``: done at once on a store hit or a known failure."""
@@ -114,16 +126,18 @@ class CompileService:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker)
+                                   initializer=_init_worker, initargs=(os.getpid(),))
 
     def _submit(self, spec: KernelSpec) -> Future[dict[str, Any]]:
+        """Submit a compile; workers are spawned here, with SIGINT blocked so they inherit it blocked."""
         arguments = (spec.to_json(), asdict(self.budget))
-        try:
-            return self._pool.submit(_compile_in_worker, *arguments)
-        except BrokenProcessPool:  # a worker died (killed, out of memory): start a fresh pool once
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
-            return self._pool.submit(_compile_in_worker, *arguments)
+        with _sigint_blocked():
+            try:
+                return self._pool.submit(_compile_in_worker, *arguments)
+            except BrokenProcessPool:  # a worker died (killed, out of memory): start a fresh pool once
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+                return self._pool.submit(_compile_in_worker, *arguments)
 
     def _finish(self, spec: KernelSpec, address: str, job: Future[dict[str, Any]]) -> None:
         """Runs in the pool's result thread: never let an exception escape (it would be swallowed
@@ -168,11 +182,39 @@ def _done(result: Kernel | None = None, exception: BaseException | None = None) 
     return future
 
 
-def _init_worker() -> None:
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while it spawns workers: a spawned process inherits the signal mask,
+    so a worker cannot be interrupted while it imports, before :func:`_init_worker` ignores SIGINT. A
+    Ctrl-C that arrives meanwhile stays pending and is delivered here when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _init_worker(parent: int) -> None:
+    """Worker start-up: ignore Ctrl-C (the parent decides), exit when the parent dies, one thread."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C is dropped: ignored
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="esper-parent-watchdog", daemon=True).start()
     torch.set_num_threads(1)
     # Validation reloads the just-written .pt2 from bytes; torch warns that the buffer is read-only,
     # which is harmless here and would otherwise land in the middle of the user's training output.
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Runs in the worker: once the parent is gone (the worker is re-parented), exit at once. A compile
+    in progress is abandoned; nobody is left to receive it."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(0)
 
 
 def _warm_worker() -> None:

@@ -87,9 +87,36 @@ def _message(error: ErrorDetails, loc: Loc, root: type[BaseModel]) -> str:
         return f"must be a mapping of keys (got {_show(value)})"
     if kind == "value_error":
         return error["msg"].removeprefix("Value error, ")
+    if kind in _EXPECTED:  # strict types: say what was written, since YAML decides the type by its spelling
+        return f"must be {_EXPECTED[kind]} (got {_show(value)}, {_kind_of(value)})"
     if value is None or isinstance(value, (str, int, float)):
         return f"{error['msg']} (got {_show(value)})"
     return error["msg"]
+
+
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+             "string_type": "a string"}
+
+
+def _kind_of(value: Any) -> str:
+    """How YAML read a value: quotes make a string, ``true``/``yes`` a boolean, a dot a float."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number with a fraction"
+    if isinstance(value, str):
+        return "a string: remove the quotes if it is meant as a number" if _looks_numeric(value) else "a string"
+    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else type(value).__name__
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _unknown_key(loc: Loc, root: type[BaseModel]) -> str:

@@ -8,6 +8,8 @@ and its SHA-256, so a run can save exactly what it ran with and a resume can pro
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,14 +58,19 @@ class LoadedRecipe:
                                for p in exc.problems]) from None
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
-    """Read, override and validate a recipe; raise ``ConfigError`` listing every problem found."""
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), allow_factories: bool | None = None) -> LoadedRecipe:
+    """Read, override and validate a recipe; raise ``ConfigError`` listing every problem found.
+
+    ``allow_factories=False`` (default: ``ESPER_ALLOW_FACTORIES``, on unless ``0``) refuses a recipe
+    that names user code (:data:`FACTORY_FIELDS`); loading never imports it either way."""
     source = str(path)
     resolved = Path(path).expanduser().resolve()
     document = read_yaml_file(resolved, source)
     data, applied = apply_overrides(document.data, overrides)
     locator = Locator(source, document.lines, applied)
     problems: list[Problem] = []
+    if not (factories_allowed() if allow_factories is None else allow_factories):
+        problems.extend(factory_problems(data, locator))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -75,6 +82,36 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
         raise ConfigError(sorted(problems, key=_reading_order))
     text = yaml.safe_dump(recipe.model_dump(), sort_keys=False, allow_unicode=True)
     return LoadedRecipe(recipe, resolved, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), locator)
+
+
+FACTORY_FIELDS = (("data", "factory"), ("model", "factory"), ("task", "function"))
+"""Recipe fields that may name user code as ``package.module:function``."""
+ALLOW_FACTORIES_ENV = "ESPER_ALLOW_FACTORIES"
+_CODE_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def factories_allowed() -> bool:
+    """``ESPER_ALLOW_FACTORIES``: unset or ``1`` allows factories, ``0`` refuses them."""
+    value = os.environ.get(ALLOW_FACTORIES_ENV, "1").strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(Problem(ALLOW_FACTORIES_ENV, f"must be 1 or 0 (got {value!r})"))
+
+
+def factory_problems(data: Any, locator: Locator) -> list[Problem]:
+    """One problem per field of :data:`FACTORY_FIELDS` that names code, found in the raw data (before
+    validation, so a recipe is refused whatever else is wrong with it)."""
+    problems = []
+    for section, key in FACTORY_FIELDS:
+        value = data.get(section) if isinstance(data, dict) else None
+        value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, str) and (key == "factory" or _CODE_REFERENCE.match(value)):
+            problems.append(locator.problem((section, key), f"names user code ({value!r}) and factories are not "
+                                            f"allowed here ({ALLOW_FACTORIES_ENV}=0 or --no-factories): a recipe "
+                                            "with a factory is a program, run it only if you trust its author"))
+    return problems
 
 
 def resolve_relative(loaded: LoadedRecipe, p: str | Path) -> Path:

@@ -3,20 +3,22 @@
 Each field's ``description`` is the user documentation: ``docs/recipe-reference.md`` is generated
 from this module, so the reference can never drift from what the loader accepts. Unknown keys are
 rejected everywhere (``extra="forbid"``) because a misspelt key that is silently ignored is the most
-expensive kind of configuration bug in a long training run.
+expensive kind of configuration bug in a long training run. Types are strict for the same reason:
+``max_steps: true`` is not 1 step and ``lr: "0.1"`` is not a number (only an integer where a float is
+expected is accepted, since YAML writes ``1`` for ``1.0``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 
 class Section(BaseModel):
     """Base of every recipe section: strict about unknown keys, immutable once loaded."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class RunConfig(Section):
@@ -31,11 +33,26 @@ class RunConfig(Section):
         True, description="Ask PyTorch for deterministic kernels (bit-exact reruns on the same hardware).")
 
 
+MAX_SYNTHETIC_VALUES = 2**27
+"""Most input values (``n_samples * n_features``) the synthetic generator makes: it holds them in float64
+and in float32 (12 bytes each), 1.5 GiB at this bound. Larger data belongs in a file or a factory."""
+
+
 class SyntheticConfig(Section):
     n_samples: int = Field(2000, ge=10, le=10_000_000, description="Number of generated samples.")
-    n_features: int = Field(20, ge=1, le=100_000, description="Number of input features.")
+    n_features: int = Field(20, ge=1, le=100_000, description="Number of input features (`n_samples x n_features` "
+                            "may not exceed 2^27 values).")
     n_classes: int = Field(3, ge=2, le=1000, description="Number of classes.")
     noise: float = Field(0.1, ge=0.0, le=10.0, description="Standard deviation of the added Gaussian noise.")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> "SyntheticConfig":
+        values = self.n_samples * self.n_features
+        if values > MAX_SYNTHETIC_VALUES:
+            raise ValueError(f"n_samples x n_features is {values:,} values, more than the {MAX_SYNTHETIC_VALUES:,} "
+                             "the generator makes (12 bytes each in memory); use `source: file` or `factory` for "
+                             "larger data")
+        return self
 
 
 class TeacherConfig(Section):
@@ -82,7 +99,8 @@ class DataConfig(Section):
     factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                                 description="`package.module:function` returning a torch Dataset (map-style or "
                                 "iterable), or a tuple `(train, val, test)` of them, for `source: factory`. Samples "
-                                "are `(input, target)` pairs or dicts (the target under `task.target_key`).")
+                                "are `(input, target)` pairs or dicts (the target under `task.target_key`). This is "
+                                "code: it runs with your permissions; `ESPER_ALLOW_FACTORIES=0` refuses it.")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `factory`.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Generator settings.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="`teacher` generator settings.")
@@ -123,7 +141,8 @@ class ModelConfig(Section):
     n_heads: int = Field(4, ge=1, le=256, description="Attention heads (must divide `d_model`).")
     factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                                 description="`package.module:function` returning an nn.Module, called "
-                                "with `input_shape`, `num_classes` and `factory_kwargs`.")
+                                "with `input_shape`, `num_classes` and `factory_kwargs`. This is code: it runs "
+                                "with your permissions; `ESPER_ALLOW_FACTORIES=0` refuses it.")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `factory`.")
 
     # Per-field checks are field validators so that errors point at the field's own line.
@@ -265,8 +284,8 @@ class PolicyConfig(Section):
                                   description="Evaluations without improvement that make a plateau.")
     plateau_min_delta: float = Field(1e-3, ge=0.0, description="Improvement of the task's validation metric that "
                                       "counts (in its own units: 0.001 is 0.1 accuracy points).")
-    growth_window: tuple[float, float] = Field(
-        (0.05, 0.7), description="Fractions of `trainer.max_steps` inside which growth may start; the rest "
+    growth_window: tuple[Annotated[float, Strict()], Annotated[float, Strict()]] = Field(
+        (0.05, 0.7), strict=False, description="Fractions of `trainer.max_steps` inside which growth may start; the rest "
         "is kept for fine-tuning.")
     merit_every: int = Field(10, ge=1, le=100_000,
                              description="Steps between health measurements: gradient merit, activation statistics "

@@ -1,7 +1,8 @@
 """Read YAML safely and remember the line of every value.
 
 Recipes and override values come from users, so parsing is defensive: only ``yaml.SafeLoader``
-(no Python object tags), a cap on the file size, and a cap on the size of the document *after*
+(no Python object tags), a cap on the file size and on the length of integers, and a cap on the size of
+the document *after*
 aliases are expanded (a few lines of nested aliases -- the "billion laughs" -- would otherwise
 expand to billions of values in whatever walks the data next). Duplicate keys and non-string keys
 are rejected instead of silently resolved, because YAML quietly keeps the last duplicate and reads
@@ -22,6 +23,10 @@ from esper_core.errors import ConfigError, Problem
 
 MAX_FILE_BYTES = 1 << 20
 MAX_EXPANDED_NODES = 100_000
+MAX_INT_CHARS = 40
+"""Longest integer literal read (2**64 has 20 digits). Python refuses to parse integers of more than
+4,300 digits with a ValueError, and nothing in a recipe needs more than 20."""
+_INT_TAG = "tag:yaml.org,2002:int"
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -128,6 +133,9 @@ def _check_structure(root: Node, source: str) -> None:
                 total += size(key_node, path) + size(value, _join(path, key_node.value))
         elif isinstance(node, SequenceNode):
             total += sum(size(item, _join(path, str(i))) for i, item in enumerate(node.value))
+        elif node.tag == _INT_TAG and len(node.value) > MAX_INT_CHARS:
+            problems.append(Problem(source, f"an integer of {len(node.value)} characters is too large (at most "
+                                    f"{MAX_INT_CHARS})", node.start_mark.line + 1, path or None))
         if total > MAX_EXPANDED_NODES:
             raise ConfigError(Problem(source, f"more than {MAX_EXPANDED_NODES} values once aliases are "
                                       "expanded (an alias bomb?)", line=node.start_mark.line + 1,

@@ -58,7 +58,7 @@ class PersistentKernelCache:
         self._flushed: dict[str, TierCount] = {}
         self._since_flush = 0
         if (sql := self.tier("sql")) is not None:  # connect and migrate now, off this thread
-            sql.guard.submit(lambda: sql.repository.engine)  # type: ignore[attr-defined]
+            sql.guard.open(lambda: sql.repository.engine)  # type: ignore[attr-defined]
 
     @classmethod
     def open(cls, settings: StorageSettings) -> PersistentKernelCache:

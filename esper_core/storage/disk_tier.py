@@ -5,6 +5,7 @@ Local and trusted as far as the filesystem is: entries are verified by their has
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -15,12 +16,15 @@ from esper_core.compiler.store import LocalKernelStore
 from esper_core.storage.guard import Guard
 from esper_core.storage.tiers import Entry, Outgoing
 
+log = logging.getLogger(__name__)
+
 
 class DiskTier:
     name = "disk"
 
     def __init__(self, store: LocalKernelStore, guard: Guard) -> None:
         self.store, self.guard = store, guard
+        self._store_failed = False
 
     def load(self, address: str) -> Kernel | None:
         """Like :meth:`LocalKernelStore.get`, but a corrupt entry raises (after quarantine) so the
@@ -34,7 +38,17 @@ class DiskTier:
             raise CorruptKernel(str(exc)) from None
 
     def save(self, outgoing: Outgoing) -> None:
-        self.store.put(outgoing.kernel)
+        """Store the kernel; a directory that cannot take it (read-only, full, not a directory) is said
+        once, since reads from it keep succeeding and its breaker would never open to say so."""
+        try:
+            self.store.put(outgoing.kernel)
+        except OSError as exc:
+            if not self._store_failed:
+                self._store_failed = True
+                log.warning("warning: kernels cannot be stored in %s (%s): they are kept in the other tiers only, "
+                            "and are compiled again where those are not shared", self.store.root,
+                            exc.strerror or exc)
+            raise
 
     def remove(self, address: str) -> None:
         """Rename the entry out of the way first (atomic), so no reader sees it half deleted."""

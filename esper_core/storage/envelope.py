@@ -19,10 +19,10 @@ digests, address), so an envelope holds a kernel exactly as the compiler wrote i
 from __future__ import annotations
 
 import hashlib
-import hmac
 import struct
 
 from esper_core.compiler.artifact import FILES, CorruptKernel, Kernel
+from esper_core.signing import keyed_digest, same
 
 MAGIC = b"ESPKE1"
 SIGNED = 0x01
@@ -52,20 +52,18 @@ def open_envelope(blob: bytes, address: str, key: bytes | None) -> Kernel:
     if magic != MAGIC:
         raise CorruptKernel("not a kernel envelope (bad magic)")
     body = memoryview(blob)[_HEADER.size:]
-    if not hmac.compare_digest(hashlib.sha256(address.encode() + body).digest(), digest):
+    if not same(hashlib.sha256(address.encode() + body).digest(), digest):
         raise CorruptKernel("content hash does not match")
     if key is not None:
         if not flags & SIGNED:
             raise CorruptKernel("unsigned, but a signing key is configured")
-        if not hmac.compare_digest(_mac(key, flags, address, body), mac):
+        if not same(_mac(key, flags, address, body), mac):
             raise CorruptKernel("bad signature")
     return Kernel.from_files(address, _split(body))
 
 
 def _mac(key: bytes, flags: int, address: str, body: bytes | memoryview) -> bytes:
-    signer = hmac.new(key, MAGIC + bytes([flags]) + address.encode(), hashlib.sha256)
-    signer.update(body)
-    return signer.digest()
+    return keyed_digest(key, MAGIC + bytes([flags]) + address.encode(), body)
 
 
 def _split(body: memoryview) -> dict[str, bytes]:

@@ -103,11 +103,21 @@ class Breaker:
             return False
 
 
+OPEN_DEADLINE_S = 10.0
+"""How long calls wait, once, for a tier's first connection (and migration) to finish. It is paid once
+per process, and a local SQLite needs about 0.2 s (more on a loaded machine) to import Alembic and
+create its schema: counting it against a one-second call deadline made every fresh workspace report
+"sql: deadline missed". A server that refuses or cannot be reached fails the open at its own connect
+timeout, not this one."""
+
+
 class Guard:
     """Runs one tier's calls under its deadline and breaker, keeping its counters.
 
     ``deadline_s=None`` runs calls in the caller's thread (the local disk: no network to wait on),
     still behind the breaker. :class:`CorruptKernel` is an answer, not a failure of the tier.
+    :meth:`open` starts the tier's connection in the background; calls wait for it (up to
+    :data:`OPEN_DEADLINE_S`, once) before their own deadline starts.
     """
 
     def __init__(self, name: str, deadline_s: float | None, breaker: Breaker, threads: int = 2) -> None:
@@ -116,12 +126,19 @@ class Guard:
         self.notices: list[str] = []
         self._lock = threading.Lock()
         self._pool = None if deadline_s is None else ThreadPoolExecutor(threads, thread_name_prefix=f"esper-{name}")
+        self._opening: Future[Any] | None = None
+
+    def open(self, fn: Callable[[], Any]) -> None:
+        """Run the tier's connect-and-migrate ``fn`` in the background now."""
+        if self._pool is not None:
+            self._opening = self._pool.submit(fn)
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` within the deadline, or :class:`TierUnavailable`."""
         if not self.breaker.allow():
             self._count("skipped")
             raise TierUnavailable(f"{self.name}: circuit open")
+        self._wait_until_open()
         started = time.perf_counter()
         try:
             result = fn(*args) if self._pool is None else self._wait(self._pool.submit(fn, *args))
@@ -140,6 +157,24 @@ class Guard:
                 self.counters.slowest_ms = max(self.counters.slowest_ms, elapsed)
         self._succeeded()
         return result
+
+    def _wait_until_open(self) -> None:
+        """Wait for the background open (every caller until it ends, at most once for the deadline):
+        its failure is the tier's failure, like a call's."""
+        opening = self._opening
+        if opening is None:
+            return
+        try:
+            opening.result(timeout=OPEN_DEADLINE_S)
+        except FutureTimeout:
+            self._opening = None  # waited once: later calls have only their own deadline
+            self._failed("timeouts", f"not connected within {OPEN_DEADLINE_S:g} s")
+            raise TierUnavailable(f"{self.name}: not connected within {OPEN_DEADLINE_S:g} s") from None
+        except Exception as exc:
+            self._opening = None
+            self._failed("errors", describe(exc))
+            raise TierUnavailable(f"{self.name}: {describe(exc)}") from exc
+        self._opening = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in the background (promotions, usage flushes); failures feed the breaker."""

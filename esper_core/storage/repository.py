@@ -34,11 +34,13 @@ class RepositoryError(EsperError):
 
 
 class AssetRepository:
-    """See the module docstring. Connects and migrates on first use; thread-safe."""
+    """See the module docstring. Connects and migrates on first use (``migrate=False``: a reader that
+    must not change the database, such as an audit); thread-safe."""
 
-    def __init__(self, url: str, timeout_s: float = 15.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 15.0, migrate: bool = True) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self.migrate = migrate
         self._engine: Any = None
         self._lock = threading.Lock()
 
@@ -59,7 +61,8 @@ class AssetRepository:
             if self._engine is None:
                 engine = make_engine(self.url, self.timeout_s)
                 try:
-                    migrate(engine)
+                    if self.migrate:
+                        migrate(engine)
                 except Exception:
                     engine.dispose()
                     raise
@@ -201,6 +204,10 @@ class AssetRepository:
         if stored != digest:
             raise RepositoryError(f"run {run_id}: event seq {seq} is already recorded with different content")
         return EventRecord(run_id, seq, kind, line, digest)
+
+    def has_run(self, run_id: str) -> bool:
+        with self.engine.connect() as db:
+            return db.execute(select(RunRow.id).where(RunRow.id == run_id)).first() is not None
 
     def events(self, run_id: str) -> list[EventRecord]:
         with self.engine.connect() as db:

@@ -63,13 +63,18 @@ class StorageSettings:
             _require(redis_from, "storage.redis_url", "redis", f"{redis_url.split('://')[0]}:// URLs")
         if cfg.artifacts_url:  # checked before the run starts, not at its first checkpoint
             _require("storage.artifacts_url", "storage.artifacts_url", "s3", "s3:// URLs")
-        key = env.get(SIGNING_KEY_ENV) or None
-        if key is not None and len(key.encode()) < MIN_KEY_BYTES:
-            raise ConfigError(Problem(SIGNING_KEY_ENV, f"the signing key must be at least {MIN_KEY_BYTES} bytes"))
         return cls(workspace=workspace, database_url=database or sqlite_url(workspace), redis_url=redis_url,
-                   signing_key=None if key is None else key.encode(), memory_bytes=cfg.memory_bytes,
+                   signing_key=signing_key(env), memory_bytes=cfg.memory_bytes,
                    redis_deadline_s=cfg.redis_deadline_ms / 1000, database_deadline_s=cfg.database_deadline_ms / 1000,
                    breaker_failures=cfg.breaker_failures, breaker_reset_s=cfg.breaker_reset_s)
+
+
+def signing_key(env: Mapping[str, str] | None = None) -> bytes | None:
+    """``ESPER_SIGNING_KEY`` as bytes, ``None`` when unset; ``ConfigError`` when too short to be a key."""
+    key = (os.environ if env is None else env).get(SIGNING_KEY_ENV) or None
+    if key is not None and len(key.encode()) < MIN_KEY_BYTES:
+        raise ConfigError(Problem(SIGNING_KEY_ENV, f"the signing key must be at least {MIN_KEY_BYTES} bytes"))
+    return None if key is None else key.encode()
 
 
 def _pick(env: Mapping[str, str], name: str, configured: str | None, field: str) -> tuple[str | None, str]:

@@ -10,26 +10,30 @@ stored); the run's ``summary.json`` stores ``events_head``, the sha256 of the la
 
 The first problem is reported as ``FILE:LINE: record seq N: what is wrong``. A log without an
 anchor (no ``summary.json``: the run did not finish, or the file was removed) cannot prove its
-tail and fails too, saying so. Rewriting every hash after an edit, summary included, is not
-detectable without a key; signing the head is the asset repository's job.
+tail and fails too, saying so.
+
+:func:`verify_run` is the whole ``esper report --verify``: this chain walk, the recipe's hashes
+(original in ``run_start``, effective after resume overrides in the last ``run_resume``), the
+results bound in ``run_end`` and the signed head (:mod:`.binding`), and the asset repository's
+copy of the events (:mod:`.mirror_check`). Rewriting every hash after an edit, summary included, is
+caught by the signature (with ``ESPER_SIGNING_KEY``) or by the repository's copy.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esper_core.errors import EsperError, Problem
-from esper_core.telemetry.events import EventSource, RunDirEvents, StoredEvent, read_json
+from esper_core.errors import Problem
+from esper_core.safe_read import UnsafeInput, read_regular, sha256_regular
+from esper_core.telemetry.binding import binding_problems
+from esper_core.telemetry.events import AuditError, EventSource, RunDirError, RunDirEvents, StoredEvent, read_json
 from esper_core.telemetry.jsonl import GENESIS
+from esper_core.telemetry.mirror_check import repository_problems
 
-
-class AuditError(EsperError):
-    """The event log fails verification."""
-
-    exit_code = 4
+__all__ = ["AuditError", "AuditResult", "ChainBreak", "RunVerification", "audit", "recipe_problem", "verify_run"]
 
 
 @dataclass(frozen=True)
@@ -68,16 +72,24 @@ class AuditResult:
 
 def audit(source: EventSource) -> AuditResult:
     """Walk the whole log once; see the module docstring for what each problem means."""
-    stored = list(source.stored())
-    anchor = source.anchor()
+    return _walk(source, list(source.stored()))[0]
+
+
+def _walk(source: EventSource, stored: list[StoredEvent]) -> tuple[AuditResult, list[dict[str, Any] | None]]:
+    try:
+        anchor = source.anchor()
+    except RunDirError as exc:  # summary.json damaged, nested, replaced: tampering, not a usage error
+        raise AuditError(exc.problems) from None
     hashes = [hashlib.sha256(s.raw).hexdigest() for s in stored]
-    records = [s.parse() for s in stored]
+    decoded = [s.decode() for s in stored]
+    records = [record for record, _ in decoded]
     head = hashes[-1] if hashes else GENESIS
-    return AuditResult(source.name, len(stored), head, anchor, _first_break(stored, records, hashes, anchor))
+    broken = _first_break(stored, records, [why for _, why in decoded], hashes, anchor)
+    return AuditResult(source.name, len(stored), head, anchor, broken), records
 
 
-def _first_break(stored: list[StoredEvent], records: list[dict[str, Any] | None], hashes: list[str],
-                 anchor: str | None) -> ChainBreak | None:
+def _first_break(stored: list[StoredEvent], records: list[dict[str, Any] | None], defects: list[str | None],
+                 hashes: list[str], anchor: str | None) -> ChainBreak | None:
     n = len(stored)
 
     def link_broken(i: int) -> bool:
@@ -89,7 +101,7 @@ def _first_break(stored: list[StoredEvent], records: list[dict[str, Any] | None]
 
     for i, (entry, record) in enumerate(zip(stored, records)):
         if record is None:
-            return ChainBreak(entry.where, i, "not a JSON object: the line was damaged or edited")
+            return ChainBreak(entry.where, i, f"not a JSON object ({defects[i]}): the line was damaged or edited")
         seq = record.get("seq")
         if seq != i:
             shown = seq if isinstance(seq, int) and not isinstance(seq, bool) else i
@@ -117,23 +129,77 @@ def _first_break(stored: list[StoredEvent], records: list[dict[str, Any] | None]
     return None
 
 
-def recipe_problem(run_dir: Path) -> Problem | None:
-    """``recipe.yaml`` must hash to the sha256 the run recorded: in ``recipe.sha256``, in its first
-    event and in ``summary.json``. Otherwise the report would describe a recipe the run never used."""
+def recipe_problem(run_dir: Path, records: list[dict[str, Any] | None]) -> Problem | None:
+    """``recipe.yaml`` (the recipe as first run) must hash to the sha256 in ``recipe.sha256`` and in
+    the ``run_start`` event; ``summary.json``'s hash is the recipe the run ended with, which is that
+    of the last ``run_start`` / ``run_resume`` event (a resume with overrides records the hash of the
+    recipe with its overrides). Otherwise the report would describe a recipe the run never used."""
     path = run_dir / "recipe.yaml"
-    if not path.is_file():
+    try:
+        actual = sha256_regular(path)
+    except FileNotFoundError:
         return Problem(str(path), "missing: the run's recipe cannot be checked")
-    actual = hashlib.sha256(path.read_bytes()).hexdigest()
-    first = next(iter(RunDirEvents(run_dir).stored()), None)
-    start = first.parse() if first is not None else None
+    except (UnsafeInput, OSError) as exc:
+        return Problem(str(path), f"{exc}: the run's recipe cannot be checked")
+    starts = [r for r in records if r is not None and r.get("event") in ("run_start", "run_resume")]
+    first = next((r for r in starts if r.get("event") == "run_start"), {})
+    effective = next((r["recipe_sha256"] for r in reversed(starts) if "recipe_sha256" in r), actual)
     hash_file = run_dir / "recipe.sha256"
-    recorded = {
-        "recipe.sha256": hash_file.read_text(encoding="utf-8").strip() if hash_file.is_file() else None,
-        "the first event": (start or {}).get("recipe_sha256"),
-        "summary.json": (read_json(run_dir / "summary.json") or {}).get("recipe_sha256"),
-    }
-    differing = [where for where, value in recorded.items() if value is not None and value != actual]
+    try:
+        written = read_regular(hash_file, 1024).decode("ascii").strip()
+    except FileNotFoundError:
+        return Problem(str(hash_file), "missing: deleted after the run (every run writes it)")
+    except (UnsafeInput, OSError, UnicodeDecodeError) as exc:
+        return Problem(str(hash_file), f"unreadable ({exc})")
+    try:
+        summary = read_json(run_dir / "summary.json") or {}
+    except RunDirError as exc:
+        return exc.problems[0]
+    differing = [where for where, value, expected in (
+        ("recipe.sha256", written, actual), ("the run_start event", first.get("recipe_sha256"), actual),
+        ("summary.json", summary.get("recipe_sha256"), effective)) if value is not None and value != expected]
     if differing:
         return Problem(str(path), f"sha256 {actual} does not match the hash recorded in {', '.join(differing)}: "
-                                  "the recipe was edited after the run")
+                                  "the recipe was edited after the run, or the record was")
     return None
+
+
+@dataclass
+class RunVerification:
+    """Everything ``esper report --verify`` found: the chain, then located problems and notes."""
+
+    chain: AuditResult
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.chain.ok and not self.problems
+
+
+def verify_run(run_dir: Path, check_repository: bool = True) -> RunVerification:
+    """Verify a run directory: the chain (:func:`audit`), the recipe's hashes, the results bound in
+    ``run_end`` and the head signature, and (``check_repository``) the repository's copy of the log.
+    A run file that is not what it should be (nested, huge, a FIFO) is an :class:`AuditError`."""
+    source = RunDirEvents(run_dir)
+    stored = list(source.stored())
+    chain, records = _walk(source, stored)
+    verification = RunVerification(chain)
+    recipe = recipe_problem(run_dir, records)
+    if recipe is not None:
+        verification.problems.append(recipe)
+    if not chain.ok:
+        return verification  # later checks would only repeat the broken chain in other words
+    located = [(s.where, r) for s, r in zip(stored, records) if r is not None]
+    try:
+        summary = read_json(run_dir / "summary.json")
+    except RunDirError as exc:
+        raise AuditError(exc.problems) from None
+    problems, notes = binding_problems(run_dir, located, summary, source.name)
+    verification.problems += problems
+    verification.notes += notes
+    if check_repository:
+        problems, notes = repository_problems(run_dir, stored, [r for r in records if r is not None], source.name)
+        verification.problems += problems
+        verification.notes += notes
+    return verification

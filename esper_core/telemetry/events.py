@@ -8,18 +8,28 @@ anchored outside the log). The run directory implements both today (``events.jso
 text, so one audit covers both.
 
 Records are hashed as the exact bytes stored, never re-serialised: a re-encoding that changed one
-byte would otherwise pass for the original.
+byte would otherwise pass for the original. Reading is bounded (see :mod:`esper_core.safe_read`): a
+line longer than :data:`MAX_LINE_BYTES` or nested deeper than ``MAX_JSON_DEPTH`` is a damaged
+record, named by its line, and a log larger than :data:`MAX_LOG_BYTES` is refused whole.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from esper_core.errors import EsperError, Problem
+from esper_core.safe_read import UnsafeInput, parse_json, read_regular
+from esper_core.telemetry.jsonl import MAX_LINE_BYTES
+
+MAX_LOG_BYTES = 1 << 30
+MAX_RUN_JSON_BYTES = 16 << 20
+"""Largest ``summary.json`` or checkpoint manifest a report reads."""
 
 
 class RunDirError(EsperError):
@@ -28,20 +38,36 @@ class RunDirError(EsperError):
     exit_code = 2
 
 
+class AuditError(EsperError):
+    """The run's files fail verification: edited, deleted, swapped or damaged."""
+
+    exit_code = 4
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     """One record as stored: where it is (a line number, or a row id) and its exact bytes."""
 
     where: int
     raw: bytes
+    oversized: bool = False
+    """The line was longer than :data:`MAX_LINE_BYTES`; ``raw`` holds only its start."""
 
     def parse(self) -> dict[str, Any] | None:
         """The record, or ``None`` if it is not a JSON object (a damaged or hand-edited line)."""
+        return self.decode()[0]
+
+    def decode(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The record and ``None``, or ``None`` and why the line is not a record."""
+        if self.oversized:
+            return None, f"the line is longer than {MAX_LINE_BYTES} bytes"
         try:
-            record = json.loads(self.raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        return record if isinstance(record, dict) else None
+            record = parse_json(self.raw, MAX_LINE_BYTES)
+        except UnsafeInput as exc:
+            return None, f"the line is {exc}"
+        except ValueError:
+            return None, "not valid JSON"
+        return (record, None) if isinstance(record, dict) else (None, "not a JSON object")
 
 
 class EventStore(Protocol):
@@ -68,6 +94,10 @@ class EventSource(Protocol):
         ...
 
 
+RUN_FILES = ("recipe.yaml", "summary.json", "metrics.jsonl")
+"""Files besides the event log that only a run directory holds."""
+
+
 class RunDirEvents:
     """``events.jsonl`` of a run directory, anchored by ``summary.json``'s ``events_head``."""
 
@@ -76,18 +106,33 @@ class RunDirEvents:
             raise RunDirError(Problem(str(run_dir), "not a directory (expected a run directory written by "
                                                     "`esper train`, e.g. runs/quickstart)"))
         self.path = run_dir / "events.jsonl"
-        if not self.path.is_file():
+        if not self.path.exists() and not self.path.is_symlink():
+            if any((run_dir / name).exists() for name in RUN_FILES):
+                raise AuditError(Problem(str(self.path), "missing: the run's other files are here, its event "
+                                                         "log was deleted"))
             raise RunDirError(Problem(str(run_dir), "not a run directory: it has no events.jsonl"))
+        status = os.lstat(self.path)
+        if not stat.S_ISREG(status.st_mode):
+            raise AuditError(Problem(str(self.path), "not a regular file (a link, FIFO, device or directory "
+                                                     "was put in its place)"))
+        if status.st_size > MAX_LOG_BYTES:
+            raise AuditError(Problem(str(self.path), f"{status.st_size} bytes: larger than the {MAX_LOG_BYTES} "
+                                                     "bytes an event log may have; it was padded or replaced"))
         self.summary_path = run_dir / "summary.json"
         self.name = str(self.path)
 
     def stored(self) -> Iterator[StoredEvent]:
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()  # the newline that ends the last record
-        for number, raw in enumerate(lines, start=1):
-            yield StoredEvent(number, raw)
+        with self.path.open("rb") as handle:
+            number = 0
+            while line := handle.readline(MAX_LINE_BYTES + 1):
+                number += 1
+                if len(line) <= MAX_LINE_BYTES:
+                    yield StoredEvent(number, line.removesuffix(b"\n"))
+                    continue
+                start = line[:MAX_LINE_BYTES]  # too long to be a record: keep its start, skip the rest
+                while line and not line.endswith(b"\n"):
+                    line = handle.readline(MAX_LINE_BYTES)
+                yield StoredEvent(number, start, oversized=True)
 
     def anchor(self) -> str | None:
         summary = read_json(self.summary_path)
@@ -98,13 +143,14 @@ class RunDirEvents:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file of a run; ``None`` if absent, a located :class:`RunDirError` if malformed."""
-    if not path.is_file():
+    """A JSON object file of a run; ``None`` if absent, a located :class:`RunDirError` if malformed,
+    not a regular file, too large or too deeply nested."""
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise RunDirError(Problem(str(path), f"not UTF-8 text ({exc.reason})")) from None
+        value = parse_json(read_regular(path, MAX_RUN_JSON_BYTES), MAX_RUN_JSON_BYTES)
+    except UnsafeInput as exc:
+        raise RunDirError(Problem(str(path), str(exc))) from None
     except json.JSONDecodeError as exc:
         raise RunDirError(Problem(str(path), f"not valid JSON: {exc.msg}", line=exc.lineno)) from None
     if not isinstance(value, dict):

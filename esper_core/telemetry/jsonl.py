@@ -13,7 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from esper_core.safe_read import parse_json
+
 GENESIS = "0" * 64
+MAX_LINE_BYTES = 1 << 20
+"""Longest line a reader accepts (Esper's longest records, decisions with their inputs, are a few KB)."""
 
 
 class JsonlWriter:
@@ -65,9 +69,12 @@ def verify_chain(path: Path) -> int | None:
     record against ``summary.json`` and says which record was tampered with and how.
     """
     prev = GENESIS
-    for position, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        record = json.loads(line)
-        if record.get("seq") != position or record.get("prev") != prev:
+    for position, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
+        try:
+            record = parse_json(line, MAX_LINE_BYTES)
+        except ValueError:  # malformed, too long or too deep: the chain breaks here
+            return position
+        if not isinstance(record, dict) or record.get("seq") != position or record.get("prev") != prev:
             return position
         prev = hashlib.sha256(line.encode("utf-8")).hexdigest()
     return None

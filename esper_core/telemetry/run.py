@@ -14,6 +14,8 @@ every ``log_every`` steps): telemetry never adds a synchronisation to measure mo
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +27,8 @@ from esper_core.seeds.lifecycle import SeedState
 from esper_core.telemetry.anomaly import AnomalyDetector, AnomalyThresholds, resident_memory_bytes
 from esper_core.telemetry.metrics import MetricsServer, RunMetrics
 from esper_core.telemetry.push import Pusher
+
+log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
@@ -64,6 +68,16 @@ class MorphClock:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds += time.perf_counter() - self._start
+
+
+def is_loopback(bind: str) -> bool:
+    """Whether an address to bind to is reachable from this machine only (``localhost`` counts)."""
+    if bind.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 class RunTelemetry:
@@ -108,6 +122,10 @@ class RunTelemetry:
             except OSError as exc:  # port taken, address not local, permission...
                 raise EsperError(Problem("recipe", f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}",
                                          field="telemetry.metrics_port")) from None
+            if not is_loopback(bind):
+                log.warning("warning: the metrics endpoint %s is exposed beyond this machine (telemetry.metrics_bind="
+                            "%s): anyone who can reach it can read this run's metrics; bind 127.0.0.1 unless that is "
+                            "intended", self.server.url, bind)
         if self.config.pushgateway_url is not None:
             self.pusher = Pusher(self.metrics.registry, self.config.pushgateway_url, self.config.pushgateway_job,
                                  self.config.pushgateway_every_s, self._instance)

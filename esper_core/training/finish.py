@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from esper_core.artifacts.publish import publish_run
 from esper_core.export.final import write_final
 from esper_core.policy.arm_store import workspace_store
+from esper_core.telemetry.binding import artifact_digests, sign_head, summary_figures
 from esper_core.training.models import count_parameters
 
 if TYPE_CHECKING:
@@ -46,10 +47,16 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
         "rollbacks": controller.governor.rollbacks,
         "kernel_wait_s": round(controller.kernel_wait_s, 3), "blocked_steps": controller.kernels.blocked,
     }
+    # The last chained event binds the run's results: the final artifacts by sha256 and every figure of
+    # the summary, so editing either afterwards fails `esper report --verify`; then the head is signed.
     trainer.recorder.record({"event": "run_end", "step": trainer.step, "metric": task.metric,
                              f"val_{task.metric}": val.metric, f"test_{task.metric}": test.metric,
-                             "params": summary["params_final"]})
+                             "params": summary["params_final"], "artifacts": artifact_digests(trainer.run_dir),
+                             "summary": summary_figures(summary)})
     summary["events_head"] = trainer.recorder.events.prev
+    signature = sign_head(summary["events_head"])
+    if signature is not None:
+        summary["events_head_signature"] = signature
     trainer.recorder.mirror(lambda repo: repo.finish_run(trainer.recorder.run_id, "finished"))
     (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     publish_run(trainer.run_dir, recipe.storage)

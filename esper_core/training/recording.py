@@ -124,7 +124,7 @@ def fresh_run_dir(base: Path) -> Path:
         candidate = base.with_name(f"{base.name}-{n}")
     try:
         candidate.mkdir(parents=True)
-    except OSError as exc:
+    except OSError as exc:  # beyond what check_output_dir can foresee: a full disk, a race
         raise ConfigError(Problem(RECIPE_FIELD, f"cannot create the run directory {candidate}: "
                                   f"{exc.strerror or exc}", field="run.output_dir")) from None
     return candidate

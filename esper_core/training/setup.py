@@ -8,13 +8,12 @@ import random
 import numpy as np
 import torch
 
-from esper_core.errors import ConfigError, Problem, RECIPE_FIELD
 
 
 def select_device(choice: str) -> torch.device:
+    """The device ``run.device`` names (``auto``: CUDA when present); check it first with
+    :func:`esper_core.recipe.checks.check_device`."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError(Problem(RECIPE_FIELD, "is 'cuda' but no CUDA device is available", field="run.device"))
         return torch.device("cuda")
     return torch.device("cpu")
 

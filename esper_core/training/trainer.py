@@ -26,11 +26,13 @@ from torch.utils.data import Dataset
 
 from esper_core.artifacts.publish import publish_checkpoint
 from esper_core.checkpoints import store
+from esper_core.checkpoints.lock import RunLock
 from esper_core.errors import ConfigError, EsperError, Problem
 from esper_core.growth.controller import GrowthController, StepOutcome
 from esper_core.growth.evaluation import Evaluation
 from esper_core.growth.state import cpu_copy, join, split
 from esper_core.policy.arm_store import workspace_store
+from esper_core.recipe.checks import check_device, check_output_dir
 from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.storage import open_kernel_store
@@ -62,12 +64,15 @@ class Trainer:
     device: torch.device = field(init=False)
 
     @classmethod
-    def from_recipe(cls, path: str | Path, overrides: Sequence[str] = ()) -> "Trainer":
-        return cls(load_recipe(path, overrides))
+    def from_recipe(cls, path: str | Path, overrides: Sequence[str] = (),
+                    allow_factories: bool | None = None) -> "Trainer":
+        """``allow_factories=False`` refuses a recipe naming user code (default: ``ESPER_ALLOW_FACTORIES``)."""
+        return cls(load_recipe(path, overrides, allow_factories))
 
     @classmethod
     def resume(cls, target: str | Path, overrides: Sequence[str] = (), strict: bool = False,
-               warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> "Trainer":
+               warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+               allow_factories: bool | None = None) -> "Trainer":
         """Rebuild a run from its newest verified checkpoint (or the one named; ``s3://`` URLs are
         downloaded first) and continue it."""
         bad = [o for o in overrides if not o.split("=", 1)[0].startswith(RESUMABLE_OVERRIDES)]
@@ -86,7 +91,8 @@ class Trainer:
         where = str(checkpoint.path / store.STATE)
         check_run_state(checkpoint.state.get("run"), run_dir, where)
         recipe_dir = checkpoint.state.get("recipe_dir")
-        trainer = cls(load_recipe(saved, overrides), Path(recipe_dir) if isinstance(recipe_dir, str) else None)
+        trainer = cls(load_recipe(saved, overrides, allow_factories),
+                      Path(recipe_dir) if isinstance(recipe_dir, str) else None)
         with refusing(where):
             run_state.restore(trainer, join(checkpoint.tensors, checkpoint.state["run"]))
         trainer.run_dir = run_dir
@@ -97,8 +103,8 @@ class Trainer:
     def __post_init__(self) -> None:
         recipe = self.loaded.recipe
         self.base_dir = self.base_dir or self.loaded.path.parent
-        with self.loaded.located():
-            self.device = select_device(recipe.run.device)
+        check_device(self.loaded, torch.cuda.is_available())
+        self.device = select_device(recipe.run.device)
         seed_everything(recipe.run.seed, recipe.run.deterministic, self.device)
         with self.loaded.located():
             function = import_factory(recipe.task.function, "task.function") if recipe.task.function else None
@@ -151,9 +157,17 @@ class Trainer:
             self.recorder.listeners.append(on_event)
         self.started = time.perf_counter()
         telemetry = self.recorder.telemetry
-        metrics_url = telemetry.start()
         previous_handlers: dict[int, Any] = {}
+        lock: RunLock | None = None
         try:
+            if self._resumed_from is None:
+                check_output_dir(self.loaded)
+                with self.loaded.located():
+                    self.run_dir = fresh_run_dir(Path(recipe.run.output_dir).resolve() / recipe.run.name)
+            assert self.run_dir is not None
+            lock = RunLock(self.run_dir)
+            lock.acquire()  # one process writes a run: a second resume of it is refused (exit 3)
+            metrics_url = telemetry.start()
             self._open_run()
             if metrics_url:
                 self.recorder.notify({"event": "metrics_endpoint", "url": metrics_url})
@@ -190,6 +204,8 @@ class Trainer:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
             self.recorder.close()
+            if lock is not None:
+                lock.release()
 
     def _train_step(self) -> StepOutcome:
         cfg = self.loaded.recipe
@@ -229,14 +245,11 @@ class Trainer:
 
     def _open_run(self) -> None:
         cursor = None
+        assert self.run_dir is not None
         if self._resumed_from is None:
-            recipe = self.loaded.recipe
-            with self.loaded.located():
-                self.run_dir = fresh_run_dir(Path(recipe.run.output_dir).resolve() / recipe.run.name)
             (self.run_dir / "recipe.yaml").write_text(self.loaded.resolved_yaml, encoding="utf-8")
             (self.run_dir / "recipe.sha256").write_text(self.loaded.sha256 + "\n", encoding="utf-8")
         else:
-            assert self.run_dir is not None
             cursor = self._resumed_from.state["run"]["logs"]
             store.remove_leftovers(self.run_dir / "checkpoints")
         run_id = uuid.uuid4().hex  # this segment of the run in the asset repository

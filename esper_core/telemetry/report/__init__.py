@@ -36,7 +36,7 @@ class Written:
 
     report: dict[str, Any]
     paths: list[Path]
-    audits: list[tuple[AuditResult, Problem | None]]
+    audits: list[tuple[AuditResult, list[Problem]]]
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str, ...] = FORMATS,
@@ -49,7 +49,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str,
     plots = render_all(report, loss_scale) if {"md", "html"} & set(formats) else {}
     paths = _write_formats(out_dir or run_dir / "report", "report", formats, report, headline(report), notes, plots,
                            sections(report))
-    return Written(report, paths, [(files.audit, files.recipe_problem)])
+    return Written(report, paths, [(files.audit, files.integrity)])
 
 
 def write_comparison(run_a: Path, run_b: Path, out_dir: Path | None = None, formats: tuple[str, ...] = FORMATS,
@@ -62,7 +62,7 @@ def write_comparison(run_a: Path, run_b: Path, out_dir: Path | None = None, form
     out = out_dir or run_a / "report" / f"vs-{run_b.resolve().name}"
     paths = _write_formats(out, "comparison", formats, comparison, comparison_title(comparison), notes, plots,
                            comparison_tables(comparison))
-    return Written(comparison, paths, [(f.audit, f.recipe_problem) for f in files])
+    return Written(comparison, paths, [(f.audit, f.integrity) for f in files])
 
 
 def _write_formats(out: Path, stem: str, formats: tuple[str, ...], data: dict[str, Any], title: str,

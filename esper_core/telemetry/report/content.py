@@ -6,6 +6,7 @@ cannot disagree. Every figure comes from the run's own files: nothing is recompu
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -50,16 +51,16 @@ def build(files: RunFiles) -> dict[str, Any]:
 
 
 def _identity(files: RunFiles, start: Record | None, end: Record | None, steps: int) -> dict[str, Any]:
-    recipe_run = files.recipe.get("run") or {}
-    data = files.recipe.get("data") or {}
+    recipe_run = _mapping(files.recipe.get("run"))
+    data = _mapping(files.recipe.get("data"))
     summary = files.summary or {}
     return {
         "name": recipe_run.get("name", files.run_dir.name), "dir": str(files.run_dir),
         "recipe_sha256": files.recipe_sha256, "seed": recipe_run.get("seed"),
-        "versions": (start or {}).get("versions") or {},
+        "versions": _mapping((start or {}).get("versions")),
         "data": {k: data[k] for k in ("source", "layout", "path", "factory", "batch_size", "val_fraction",
                                       "test_fraction") if data.get(k) is not None},
-        "model": _model(files.recipe.get("model") or {}),
+        "model": _model(_mapping(files.recipe.get("model"))),
         "device": summary.get("device") or (start or {}).get("device"),
         "started_at": _iso(start.get("time")) if start else None,
         "ended_at": _iso(end.get("time")) if end else None,
@@ -77,9 +78,9 @@ def _model(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recipe_check(files: RunFiles) -> dict[str, Any]:
-    problem = files.recipe_problem
-    return {"recipe_ok": problem is None, "recipe_detail": str(problem) if problem else "recipe.yaml matches its "
-            "recorded sha256"}
+    problems = files.integrity
+    return {"recipe_ok": not problems, "recipe_detail": "; ".join(map(str, problems)) if problems else "recipe.yaml "
+            "matches its recorded sha256 and the results match those bound in the event chain"}
 
 
 def change(event: Record) -> dict[str, Any]:
@@ -110,8 +111,8 @@ def describe_change(e: Record) -> str:
         return f"{e.get('signal', 'signal')} received; checkpoint {e.get('checkpoint', '')}"
     known = {"incubate": "incubation starts (gradient-isolated)", "blend": "blending into the host starts",
              "probation": "full weight; probation before the verdict", "reopen": "embargo over; the slot is free again"}
-    if kind in known:
-        return known[str(kind)]
+    if isinstance(kind, str) and kind in known:
+        return known[kind]
     if "reason" in e:
         return str(e["reason"])
     # An event kind this report does not know yet: show its own scalar fields rather than nothing.
@@ -121,10 +122,10 @@ def describe_change(e: Record) -> str:
 
 def _kernels(events: list[Record]) -> list[dict[str, Any]]:
     """Every kernel germinated, with where it went and how its seed ended."""
-    live: dict[tuple[Any, Any], dict[str, Any]] = {}  # slot -> its current kernel entry
+    live: dict[tuple[str, str], dict[str, Any]] = {}  # slot -> its current kernel entry
     kernels = []
     for e in events:
-        key = (e.get("layer"), e.get("slot"))
+        key = (str(e.get("layer")), str(e.get("slot")))  # str: a hand-edited log may hold any JSON there
         if e.get("event") == "germinate":
             live[key] = {"address": e.get("kernel"), "blueprint": e.get("blueprint"), "layer": e.get("layer"),
                          "slot": e.get("slot"), "params": e.get("params"), "step": e.get("step"), "outcome": "live"}
@@ -137,8 +138,9 @@ def _kernels(events: list[Record]) -> list[dict[str, Any]]:
 def slot_timelines(files: RunFiles, steps: int) -> list[dict[str, Any]]:
     """Per slot, the intervals ``[start, end)`` it spent in each non-dormant state, replayed from events."""
     start = _first(files.events, "run_start") or {}
-    per_layer = int((files.recipe.get("seeds") or {}).get("per_layer") or 1)
-    slots: dict[str, list[list[Any]]] = {f"{layer}#{i}": [] for layer in start.get("layers", [])
+    per_layer = min(_count(_mapping(files.recipe.get("seeds")).get("per_layer")) or 1, 64)
+    layers = start.get("layers")
+    slots: dict[str, list[list[Any]]] = {f"{layer}#{i}": [] for layer in (layers if isinstance(layers, list) else [])
                                          for i in range(per_layer)}
     for e in files.events:
         state = LIFECYCLE.get(str(e.get("event")))
@@ -154,17 +156,17 @@ def slot_timelines(files: RunFiles, steps: int) -> list[dict[str, Any]]:
 
 
 def _budgets(files: RunFiles, lifecycle: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    policy = files.recipe.get("policy") or {}
+    policy = _mapping(files.recipe.get("policy"))
     summary = files.summary or {}
     boundaries = sorted({i["start"] for slot in lifecycle for i in slot["intervals"]})
     peak_seeds = max((sum(1 for slot in lifecycle if any(i["state"] in _OCCUPYING and i["start"] <= t < i["end"]
                                                          for i in slot["intervals"]))
                       for t in boundaries), default=0)
-    initial = summary.get("params_initial")
+    initial = _count(summary.get("params_initial"))
     if initial is None:
-        initial = (_first(files.events, "run_start") or {}).get("params")
-    params = [r["params"] for r in files.metrics if isinstance(r.get("params"), int)]
-    final = summary.get("params_final", params[-1] if params else None)
+        initial = _count((_first(files.events, "run_start") or {}).get("params"))
+    params = [r["params"] for r in files.metrics if _count(r.get("params")) is not None]
+    final = _count(summary.get("params_final", params[-1] if params else None))
     added_final = final - initial if final is not None and initial is not None else None
     added_peak = max(params) - initial if params and initial is not None else added_final
     return [
@@ -206,10 +208,22 @@ def _last(events: list[Record], kind: str) -> Record | None:
     return next((e for e in reversed(events) if e.get("event") == kind), None)
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int | None:
+    """An integer figure of the run's files, or ``None`` when a damaged or edited file holds something else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _iso(t: Any) -> str | None:
-    if not isinstance(t, (int, float)):
+    if not isinstance(t, (int, float)) or not math.isfinite(t):
         return None
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):  # a time no clock can show: an edited record
+        return None
 
 
 def _num(x: Any) -> str:

@@ -8,16 +8,17 @@ file that cannot be parsed where the report needs it, is an error (exit 2).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from esper_core.errors import ConfigError, Problem
+from esper_core.recipe.yaml_source import MAX_FILE_BYTES, parse_yaml
+from esper_core.safe_read import UnsafeInput, parse_json, read_regular
+from esper_core.telemetry.audit import AuditResult, verify_run
+from esper_core.telemetry.events import MAX_LINE_BYTES, RunDirError, RunDirEvents, read_json
 
-from esper_core.errors import Problem
-from esper_core.telemetry.audit import AuditResult, audit, recipe_problem
-from esper_core.telemetry.events import RunDirError, RunDirEvents, read_json
+MAX_METRICS_BYTES = 1 << 30
 
 Record = dict[str, Any]
 
@@ -32,7 +33,8 @@ class RunFiles:
     metrics: list[Record]
     recipe: dict[str, Any]
     recipe_sha256: str | None
-    recipe_problem: Problem | None
+    integrity: list[Problem]
+    """Problems besides the chain's: the recipe's hashes, the results bound in run_end, the signature."""
     summary: dict[str, Any] | None
     checkpoints: list[Record]
     warnings: list[str] = field(default_factory=list)
@@ -40,53 +42,69 @@ class RunFiles:
 
 def load_run(run_dir: Path) -> RunFiles:
     source = RunDirEvents(run_dir)  # raises RunDirError for a path that is not a run directory
-    result = audit(source)
-    warnings: list[str] = []
+    verification = verify_run(run_dir, check_repository=False)
+    warnings: list[str] = list(verification.notes)
     events: list[Record] = []
     for stored in source.stored():
         record = stored.parse()
         if record is None:
             warnings.append(f"{source.name}:{stored.where}: not a JSON object; left out of the report")
+        elif not _is_int(record.get("step")):
+            warnings.append(f"{source.name}:{stored.where}: its step is not an integer; left out of the report")
         else:
             events.append(record | {"_line": stored.where})
-    recipe_path = run_dir / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise RunDirError(Problem(str(run_dir), "not a run directory: it has no recipe.yaml"))
-    recipe = _read_recipe(recipe_path, recipe_path.read_bytes())
-    hash_path = run_dir / "recipe.sha256"
-    recipe_sha256 = hash_path.read_text(encoding="utf-8").strip() if hash_path.is_file() else None
-    return RunFiles(run_dir, result, events, _read_metrics(run_dir / "metrics.jsonl", warnings), recipe,
-                    recipe_sha256, recipe_problem(run_dir), read_json(run_dir / "summary.json"),
-                    _list_checkpoints(run_dir / "checkpoints"), warnings)
-
-
-def _read_recipe(path: Path, data: bytes) -> dict[str, Any]:
+    recipe = _read_recipe(run_dir / "recipe.yaml", warnings)
     try:
-        recipe = yaml.safe_load(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise RunDirError(Problem(str(path), f"not UTF-8 text ({exc.reason})")) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RunDirError(Problem(str(path), f"not valid YAML: {getattr(exc, 'problem', None) or exc}",
-                                  line=mark.line + 1 if mark else None)) from None
-    if not isinstance(recipe, dict):
-        raise RunDirError(Problem(str(path), "expected a mapping of recipe sections"))
-    return recipe
+        recipe_sha256 = read_regular(run_dir / "recipe.sha256", 1024).decode("ascii").strip()
+    except (OSError, ValueError):
+        recipe_sha256 = None  # the audit says what is wrong with it
+    summary = read_json(run_dir / "summary.json")
+    if summary is not None and "steps" in summary and not _is_int(summary["steps"]):
+        warnings.append(f"{run_dir / 'summary.json'}: steps is not an integer; ignored")
+        summary = {k: v for k, v in summary.items() if k != "steps"}
+    return RunFiles(run_dir, verification.chain, events, _read_metrics(run_dir / "metrics.jsonl", warnings), recipe,
+                    recipe_sha256, verification.problems, summary, _list_checkpoints(run_dir / "checkpoints"), warnings)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_recipe(path: Path, warnings: list[str]) -> dict[str, Any]:
+    """The recipe as a mapping, or ``{}`` with a warning: a damaged recipe fails the audit (its hash)
+    and the report is still written, saying so."""
+    try:
+        document = parse_yaml(read_regular(path, MAX_FILE_BYTES).decode("utf-8"), str(path))
+    except FileNotFoundError:
+        warnings.append(f"{path}: missing; the recipe cannot be shown")
+        return {}
+    except (UnsafeInput, UnicodeDecodeError, ConfigError) as exc:
+        warnings.append(f"{path}: unreadable ({exc}); the recipe cannot be shown")
+        return {}
+    if not isinstance(document.data, dict):
+        warnings.append(f"{path}: not a mapping of recipe sections; the recipe cannot be shown")
+        return {}
+    return document.data
 
 
 def _read_metrics(path: Path, warnings: list[str]) -> list[Record]:
     """metrics.jsonl rows; a line that does not parse (a crash mid-write) is skipped with a warning."""
-    if not path.is_file():
+    try:
+        data = read_regular(path, MAX_METRICS_BYTES)
+    except FileNotFoundError:
         warnings.append(f"{path}: missing; no curves can be drawn")
         return []
+    except UnsafeInput as exc:
+        warnings.append(f"{path}: {exc}; no curves can be drawn")
+        return []
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(data.splitlines(), start=1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.append(f"{path}:{number}: not valid JSON; skipped")
+            row = parse_json(line, MAX_LINE_BYTES)
+        except ValueError as exc:
+            warnings.append(f"{path}:{number}: not valid JSON ({str(exc)[:80]}); skipped")
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
+        if isinstance(row, dict) and _is_int(row.get("step")):
             rows.append(row)
         else:
             warnings.append(f"{path}:{number}: not a metrics row; skipped")
@@ -97,8 +115,10 @@ def _list_checkpoints(directory: Path) -> list[Record]:
     """Committed checkpoints (``step-*`` directories), oldest first, with what their manifests say."""
     if not directory.is_dir():
         return []
-    latest_path = directory / "LATEST"
-    latest = latest_path.read_text(encoding="utf-8").strip() if latest_path.is_file() else None
+    try:
+        latest = read_regular(directory / "LATEST", 64).decode("ascii", "replace").strip()
+    except (OSError, UnsafeInput):  # missing or damaged: no checkpoint is marked latest
+        latest = None
     listed = []
     for path in sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-")):
         try:
@@ -108,6 +128,7 @@ def _list_checkpoints(directory: Path) -> list[Record]:
         files = manifest.get("files")
         files = files if isinstance(files, dict) else {}
         listed.append({"name": path.name, "step": manifest.get("step"), "latest": path.name == latest,
-                       "bytes": sum(f.get("bytes", 0) for f in files.values() if isinstance(f, dict)),
+                       "bytes": sum(f["bytes"] for f in files.values()
+                                    if isinstance(f, dict) and isinstance(f.get("bytes"), int)),
                        "complete": bool(manifest), "val_loss": manifest.get("val_loss")})
     return listed

@@ -34,7 +34,8 @@ def _markers(changes: list[dict[str, Any]], run: str = "") -> list[Marker]:
     return [Marker(float(c["step"]), c["event"], EVENT_COLORS[c["event"]],
                    f"{prefix}step {c['step']}: {c['event']} {c.get('blueprint') or c.get('kind') or ''} "
                    f"{c['where']}".strip())
-            for c in changes if c.get("event") in EVENT_COLORS and isinstance(c.get("step"), int)]
+            for c in changes if isinstance(c.get("event"), str) and c["event"] in EVENT_COLORS
+            and isinstance(c.get("step"), int)]
 
 
 def render_all(report: dict[str, Any], loss_scale: str = "log") -> dict[str, str]:

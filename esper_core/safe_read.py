@@ -1,0 +1,110 @@
+"""Reading files that someone else may have written: checkpoints, run files, event logs.
+
+Such a file may have been replaced by a FIFO (an ``open`` that never returns), a device, a
+symbolic link to somewhere else, a sparse file of a terabyte, or JSON nested so deeply that
+parsing it overflows the stack. Every reader of untrusted bytes goes through here, so each of
+those becomes one :class:`UnsafeInput` with a plain message instead of a hang or a traceback:
+
+- :func:`read_regular` opens without following links and without blocking, checks that the
+  descriptor is a regular file, and reads at most ``limit`` bytes;
+- :func:`parse_json` refuses text above a size and JSON nested deeper than a bound (checked on
+  the bytes before the decoder sees them), and returns plain Python values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+MAX_JSON_DEPTH = 64
+"""Deeper than anything Esper writes (manifests, states, events and summaries stay below 10)."""
+
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_OPENERS = {ord("["), ord("{")}
+
+
+class UnsafeInput(ValueError):
+    """A file or text that is not what it should be (wrong kind of file, too large, too deep)."""
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (not a link, FIFO, device or directory) of at
+    most ``limit`` bytes. ``FileNotFoundError`` passes through so callers can say "missing"."""
+    descriptor = _open_regular(path)
+    try:
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(descriptor, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(descriptor)
+    if size > limit:
+        raise UnsafeInput(f"larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def nesting_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for match in _TOKENS.finditer(data):
+        first = match.group()[0]
+        if first in _OPENERS:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif first != ord('"'):
+            depth -= 1
+    return deepest
+
+
+def parse_json(data: bytes | str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Decode JSON with a bound on size and nesting; ``UnsafeInput`` (a ``ValueError``) otherwise,
+    as for malformed JSON, whose ``json.JSONDecodeError`` is also a ``ValueError``."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if len(raw) > max_bytes:
+        raise UnsafeInput(f"larger than {max_bytes} bytes")
+    if raw.count(b"[") + raw.count(b"{") > max_depth and nesting_depth(raw) > max_depth:
+        raise UnsafeInput(f"nested more than {max_depth} levels deep")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UnsafeInput(f"not UTF-8 text ({exc.reason})") from None
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def sha256_regular(path: Path) -> str:
+    """sha256 of a regular file (not a link, FIFO or device), streamed: model files can be large."""
+    with os.fdopen(_open_regular(path), "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _open_regular(path: Path) -> int:
+    """A descriptor of ``path`` opened without following links or blocking (a FIFO), checked to be a
+    regular file. ``FileNotFoundError`` passes through so callers can say "missing"."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: a symbolic link; ENOTDIR: a parent is a file; EACCES ...
+        kind = "a symbolic link" if os.path.islink(path) else exc.strerror
+        raise UnsafeInput(f"cannot be read ({kind})") from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        raise UnsafeInput(f"is not a regular file (it is {_kind(mode)})")
+    return descriptor

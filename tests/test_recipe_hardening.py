@@ -1,0 +1,112 @@
+"""Recipe inputs that used to crash or silently mean something else (issue 11, items 16 and 17):
+strict types, integers too long to parse, a synthetic dataset too large to generate, an output
+directory that is a file, `run.device: cuda` without a GPU, and factories when they are not allowed.
+Each is one located problem and exit 2, through `esper train` where the check runs before training.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from esper_core.errors import ConfigError
+from esper_core.recipe import check_device, check_output_dir, load_recipe
+from esper_core.recipe.overrides import COMMAND_LINE
+
+
+def recipe(tmp_path: Path, text: str = "trainer: {max_steps: 5}\n") -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path, *overrides: str, **kwargs: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, overrides, **kwargs)
+    assert info.value.exit_code == 2
+    return [str(p) for p in info.value.problems]
+
+
+@pytest.mark.parametrize("override, field", [
+    ("trainer.max_steps=true", "trainer.max_steps"), ("trainer.max_steps='200'", "trainer.max_steps"),
+    ("trainer.lr='0.1'", "trainer.lr"), ("run.deterministic=1", "run.deterministic"),
+    ("run.deterministic='true'", "run.deterministic"), ("run.seed=1.0", "run.seed"),
+    ("policy.growth_window=['0.1', 0.5]", "policy.growth_window.0"), ("trainer.lr=true", "trainer.lr")])
+def test_types_are_strict(tmp_path: Path, override: str, field: str) -> None:
+    (found,) = problems(recipe(tmp_path), override)
+    assert found.startswith(f"{COMMAND_LINE}: {field}: override {override!r}: "), found
+
+
+def test_an_integer_where_a_float_is_expected_is_still_a_float(tmp_path: Path) -> None:
+    loaded = load_recipe(recipe(tmp_path), ["trainer.lr=1", "policy.growth_window=[0, 1]"])
+    assert loaded.recipe.trainer.lr == 1.0 and isinstance(loaded.recipe.trainer.lr, float)
+    assert loaded.recipe.policy.growth_window == (0.0, 1.0)
+
+
+def test_a_five_thousand_digit_integer_is_located(tmp_path: Path) -> None:
+    path = recipe(tmp_path, "run: {name: big}\ntrainer:\n  max_steps: " + "9" * 5000 + "\n")
+    assert problems(path) == [f"{path}:3: trainer.max_steps: an integer of 5000 characters is too large (at most 40)"]
+    (found,) = problems(recipe(tmp_path), "trainer.max_steps=" + "1" * 5000)
+    assert "too large" in found and "trainer.max_steps" in found
+
+
+def test_a_synthetic_dataset_too_large_to_generate_is_refused(tmp_path: Path) -> None:
+    path = recipe(tmp_path, "data:\n  source: synthetic\n  synthetic: {n_samples: 10000000, n_features: 100000}\n")
+    (found,) = problems(path)
+    assert found.startswith(f"{path}:3: data.synthetic: n_samples x n_features is 1,000,000,000,000 values")
+    assert load_recipe(path, ["data.synthetic.n_features=10"]).recipe.data.synthetic.n_features == 10
+
+
+def test_an_output_dir_that_is_a_file_is_located(tmp_path: Path) -> None:
+    (tmp_path / "runs").write_text("not a directory")
+    path = recipe(tmp_path, f"run:\n  name: x\n  output_dir: {tmp_path / 'runs'}\n")
+    with pytest.raises(ConfigError) as info:
+        check_output_dir(load_recipe(path))
+    assert str(info.value) == (f"{path}:3: run.output_dir: {str(tmp_path / 'runs')!r} is not a directory: "
+                               f"{tmp_path / 'runs'} is a file; name a directory for run directories")
+    with pytest.raises(ConfigError, match="is in its path"):
+        check_output_dir(load_recipe(path, [f"run.output_dir={tmp_path / 'runs' / 'deeper'}"]))
+    check_output_dir(load_recipe(path, [f"run.output_dir={tmp_path / 'new' / 'runs'}"]))  # creatable: fine
+
+
+def test_cuda_without_a_gpu_is_a_located_config_error(tmp_path: Path) -> None:
+    path = recipe(tmp_path, "run:\n  device: cuda\n")
+    with pytest.raises(ConfigError) as info:
+        check_device(load_recipe(path), cuda_available=False)
+    assert info.value.exit_code == 2 and str(info.value).startswith(f"{path}:2: run.device: is 'cuda' but no CUDA")
+    check_device(load_recipe(path), cuda_available=True)
+    check_device(load_recipe(path, ["run.device=auto"]), cuda_available=False)
+
+
+FACTORY_RECIPE = """\
+data: {source: factory, factory: "os:system", factory_kwargs: {command: "touch PWNED"}}
+model: {arch: factory, factory: "my_models:build"}
+"""
+
+
+def test_factories_are_refused_when_not_allowed_naming_every_field(tmp_path: Path, monkeypatch) -> None:
+    path = recipe(tmp_path, FACTORY_RECIPE)
+    found = problems(path, allow_factories=False)
+    assert [f.split(": ")[1] for f in found] == ["data.factory", "model.factory"]
+    assert found[0].startswith(f"{path}:1: data.factory: names user code ('os:system')")
+    monkeypatch.setenv("ESPER_ALLOW_FACTORIES", "0")
+    assert len(problems(path)) == 2
+    (by_override,) = problems(recipe(tmp_path), "model.factory=pkg.mod:fn")
+    assert by_override.startswith(f"{COMMAND_LINE}: model.factory: override 'model.factory=pkg.mod:fn'")
+    monkeypatch.setenv("ESPER_ALLOW_FACTORIES", "1")
+    load_recipe(path)  # allowed: loading never imports the factory (the trainer does)
+    monkeypatch.setenv("ESPER_ALLOW_FACTORIES", "maybe")
+    assert problems(path) == ["ESPER_ALLOW_FACTORIES: must be 1 or 0 (got 'maybe')"]
+
+
+def test_esper_train_refuses_a_factory_recipe_before_running_it(tmp_path: Path) -> None:
+    path = recipe(tmp_path, FACTORY_RECIPE)
+    result = subprocess.run([sys.executable, "-m", "esper_cli", "train", str(path), f"run.output_dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**__import__("os").environ, "ESPER_ALLOW_FACTORIES": "0"})
+    assert result.returncode == 2, result.stderr
+    assert "data.factory: names user code" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "PWNED").exists()
