@@ -27,7 +27,7 @@ from esper_core.seeds.kasmina import KasminaLayer
 class SeedCatalog:
     def __init__(self, library: BlueprintLibrary, names: Sequence[str], layers: dict[str, KasminaLayer],
                  feeders: dict[str, str], input_shapes: dict[str, tuple[int, ...]], rank: int,
-                 device_class: str) -> None:
+                 device_class: str, kernel_dtype: str | None = None) -> None:
         self.library = library
         self.names = list(names)
         self.layers = layers
@@ -35,6 +35,7 @@ class SeedCatalog:
         self.input_shapes = input_shapes
         self.rank = rank
         self.device_class = device_class
+        self.kernel_dtype = kernel_dtype  # the autocast precision seeds run in, when not the host's
         self._costs: dict[tuple[str, str], SeedCost] = {}
 
     def is_span(self, blueprint: str) -> bool:
@@ -98,7 +99,7 @@ class SeedCatalog:
 
     def spec(self, blueprint: str, layer: str) -> KernelSpec:
         dest = self.layers[layer]
-        dtype = str(next(dest.host.parameters()).dtype).removeprefix("torch.")
+        dtype = self.kernel_dtype or str(next(dest.host.parameters()).dtype).removeprefix("torch.")
         source = self.source(blueprint, layer)
         if source is None:
             host, shape = dest.spec, self.input_shapes[layer]

@@ -109,7 +109,7 @@ class GrowthController:
                  store: KernelStore | None = None, seed: int = 0, evaluate: Evaluate | None = None,
                  recorder: Recorder | None = None, check_every: int = 10,
                  seed_lr: Callable[[int], float] | None = None, blueprint_dirs: Sequence[Path] = (),
-                 deterministic: bool = True, start: bool = True) -> None:
+                 deterministic: bool = True, start: bool = True, kernel_dtype: str | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.max_steps = max_steps
@@ -125,7 +125,7 @@ class GrowthController:
         feeders = self.manager.pair_spans(shapes.order, shapes.inputs, shapes.outputs)
         library = BlueprintLibrary.discover(blueprint_dirs)
         self.catalog = SeedCatalog(library, self.seeds_config.blueprints, self.manager.layers, feeders, shapes.inputs,
-                                   self.seeds_config.rank, self.device.type)
+                                   self.seeds_config.rank, self.device.type, kernel_dtype)
         self.catalog.check()
         if store is None:
             from esper_core.storage import open_kernel_store
@@ -143,6 +143,8 @@ class GrowthController:
                                      self.seeds_config.merge_linear)
         self.run_state: tuple[Callable[[], State], Callable[[State], None]] = (self._capture, self._restore)
         self._names = {id(layer): name for name, layer in self.manager.layers.items()}
+        # Under torch.compile the measurement (tensor hooks, bookkeeping) runs eagerly, off the graph.
+        self._compiled_probe = torch.compiler.disable(self._probe)
         self._unusable: set[tuple[str, str]] = set()
         self._gate_open = True
         self._previous_loss: float | None = None
@@ -335,7 +337,7 @@ class GrowthController:
         every = self.policy_config.merit_every
         if self.step % every == 0 and self.policy.in_window(self.step + every):
             for layer in self.manager.layers.values():
-                layer.probe = self._probe
+                layer.probe = self._compiled_probe
             self._measuring = True
 
     def _disarm(self) -> None:

@@ -353,7 +353,14 @@ class TrainerConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule over max_steps.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value.")
+    grad_clip: float | None = Field(None, gt=0.0, description="Clip the gradient norm to this value (the host and "
+                                    "blended seeds together, each incubating seed on its own).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision of forward passes (training and evaluation); `fp16` also scales "
+        "the loss (GradScaler). Seeds run under the same autocast, and their kernels are validated in it.")
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
+        "none", description="`torch.compile` mode for training steps (`none`: eager). Blend weights and the "
+        "incubation switch are tensors, so blending and probation never recompile; a seed appearing or leaving does.")
     eval_every: int = Field(50, ge=1, description="Steps between validation passes.")
     log_every: int = Field(10, ge=1, description="Steps between lines in metrics.jsonl (and loss reads).")
     governor: GovernorConfig = Field(default_factory=GovernorConfig, description="Anomaly rollback.")

@@ -25,27 +25,45 @@ from esper_core.blueprints.host import HostSpec
 from esper_core.seeds.lifecycle import SeedState, check_transition
 
 
-class _Incubate(torch.autograd.Function):
-    """Straight-through incubation with a proximal pull towards zero.
+class _Blend(torch.autograd.Function):
+    """A seed's contribution to its layer's output, in every state, as one op.
 
-    Forward: zero, so the model's output is unchanged. Backward: the seed output receives
-    ``isolate * (dL/dy + g / (eta * B))``, which is the gradient of
-    ``<g, dL/dy> + ||g||^2 / (2 * eta * B)``; its minimiser is ``g = -eta * B * dL/dy``: the seed
-    regresses onto the part of the functional gradient the host is missing. Because the loss is
-    mean-reduced, ``B * dL/dy`` is a per-sample gradient, so ``eta`` is in per-sample units.
+    Forward: ``alpha * g`` (``alpha`` is 0 while incubating, so the model's output is unchanged then).
+    Backward: the seed output receives ``alpha * dL/dy + isolate * (dL/dy + g / (eta * B))``. While
+    incubating (``isolate`` 1, ``alpha`` 0) that is the gradient of ``<g, dL/dy> + ||g||^2 / (2 eta B)``,
+    whose minimiser is ``g = -eta * B * dL/dy``: the seed regresses onto the part of the functional
+    gradient the host is missing (straight-through incubation with a proximal pull). Because the loss
+    is mean-reduced, ``B * dL/dy`` is a per-sample gradient, so ``eta`` is in per-sample units.
+    ``scale`` is the loss scale of fp16 training (the pull must be scaled like the gradient it joins).
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, isolate: torch.Tensor, eta: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(out, isolate)
+    def forward(ctx, out: torch.Tensor, isolate: torch.Tensor, alpha: torch.Tensor, eta: float,  # type: ignore[override]
+                scale: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(out, isolate, alpha, scale if scale is not None else isolate.new_ones(()))
         ctx.eta = eta
-        return torch.zeros_like(out)
+        return out * alpha
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        out, isolate = ctx.saved_tensors
-        pull = out / (ctx.eta * out.shape[0])
-        return isolate * (grad + pull), None, None
+        out, isolate, alpha, scale = ctx.saved_tensors
+        pull = out * (scale / (ctx.eta * out.shape[0]))
+        return grad * (alpha + isolate) + isolate * pull, None, None, None, None
+
+
+class _KeepGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``keep``: an incubating seed (``keep`` 0)
+    sends no gradient to the host through its input, a blended one (``keep`` 1) all of it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(keep)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        return grad * keep, None
 
 
 @dataclass
@@ -86,6 +104,7 @@ class KasminaLayer(nn.Module):
         self.probe: Callable[[KasminaLayer, torch.Tensor, torch.Tensor], None] | None = None
         """Set by the growth controller for the one forward pass it measures (health signals); one
         attribute check per forward otherwise, so a dormant layer costs (almost) nothing."""
+        self.grad_scale: torch.Tensor | None = None  # fp16's loss scale, set by the trainer each step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.capture:
@@ -94,9 +113,8 @@ class KasminaLayer(nn.Module):
         for index, seed, span in self._active:
             iso = self.isolate[index]
             source = self._feeder[0].captured if span else x
-            # lerp(x, x.detach(), iso) == x in value; the host gets (1 - iso) of the seed's gradient.
-            out = seed(torch.lerp(source, source.detach(), iso))
-            y = y + _Incubate.apply(out, iso, self.eta) + out * self.alpha[index]
+            out = seed(_KeepGrad.apply(source, 1.0 - iso))
+            y = y + _Blend.apply(out, iso, self.alpha[index], self.eta, self.grad_scale)
         if self.probe is not None and torch.is_grad_enabled():
             self.probe(self, x, y)
         return y

@@ -10,6 +10,7 @@ from esper_core.artifacts.publish import publish_run
 from esper_core.export.final import write_final
 from esper_core.policy.arm_store import workspace_store
 from esper_core.telemetry.binding import artifact_digests, sign_head, summary_figures
+from esper_core.training.loaders import resident
 from esper_core.training.models import count_parameters
 
 if TYPE_CHECKING:
@@ -24,12 +25,13 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     if recipe.policy.selector.share_across_runs:
         controller.policy.selector.share(workspace_store(recipe.storage.workspace))
     task = trainer.task
-    val = task.evaluate(trainer.model, trainer.val_batches, trainer.device)
-    test_batches = trainer.eval_batches(trainer.data.test)
-    test = task.evaluate(trainer.model, test_batches, trainer.device)
-    with manager.all_muted():  # what the grown seeds are worth: the same model with every seed silent
-        muted = {"val": task.evaluate(trainer.model, trainer.val_batches, trainer.device),
-                 "test": task.evaluate(trainer.model, test_batches, trainer.device)}
+    test_batches = trainer.eval_batches(resident(trainer.data.test, trainer.device))
+    with trainer.precision.autocast():
+        val = task.evaluate(trainer.model, trainer.val_batches, trainer.device)
+        test = task.evaluate(trainer.model, test_batches, trainer.device)
+        with manager.all_muted():  # what the grown seeds are worth: the same model with every seed silent
+            muted = {"val": task.evaluate(trainer.model, trainer.val_batches, trainer.device),
+                     "test": task.evaluate(trainer.model, test_batches, trainer.device)}
     write_final(trainer.run_dir, trainer.model.state_dict(), manager.topology(),
                 {"step": trainer.step, "recipe_sha256": trainer.loaded.sha256, "recipe_dir": str(trainer.base_dir),
                  "host_model": host_model(trainer)})

@@ -27,7 +27,7 @@ def capture(trainer: Trainer, checkpoint: bool) -> State:
         "optimizer": optim.export_state(trainer.optimizer, trainer.model),
         "controller": trainer.controller.state_dict(governor=checkpoint),
         "rng": rng_state(),
-        "trainer": {"last_val": trainer.last_val},
+        "trainer": {"last_val": trainer.last_val, "scaler": trainer.precision.state_dict()},
     }
     if checkpoint:
         state["data"] = trainer.sampler.position()
@@ -43,5 +43,6 @@ def restore(trainer: Trainer, state: State) -> None:
     optim.import_state(trainer.optimizer, trainer.model, state["optimizer"])
     set_rng_state(state["rng"])
     trainer.last_val = state["trainer"]["last_val"]
+    trainer.precision.load_state_dict(state["trainer"].get("scaler") or {})
     if "data" in state:
         trainer.sampler.seek(**state["data"])

@@ -40,7 +40,8 @@ from esper_core.training import optim, run_state
 from esper_core.training.checkpoint_state import check_run_state, refusing
 from esper_core.training.data import build_data, import_factory
 from esper_core.training.finish import finish_run, host_model
-from esper_core.training.loaders import EvalBatches, TrainBatches
+from esper_core.training.loaders import EvalBatches, TrainBatches, resident
+from esper_core.training.precision import Precision
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.recording import RunRecorder, fresh_run_dir, progress_event
 from esper_core.training.setup import seed_everything, select_device
@@ -125,15 +126,20 @@ class Trainer:
                 check_every=recipe.trainer.log_every,
                 seed_lr=lambda step: optim.seed_lr(step, recipe.trainer, recipe.seeds, recipe.policy.growth_window[1]),
                 blueprint_dirs=[self.base_dir / d for d in recipe.seeds.blueprint_dirs],
-                deterministic=recipe.run.deterministic, start=False)
+                deterministic=recipe.run.deterministic, start=False,
+                kernel_dtype={"bf16": "bfloat16", "fp16": "float16"}.get(recipe.trainer.precision))
         self.controller.run_state = (lambda: cpu_copy(run_state.capture(self, checkpoint=False)),
                                      lambda state: run_state.restore(self, state))
         self.manager = self.controller.manager
+        self.precision = Precision(recipe.trainer.precision, self.device)
+        self.step_model = self.model if recipe.trainer.compile == "none" else torch.compile(
+            self.model, mode=recipe.trainer.compile)  # training steps only: evaluation stays eager
         data = recipe.data
-        self.sampler = TrainBatches(self.data.train, data.batch_size, recipe.run.seed, data.num_workers,
-                                    data.pin_memory, data.persistent_workers)
-        self.val_batches = self.eval_batches(self.data.val)
-        self.verdict_batches = self.eval_batches(self.data.val, limit=recipe.seeds.eval_batches)
+        self.sampler = TrainBatches(resident(self.data.train, self.device), data.batch_size, recipe.run.seed,
+                                    data.num_workers, data.pin_memory, data.persistent_workers)
+        val = resident(self.data.val, self.device)
+        self.val_batches = self.eval_batches(val)
+        self.verdict_batches = self.eval_batches(val, limit=recipe.seeds.eval_batches)
         self.last_val: dict[str, float] | None = None
         self.run_dir: Path | None = None
         self._resumed_from: store.Checkpoint | None = None
@@ -145,6 +151,7 @@ class Trainer:
         return self.controller.step
 
     def eval_batches(self, dataset: Dataset, limit: int | None = None) -> EvalBatches:
+        """Evaluation batches of ``dataset`` (pass it through :func:`resident` first on a GPU)."""
         data = self.loaded.recipe.data
         return EvalBatches(dataset, data.eval_batch_size, limit, data.num_workers, data.pin_memory)
 
@@ -211,22 +218,24 @@ class Trainer:
         cfg = self.loaded.recipe
         morph = self.recorder.telemetry.morph
         self.model.train()
-        output, targets = self.task.forward(self.model, self.sampler.next(), self.device)
-        loss = self.task.loss(output, targets)
+        with self.precision.autocast():
+            output, targets = self.task.forward(self.step_model, self.sampler.next(), self.device)
+            loss = self.task.loss(output, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.precision.backward(loss, self.optimizer, list(self.manager.layers.values()))
         with morph:
             self.controller.after_backward()
         if cfg.trainer.grad_clip is not None:
             self.controller.clip_grad_norm_(cfg.trainer.grad_clip)
         optim.apply_lr(self.optimizer, self.step, cfg.trainer)
-        self.optimizer.step()
+        self.precision.step(self.optimizer)
         with morph:
             return self.controller.after_step(loss)
 
     def _validate_and_grow(self) -> bool:
         """Validate, then let the controller snapshot and grow; returns whether it rolled back."""
-        val = self.task.evaluate(self.model, self.val_batches, self.device)
+        with self.precision.autocast():
+            val = self.task.evaluate(self.model, self.val_batches, self.device)
         self.last_val = val.metrics
         self.recorder.validated({"step": self.step, **{f"val_{k}": v for k, v in val.metrics.items()}},
                                 float(val.loss or 0.0), val.name, val.metric)
@@ -234,7 +243,8 @@ class Trainer:
             return self.controller.after_validation(val)
 
     def _verdict_evaluation(self, model: torch.nn.Module) -> Evaluation:
-        return self.task.evaluate(model, self.verdict_batches, self.device)
+        with self.precision.autocast():
+            return self.task.evaluate(model, self.verdict_batches, self.device)
 
     def _report(self, outcome: StepOutcome) -> None:
         self.recorder.notify(progress_event(self.step, self.loaded.recipe.trainer.max_steps, outcome.loss,

@@ -1,0 +1,67 @@
+"""Mixed precision for ``esper train``: autocast for forward passes, loss scaling for fp16.
+
+``trainer.precision: bf16`` runs forward passes (training, validation, verdicts) under autocast in
+bfloat16; parameters, optimizer state and gradients stay float32. ``fp16`` does the same in float16
+and scales the loss (``torch.amp.GradScaler``) so small gradients survive; the gradients are
+unscaled before anything reads them (health measurement, clipping), and the scale is handed to the
+Kasmina layers so an incubating seed's proximal pull is scaled like the gradient it joins. The
+scaler's state is part of the run's state (checkpoints, rollbacks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from esper_core.seeds.kasmina import KasminaLayer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, choice: str, device: torch.device) -> None:
+        self.choice = choice
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=choice == "fp16")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype (``None``: full precision)."""
+        return DTYPES.get(self.choice)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.dtype is None:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            yield
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, layers: list[KasminaLayer]) -> None:
+        """``loss.backward()`` (scaled for fp16), then the gradients unscaled in place."""
+        if not self.scaler.is_enabled():
+            loss.backward()
+            return
+        scale = self.scaler._scale  # the current scale as a device tensor: no host-device sync
+        for layer in layers:
+            layer.grad_scale = scale
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()``; with fp16 skipped when gradients overflowed, and the scale updated."""
+        if not self.scaler.is_enabled():
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.scaler.state_dict()) if self.scaler.is_enabled() else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler.is_enabled() and state:
+            self.scaler.load_state_dict(state)
