@@ -1,6 +1,8 @@
-"""torch.compile and growth: a blend weight or the incubation switch changing never recompiles (they are
-tensors); only a seed appearing or leaving changes the graph. Counted with dynamo's own frame counter
-on a real training loop driven by the growth controller."""
+"""torch.compile and growth: no seed event recompiles the model. Blend weights and the incubation
+switch are tensors, and the seed path runs eagerly between compiled host regions, so a seed appearing,
+blending, going on probation or being fossilized leaves every compiled frame valid. Counted with
+dynamo's own frame counter on a real training loop driven by the growth controller, and checked
+against the eager model's output."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.manager import SlotRef
 
 
-def test_blending_and_probation_cause_no_recompiles(tmp_path: Path) -> None:
+def test_no_seed_event_recompiles_the_model(tmp_path: Path) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -53,9 +55,9 @@ def test_blending_and_probation_cause_no_recompiles(tmp_path: Path) -> None:
         if step == 0:
             growth.after_validation(evaluate(model))  # germinates the seed
     assert growth.manager.state(ref) == SeedState.FOSSILIZED
-    # One graph per topology: with the seed incubating, and the same graph carries it through blending,
-    # probation and fossilization (alpha and isolate are buffers: their values change, the graph does not).
-    assert frames_by_state[SeedState.DORMANT] == {1} and len(frames_by_state[SeedState.TRAINING]) == 1
-    blended = frames_by_state[SeedState.BLENDING] | frames_by_state[SeedState.PROBATION] | \
-        frames_by_state[SeedState.FOSSILIZED]
-    assert blended == frames_by_state[SeedState.TRAINING], frames_by_state
+    assert set(frames_by_state) == {SeedState.DORMANT, SeedState.TRAINING, SeedState.BLENDING,
+                                    SeedState.PROBATION, SeedState.FOSSILIZED}
+    # Every step ran the frames compiled at step 0, whatever the seed's state.
+    assert set().union(*frames_by_state.values()) == frames_by_state[SeedState.DORMANT], frames_by_state
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))

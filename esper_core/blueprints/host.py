@@ -9,7 +9,7 @@ zeros whatever the host's padding mode, which changes only border values of a re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # imported in HostSpec.of: resolving blueprints needs no PyTorch
@@ -81,6 +81,11 @@ class HostSpec:
         if self.kind == "linear":
             return (self.in_features,)
         return (self.in_features, *(DEFAULT_GRID if self.kind == "conv2d" else (16,)))
+
+    def spanning(self, dest: "HostSpec") -> "HostSpec":
+        """The host a span seed is sized for: this (feeder) layer's input and geometry, ``dest``'s outputs
+        (the seed reads what the feeder reads and adds to what ``dest`` produces)."""
+        return replace(self, out_features=dest.out_features)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,10 @@ def export_program(plain: nn.Module, inputs: Any) -> torch.export.ExportedProgra
         return {0: batch} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
 
     shapes: Any = {k: dynamic(v) for k, v in kwargs.items()} if kwargs else tuple(dynamic(a) for a in args)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # A span seed's feeder hands its input on through an attribute (GrownLayer.kept): a value
+        # passed within one forward pass, not state, so it is deliberately not a buffer.
+        warnings.filterwarnings("ignore", message=r"The tensor attribute .*\.kept was assigned during export")
         return torch.export.export(plain.eval(), args, kwargs or None, dynamic_shapes=shapes)
 
 
@@ -105,6 +109,7 @@ def architecture(recipe_model: dict[str, Any], host_model: dict[str, Any], plain
             continue
         entry = grown.setdefault(outcome.layer, {"host": (outcome.target or {}).get("host"), "branches": []})
         entry["branches"].append({"slot": outcome.slot, "blueprint": outcome.blueprint, "scale": outcome.alpha,
+                                  "source": outcome.source,
                                   "ir": outcome.ir, "target": outcome.target})
     return {"format": "esper-export", "version": 1, "model": recipe_model, **host_model,
             "merged": merged, "original_keys": original_keys, "grown_layers": grown,

@@ -161,11 +161,16 @@ def _restore_seeds(manager: SeedManager, topology: dict[str, Any], loaded: Loade
         raise CheckpointError(Problem(str(where), "its seed topology wraps different layers than the recipe does"))
     recorded = {(name, raw.get("blueprint")): raw for name, entry in layers.items() for raw in entry["slots"]
                 if raw.get("ir") and raw.get("target")}
+    sources = {(name, raw.get("blueprint")): raw.get("source") for name, entry in layers.items()
+               for raw in entry["slots"]}
     library: list[Any] = []  # discovered only for runs that recorded no IR
 
     def seed_module(layer: str, blueprint: str) -> nn.Module:
-        host = manager.layers[layer].spec
         raw = recorded.get((layer, blueprint))
+        source = sources.get((layer, blueprint))
+        host = manager.layers[layer].spec
+        if isinstance(source, str) and source in manager.layers:  # a span seed: sized by its feeder
+            host = manager.layers[source].spec.spanning(host)
         try:
             if raw is not None:
                 ir = Blueprint.model_validate(raw["ir"])

@@ -6,7 +6,9 @@
   (a fossilized seed that is an exact linear map of the host's input, :mod:`esper_core.seeds.merge`);
   the model then has its original module names, so its state dict loads into the user's own class;
 - otherwise a :class:`GrownLayer` ``y = host(x) + sum_i scale_i * branch_i(x)`` holding the host and
-  the remaining seeds as plain submodules (``host.*``, ``branches.N.*``).
+  the remaining seeds as plain submodules (``host.*``, ``branches.N.*``). A span seed (new units
+  between two layers) is a branch of the second layer that reads the first layer's input; the first
+  layer becomes a GrownLayer too (it keeps its input for the pass).
 
 Slot bookkeeping, ``alpha``/``isolate`` buffers, dormant, germinated and culled slots disappear.
 Live seeds: an incubating seed (TRAINING) contributes exactly nothing to the output and is left out;
@@ -31,19 +33,28 @@ from esper_core.seeds.merge import merge_into
 
 
 class GrownLayer(nn.Module):
-    """A host layer plus the seeds that were not merged into it: ``host(x) + sum_i scale_i * branch_i(x)``.
-    Scales are Python floats (1.0 for fossilized seeds), so an exported program holds them as constants."""
+    """A host layer plus the seeds that were not merged into it: ``host(x) + sum_i scale_i * branch_i(x_i)``,
+    where ``x_i`` is this layer's input, or for a span seed the input of the layer before (its feeder,
+    which keeps its input for the pass). Scales are Python floats (1.0 for fossilized seeds), so an
+    exported program holds them as constants."""
 
-    def __init__(self, host: nn.Module, branches: list[nn.Module], scales: list[float]) -> None:
+    def __init__(self, host: nn.Module, branches: list[nn.Module], scales: list[float],
+                 spans: list[bool] | None = None) -> None:
         super().__init__()
         self.host = host
         self.branches = nn.ModuleList(branches)
         self.scales = tuple(float(s) for s in scales)
+        self.spans = tuple(spans or [False] * len(branches))
+        self.keep_input = False  # set on the feeder of a span branch
+        self.kept: torch.Tensor | None = None
+        self._feeder: tuple[GrownLayer, ...] = ()  # a tuple, so the feeder is not registered as a child
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep_input:
+            self.kept = x
         y = self.host(x)
-        for branch, scale in zip(self.branches, self.scales):
-            out = branch(x)
+        for branch, scale, span in zip(self.branches, self.scales, self.spans):
+            out = branch(self._feeder[0].kept if span else x)
             y = y + (out if scale == 1.0 else out * scale)
         return y
 
@@ -62,6 +73,7 @@ class SeedOutcome:
     reason: str
     ir: dict[str, Any] | None
     target: dict[str, Any] | None
+    source: str | None = None  # a span seed's feeder layer (the input it reads)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,24 +84,37 @@ def unwrap(model: nn.Module, merge: bool = True) -> tuple[nn.Module, list[SeedOu
     itself is not changed."""
     plain = copy.deepcopy(model)
     outcomes: list[SeedOutcome] = []
-    for name, layer in [(n, m) for n, m in plain.named_modules() if isinstance(m, KasminaLayer)]:
-        host, branches, scales = layer.host, [], []
+    layers = {name: m for name, m in plain.named_modules() if isinstance(m, KasminaLayer)}
+    kept: dict[str, tuple[list[nn.Module], list[float], list[bool]]] = {}
+    feeders: dict[str, str] = {}  # layer with a span branch -> the layer whose input it reads
+    for name, layer in layers.items():
+        branches, scales, spans = kept.setdefault(name, ([], [], []))
         for index, slot in enumerate(layer.slots):
             if str(index) not in layer.seeds:
                 continue
             seed = layer.seeds[str(index)]
             alpha = float(layer.alpha[index])
             action, reason = _decide(slot.state, alpha, merge)
-            if action == "merged" and not merge_into(host, seed, alpha):
+            if action == "merged" and (slot.source is not None or not merge_into(layer.host, seed, alpha)):
                 action, reason = "branch", "fossilized; not an exact linear map of the host's input"
             if action == "branch":
                 branches.append(seed)
                 scales.append(alpha)
+                spans.append(slot.source is not None)
+                if slot.source is not None:
+                    feeders[name] = slot.source
             spec = slot.spec or {}
             outcomes.append(SeedOutcome(name, index, slot.blueprint, slot.state.name, alpha,
                                         sum(p.numel() for p in seed.parameters()), action, reason,
-                                        spec.get("ir"), spec.get("target")))
-        replacement = GrownLayer(host, branches, scales) if branches else host
+                                        spec.get("ir"), spec.get("target"), slot.source))
+    replacements = {name: GrownLayer(layers[name].host, *kept[name]) if kept[name][0] or name in feeders.values()
+                    else layers[name].host for name in layers}
+    for name, source in feeders.items():
+        feeder = replacements[source]
+        assert isinstance(feeder, GrownLayer)
+        feeder.keep_input = True
+        replacements[name]._feeder = (feeder,)
+    for name, replacement in replacements.items():
         if name:
             parent, _, child = name.rpartition(".")
             setattr(plain.get_submodule(parent) if parent else plain, child, replacement)

@@ -12,10 +12,8 @@ fields that caused them (``seeds.blueprints.N``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 from esper_core.blueprints.builder import ResolveError
-from esper_core.blueprints.host import HostSpec
 from esper_core.blueprints.library import BlueprintLibrary
 from esper_core.compiler.flops import analytic_cost
 from esper_core.compiler.kernels import KernelSpec
@@ -104,8 +102,7 @@ class SeedCatalog:
         if source is None:
             host, shape = dest.spec, self.input_shapes[layer]
         else:
-            feeder = self.layers[source].spec
-            host: HostSpec = replace(feeder, out_features=dest.spec.out_features)
+            host = self.layers[source].spec.spanning(dest.spec)
             shape = self.input_shapes[source]
         return KernelSpec(self.library.get(blueprint).blueprint, host, self.rank, dtype, self.device_class, shape)
 

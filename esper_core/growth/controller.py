@@ -143,8 +143,6 @@ class GrowthController:
                                      self.seeds_config.merge_linear)
         self.run_state: tuple[Callable[[], State], Callable[[State], None]] = (self._capture, self._restore)
         self._names = {id(layer): name for name, layer in self.manager.layers.items()}
-        # Under torch.compile the measurement (tensor hooks, bookkeeping) runs eagerly, off the graph.
-        self._compiled_probe = torch.compiler.disable(self._probe)
         self._unusable: set[tuple[str, str]] = set()
         self._gate_open = True
         self._previous_loss: float | None = None
@@ -337,7 +335,7 @@ class GrowthController:
         every = self.policy_config.merit_every
         if self.step % every == 0 and self.policy.in_window(self.step + every):
             for layer in self.manager.layers.values():
-                layer.probe = self._compiled_probe
+                layer.probe = self._probe  # runs in the eager seed path, also under torch.compile
             self._measuring = True
 
     def _disarm(self) -> None:

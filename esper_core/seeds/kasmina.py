@@ -66,6 +66,27 @@ class _KeepGrad(torch.autograd.Function):
         return grad * keep, None
 
 
+def _seed_path(layer: KasminaLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Everything a layer does beyond its host: keep the input for a span seed, add each live seed's
+    blended contribution, and let the growth controller measure the pass it asked for."""
+    if layer.capture:
+        layer.captured = x
+    for index, seed, span in layer._active:
+        iso = layer.isolate[index]
+        source = layer._feeder[0].captured if span else x
+        out = seed(_KeepGrad.apply(source, 1.0 - iso))
+        y = y + _Blend.apply(out, iso, layer.alpha[index], layer.eta, layer.grad_scale)
+    if layer.probe is not None and torch.is_grad_enabled():
+        layer.probe(layer, x, y)
+    return y
+
+
+_seed_path_boundary = torch.compiler.disable(_seed_path)
+"""What a compiled model calls instead: the seed path runs eagerly between compiled host regions, so
+a seed appearing, changing state or leaving never recompiles the model (no guard reads the seed
+list) — a topology change costs no compile stall. The price is one graph break per wrapped layer."""
+
+
 @dataclass
 class SlotInfo:
     """Bookkeeping of one slot. Counters count optimizer steps."""
@@ -107,17 +128,10 @@ class KasminaLayer(nn.Module):
         self.grad_scale: torch.Tensor | None = None  # fp16's loss scale, set by the trainer each step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.capture:
-            self.captured = x
         y = self.host(x)
-        for index, seed, span in self._active:
-            iso = self.isolate[index]
-            source = self._feeder[0].captured if span else x
-            out = seed(_KeepGrad.apply(source, 1.0 - iso))
-            y = y + _Blend.apply(out, iso, self.alpha[index], self.eta, self.grad_scale)
-        if self.probe is not None and torch.is_grad_enabled():
-            self.probe(self, x, y)
-        return y
+        if torch.compiler.is_compiling():
+            return _seed_path_boundary(self, x, y)
+        return _seed_path(self, x, y)
 
     # --- mechanism of each transition (called by the SeedManager) ---------------------------------
 

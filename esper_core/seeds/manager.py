@@ -55,6 +55,7 @@ class SeedManager:
         self.config = config
         self.step_count = 0
         self.feeders: dict[str, str] = {}  # span pairs: dest layer -> feeder layer
+        self.probed = False  # whether pair_spans ran (a model loaded for export is never probed)
 
     # --- queries ----------------------------------------------------------------------------------
 
@@ -74,6 +75,7 @@ class SeedManager:
                 self.layers[dest].pair(self.layers[feeder])
                 pairs[dest] = feeder
         self.feeders = pairs
+        self.probed = True
         return pairs
 
     def view(self) -> SeedView:
@@ -158,9 +160,8 @@ class SeedManager:
                 info = SlotInfo(SeedState[raw["state"]], raw["blueprint"], raw["kernel"], raw["params"],
                                 raw["steps_in_state"], raw["embargo_left"], raw["germinated_at"], spec,
                                 raw.get("source"))
-                if info.source is not None and self.feeders.get(name) != info.source:
-                    raise ValueError(f"{name} slot {index} holds a span seed fed by {info.source!r}, which is not "
-                                     f"the layer before it in this model")
+                if info.source is not None:
+                    self._restore_pair(name, index, info.source)
                 info.merged = bool(raw.get("merged", False))
                 holds_module = info.state.contributes and not info.merged  # a GERMINATED seed's kernel is requested again
                 seed = build(name, info.blueprint) if holds_module else None
@@ -168,6 +169,20 @@ class SeedManager:
                 if seed is not None:
                     holding.append(SlotRef(name, index))
         return holding
+
+    def _restore_pair(self, name: str, index: int, source: str) -> None:
+        """Check a recorded span seed's feeder against the pairs a probe found, or, in a model that was
+        never probed (a run loaded for export or inference), pair the layers as recorded: the seed's
+        weights then only load if their shapes fit the feeder."""
+        if self.probed:
+            if self.feeders.get(name) != source:
+                raise ValueError(f"{name} slot {index} holds a span seed fed by {source!r}, which is not "
+                                 f"the layer before it in this model")
+            return
+        if source not in self.layers or source == name:
+            raise ValueError(f"{name} slot {index} holds a span seed fed by {source!r}, which is not a wrapped layer")
+        self.layers[name].pair(self.layers[source])
+        self.feeders[name] = source
 
     # --- transitions --------------------------------------------------------------------------------
 
