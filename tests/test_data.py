@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from esper_core.errors import ConfigError
 from esper_core.recipe.schema import DataConfig
@@ -219,7 +220,9 @@ def test_factory_dataset_is_split_here() -> None:
     assert (splits.input_shape, splits.num_classes, splits.name) == ((4,), 2, "factories:blobs")
     assert (len(splits.train), len(splits.val), len(splits.test)) == (28, 6, 6)
     again = build(source="factory", factory="factories:blobs", factory_kwargs={"n": 40}, standardize=False)
-    assert splits.val.indices == again.val.indices
+    assert all(torch.equal(a, b) for a, b in zip(splits.val.tensors, again.val.tensors))
+    # in-memory tensors stay tensors (batches are gathered at once, and live on the GPU there)
+    assert all(isinstance(ds, TensorDataset) for ds in (splits.train, splits.val, splits.test))
 
 
 @pytest.mark.usefixtures("factories_importable")

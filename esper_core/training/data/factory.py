@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.schema import DataConfig
@@ -68,8 +68,8 @@ def from_factory(cfg: DataConfig, rng: np.random.Generator, classification: bool
             raise fail("returned one IterableDataset; an iterable cannot be split here: return a tuple "
                        "(train, val, test)")
         labels = _labels(made, fail, target_key) if classification else np.zeros(len(made))  # type: ignore[arg-type]
-        splits = [Subset(made, i.tolist()) for i in split_indices(np.asarray(labels), cfg.val_fraction,
-                                                                  cfg.test_fraction, rng)]
+        splits = [_subset(made, i) for i in split_indices(np.asarray(labels), cfg.val_fraction,
+                                                          cfg.test_fraction, rng)]
     elif isinstance(made, (tuple, list)) and len(made) == 3 and all(map(_is_dataset, made)):
         splits = list(made)
     else:
@@ -86,7 +86,7 @@ def from_factory(cfg: DataConfig, rng: np.random.Generator, classification: bool
     if (cfg.standardize and not isinstance(splits[0], IterableDataset) and not isinstance(first, Mapping)
             and first[0].is_floating_point()):
         mean, std = feature_stats(x for x, _ in DataLoader(splits[0], batch_size=_STATS_BATCH))
-        splits = [_Standardized(ds, mean, std) for ds in splits]
+        splits = [_standardized(ds, mean, std) for ds in splits]
     train, val, test = splits
     return DataSplits(train, val, test, input_shape=shapes.pop(), num_classes=outputs, name=spec,
                       target_key=target_key)
@@ -141,6 +141,22 @@ def _labels(ds: Dataset, fail: Callable[[str], ConfigError], target_key: str) ->
     if len(y) and y.min() < 0:
         raise fail("gave a negative label; class ids start at 0")
     return y.long()
+
+
+def _subset(dataset: Dataset, indices: np.ndarray) -> Dataset:
+    """A split of ``dataset``; in-memory tensors stay tensors (a ``TensorDataset`` is gathered a whole
+    batch at a time, and moved to the GPU once, where a ``Subset`` is fetched sample by sample)."""
+    if isinstance(dataset, TensorDataset):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return TensorDataset(*(t[index] for t in dataset.tensors))
+    return Subset(dataset, indices.tolist())
+
+
+def _standardized(dataset: Dataset, mean: torch.Tensor, std: torch.Tensor) -> Dataset:
+    if isinstance(dataset, TensorDataset):
+        x, *rest = dataset.tensors
+        return TensorDataset((x.float() - mean) / std, *rest)
+    return _Standardized(dataset, mean, std)
 
 
 class _Standardized(Dataset):
