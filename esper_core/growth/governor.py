@@ -2,8 +2,12 @@
 
 It judges the losses the loop already reads (every ``check_every`` steps) plus a flag that
 accumulates non-finite losses on the device between reads, so it adds no host-device sync of its
-own. A spike is a read loss above ``mean + zscore * std`` of the recent window: growth perturbs the
-loss a little by design, so the threshold is statistical rather than a fixed ratio.
+own. A spike is ``spike_reads`` consecutive read losses above ``mean + zscore * std`` of the recent
+window: growth perturbs the loss a little by design, so the threshold is statistical rather than a
+fixed ratio, and it must persist because one batch's loss is heavy-tailed once training fits the data
+(a model at loss 0.005 meets single batches at 0.05: a "6 sigma" read that is not a fault). While a
+read is suspicious no snapshot is taken, so a confirmed spike still rolls back to a state judged
+before it.
 
 The governor owns its snapshot (the last state it judged healthy) and its suspect (the seed changed
 most recently), and both are part of its state dict, so a resumed run rolls back exactly as the
@@ -41,6 +45,7 @@ class Governor:
         self.snapshot: State | None = None
         self.suspect: SlotRef | None = None
         self.judged_step = -1  # the step of the last healthy judgement
+        self.suspicious = 0  # consecutive reads above the spike limit so far
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
     @property
@@ -57,17 +62,20 @@ class Governor:
             return None
         if bool(self._nonfinite) or not math.isfinite(loss_value):
             return f"non-finite loss ({loss_value}) since the last check"
-        reason = None
         if len(self.history) >= max(3, self.config.window // 2):
             mean = sum(self.history) / len(self.history)
             std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
             limit = mean + self.config.zscore * max(std, 1e-8)
             if loss_value > limit:
-                reason = f"loss spike: {loss_value:.4g} > mean {mean:.4g} + {self.config.zscore:g} x std {std:.3g}"
-        if reason is None:
-            self.history.append(loss_value)
-            self.judged_step = step
-        return reason
+                self.suspicious += 1
+                if self.suspicious < self.config.spike_reads:
+                    return None  # not judged healthy either: no snapshot of this state
+                return (f"loss spike: {self.suspicious} reads above mean {mean:.4g} + {self.config.zscore:g} x "
+                        f"std {std:.3g} (last {loss_value:.4g})")
+        self.suspicious = 0
+        self.history.append(loss_value)
+        self.judged_step = step
+        return None
 
     def keep(self, step: int, state: State) -> bool:
         """Take ``state`` as the known-good snapshot if ``step`` was just judged healthy."""
@@ -86,19 +94,21 @@ class Governor:
         self.rollbacks += 1
         self._nonfinite.zero_()
         self.history.clear()
+        self.suspicious = 0
         if self.rollbacks > self.config.max_rollbacks:
             raise GovernorStop(f"governor: {self.rollbacks} rollbacks (limit {self.config.max_rollbacks}); "
                                "training cannot recover, stopping")
 
     def state_dict(self) -> State:
         return {"history": list(self.history), "rollbacks": self.rollbacks, "judged_step": self.judged_step,
-                "suspect": [self.suspect.layer, self.suspect.index] if self.suspect else None,
+                "suspicious": self.suspicious, "suspect": [self.suspect.layer, self.suspect.index] if self.suspect else None,
                 "nonfinite": self._nonfinite.clone(), "snapshot": self.snapshot}
 
     def load_state_dict(self, state: State) -> None:
         self.history = deque((float(v) for v in state["history"]), maxlen=self.config.window)
         self.rollbacks = int(state["rollbacks"])
         self.judged_step = int(state["judged_step"])
+        self.suspicious = int(state.get("suspicious", 0))
         self.suspect = SlotRef(str(state["suspect"][0]), int(state["suspect"][1])) if state["suspect"] else None
         self._nonfinite = state["nonfinite"].to(self._nonfinite.device).bool()
         self.snapshot = state["snapshot"]

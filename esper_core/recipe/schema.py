@@ -340,7 +340,10 @@ class PolicyConfig(Section):
 class GovernorConfig(Section):
     enabled: bool = Field(True, description="Roll back to the last good snapshot when the loss is NaN/Inf or spikes.")
     window: int = Field(20, ge=3, le=10_000, description="Logged losses the spike statistics are computed over.")
-    zscore: float = Field(6.0, gt=0.0, description="A logged loss above mean + zscore * std of the window is a spike.")
+    zscore: float = Field(6.0, gt=0.0, description="A logged loss above mean + zscore * std of the window is "
+                          "suspicious.")
+    spike_reads: int = Field(2, ge=1, le=100, description="Consecutive suspicious logged losses that make a spike "
+                             "(one batch's loss is noisy; a fault persists).")
     max_rollbacks: int = Field(3, ge=0, le=1000,
                                description="Rollbacks after which the run stops with an error instead.")
 
