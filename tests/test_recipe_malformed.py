@@ -17,7 +17,7 @@ from esper_core.recipe import load_recipe
 from esper_core.recipe.yaml_source import MAX_FILE_BYTES
 
 TRAINER_KEYS = ("max_steps, optimizer, lr, weight_decay, momentum, schedule, warmup_steps, grad_clip, "
-                "eval_every, log_every, governor")
+                "precision, compile, eval_every, log_every, governor")
 SECTIONS = "run, task, data, model, seeds, policy, trainer, checkpoint, telemetry, storage"
 FACTORY_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 

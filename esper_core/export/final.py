@@ -50,7 +50,7 @@ def write_final(run_dir: Path, state_dict: dict[str, torch.Tensor], topology: di
     final.mkdir(exist_ok=True)
     # copies: tied weights (a language model's head and embedding) share storage, which safetensors refuses
     payloads = {MODEL: save_safetensors({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}),
-                TOPOLOGY: json.dumps(topology, indent=2).encode("utf-8")}
+                TOPOLOGY: json.dumps(topology, indent=2, sort_keys=True).encode("utf-8")}
     for name, data in payloads.items():
         write_synced(final / name, data)
     manifest = {"format": FORMAT, "files": file_entries(payloads), "torch": torch.__version__, **info}

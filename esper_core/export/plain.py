@@ -90,6 +90,12 @@ def unwrap(model: nn.Module, merge: bool = True) -> tuple[nn.Module, list[SeedOu
     for name, layer in layers.items():
         branches, scales, spans = kept.setdefault(name, ([], [], []))
         for index, slot in enumerate(layer.slots):
+            if slot.merged:  # folded into the host's weight when it fossilized: nothing left to decide
+                spec = slot.spec or {}
+                outcomes.append(SeedOutcome(name, index, slot.blueprint, slot.state.name, 1.0, 0, "merged",
+                                            "fossilized; folded into the host during training",
+                                            spec.get("ir"), spec.get("target"), slot.source))
+                continue
             if str(index) not in layer.seeds:
                 continue
             seed = layer.seeds[str(index)]
