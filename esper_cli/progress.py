@@ -30,6 +30,11 @@ def describe(event: Event) -> str | None:
     """One line for an event worth showing between progress reports, else ``None``."""
     if event["event"] == "metrics_endpoint":
         return f"metrics: {event['url']}"
+    if event["event"] == "kernels_compiling":
+        count = event["kernels"]
+        return f"compiling {count} kernel{'s' if count != 1 else ''} (cached for later runs)..."
+    if event["event"] == "kernels_ready" and event["seconds"] >= 1.0:
+        return f"kernels ready in {event['seconds']:.1f}s"
     if "layer" in event:
         text = f"step {event['step']}: {event['event']} {event.get('blueprint') or ''} in {event['layer']}#{event['slot']}"
         return " ".join(text.split())
@@ -40,8 +45,37 @@ def _val(event: Event, key: str) -> float | None:
     return (event.get("val") or {}).get(key)
 
 
+class Pace:
+    """Steps per second since the first progress report (kernel waits and warm-up before it do not
+    count) and the time left at that pace."""
+
+    def __init__(self) -> None:
+        self.first: tuple[int, float] | None = None
+
+    def update(self, event: Event) -> tuple[float | None, float | None]:
+        step, elapsed = event["step"], event["elapsed_s"]
+        if self.first is None or step < self.first[0]:
+            self.first = (step, elapsed)
+        steps, seconds = step - self.first[0], elapsed - self.first[1]
+        if steps <= 0 or seconds <= 0:
+            return None, None
+        rate = steps / seconds
+        return rate, (event["max_steps"] - step) / rate
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class PlainProgress:
     """One line per progress report; lifecycle events on their own lines."""
+
+    def __init__(self) -> None:
+        self.pace = Pace()
 
     def __call__(self, event: Event) -> None:
         if event["event"] != "progress":
@@ -50,9 +84,11 @@ class PlainProgress:
                 print(f"  {line}", flush=True)
             return
         metric = event["metric"]
+        rate, left = self.pace.update(event)
         print(f"step {event['step']}/{event['max_steps']} loss {_fmt(event['loss'], '.4f')} "
               f"val_loss {_fmt(_val(event, 'loss'), '.4f')} val_{metric} {_fmt(_val(event, metric), '.4f')} "
-              f"params {event['params']:,} seeds [{_seeds(event['seeds'])}] {event['elapsed_s']:.1f}s", flush=True)
+              f"params {event['params']:,} seeds [{_seeds(event['seeds'])}] {event['elapsed_s']:.1f}s "
+              f"{_fmt(rate, '.1f')} steps/s eta {_clock(left)}", flush=True)
 
     def close(self) -> None:
         pass
@@ -68,6 +104,9 @@ class RichProgress:
         self.task: Any = None
         self.latest: Event | None = None
         self.loss: float | None = None
+        self.pace = Pace()
+        self.rate: float | None = None
+        self.left: float | None = None
         self.live = Live(self._render(), console=console, refresh_per_second=8, transient=False)
         self.live.start()
 
@@ -79,6 +118,7 @@ class RichProgress:
             table.add_row("loss", _fmt(self.loss, ".4f"), "val loss", _fmt(_val(p, "loss"), ".4f"),
                           f"val {metric.replace('_', ' ')}", _fmt(_val(p, metric), ".4f"))
             table.add_row("params", f"{p['params']:,}", "seeds", _seeds(p["seeds"]) or "none", "", "")
+            table.add_row("steps/s", _fmt(self.rate, ".1f"), "eta", _clock(self.left), "", "")
         return Group(self.bar, table)
 
     def __call__(self, event: Event) -> None:
@@ -93,6 +133,7 @@ class RichProgress:
         if event["loss"] is not None:  # a validation-only report keeps showing the last training loss
             self.loss = event["loss"]
         self.latest = event
+        self.rate, self.left = self.pace.update(event)
         self.live.update(self._render())
 
     def close(self) -> None:

@@ -1,10 +1,11 @@
-"""Helpers shared by the report and audit tests: a finished run, `esper report` in-process, and the
-event-log rewrites a forger (or the trainer's run_end contract) makes."""
+"""Helpers shared by the tests: a finished run, `esper report` in-process, the event-log rewrites a
+forger (or the trainer's run_end contract) makes, and a run copy rewound to one of its checkpoints."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import typer
 from typer.testing import CliRunner, Result
 
 from esper_cli.report import report
+from esper_core.checkpoints import store
 from esper_core import Trainer
 
 MIRRORED_RECIPE = """\
@@ -95,3 +97,16 @@ def finish_per_contract(run: Path, key: bytes | None = None) -> None:
     assert records[-1]["event"] == "run_end"
     records[-1] |= {"artifacts": artifact_digests(run), "summary": summary_figures(summary)}
     rechain(run, records, key)
+
+
+def copy_at(run_dir: Path, parent: Path, step: int) -> Path:
+    """A copy of ``run_dir`` under ``parent`` whose latest checkpoint is the one of ``step`` (the later
+    ones removed), ready for ``Trainer.resume(copy)``: a resume compared against the whole run."""
+    copy = parent / run_dir.name
+    shutil.copytree(run_dir, copy)
+    checkpoint = copy / "checkpoints" / store.checkpoint_name(step)
+    for later in (copy / "checkpoints").glob("step-*"):
+        if later.name > checkpoint.name:
+            shutil.rmtree(later)
+    (copy / "checkpoints" / store.LATEST).write_text(checkpoint.name + "\n")
+    return copy

@@ -316,6 +316,12 @@ def test_plain_progress_has_step_lines_and_ends_with_the_summary_table(lifecycle
     last_index, last = steps[-1]
     assert int(last["step"]) == MAX_STEPS
     assert any(re.match(r"^\s+step \d+: germinate \S+ in \S+#\d+$", line) for line in lines), lifecycle.explain()
+    # the kernel wait before step 1 is announced, and every later step line says the pace and time left
+    first_index = steps[0][0]
+    assert any(re.match(r"^  compiling \d+ kernels? \(cached for later runs\)\.\.\.$", line)
+               for line in lines[:first_index]), lifecycle.explain()
+    assert all(re.search(r" \d+\.\d steps/s eta \d+:\d\d$", lines[i]) for i, _ in steps[1:]), lifecycle.explain()
+    assert lines[last_index].endswith(" eta 0:00")
     assert "\x1b[" not in lifecycle.stdout, "escape codes in non-terminal output"
     tail = "\n".join(lines[last_index + 1:])
     for row in ("steps", "val accuracy", "test accuracy", "params initial", "params final", "seeds", "wall time"):

@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import re
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -55,10 +56,17 @@ def test_the_listed_help_of_each_command_is_its_own_docstring() -> None:
         assert re.search(rf"^  {re.escape(name)}\s", done.stdout, re.MULTILINE), name
 
 
+def from_bash(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``esper ARGS`` typed in a bash: completion detects the shell from the parent process."""
+    line = shlex.join([*esper_command(), *args]) + "; exit $?"  # a second command keeps bash the parent
+    return subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=120,
+                          env={**subprocess_env(), **(env or {})}, stdin=subprocess.DEVNULL)
+
+
 def test_completion_script_is_generated_installed_and_completes(tmp_path: Path) -> None:
-    shown = esper("--show-completion", "bash")
-    assert shown.returncode == 0 and "_ESPER_COMPLETE=complete_bash" in shown.stdout
-    installed = esper("--install-completion", "bash", env={"HOME": str(tmp_path), "SHELL": "/bin/bash"})
+    shown = from_bash("--show-completion")
+    assert shown.returncode == 0 and "_ESPER_COMPLETE=complete_bash" in shown.stdout, shown.stderr
+    installed = from_bash("--install-completion", env={"HOME": str(tmp_path), "SHELL": "/bin/bash"})
     assert installed.returncode == 0, installed.stderr
     script = next((tmp_path / ".bash_completions").glob("esper*"))
     assert "_ESPER_COMPLETE=complete_bash" in script.read_text(encoding="utf-8")

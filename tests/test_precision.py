@@ -6,7 +6,6 @@ run there too, so CI exercises the same code paths a GPU run takes."""
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +17,12 @@ from torch import nn
 
 from esper_core import wrap
 from esper_core.blueprints.library import BlueprintLibrary
-from esper_core.checkpoints import store
 from esper_core.compiler.kernels import KernelSpec, build_kernel
 from esper_core.seeds.manager import SlotRef
 from esper_core.training import run_state
 from esper_core.training.precision import Precision
 from esper_core.training.trainer import Trainer
+from run_helpers import copy_at
 
 RECIPE = """\
 run: {name: mixed, seed: 0, device: cpu}
@@ -87,13 +86,7 @@ def test_a_bf16_run_grows_and_learns(tmp_path: Path) -> None:
 def test_an_fp16_run_resumes_bit_exactly_with_its_loss_scale(tmp_path: Path) -> None:
     whole, summary = _fit(tmp_path, "trainer.precision=fp16")
     run_dir = Path(summary["run_dir"])
-    copy_dir = tmp_path / "copy" / run_dir.name
-    shutil.copytree(run_dir, copy_dir)
-    checkpoint = copy_dir / "checkpoints" / store.checkpoint_name(40)
-    for later in (copy_dir / "checkpoints").glob("step-*"):
-        if later.name > checkpoint.name:
-            shutil.rmtree(later)
-    (copy_dir / "checkpoints" / store.LATEST).write_text(checkpoint.name + "\n")
+    copy_dir = copy_at(run_dir, tmp_path / "copy", 40)
     resumed = Trainer.resume(copy_dir, ["telemetry.progress=none"])
     assert resumed.precision.scaler.is_enabled()
     resumed.fit()

@@ -6,7 +6,6 @@ with worker processes that resumes bit-exactly."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from esper_core.checkpoints import store
 from esper_core.training.trainer import Trainer
+from run_helpers import copy_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -106,13 +105,7 @@ checkpoint: {every_steps: 50, keep: 5}
 """)
     whole, summary = _fit(recipe, tmp_path, *FAST_SEEDS)
     run_dir = Path(summary["run_dir"])
-    copy = tmp_path / "copy" / run_dir.name
-    shutil.copytree(run_dir, copy)
-    checkpoint = copy / "checkpoints" / store.checkpoint_name(50)
-    for later in (copy / "checkpoints").glob("step-*"):
-        if later.name > checkpoint.name:
-            shutil.rmtree(later)
-    (copy / "checkpoints" / store.LATEST).write_text(checkpoint.name + "\n")
+    copy = copy_at(run_dir, tmp_path / "copy", 50)
     Trainer.resume(copy, ["telemetry.progress=none"]).fit()
     a = load_file(str(run_dir / "final" / "model.safetensors"))
     b = load_file(str(copy / "final" / "model.safetensors"))

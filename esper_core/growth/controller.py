@@ -59,6 +59,8 @@ class Recorder(Protocol):
 
     def record(self, event: Event) -> None: ...
 
+    def notify(self, event: Event) -> None: ...
+
     def compiled(self, seconds: float, ok: bool) -> None: ...
 
 
@@ -71,6 +73,9 @@ class MemoryRecorder:
 
     def record(self, event: Event) -> None:
         self.events.append(event)
+
+    def notify(self, event: Event) -> None:
+        """Notices (not events): nobody listens in a user's own loop."""
 
     def compiled(self, seconds: float, ok: bool) -> None:
         self.compiles.append((seconds, ok))
@@ -185,6 +190,9 @@ class GrowthController:
             self.kernels.request(spec)
         if self.deterministic and specs:
             began = time.perf_counter()
+            # a notice, not an event: the first run's wait can take seconds and must not look like a hang
+            self.recorder.notify({"event": "kernels_compiling", "step": self.step,
+                                  "kernels": len({s.address() for s in specs.values()})})
             errors = self.kernels.wait(specs.values())
             for (layer, blueprint), spec in specs.items():
                 error = errors[spec.address()]
@@ -333,6 +341,8 @@ class GrowthController:
     def _arm_if_due(self) -> None:
         """Measure health on the next forward pass when a measurement is due at this step."""
         every = self.policy_config.merit_every
+        if self.policy_config.max_seeds == 0:
+            return  # nothing can ever grow: a measurement would inform no decision
         if self.step % every == 0 and self.policy.in_window(self.step + every):
             for layer in self.manager.layers.values():
                 layer.probe = self._probe  # runs in the eager seed path, also under torch.compile

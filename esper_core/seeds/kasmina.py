@@ -131,6 +131,8 @@ class KasminaLayer(nn.Module):
         y = self.host(x)
         if torch.compiler.is_compiling():
             return _seed_path_boundary(self, x, y)
+        if not self._active and self.probe is None and not self.capture:
+            return y  # dormant: the host alone, no further call
         return _seed_path(self, x, y)
 
     # --- mechanism of each transition (called by the SeedManager) ---------------------------------

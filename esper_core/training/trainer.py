@@ -183,6 +183,7 @@ class Trainer:
                 pulls = self.controller.policy.selector.warm_start(workspace_store(recipe.storage.workspace))
                 self.recorder.record({"event": "selector_warm_start", "step": self.step, "pulls": pulls})
             previous_handlers = self._install_signal_handlers()
+            self.model.train()  # once: evaluation passes restore the mode they found
             self._last_checkpoint_time = time.monotonic()
             while self.step < recipe.trainer.max_steps:
                 tick = time.perf_counter()
@@ -217,7 +218,6 @@ class Trainer:
     def _train_step(self) -> StepOutcome:
         cfg = self.loaded.recipe
         morph = self.recorder.telemetry.morph
-        self.model.train()
         with self.precision.autocast():
             output, targets = self.task.forward(self.step_model, self.sampler.next(), self.device)
             loss = self.task.loss(output, targets)

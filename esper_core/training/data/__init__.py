@@ -40,7 +40,7 @@ def build_data(cfg: DataConfig, seed: int, base_dir: Path, kind: str = "classifi
     split_rng, synth_rng = np.random.default_rng(split_seq), np.random.default_rng(synth_seq)
     classification = kind == "classification"
     if cfg.source == "factory":
-        return from_factory(cfg, split_rng, classification, target_key)
+        return from_factory(cfg, split_rng, kind, target_key)
     if cfg.source == "text":
         return read_text(base_dir / str(cfg.path), cfg)
     if cfg.layout == "image" and cfg.source in _TABULAR:

@@ -56,8 +56,11 @@ def call_factory(fn: Callable[..., Any], spec: str, field: str, kwargs: dict[str
     return fn(**kwargs)
 
 
-def from_factory(cfg: DataConfig, rng: np.random.Generator, classification: bool, target_key: str) -> DataSplits:
+def from_factory(cfg: DataConfig, rng: np.random.Generator, kind: str, target_key: str) -> DataSplits:
+    """The splits of a factory's data for a task of ``kind``: class ids are counted for classification
+    (and the split stratified), token ids for a language model or token classifier (the vocabulary)."""
     spec = str(cfg.factory)
+    classification = kind == "classification"
 
     def fail(message: str) -> ConfigError:
         return ConfigError(Problem(RECIPE_FIELD, f"'{spec}' {message}", field="data.factory"))
@@ -79,6 +82,8 @@ def from_factory(cfg: DataConfig, rng: np.random.Generator, classification: bool
         raise fail(f"returned splits whose samples differ in shape: {sorted(shapes)}")
     if classification:
         outputs = max(int(_labels(ds, fail, target_key).max()) + 1 for ds in splits)
+    elif kind in ("language_model", "token_classification"):
+        outputs = max(_token_count(ds, fail, target_key) for ds in splits)
     else:
         target = _target(_first(splits[0], fail), target_key)
         outputs = int(np.prod(target.shape)) if isinstance(target, torch.Tensor) and target.dim() else 1
@@ -141,6 +146,20 @@ def _labels(ds: Dataset, fail: Callable[[str], ConfigError], target_key: str) ->
     if len(y) and y.min() < 0:
         raise fail("gave a negative label; class ids start at 0")
     return y.long()
+
+
+def _token_count(ds: Dataset, fail: Callable[[str], ConfigError], target_key: str) -> int:
+    """One more than the largest token id among ``ds``'s targets (the vocabulary a model must cover)."""
+    if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
+        targets = [ds.tensors[1]]
+    else:
+        targets = [torch.as_tensor(_target(batch, target_key)) for batch in DataLoader(ds, batch_size=_STATS_BATCH)]
+    if any(t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in targets):
+        raise fail("must give integer token ids as targets for a language model or token classifier")
+    largest = max((int(t.max()) for t in targets if t.numel()), default=-1)
+    if largest < 0:
+        raise fail("gave no token ids as targets (only negative, ignored ones)")
+    return largest + 1
 
 
 def _subset(dataset: Dataset, indices: np.ndarray) -> Dataset:
