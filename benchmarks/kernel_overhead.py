@@ -88,6 +88,15 @@ CASES: dict[str, Case] = {
                                                nn.Conv2d(32, 32, 1))),
     "se_gate": Case(lambda: nn.Conv2d(32, 32, 3, padding=1), (32, 16, 16),
                     lambda h: nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.Conv2d(32, 32, 1), HandSE(32, 8))),
+    "residual_conv1d": Case(lambda: nn.Conv1d(32, 32, 3, padding=1), (32, 64),
+                            lambda h: nn.Sequential(nn.Conv1d(32, 16, 3, padding=1, bias=False), nn.ReLU(),
+                                                    nn.Conv1d(16, 32, 1))),
+    # span seeds: sized here for a pair of equal layers (the feeder's input, the next layer's output)
+    "span_linear": Case(lambda: nn.Linear(256, 256), (256,),
+                        lambda h: nn.Sequential(nn.Linear(256, RANK), nn.ReLU(), nn.Linear(RANK, 256))),
+    "span_conv": Case(lambda: nn.Conv2d(32, 32, 3, padding=1), (32, 16, 16),
+                      lambda h: nn.Sequential(nn.Conv2d(32, RANK, 3, padding=1), nn.ReLU(),
+                                              nn.Conv2d(RANK, 32, 3, padding=1))),
 }
 
 

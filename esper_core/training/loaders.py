@@ -35,6 +35,11 @@ def _take(dataset: TensorDataset, indices: torch.Tensor) -> tuple[torch.Tensor, 
     return tuple(t[indices.to(t.device)] for t in dataset.tensors)
 
 
+def _data_device(dataset: Dataset) -> torch.device:
+    """Where an in-memory dataset's tensors live (the CPU for any other dataset)."""
+    return dataset.tensors[0].device if isinstance(dataset, TensorDataset) else torch.device("cpu")
+
+
 def resident(dataset: Dataset, device: torch.device) -> Dataset:
     """``dataset`` with its tensors on ``device`` when it is an in-memory dataset that fits (else as is)."""
     if device.type != "cuda" or not isinstance(dataset, TensorDataset):
@@ -93,9 +98,13 @@ class TrainBatches:
                 self._loader = DataLoader(dataset, batch_sampler=_EpochBatches(self), **common)
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's sample order: drawn on the CPU (the same order on every device), then held where
+        the data lives, so picking a GPU-resident batch copies no indices (a copy from host memory
+        would synchronise the GPU at every step)."""
         if epoch != self._perm_epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.size, generator=generator), epoch
+            perm = torch.randperm(self.size, generator=generator)
+            self._perm, self._perm_epoch = perm.to(_data_device(self.dataset)), epoch
         return self._perm
 
     def next(self) -> Any:
@@ -147,6 +156,6 @@ class EvalBatches:
             yield batch
 
     def _tensor_batches(self) -> Iterator[Any]:
-        size = len(self.dataset)  # type: ignore[arg-type]
+        size, device = len(self.dataset), _data_device(self.dataset)  # type: ignore[arg-type]
         for start in range(0, size, self.batch_size):
-            yield _take(self.dataset, torch.arange(start, min(size, start + self.batch_size)))  # type: ignore[arg-type]
+            yield _take(self.dataset, torch.arange(start, min(size, start + self.batch_size), device=device))  # type: ignore[arg-type]
