@@ -171,19 +171,21 @@ class KasminaLayer(nn.Module):
         self.seeds[str(index)] = seed.to(device=reference.device, dtype=reference.dtype)
         self.slots[index].params = sum(p.numel() for p in seed.parameters())
         with torch.no_grad():
-            self.isolate[index] = 1.0
-            self.alpha[index] = 0.0
+            self.isolate[index].fill_(1.0)
+            self.alpha[index].fill_(0.0)
         self._refresh_active()
 
     def start_blending(self, index: int) -> None:
         self.transition(index, SeedState.BLENDING)
         with torch.no_grad():
-            self.isolate[index] = 0.0
-            self.alpha[index] = 0.0
+            self.isolate[index].fill_(0.0)
+            self.alpha[index].fill_(0.0)
 
     def set_alpha(self, index: int, value: float) -> None:
+        """``fill_`` on the device, not ``alpha[index] = value``: item assignment copies a host scalar,
+        which synchronises the GPU at every blending step."""
         with torch.no_grad():
-            self.alpha[index] = value
+            self.alpha[index].fill_(value)
 
     def start_probation(self, index: int) -> None:
         self.transition(index, SeedState.PROBATION)
@@ -209,8 +211,8 @@ class KasminaLayer(nn.Module):
         self.transition(index, target)
         seed = self.seeds.pop(str(index)) if str(index) in self.seeds else nn.Module()  # GERMINATED: no module yet
         with torch.no_grad():
-            self.isolate[index] = 0.0
-            self.alpha[index] = 0.0
+            self.isolate[index].fill_(0.0)
+            self.alpha[index].fill_(0.0)
         slot = self.slots[index]
         slot.embargo_left = embargo
         self._refresh_active()
@@ -258,4 +260,4 @@ class _Muted:
 
     def __exit__(self, *exc: object) -> None:
         with torch.no_grad():
-            self.layer.alpha[self.index] = self.saved
+            self.layer.alpha[self.index].copy_(self.saved)
