@@ -112,5 +112,5 @@ def test_growth_recipe_takes_the_arms_overrides(tmp_path: Path) -> None:
     assert static.loaded.recipe.policy.max_seeds == 0 and static.data.input_shape == (12,)
     grown = Trainer.from_recipe(ROOT / "recipes" / "growth-mlp.yaml", ["policy.random=true", *places])
     assert list(grown.manager.layers) == ["layers.0", "layers.1", "head"] and grown.loaded.recipe.policy.random
-    spec = grown.controller.catalog.spec("span_linear", "head")  # widens layers.1: 32 inputs, rank 8, 10 outputs
-    assert bench.seed_macs(spec.resolve(), spec.sample_shape) == 32 * 8 + 8 * 10
+    spec = grown.controller.catalog.spec("span_linear", "head")  # widens layers.1: 32 inputs, rank 16, 10 outputs
+    assert bench.seed_macs(spec.resolve(), spec.sample_shape) == 32 * 16 + 16 * 10

@@ -216,7 +216,8 @@ class SeedsConfig(Section):
                                "(subclasses match). Matching nothing is an error.")
     exclude: list[str] = Field(default_factory=list, description="Patterns (same syntax) to leave unwrapped, "
                                "e.g. the classifier head.")
-    per_layer: int = Field(1, ge=1, le=16, description="Seed slots per wrapped layer.")
+    per_layer: int = Field(4, ge=1, le=16, description="Seed slots per wrapped layer (enough by default for growth to "
+                           "widen a layer several times; a slot is used only when the policy grows there).")
     blueprints: list[str] = Field(default_factory=lambda: ["lowrank_adapter"], min_length=1,
                                   description="Blueprint names the policy may germinate (builtin or found "
                                   "in `blueprint_dirs`).")
@@ -278,8 +279,9 @@ class SelectorConfig(Section):
 
 class PolicyConfig(Section):
     trigger: Literal["plateau", "periodic"] = Field(
-        "plateau", description="Germinate on a validation plateau, or every `period_steps`.")
-    period_steps: int = Field(200, ge=1, le=10_000_000, description="Steps between growth for `periodic`.")
+        "periodic", description="Germinate every `period_steps` inside the growth window (the default: growth "
+        "starts early, while seeds can still learn), or on a validation plateau.")
+    period_steps: int = Field(100, ge=1, le=10_000_000, description="Steps between growth for `periodic`.")
     plateau_patience: int = Field(2, ge=1, le=10_000,
                                   description="Evaluations without improvement that make a plateau.")
     plateau_min_delta: float = Field(1e-3, ge=0.0, description="Improvement of the task's validation metric that "
@@ -301,7 +303,7 @@ class PolicyConfig(Section):
                                "of the best layer's (0: every layer, in score order).")
     max_germinations: int = Field(2, ge=1, le=1024, description="Seeds that may germinate at one decision, each in "
                                   "a different layer (several incubate at once).")
-    max_seeds: int = Field(4, ge=0, le=10_000, description="Most seeds alive (training, blending, probation "
+    max_seeds: int = Field(8, ge=0, le=10_000, description="Most seeds alive (training, blending, probation "
                            "or fossilized) at once.")
     max_added_params: int = Field(1_000_000, ge=0, description="Most parameters growth may add.")
     max_added_flops: int | None = Field(None, ge=0, description="Most forward FLOPs per sample growth may add "
