@@ -113,8 +113,14 @@ class CompileService:
             return {address: error.problems for address, error in self._unusable.items()}
 
     def close(self, wait: bool = True) -> None:
-        """Stop the workers; with ``wait=False`` queued compiles are cancelled."""
+        """Stop the workers; with ``wait=False`` queued compiles are cancelled and running ones
+        abandoned (their workers terminated): otherwise the interpreter's exit would still wait for
+        them, and a Ctrl-C during the first run's kernel wait would take as long as the compiles."""
+        running = [] if wait else list((getattr(self._pool, "_processes", None) or {}).values())
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        for process in running:
+            if process.is_alive():
+                process.terminate()
 
     def __enter__(self) -> CompileService:
         return self
