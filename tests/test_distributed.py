@@ -171,3 +171,19 @@ def test_the_ranks_batches_together_are_the_one_process_batch() -> None:
         whole = one.next()[0]
         assert torch.equal(torch.cat([r.next()[0] for r in ranks]), whole)
     assert {tuple(r.position().items()) for r in ranks} == {tuple(one.position().items())}
+
+
+def test_distributed_benchmark_smoke_runs_both_models_and_ends_with_the_key_figure(tmp_path: Path) -> None:
+    out = tmp_path / "distributed.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_env())
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("distributed min ratio ") and "scaling_cnn" in last and "scaling_lm" in last, last
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["config"] for r in report["results"]] == ["cnn", "lm"] and report["nproc"] == 2
+    for result in report["results"]:
+        assert result["world_size"] == 2 and all(v > 0 for v in result["median"].values())
+        assert result["ratio"] == result["median"]["esper"] / result["median"]["plain"]
+        assert result["scaling"] == result["median"]["plain"] / result["plain_single_steps_per_s"]
+        assert result["ddp_rebuild_s"] is not None  # a seed grew, so DDP was rebuilt at least once

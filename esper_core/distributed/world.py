@@ -48,6 +48,7 @@ class World:
     size: int
     backend: str
     device: torch.device  # where this rank trains
+    owned: bool = True  # this World joined the process group (and leaves it in close); False: the caller's group
 
     @property
     def leader(self) -> bool:
@@ -132,7 +133,8 @@ class World:
             self.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
+        """Leave the process group, if :func:`join` created it (a program that set it up keeps it)."""
+        if self.owned and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -159,7 +161,11 @@ def join(device: torch.device) -> World | None:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         backend = "gloo"
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend, timeout=TIMEOUT,
                                 **({"device_id": device} if backend == "nccl" else {}))
-    return World(rank, local_rank, size, backend, device)
+    elif dist.get_backend() != backend:
+        raise ConfigError(Problem("environment", f"the process group uses {dist.get_backend()}, but training on "
+                                  f"{device.type} needs {backend}"))
+    return World(rank, local_rank, size, backend, device, owned)

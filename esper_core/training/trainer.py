@@ -223,7 +223,10 @@ class Trainer:
                 if self._stop_requested():
                     self._stop()
                 telemetry.step_done(self.step, time.perf_counter() - tick)
-            return finish_run(self)
+            summary = finish_run(self)
+            if self.world is not None:
+                self.world.barrier()  # on every rank, fit returns once rank 0 has written the run's results
+            return summary
         finally:
             if self.replica is not None:
                 self.replica.close()
