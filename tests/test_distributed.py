@@ -187,3 +187,16 @@ def test_distributed_benchmark_smoke_runs_both_models_and_ends_with_the_key_figu
         assert result["ratio"] == result["median"]["esper"] / result["median"]["plain"]
         assert result["scaling"] == result["median"]["plain"] / result["plain_single_steps_per_s"]
         assert result["ddp_rebuild_s"] is not None  # a seed grew, so DDP was rebuilt at least once
+
+
+def test_ranks_stay_identical_with_bf16_autocast_and_torch_compile(tmp_path: Path) -> None:
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    result = subprocess.run(_torchrun(str(ROOT / "tests/distributed_worker.py"), str(tmp_path / "recipe.yaml"),
+                                      str(tmp_path), f"run.output_dir={tmp_path / 'runs'}", "trainer.precision=bf16",
+                                      "trainer.compile=default", "trainer.max_steps=30", "checkpoint.every_steps=null"),
+                            capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert a.keys() == b.keys() and any(".seeds." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "rank0.json").read_text()) == json.loads((tmp_path / "rank1.json").read_text())
