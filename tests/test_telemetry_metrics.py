@@ -273,3 +273,20 @@ def _exposition(metrics: RunMetrics) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(metrics.registry).decode("utf-8")
+
+
+def test_a_rank_serves_on_metrics_port_plus_local_rank_with_a_rank_label() -> None:
+    with socket.socket() as probe:  # a free pair of ports: P for rank 0, P + 1 for local rank 1
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1] - 1
+    telemetry = RunTelemetry(TelemetryConfig(metrics_port=port), lambda event: None, dict, rank=3, local_rank=1)
+    url = telemetry.start()
+    try:
+        assert url == f"http://127.0.0.1:{port + 1}/metrics"
+        telemetry.step_done(7, 0.01)
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        telemetry.stop()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert samples and all(s.labels.get("rank") == "3" for s in samples)
+    assert next(s.value for s in samples if s.name == "esper_step") == 7

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from torch import nn
 
 from esper_core.blueprints.library import BlueprintLibrary
 from esper_core.compiler.store import KernelStore
+from esper_core.distributed.world import World
 from esper_core.errors import EsperError
 from esper_core.growth import optimizer as optim
 from esper_core.growth.catalog import SeedCatalog
@@ -105,6 +107,10 @@ class GrowthController:
     times ``seeds.lr_scale``). ``run_state`` is a pair (capture, restore) of the whole run's state for
     the governor's snapshots; by default model, optimizer and controller. ``optimizer`` may be
     ``None`` and bound later with :meth:`bind_optimizer` (a framework that creates it after setup).
+    ``world`` (from :func:`esper_core.distributed.join`) makes every rank's controller take the same
+    decisions at the same steps: measurements and loss reads are reduced over the ranks, kernels are
+    all ready before the first step, and ``evaluate`` must reduce over the ranks too (see
+    :mod:`esper_core.distributed`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, example: Any, max_steps: int,
@@ -114,7 +120,8 @@ class GrowthController:
                  store: KernelStore | None = None, seed: int = 0, evaluate: Evaluate | None = None,
                  recorder: Recorder | None = None, check_every: int = 10,
                  seed_lr: Callable[[int], float] | None = None, blueprint_dirs: Sequence[Path] = (),
-                 deterministic: bool = True, start: bool = True, kernel_dtype: str | None = None) -> None:
+                 deterministic: bool = True, start: bool = True, kernel_dtype: str | None = None,
+                 world: World | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.max_steps = max_steps
@@ -124,6 +131,7 @@ class GrowthController:
         self.recorder: Recorder = recorder or MemoryRecorder()
         self.check_every = check_every
         self.deterministic = deterministic
+        self.world = world
         self.manager = wrap(model, config=self.seeds_config)
         self.device = next(model.parameters()).device
         shapes = probe_layers(model, list(self.manager.layers), example)
@@ -142,6 +150,8 @@ class GrowthController:
                                    self.catalog.blueprints_for, self.catalog.cost, seed=seed,
                                    eta=self.seeds_config.eta,
                                    latency_of=lambda bp, layer: self.kernels.latency_ms(self.catalog.spec(bp, layer)))
+        if world is not None:
+            self.policy.layers.share(world.mean)
         self.governor = Governor(_config(GovernorConfig, governor), self.device)
         self._seed_lr = seed_lr
         self.executor = SeedExecutor(self.manager, None, self.catalog, self.kernels, self._lr_of_seeds, seed,
@@ -188,12 +198,13 @@ class GrowthController:
         specs = self.catalog.every_spec() if self.policy_config.max_seeds > 0 else {}
         for spec in specs.values():
             self.kernels.request(spec)
-        if self.deterministic and specs:
+        if (self.deterministic or self.world is not None) and specs:  # ranks must not wait for different seeds
             began = time.perf_counter()
             # a notice, not an event: the first run's wait can take seconds and must not look like a hang
             self.recorder.notify({"event": "kernels_compiling", "step": self.step,
                                   "kernels": len({s.address() for s in specs.values()})})
-            errors = self.kernels.wait(specs.values())
+            with self.world.leader_first() if self.world is not None else nullcontext():
+                errors = self.kernels.wait(specs.values())  # rank 0 compiles; the others hit the cache
             for (layer, blueprint), spec in specs.items():
                 error = errors[spec.address()]
                 if error is not None:
@@ -209,7 +220,9 @@ class GrowthController:
         """Call after ``loss.backward()`` and before ``optimizer.step()``: reads the host gradients
         when this step was measured."""
         if self._measuring:
-            self.merit.observe(self.manager)
+            self.merit.observe(self.manager)  # DDP has averaged the gradients already
+            if self.world is not None:
+                self.policy.layers.flush()  # the collective fold, on every rank at this same point
             self._disarm()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -241,7 +254,7 @@ class GrowthController:
             self.governor.watch(loss)
             self._last_loss = loss.detach()
             if self.step % self.check_every == 0 or self.step == self.max_steps:
-                value = float(loss.detach())  # the only per-step sync, every check_every steps
+                value = self._read(loss)  # the only per-step sync, every check_every steps
                 rolled_back = self._govern(value)
                 if not rolled_back:
                     self._update_gate(value)
@@ -261,7 +274,7 @@ class GrowthController:
             # The validation pass ran the very state a snapshot would keep: judge it before keeping it.
             reason = _non_finite(evaluation)
             if reason is None and self.governor.judged_step != self.step and self._last_loss is not None:
-                reason = self.governor.judge(self.step, float(self._last_loss))
+                reason = self.governor.judge(self.step, self._read(self._last_loss))
             if reason is not None:
                 self._roll_back(reason)
                 return True
@@ -333,6 +346,14 @@ class GrowthController:
         self.load_state_dict(state["controller"])
         self.model.load_state_dict(state["model"], strict=True)
         optim.import_state(self.optimizer, self.model, state["optimizer"])
+
+    def _read(self, loss: torch.Tensor) -> float:
+        """A loss as the decisions see it: under torchrun the mean over the ranks, with the governor's
+        non-finite flag agreed first."""
+        if self.world is None:
+            return float(loss.detach())
+        self.governor.agree(self.world.any_tensor)
+        return float(self.world.mean(loss))
 
     def _record(self, event: Event) -> None:
         self.governor.noticed(event)

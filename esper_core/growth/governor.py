@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,6 +56,11 @@ class Governor:
     def watch(self, loss: torch.Tensor) -> None:
         """Called every step: remember (on the device) whether any loss was NaN/Inf."""
         self._nonfinite |= ~torch.isfinite(loss.detach())
+
+    def agree(self, any_rank: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Under torchrun, before a judgement: a non-finite loss seen by any rank counts on every rank
+        (``any_rank`` ORs a flag over the ranks), so all of them roll back together."""
+        self._nonfinite = any_rank(self._nonfinite)
 
     def judge(self, step: int, loss_value: float) -> str | None:
         """At a read point: the reason to roll back, or ``None`` if training is healthy."""

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -118,9 +118,11 @@ class StatBank:
     first added) stand until a measurement is accepted.
     """
 
-    def __init__(self, decay: float, fixed: dict[str, float] | None = None) -> None:
+    def __init__(self, decay: float, fixed: dict[str, float] | None = None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.decay = decay
         self.fixed = fixed or {}
+        self.reduce = reduce  # under torchrun: the mean over the ranks, applied to each flush's measurements
         self._clear()
 
     def _clear(self) -> None:
@@ -159,6 +161,11 @@ class StatBank:
             return
         names, queued = list(self._queue), list(self._queue.values())
         self._queue = {}
+        if self.reduce is not None:  # every rank folds the ranks' mean measurement (a non-finite one anywhere rejects it)
+            sizes = [flat.numel() for flat, _ in queued]
+            merged = self.reduce(torch.cat([*(flat for flat, _ in queued), torch.stack([c.float() for _, c in queued])]))
+            parts = merged.split([*sizes, len(queued)])
+            queued = [(flat, check) for flat, check in zip(parts[:-1], parts[-1].unbind())]
         if set(names) == set(self.spans) and names != list(self.spans):
             self._reorder(names)  # e.g. after a restore, whose key order is not the hooks' order
         valid = torch.isfinite(torch.stack([check for _, check in queued]))
@@ -273,6 +280,18 @@ class LayerSignals:
         self._banks = {ACTIVATIONS: StatBank(decay), GRADIENTS: StatBank(decay)}
         self._rows: dict[str, float] = {}  # layer -> output rows (positions) per sample, latest
         self._ones: dict[tuple[int, torch.device], torch.Tensor] = {}  # bias columns, by length
+
+    def share(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Under torchrun: fold the mean of the ranks' measurements (``reduce``), so every rank's data
+        counts and every rank holds the same averages. Call :meth:`flush` on every rank after each
+        measured step, so no rank is left with a queue that a later read would reduce alone."""
+        for bank in self._banks.values():
+            bank.reduce = reduce
+
+    def flush(self) -> None:
+        """Fold the queued measurements now (a collective under torchrun: every rank calls it)."""
+        for bank in self._banks.values():
+            bank.flush()
 
     @contextmanager
     def measuring(self, layers: dict[str, KasminaLayer], active: bool) -> Iterator[None]:

@@ -101,10 +101,10 @@ class RunMetrics:
     """The metric families of one run. Updating them never touches a tensor: callers pass floats
     they already hold, so no host-device sync is added by telemetry."""
 
-    def __init__(self, version: str) -> None:
+    def __init__(self, version: str, rank: int | None = None) -> None:
         import torch  # here, not at the top: reading a run's files (esper report) needs no PyTorch
 
-        self.registry = RunRegistry(auto_describe=True)
+        self.registry = RunRegistry(auto_describe=True, rank=rank)
         r = self.registry
         ProcessCollector(registry=r)
         Info("esper_build", "Esper and torch versions of this process.", registry=r).info(
@@ -180,12 +180,20 @@ class RunMetrics:
 
 class RunRegistry(CollectorRegistry):
     """A registry whose exposition leaves out prometheus_client's ``*_created`` samples (see the module
-    docstring); everything else, including what a scrape and a push send, is the plain registry's."""
+    docstring); everything else, including what a scrape and a push send, is the plain registry's.
+    ``rank`` (a distributed run's rank) labels every sample ``rank="N"``: one series per rank, bounded
+    by the world size, so dashboards can sum or compare the ranks' endpoints."""
+
+    def __init__(self, auto_describe: bool = False, rank: int | None = None) -> None:
+        super().__init__(auto_describe=auto_describe)
+        self.rank = None if rank is None else str(rank)
 
     def collect(self) -> Iterator[Metric]:
         for metric in super().collect():
             samples = [sample for sample in metric.samples if not sample.name.endswith("_created")]
-            if len(samples) != len(metric.samples):
+            if self.rank is not None:
+                samples = [sample._replace(labels={**sample.labels, "rank": self.rank}) for sample in samples]
+            if len(samples) != len(metric.samples) or self.rank is not None:
                 trimmed = Metric(metric.name, metric.documentation, metric.type, metric.unit)
                 trimmed.samples = samples
                 metric = trimmed

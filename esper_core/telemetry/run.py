@@ -84,12 +84,15 @@ class RunTelemetry:
     """Metrics, endpoint and anomaly detection of one run; see the module docstring.
 
     ``record`` appends an event to the run's hash-chained log (the trainer's ``_record``);
-    ``seed_counts`` returns the number of slots per lifecycle state.
+    ``seed_counts`` returns the number of slots per lifecycle state. Under torchrun, ``rank`` labels
+    every series and each rank serves on ``metrics_port + local_rank`` (port 0 still picks a free one).
     """
 
     def __init__(self, config: TelemetryConfig, record: Callable[[Event], None],
-                 seed_counts: Callable[[], dict[str, int]], instance: str | None = None) -> None:
+                 seed_counts: Callable[[], dict[str, int]], instance: str | None = None,
+                 rank: int | None = None, local_rank: int = 0) -> None:
         self.config = config
+        self.local_rank = local_rank
         self._record = record
         self._seed_counts = seed_counts
         self._cache_seen: dict[str, tuple[int, int]] = {}
@@ -98,7 +101,7 @@ class RunTelemetry:
             stall_improvement=config.anomaly_stall_improvement,
             compile_failure_rate=config.anomaly_compile_failure_rate, memory_growth=config.anomaly_memory_growth))
         wanted = config.metrics_port is not None or config.pushgateway_url is not None
-        self.metrics = RunMetrics(esper_version()) if wanted else None
+        self.metrics = RunMetrics(esper_version(), rank) if wanted else None
         self.server: MetricsServer | None = None
         self.pusher: Pusher | None = None
         self._instance = instance  # the Pushgateway grouping key; host:pid unless the caller names the run
@@ -117,6 +120,7 @@ class RunTelemetry:
         self.metrics.active.set(1)
         if self.config.metrics_port is not None:
             bind, port = self.config.metrics_bind, self.config.metrics_port
+            port = port + self.local_rank if port else port
             try:
                 self.server = MetricsServer(self.metrics.registry, bind, port)
             except OSError as exc:  # port taken, address not local, permission...

@@ -10,6 +10,7 @@ and is turned into the same kind of refusal: exit 3, naming the checkpoint, neve
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,3 +63,19 @@ def refusing(where: str) -> Iterator[None]:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(Problem(where, f"does not fit this run's model and recipe: {message}")) from None
 
+
+
+def check_world_size(manifest: dict[str, Any], where: str) -> None:
+    """Refuse to resume with another number of ranks than the checkpoint's run had (a checkpoint
+    without the field was written by a single process). The data position, the per-rank batch and
+    the reductions of the growth signals all depend on it, so a continuation would not be the run
+    that was checkpointed."""
+    recorded = manifest.get("world_size", 1)
+    current = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    if not _integer(recorded, 1):
+        raise CheckpointError(Problem(where, f"world_size must be a positive integer, not {recorded!r}"))
+    if recorded != current:
+        how = (f"esper resume --nproc-per-node {recorded} --checkpoint RUN" if recorded > 1
+               else "esper resume --checkpoint RUN (one process)")
+        raise CheckpointError(Problem(where, f"the run was checkpointed by {recorded} rank(s) and this resume has "
+                                      f"{current}: resume with the same world size ({how})"))

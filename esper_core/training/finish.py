@@ -18,20 +18,24 @@ if TYPE_CHECKING:
 
 
 def finish_run(trainer: Trainer) -> dict[str, Any]:
-    """Write ``final/`` and ``summary.json`` and record ``run_end``; returns the summary."""
+    """Write ``final/`` and ``summary.json`` and record ``run_end``; returns the summary. Under
+    torchrun every rank evaluates its shard (the figures are the whole sets') and only rank 0 writes."""
     assert trainer.run_dir is not None
     recipe = trainer.loaded.recipe
     controller, manager = trainer.controller, trainer.manager
-    if recipe.policy.selector.share_across_runs:
+    if recipe.policy.selector.share_across_runs and trainer.leader:
         controller.policy.selector.share(workspace_store(recipe.storage.workspace))
-    task = trainer.task
-    test_batches = trainer.eval_batches(resident(trainer.data.test, trainer.device))
+    task, world = trainer.task, trainer.world
+    test_batches = trainer.eval_batches(trainer.shard(resident(trainer.data.test, trainer.device), "test"))
     with trainer.precision.autocast():
-        val = task.evaluate(trainer.model, trainer.val_batches, trainer.device)
-        test = task.evaluate(trainer.model, test_batches, trainer.device)
+        val = task.evaluate(trainer.model, trainer.val_batches, trainer.device, world)
+        test = task.evaluate(trainer.model, test_batches, trainer.device, world)
         with manager.all_muted():  # what the grown seeds are worth: the same model with every seed silent
-            muted = {"val": task.evaluate(trainer.model, trainer.val_batches, trainer.device),
-                     "test": task.evaluate(trainer.model, test_batches, trainer.device)}
+            muted = {"val": task.evaluate(trainer.model, trainer.val_batches, trainer.device, world),
+                     "test": task.evaluate(trainer.model, test_batches, trainer.device, world)}
+    if not trainer.leader:
+        return {"run_dir": str(trainer.run_dir), "steps": trainer.step, **{f"val_{k}": v for k, v in val.metrics.items()},
+                **{f"test_{k}": v for k, v in test.metrics.items()}}
     write_final(trainer.run_dir, trainer.model.state_dict(), manager.topology(),
                 {"step": trainer.step, "recipe_sha256": trainer.loaded.sha256, "recipe_dir": str(trainer.base_dir),
                  "host_model": host_model(trainer)})
@@ -48,6 +52,7 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
                        if s.state.name == "FOSSILIZED"],
         "rollbacks": controller.governor.rollbacks,
         "kernel_wait_s": round(controller.kernel_wait_s, 3), "blocked_steps": controller.kernels.blocked,
+        **({"world_size": world.size} if world is not None else {}),
     }
     # The last chained event binds the run's results: the final artifacts by sha256 and every figure of
     # the summary, so editing either afterwards fails `esper report --verify`; then the head is signed.

@@ -11,6 +11,11 @@ epoch) is kept here and each epoch's permutation is a pure function of ``(seed, 
 - an ``IterableDataset`` is read in order; its position is the number of batches taken from the
   current pass, and a resume skips ahead by reading that many batches again (documented).
 
+Under ``torchrun`` every rank draws the same permutation and takes its own ``batch_size`` samples of
+each global batch of ``batch_size * world`` (rank ``r`` the ``r``-th block), so the position is the
+same on every rank and the ranks together see exactly the batches one process with the global batch
+size would. An iterable dataset cannot be split that way and is refused for several ranks.
+
 Every DataLoader gets its own seeded generator: an iterator otherwise draws its workers' base seed
 from the global RNG, which would make training depend on when iterators were created.
 
@@ -25,6 +30,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
+
+from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 
 
 RESIDENT_BYTES = 2 << 30
@@ -69,22 +76,30 @@ class _EpochBatches(Sampler[list[int]]):
         owner = self.owner
         perm = owner.permutation(owner.epoch)
         for offset in range(owner.offset, owner.batches_per_epoch):
-            yield perm[offset * owner.batch_size:(offset + 1) * owner.batch_size].tolist()
+            start = owner.start(offset)
+            yield perm[start:start + owner.batch_size].tolist()
 
     def __len__(self) -> int:
         return self.owner.batches_per_epoch - self.owner.offset
 
 
 class TrainBatches:
-    """Shuffled training batches, epoch after epoch, dropping a ragged last batch."""
+    """Shuffled training batches, epoch after epoch, dropping a ragged last global batch; ``rank`` of
+    ``world`` takes its block of each global batch (see the module docstring)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False, persistent_workers: bool = True) -> None:
+                 pin_memory: bool = False, persistent_workers: bool = True, rank: int = 0, world: int = 1) -> None:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world = rank, world
         self.epoch = self.offset = 0
         self.iterable = isinstance(dataset, IterableDataset)
         self.size = 0 if self.iterable else len(dataset)  # type: ignore[arg-type]
-        self.batches_per_epoch = max(1, self.size // batch_size)
+        if world > 1 and (self.iterable or self.size < batch_size * world):
+            why = ("an iterable dataset cannot be split between ranks" if self.iterable else
+                   f"the training split has {self.size} samples, fewer than one global batch "
+                   f"({batch_size} x {world} ranks)")
+            raise ConfigError(Problem(RECIPE_FIELD, f"{why}; train it in one process", field="data"))
+        self.batches_per_epoch = max(1, self.size // (batch_size * world))
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
         self._loader: DataLoader | None = None
         self._iterator: Iterator[Any] | None = None
@@ -107,11 +122,15 @@ class TrainBatches:
             self._perm, self._perm_epoch = perm.to(_data_device(self.dataset)), epoch
         return self._perm
 
+    def start(self, offset: int) -> int:
+        """Where this rank's batch number ``offset`` of an epoch starts in the permutation."""
+        return (offset * self.world + self.rank) * self.batch_size
+
     def next(self) -> Any:
         if self._loader is None:  # in-memory tensors
             if self.offset >= self.batches_per_epoch:
                 self.epoch, self.offset = self.epoch + 1, 0
-            start = self.offset * self.batch_size
+            start = self.start(self.offset)
             self.offset += 1
             return _take(self.dataset, self.permutation(self.epoch)[start:start + self.batch_size])  # type: ignore[arg-type]
         for _ in range(2):  # at most one epoch boundary per batch

@@ -3,7 +3,9 @@
 One object receives every event (from the growth controller, the trainer and the anomaly detector)
 and sends it to each place it belongs: the hash-chained ``events.jsonl``, the asset repository's
 ``events`` table (through the SQL tier's deadline and breaker), the Prometheus metrics and the
-progress listeners. Listeners receive event dicts (lifecycle events as recorded, and ``progress``
+progress listeners. Under torchrun only rank 0's recorder writes (``writes``): the other ranks take the
+same events, for their own Prometheus metrics, and write no file, mirror nothing and tell no listener.
+Listeners receive event dicts (lifecycle events as recorded, and ``progress``
 events carrying the latest figures), never pre-formatted strings: how to show them is the caller's.
 """
 
@@ -27,13 +29,16 @@ Listener = Callable[[Event], None]
 
 class RunRecorder:
     """See the module docstring. ``step()`` says the current optimizer step (for telemetry);
-    ``seed_counts()`` the number of slots per lifecycle state."""
+    ``seed_counts()`` the number of slots per lifecycle state; ``writes`` is False on the ranks other
+    than 0 of a distributed run, whose ``rank`` and ``local_rank`` telemetry takes for its label and port."""
 
     def __init__(self, config: TelemetryConfig, store: KernelStore, step: Callable[[], int],
-                 seed_counts: Callable[[], dict[str, int]]) -> None:
+                 seed_counts: Callable[[], dict[str, int]], writes: bool = True, rank: int | None = None,
+                 local_rank: int = 0) -> None:
+        self.writes = writes
         self.store = store
         self.step = step
-        self.telemetry = RunTelemetry(config, self.record, seed_counts)
+        self.telemetry = RunTelemetry(config, self.record, seed_counts, rank=rank, local_rank=local_rank)
         self.listeners: list[Listener] = []
         self.events: EventLog | None = None
         self.metrics: JsonlWriter | None = None
@@ -43,6 +48,9 @@ class RunRecorder:
     def open(self, run_dir: Path, cursor: dict[str, Any] | None, run_id: str) -> None:
         """Open the run's logs; a resume first truncates them to the checkpoint's ``cursor`` so
         nothing after the checkpoint is written twice."""
+        self.run_id = run_id
+        if not self.writes:
+            return
         if cursor is not None:
             for filename, size in (("events.jsonl", cursor["events_bytes"]), ("metrics.jsonl", cursor["metrics_bytes"])):
                 with (run_dir / filename).open("r+b") as handle:
@@ -51,7 +59,6 @@ class RunRecorder:
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
         if cursor is not None:
             self.events.seq, self.events.prev = cursor["events_seq"], cursor["events_prev"]
-        self.run_id = run_id
 
     def cursor(self) -> dict[str, Any]:
         """Where the run's logs end now (a resume truncates them here)."""
@@ -63,10 +70,11 @@ class RunRecorder:
 
     def record(self, event: Event) -> None:
         """A chained event: event log, repository mirror, telemetry, listeners."""
-        assert self.events is not None, "the run's logs are not open"
-        self.events.append(event)
-        line = self.events.last_line
-        self.mirror(lambda repo: repo.append_event(self.run_id, line))
+        if self.writes:
+            assert self.events is not None, "the run's logs are not open"
+            self.events.append(event)
+            line = self.events.last_line
+            self.mirror(lambda repo: repo.append_event(self.run_id, line))
         self.telemetry.on_event(event)
         self.notify(event)
 
@@ -76,18 +84,22 @@ class RunRecorder:
 
     def logged(self, row: dict[str, Any]) -> None:
         """A metrics.jsonl row of the training loss and the run's size."""
-        assert self.metrics is not None
-        self.metrics.write(row)
+        if self.writes:
+            assert self.metrics is not None
+            self.metrics.write(row)
         self.telemetry.logged(row)
         self.telemetry.cache_counts(self.store.stats()["tiers"])
 
     def validated(self, row: dict[str, Any], loss: float, metric: str, value: float) -> None:
-        assert self.metrics is not None
-        self.metrics.write(row)
+        if self.writes:
+            assert self.metrics is not None
+            self.metrics.write(row)
         self.telemetry.validated(loss, metric, value)
 
     def notify(self, event: Event) -> None:
         """Tell the listeners (not chained: progress reports and notices go only here)."""
+        if not self.writes:
+            return
         for listener in self.listeners:
             listener(event)
 
@@ -97,7 +109,7 @@ class RunRecorder:
         """Write to the asset repository through the SQL tier's deadline and circuit breaker. A
         repository that is down, slow or refusing never fails the run: events.jsonl stays complete."""
         sql = self.store.tier("sql")
-        if sql is None:
+        if sql is None or not self.writes:
             return
         try:
             sql.guard.call(action, sql.repository)

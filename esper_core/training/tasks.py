@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esper_core.distributed.world import World
 from esper_core.growth.evaluation import Evaluation
 from esper_core.recipe.schema import TaskConfig
 from esper_core.seeds.probe import call_model, to_device
@@ -68,6 +69,17 @@ class _Sums:
 
     def add(self, key: str, value: torch.Tensor) -> None:
         self.extra[key] = self.extra[key] + value if key in self.extra else value
+
+
+def _reduced(sums: _Sums, world: World) -> _Sums:
+    """The sums of every rank's shard (one all-reduce, and one gather of the per-sample scores)."""
+    keys = sorted(sums.extra)
+    parts = [sums.loss.reshape(1).double(), sums.loss.new_tensor([float(sums.count)]),
+             *(sums.extra[k].double().reshape(-1) for k in keys)]
+    total = world.sum(torch.cat(parts)).split([p.numel() for p in parts])
+    extra = {k: v.reshape(sums.extra[k].shape) for k, v in zip(keys, total[2:])}
+    scores = [world.gather(torch.cat(sums.scores))] if sums.scores else []
+    return _Sums(total[0].reshape(()), int(total[1]), scores, extra)
 
 
 class Task:
@@ -118,8 +130,11 @@ class Task:
     # --- evaluation -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> Evaluation:
-        """The task's metrics over ``batches`` in eval mode (one host-device sync at the end)."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device,
+                 world: World | None = None) -> Evaluation:
+        """The task's metrics over ``batches`` in eval mode (one host-device sync at the end). Under
+        torchrun each rank passes its shard's batches and ``world``: the sums are added over the ranks
+        and the per-sample scores gathered in rank order, so every rank gets the whole set's figures."""
         was_training = model.training
         model.eval()
         sums = _Sums(torch.zeros((), device=device, dtype=torch.float64))
@@ -129,6 +144,8 @@ class Task:
                 self._accumulate(sums, output, targets)
         finally:
             model.train(was_training)
+        if world is not None:
+            sums = _reduced(sums, world)
         return self._finish(sums)
 
     def _accumulate(self, sums: _Sums, output: Any, targets: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from esper_core import distributed
 from esper_core.artifacts.publish import publish_checkpoint
 from esper_core.checkpoints import store
 from esper_core.checkpoints.lock import RunLock
@@ -37,7 +38,7 @@ from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.storage import open_kernel_store
 from esper_core.training import optim, run_state
-from esper_core.training.checkpoint_state import check_run_state, refusing
+from esper_core.training.checkpoint_state import check_run_state, check_world_size, refusing
 from esper_core.training.data import build_data, import_factory
 from esper_core.training.finish import finish_run, host_model
 from esper_core.training.loaders import EvalBatches, TrainBatches, resident
@@ -90,6 +91,7 @@ class Trainer:
         if not saved.is_file() or hashlib.sha256(saved.read_bytes()).hexdigest() != recorded:
             raise EsperError(Problem(str(saved), "missing or does not match the recipe hash in the checkpoint"))
         where = str(checkpoint.path / store.STATE)
+        check_world_size(checkpoint.manifest, str(checkpoint.path / store.MANIFEST))
         check_run_state(checkpoint.state.get("run"), run_dir, where)
         recipe_dir = checkpoint.state.get("recipe_dir")
         trainer = cls(load_recipe(saved, overrides, allow_factories),
@@ -105,7 +107,9 @@ class Trainer:
         recipe = self.loaded.recipe
         self.base_dir = self.base_dir or self.loaded.path.parent
         check_device(self.loaded, torch.cuda.is_available())
-        self.device = select_device(recipe.run.device)
+        self.world = distributed.join(select_device(recipe.run.device))
+        self.device = self.world.device if self.world is not None else select_device(recipe.run.device)
+        self.leader = self.world is None or self.world.leader  # the one process that writes the run
         seed_everything(recipe.run.seed, recipe.run.deterministic, self.device)
         with self.loaded.located():
             function = import_factory(recipe.task.function, "task.function") if recipe.task.function else None
@@ -117,8 +121,10 @@ class Trainer:
             self.model.to(self.device)
             self.kernel_store = open_kernel_store(recipe.storage)
             self.optimizer = optim.build_optimizer(self.model, recipe.trainer)
+            world = self.world
             self.recorder = RunRecorder(recipe.telemetry, self.kernel_store, lambda: self.controller.step,
-                                        lambda: self.controller.manager.counts())
+                                        lambda: self.controller.manager.counts(), writes=self.leader,
+                                        rank=world.rank if world else None, local_rank=world.local_rank if world else 0)
             self.controller = GrowthController(
                 self.model, self.optimizer, example=self.data.example(2), max_steps=recipe.trainer.max_steps,
                 seeds=recipe.seeds, policy=recipe.policy, governor=recipe.trainer.governor, store=self.kernel_store,
@@ -127,17 +133,22 @@ class Trainer:
                 seed_lr=lambda step: optim.seed_lr(step, recipe.trainer, recipe.seeds, recipe.policy.growth_window[1]),
                 blueprint_dirs=[self.base_dir / d for d in recipe.seeds.blueprint_dirs],
                 deterministic=recipe.run.deterministic, start=False,
-                kernel_dtype={"bf16": "bfloat16", "fp16": "float16"}.get(recipe.trainer.precision))
+                kernel_dtype={"bf16": "bfloat16", "fp16": "float16"}.get(recipe.trainer.precision), world=world)
         self.controller.run_state = (lambda: cpu_copy(run_state.capture(self, checkpoint=False)),
                                      lambda state: run_state.restore(self, state))
         self.manager = self.controller.manager
         self.precision = Precision(recipe.trainer.precision, self.device)
         self.step_model = self.model if recipe.trainer.compile == "none" else torch.compile(
             self.model, mode=recipe.trainer.compile)  # training steps only: evaluation stays eager
+        # under torchrun the step runs through DDP, rebuilt when seeds change the parameters
+        self.replica = None if self.world is None else distributed.Replica(
+            self.model, self.step_model, self.world, self.manager.topology)
         data = recipe.data
-        self.sampler = TrainBatches(resident(self.data.train, self.device), data.batch_size, recipe.run.seed,
-                                    data.num_workers, data.pin_memory, data.persistent_workers)
-        val = resident(self.data.val, self.device)
+        rank, size = (self.world.rank, self.world.size) if self.world is not None else (0, 1)
+        with self.loaded.located():
+            self.sampler = TrainBatches(resident(self.data.train, self.device), data.batch_size, recipe.run.seed,
+                                        data.num_workers, data.pin_memory, data.persistent_workers, rank, size)
+            val = self.shard(resident(self.data.val, self.device), "validation")
         self.val_batches = self.eval_batches(val)
         self.verdict_batches = self.eval_batches(val, limit=recipe.seeds.eval_batches)
         self.last_val: dict[str, float] | None = None
@@ -149,6 +160,10 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.controller.step
+
+    def shard(self, dataset: Dataset, what: str) -> Dataset:
+        """This rank's block of a held-out split (the whole split in a single process)."""
+        return dataset if self.world is None else distributed.shard(dataset, self.world.rank, self.world.size, what)
 
     def eval_batches(self, dataset: Dataset, limit: int | None = None) -> EvalBatches:
         """Evaluation batches of ``dataset`` (pass it through :func:`resident` first on a GPU)."""
@@ -167,13 +182,16 @@ class Trainer:
         previous_handlers: dict[int, Any] = {}
         lock: RunLock | None = None
         try:
-            if self._resumed_from is None:
+            if self._resumed_from is None and self.leader:
                 check_output_dir(self.loaded)
                 with self.loaded.located():
                     self.run_dir = fresh_run_dir(Path(recipe.run.output_dir).resolve() / recipe.run.name)
+            if self.world is not None and self._resumed_from is None:
+                self.run_dir = Path(self.world.broadcast_text(str(self.run_dir)))  # rank 0 named it
             assert self.run_dir is not None
-            lock = RunLock(self.run_dir)
-            lock.acquire()  # one process writes a run: a second resume of it is refused (exit 3)
+            if self.leader:
+                lock = RunLock(self.run_dir)
+                lock.acquire()  # one process writes a run: a second resume of it is refused (exit 3)
             metrics_url = telemetry.start()
             self._open_run()
             if metrics_url:
@@ -200,13 +218,18 @@ class Trainer:
                     self._report(outcome)
                 elif outcome.loss is not None:
                     self._report(outcome)
-                if self._checkpoint_due():
+                if self.leader and self._checkpoint_due():
                     self.save_checkpoint()
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     self._stop()
                 telemetry.step_done(self.step, time.perf_counter() - tick)
-            return finish_run(self)
+            summary = finish_run(self)
+            if self.world is not None:
+                self.world.barrier()  # on every rank, fit returns once rank 0 has written the run's results
+            return summary
         finally:
+            if self.replica is not None:
+                self.replica.close()
             self.controller.close()
             self.kernel_store.close()
             for signum, handler in previous_handlers.items():
@@ -214,12 +237,15 @@ class Trainer:
             self.recorder.close()
             if lock is not None:
                 lock.release()
+            if self.world is not None:
+                self.world.close()
 
     def _train_step(self) -> StepOutcome:
         cfg = self.loaded.recipe
         morph = self.recorder.telemetry.morph
+        model = self.step_model if self.replica is None else self.replica.module()
         with self.precision.autocast():
-            output, targets = self.task.forward(self.step_model, self.sampler.next(), self.device)
+            output, targets = self.task.forward(model, self.sampler.next(), self.device)
             loss = self.task.loss(output, targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss, self.optimizer, list(self.manager.layers.values()))
@@ -235,7 +261,7 @@ class Trainer:
     def _validate_and_grow(self) -> bool:
         """Validate, then let the controller snapshot and grow; returns whether it rolled back."""
         with self.precision.autocast():
-            val = self.task.evaluate(self.model, self.val_batches, self.device)
+            val = self.task.evaluate(self.model, self.val_batches, self.device, self.world)
         self.last_val = val.metrics
         self.recorder.validated({"step": self.step, **{f"val_{k}": v for k, v in val.metrics.items()}},
                                 float(val.loss or 0.0), val.name, val.metric)
@@ -244,7 +270,7 @@ class Trainer:
 
     def _verdict_evaluation(self, model: torch.nn.Module) -> Evaluation:
         with self.precision.autocast():
-            return self.task.evaluate(model, self.verdict_batches, self.device)
+            return self.task.evaluate(model, self.verdict_batches, self.device, self.world)
 
     def _report(self, outcome: StepOutcome) -> None:
         self.recorder.notify(progress_event(self.step, self.loaded.recipe.trainer.max_steps, outcome.loss,
@@ -257,15 +283,19 @@ class Trainer:
         cursor = None
         assert self.run_dir is not None
         if self._resumed_from is None:
-            (self.run_dir / "recipe.yaml").write_text(self.loaded.resolved_yaml, encoding="utf-8")
-            (self.run_dir / "recipe.sha256").write_text(self.loaded.sha256 + "\n", encoding="utf-8")
+            if self.leader:
+                (self.run_dir / "recipe.yaml").write_text(self.loaded.resolved_yaml, encoding="utf-8")
+                (self.run_dir / "recipe.sha256").write_text(self.loaded.sha256 + "\n", encoding="utf-8")
         else:
             cursor = self._resumed_from.state["run"]["logs"]
-            store.remove_leftovers(self.run_dir / "checkpoints")
+            if self.leader:
+                store.remove_leftovers(self.run_dir / "checkpoints")
         run_id = uuid.uuid4().hex  # this segment of the run in the asset repository
         self.recorder.open(self.run_dir, cursor, run_id)
         self.recorder.mirror(lambda repo: repo.start_run(run_id, self.run_dir.name, self.loaded.sha256))
         identity = self.recorder.telemetry.identity()
+        if self.world is not None:
+            identity["world_size"] = self.world.size
         if self._resumed_from is None:
             self.recorder.record({"event": "run_start", "step": 0, "run_id": run_id,
                                   "recipe_sha256": self.loaded.sha256, "device": str(self.device),
@@ -289,6 +319,7 @@ class Trainer:
         tensors, skeleton = split(run_state.capture(self, checkpoint=True))
         val = self.last_val
         info = {"recipe_sha256": self.loaded.sha256, "device": str(self.device), "epoch": self.sampler.epoch,
+                "world_size": self.world.size if self.world is not None else 1,
                 "esper": _version(), "val_loss": val["loss"] if val else None, "host_model": host_model(self)}
         directory = self.run_dir / "checkpoints"
         path = store.save(directory, self.step, tensors, {"run": skeleton, "recipe_dir": str(self.base_dir)}, info)
@@ -307,7 +338,21 @@ class Trainer:
             self._stop_signal = signum
         return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
+    def _stop_requested(self) -> bool:
+        """Whether to stop now. Under torchrun a signal may reach one rank only, or the ranks at
+        different steps: they agree at each log step (one tiny all-reduce) and stop together."""
+        if self.world is None:
+            return self._stop_signal is not None
+        if self.step % self.loaded.recipe.trainer.log_every:
+            return False
+        return self.world.any(self._stop_signal is not None)
+
     def _stop(self) -> None:
+        self._stop_signal = self._stop_signal or signal.SIGTERM  # another rank's signal
+        if not self.leader:
+            stop = Interrupted(f"stopped at step {self.step} with rank 0, which wrote the checkpoint")
+            stop.exit_code = 128 + int(self._stop_signal)
+            raise stop
         path = self.save_checkpoint()
         name = signal.Signals(self._stop_signal).name if self._stop_signal else "signal"
         self.recorder.record({"event": "interrupted", "step": self.step, "signal": name, "checkpoint": path.name})

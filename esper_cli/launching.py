@@ -1,0 +1,40 @@
+"""The options ``esper train`` and ``esper resume`` share to start several ranks under torchrun."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from esper_core.distributed.launch import Launch
+
+NPROC = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this node under torchrun (DDP; gloo on "
+                     "the CPU, NCCL on CUDA); plain `torchrun ... -m esper_cli train` works too.", show_default=False)
+NNODES = typer.Option("1", "--nnodes", help="Nodes taking part (torchrun's --nnodes); above 1 needs --rdzv-endpoint.")
+NODE_RANK = typer.Option(0, "--node-rank", help="This node's rank (torchrun's --node-rank).")
+RDZV_BACKEND = typer.Option("c10d", "--rdzv-backend", help="torchrun's rendezvous backend.")
+RDZV_ENDPOINT = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, the same on every node.",
+                             show_default=False)
+RDZV_ID = typer.Option(None, "--rdzv-id", help="The run's rendezvous id, the same on every node (default: esper).",
+                       show_default=False)
+
+
+def launch_spec(nproc: int, nnodes: str, node_rank: int, rdzv_backend: str, rdzv_endpoint: str | None,
+                rdzv_id: str | None) -> "Launch":
+    """The launch the options describe; refused inside a process torchrun already started."""
+    from esper_core.distributed import launched
+    from esper_core.distributed.launch import Launch
+    from esper_core.errors import ConfigError, Problem
+
+    if launched():
+        raise ConfigError(Problem("command line", "--nproc-per-node inside a torchrun worker: torchrun already "
+                                  "started the ranks; drop the option"))
+    return Launch(nproc, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id)
+
+
+def relaunch(spec: "Launch", command: list[str]) -> None:
+    """Run ``command`` (``esper`` arguments) on the launch's ranks and exit with their exit code."""
+    from esper_core.distributed.launch import launch
+
+    raise typer.Exit(launch(spec, command))

@@ -1,0 +1,171 @@
+"""The process group of a run under ``torchrun``, and the few collectives Esper's growth needs.
+
+``torchrun`` (or any launcher that sets the same variables) starts one process per rank with
+``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` in the environment;
+:func:`join` reads them and joins the default process group: NCCL when the run trains on CUDA (each
+rank on ``cuda:LOCAL_RANK``), gloo on the CPU. A world of one process (plain ``esper train``, or
+``torchrun --nproc-per-node 1``) is no world at all: :func:`join` returns ``None`` and the run takes the
+single-process path unchanged.
+
+Every collective here is called by every rank at the same point of the same code; the tensors are
+moved to the group's device (CUDA for NCCL, the CPU for gloo) and back. Nothing is ever pickled:
+``torch.distributed``'s object collectives unpickle what they receive, so text travels as UTF-8 bytes
+in a tensor instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from esper_core.errors import ConfigError, EsperError, Problem
+
+ENVIRONMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun sets for every worker; a world needs all of them."""
+
+TIMEOUT = timedelta(minutes=30)
+"""How long a collective waits for a rank that does not arrive (a dead peer is usually noticed at once)."""
+
+
+class RanksDiverged(EsperError):
+    """Ranks disagree about something that must be identical everywhere (a bug, or a non-shared
+    kernel store on several nodes): stopping beats training replicas that no longer match."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: ``rank`` of ``size`` processes, ``local_rank`` on its node."""
+
+    rank: int
+    local_rank: int
+    size: int
+    backend: str
+    device: torch.device  # where this rank trains
+    owned: bool = True  # this World joined the process group (and leaves it in close); False: the caller's group
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: the one that writes the run's files and serves its events."""
+        return self.rank == 0
+
+    @property
+    def _comm(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    # --- collectives ------------------------------------------------------------------------------
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The average of ``tensor`` over the ranks (a new tensor on ``tensor``'s device, float32 or wider)."""
+        work = tensor.detach().to(self._comm, dtype=torch.promote_types(tensor.dtype, torch.float32), copy=True)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        return (work / self.size).to(tensor.device)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the ranks (a new tensor, same dtype and device)."""
+        work = tensor.detach().to(self._comm, copy=True)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        return work.to(tensor.device)
+
+    def any(self, flag: bool | torch.Tensor) -> bool:
+        """Whether ``flag`` is true on any rank."""
+        value = torch.as_tensor(flag).detach().to(self._comm, dtype=torch.int32).reshape(())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value)
+
+    def any_tensor(self, flag: torch.Tensor) -> torch.Tensor:
+        """``flag`` (a boolean tensor) OR-ed over the ranks, on its own device, without a host read."""
+        value = flag.detach().to(self._comm, dtype=torch.int32, copy=True)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value.to(flag.device).bool()
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D ``values`` (lengths may differ) concatenated in rank order."""
+        flat = values.detach().reshape(-1).to(self._comm)
+        lengths = [torch.zeros(1, dtype=torch.int64, device=self._comm) for _ in range(self.size)]
+        dist.all_gather(lengths, torch.tensor([flat.numel()], dtype=torch.int64, device=self._comm))
+        sizes = [int(n) for n in lengths]
+        padded = torch.zeros(max(sizes), dtype=flat.dtype, device=self._comm)
+        padded[:flat.numel()] = flat
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(values.device)
+
+    def broadcast_text(self, text: str | None) -> str:
+        """Rank 0's ``text`` on every rank (others pass anything, usually ``None``)."""
+        data = (text or "").encode("utf-8") if self.leader else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self._comm)
+        dist.broadcast(size, src=0)
+        buffer = torch.zeros(int(size), dtype=torch.uint8, device=self._comm)
+        if self.leader and data:
+            buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dist.broadcast(buffer, src=0)
+        return bytes(buffer.cpu().tolist()).decode("utf-8")
+
+    def check_same(self, text: str, what: str) -> None:
+        """Raise :class:`RanksDiverged` on every rank unless ``text`` is identical on all of them."""
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        differs = self.broadcast_text(digest) != digest
+        if self.any(differs):
+            raise RanksDiverged(Problem("distributed", f"{what} differs between ranks"
+                                        + (f" (rank {self.rank} differs from rank 0)" if differs else "")))
+
+    def barrier(self) -> None:
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.local_rank])
+        else:
+            dist.barrier()
+
+    @contextmanager
+    def leader_first(self) -> Iterator[None]:
+        """Rank 0 runs the block alone, then the others (e.g. rank 0 compiles kernels into the shared
+        cache, the others then find them there)."""
+        if not self.leader:
+            self.barrier()
+        yield
+        if self.leader:
+            self.barrier()
+
+    def close(self) -> None:
+        """Leave the process group, if :func:`join` created it (a program that set it up keeps it)."""
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launched() -> bool:
+    """Whether this process is one of several ranks started by torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1") or "1") > 1
+
+
+def join(device: torch.device) -> World | None:
+    """Join the run's process group from torchrun's environment (``None`` for a single process).
+    ``device`` is the recipe's device: on CUDA each rank takes ``cuda:LOCAL_RANK`` and NCCL."""
+    if not launched():
+        return None
+    missing = [name for name in ENVIRONMENT if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(Problem("environment", f"WORLD_SIZE > 1 but {', '.join(missing)} unset: start "
+                                  "distributed runs with torchrun or `esper train --nproc-per-node N`"))
+    rank, local_rank, size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(Problem("environment", f"LOCAL_RANK {local_rank} but only "
+                                      f"{torch.cuda.device_count()} CUDA devices on this node"))
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        backend = "gloo"
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group(backend, timeout=TIMEOUT,
+                                **({"device_id": device} if backend == "nccl" else {}))
+    elif dist.get_backend() != backend:
+        raise ConfigError(Problem("environment", f"the process group uses {dist.get_backend()}, but training on "
+                                  f"{device.type} needs {backend}"))
+    return World(rank, local_rank, size, backend, device, owned)

@@ -1,0 +1,202 @@
+"""Training under torchrun (gloo, two processes on the CPU): the ranks grow identically, match one
+process with the same global batch, resume bit-exactly after a rank is killed, and refuse a resume
+with another world size."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esper_core.checkpoints import store
+from esper_core.training.loaders import TrainBatches
+from esper_core.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECIPE = """\
+run: {name: dd, seed: 3, device: cpu}
+data: {source: digits, layout: flat, batch_size: 16}
+model: {arch: mlp, widths: [16]}
+seeds: {targets: ["type:Linear"], exclude: [head], per_layer: 1, blueprints: [wide_mlp],
+        incubation_steps: 8, blend_steps: 8, probation_steps: 4, fossilize_margin: -1.0}
+policy: {trigger: periodic, period_steps: 10, growth_window: [0.1, 0.6], max_seeds: 2}
+trainer: {max_steps: 60, lr: 0.01, eval_every: 10, log_every: 5}
+checkpoint: {every_steps: 20}
+telemetry: {progress: none}
+"""
+"""A run that grows one seed on its hidden layer at step 10 and keeps it (periodic trigger, one
+target, one blueprint): every decision is the same for any split of the global batch."""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+
+
+def _esper(*args: str) -> list[str]:
+    return [sys.executable, "-m", "esper_cli", *args]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+_VOLATILE = {"time", "prev", "seq", "run_id", "seconds", "elapsed_s", "wall_time_s", "kernel_wait_s", "artifacts",
+             "recipe_sha256", "run_dir"}  # times, ids, chain links; the two runs differ in run.output_dir
+
+
+def _comparable(run_dir: Path) -> list[dict]:
+    """The run's events without what differs between any two runs (times, ids, chain links) and without
+    the segment boundaries a resume adds."""
+    def strip(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in _VOLATILE}
+        return value
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [strip(e) for e in events if e["event"] not in ("run_start", "run_resume", "kernels_ready", "checkpoint")]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted two-rank run, with what each rank held at the end (``rank0``/``rank1`` files)."""
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "recipe.yaml").write_text(RECIPE)
+    result = subprocess.run(_torchrun(str(ROOT / "tests/distributed_worker.py"), str(root / "recipe.yaml"), str(root),
+                                      f"run.output_dir={root / 'runs'}"),
+                            capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_after_growth_every_rank_holds_the_same_model_and_topology(two_ranks: Path) -> None:
+    a, b = load_file(str(two_ranks / "rank0.safetensors")), load_file(str(two_ranks / "rank1.safetensors"))
+    assert a.keys() == b.keys() and any(".seeds." in k for k in a), sorted(a)  # a seed grew
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ranks = [json.loads((two_ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["topology"] == ranks[1]["topology"]
+    assert ranks[0]["rebuilds"] >= 2  # DDP built once, rebuilt when the seed started incubating
+    run = two_ranks / "runs" / "dd"
+    events = [json.loads(line)["event"] for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events.count("run_start") == 1 and "germinate" in events and "fossilize" in events  # rank 0 alone wrote
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["params_final"] > summary["params_initial"]
+
+
+def test_two_ranks_train_as_one_process_with_the_same_global_batch(two_ranks: Path, tmp_path: Path) -> None:
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    single = Trainer.from_recipe(tmp_path / "recipe.yaml", [f"run.output_dir={tmp_path}", "data.batch_size=32"])
+    summary = single.fit()
+    ddp, one = _losses(two_ranks / "runs" / "dd"), _losses(Path(summary["run_dir"]))
+    assert [s for s, _ in ddp] == [s for s, _ in one] and len(ddp) == 12
+    for (step, a), (_, b) in zip(ddp, one):
+        assert a == pytest.approx(b, rel=1e-5), step
+    ddp_summary = json.loads((two_ranks / "runs" / "dd" / "summary.json").read_text())
+    assert ddp_summary["val_accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-9)
+    assert ddp_summary["seeds"] == summary["seeds"]
+
+
+def _worker_pids(launcher: int) -> dict[int, int]:
+    """RANK -> pid of the workers the launcher process started."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher:
+            ranks = [v.split(b"=", 1)[1] for v in environ if v.startswith(b"RANK=")]
+            if ranks:
+                found[int(ranks[0])] = int(entry.name)
+    return found
+
+
+def test_kill_nine_of_one_rank_then_resume_is_bit_exact(two_ranks: Path, tmp_path: Path) -> None:
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    out = tmp_path / "runs"
+    launcher = subprocess.Popen(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                       f"run.output_dir={out}"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    marker = out / "dd" / "checkpoints" / store.checkpoint_name(20)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert launcher.poll() is None, launcher.stderr.read().decode()[-3000:] if launcher.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = _worker_pids(launcher.pid)
+    assert set(workers) == {0, 1}, workers
+    os.kill(workers[1], signal.SIGKILL)
+    launcher.wait(timeout=120)
+    assert launcher.returncode != 0
+    run = out / "dd"
+    assert not (run / "final").exists(), "the kill came too late to interrupt the run"
+
+    resumed = subprocess.run(_esper("resume", "--checkpoint", str(run), "--nproc-per-node", "2"),
+                             capture_output=True, text=True, env=_env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = two_ranks / "runs" / "dd"
+    assert (run / "final/model.safetensors").read_bytes() == (reference / "final/model.safetensors").read_bytes()
+    assert (run / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+    assert _comparable(run) == _comparable(reference)
+
+
+def test_resuming_with_another_world_size_is_refused_with_exit_3(two_ranks: Path) -> None:
+    result = subprocess.run(_esper("resume", "--checkpoint", str(two_ranks / "runs" / "dd")),
+                            capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert "checkpointed by 2 rank(s) and this resume has 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_ranks_batches_together_are_the_one_process_batch() -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(100).float().unsqueeze(1))
+    one = TrainBatches(data, 20, seed=5)
+    ranks = [TrainBatches(data, 10, seed=5, rank=r, world=2) for r in (0, 1)]
+    for _ in range(12):  # across two epoch boundaries (5 global batches per epoch)
+        whole = one.next()[0]
+        assert torch.equal(torch.cat([r.next()[0] for r in ranks]), whole)
+    assert {tuple(r.position().items()) for r in ranks} == {tuple(one.position().items())}
+
+
+def test_distributed_benchmark_smoke_runs_both_models_and_ends_with_the_key_figure(tmp_path: Path) -> None:
+    out = tmp_path / "distributed.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_env())
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("distributed min ratio ") and "scaling_cnn" in last and "scaling_lm" in last, last
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["config"] for r in report["results"]] == ["cnn", "lm"] and report["nproc"] == 2
+    for result in report["results"]:
+        assert result["world_size"] == 2 and all(v > 0 for v in result["median"].values())
+        assert result["ratio"] == result["median"]["esper"] / result["median"]["plain"]
+        assert result["scaling"] == result["median"]["plain"] / result["plain_single_steps_per_s"]
+        assert result["ddp_rebuild_s"] is not None  # a seed grew, so DDP was rebuilt at least once
+
+
+def test_ranks_stay_identical_with_bf16_autocast_and_torch_compile(tmp_path: Path) -> None:
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    result = subprocess.run(_torchrun(str(ROOT / "tests/distributed_worker.py"), str(tmp_path / "recipe.yaml"),
+                                      str(tmp_path), f"run.output_dir={tmp_path / 'runs'}", "trainer.precision=bf16",
+                                      "trainer.compile=default", "trainer.max_steps=30", "checkpoint.every_steps=null"),
+                            capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert a.keys() == b.keys() and any(".seeds." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "rank0.json").read_text()) == json.loads((tmp_path / "rank1.json").read_text())
