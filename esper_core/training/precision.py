@@ -40,8 +40,8 @@ class Precision:
         with torch.autocast(self.device.type, dtype=self.dtype):
             yield
 
-    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, layers: list[KasminaLayer]) -> None:
-        """``loss.backward()`` (scaled for fp16), then the gradients unscaled in place."""
+    def backward(self, loss: torch.Tensor, layers: list[KasminaLayer]) -> None:
+        """``loss.backward()`` (scaled for fp16; gradients accumulate until :meth:`unscale`)."""
         if not self.scaler.is_enabled():
             loss.backward()
             return
@@ -49,7 +49,11 @@ class Precision:
         for layer in layers:
             layer.grad_scale = scale
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(optimizer)
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unscale the accumulated gradients in place (fp16; once per step, before anything reads them)."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()``; with fp16 skipped when gradients overflowed, and the scale updated."""

@@ -37,8 +37,11 @@ from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.storage import open_kernel_store
 from esper_core.training import optim, run_state
+from esper_core.training.accumulation import average_gradients, micro_batches
+from esper_core.training.best import BestModel
 from esper_core.training.checkpoint_state import check_run_state, refusing
 from esper_core.training.data import build_data, import_factory
+from esper_core.training.early_stop import EarlyStopping, growth_ends
 from esper_core.training.finish import finish_run, host_model
 from esper_core.training.loaders import EvalBatches, TrainBatches, resident
 from esper_core.training.precision import Precision
@@ -110,6 +113,8 @@ class Trainer:
         with self.loaded.located():
             function = import_factory(recipe.task.function, "task.function") if recipe.task.function else None
             self.task = Task(recipe.task, function)
+            self.stopping = EarlyStopping(recipe.trainer.early_stopping, self.task.kind, self.task.metric,
+                                          growth_ends(recipe.policy, recipe.trainer.max_steps))
             self.data = build_data(recipe.data, recipe.run.seed, self.base_dir, recipe.task.kind,
                                    recipe.task.target_key)
             self.model = build_model(recipe.model, self.data.input_shape, self.data.num_classes)
@@ -135,12 +140,15 @@ class Trainer:
         self.step_model = self.model if recipe.trainer.compile == "none" else torch.compile(
             self.model, mode=recipe.trainer.compile)  # training steps only: evaluation stays eager
         data = recipe.data
-        self.sampler = TrainBatches(resident(self.data.train, self.device), data.batch_size, recipe.run.seed,
+        self.best = BestModel(recipe.checkpoint.keep_best)
+        self.sampler = TrainBatches(resident(self.data.train, self.device),  # one optimizer step's samples
+                                    data.batch_size * recipe.trainer.accumulate_steps, recipe.run.seed,
                                     data.num_workers, data.pin_memory, data.persistent_workers)
         val = resident(self.data.val, self.device)
         self.val_batches = self.eval_batches(val)
         self.verdict_batches = self.eval_batches(val, limit=recipe.seeds.eval_batches)
         self.last_val: dict[str, float] | None = None
+        self.stopped_early: dict[str, Any] | None = None
         self.run_dir: Path | None = None
         self._resumed_from: store.Checkpoint | None = None
         self._resume_overrides: list[str] = []
@@ -198,6 +206,8 @@ class Trainer:
                     if self._validate_and_grow():
                         continue
                     self._report(outcome)
+                    if self.stopped_early is not None:
+                        break
                 elif outcome.loss is not None:
                     self._report(outcome)
                 if self._checkpoint_due():
@@ -218,13 +228,24 @@ class Trainer:
     def _train_step(self) -> StepOutcome:
         cfg = self.loaded.recipe
         morph = self.recorder.telemetry.morph
-        with self.precision.autocast():
-            output, targets = self.task.forward(self.step_model, self.sampler.next(), self.device)
-            loss = self.task.loss(output, targets)
+        count = cfg.trainer.accumulate_steps
+        layers = list(self.manager.layers.values())
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss, self.optimizer, list(self.manager.layers.values()))
-        with morph:
-            self.controller.after_backward()
+        losses = []
+        for index, batch in enumerate(micro_batches(self.sampler.next(), count)):
+            with self.precision.autocast():
+                output, targets = self.task.forward(self.step_model, batch, self.device)
+                losses.append(self.task.loss(output, targets))
+            self.precision.backward(losses[-1], layers)
+            if index == 0 and count > 1:
+                with morph:  # health is measured on the first micro-batch (fp16: its gradients still scaled)
+                    self.controller.after_backward()
+        average_gradients(self.optimizer, count)
+        self.precision.unscale(self.optimizer)
+        if count == 1:
+            with morph:
+                self.controller.after_backward()
+        loss = losses[0] if count == 1 else torch.stack([part.detach() for part in losses]).mean()
         if cfg.trainer.grad_clip is not None:
             self.controller.clip_grad_norm_(cfg.trainer.grad_clip)
         optim.apply_lr(self.optimizer, self.step, cfg.trainer)
@@ -240,7 +261,13 @@ class Trainer:
         self.recorder.validated({"step": self.step, **{f"val_{k}": v for k, v in val.metrics.items()}},
                                 float(val.loss or 0.0), val.name, val.metric)
         with self.recorder.telemetry.morph:
-            return self.controller.after_validation(val)
+            if self.controller.after_validation(val):
+                return True
+        self.best.observe(self.step, val, self.model, self.manager)
+        if self.stopping.observe(self.step, val.metrics):
+            self.stopped_early = self.stopping.event(self.step)
+            self.recorder.record(self.stopped_early)
+        return False
 
     def _verdict_evaluation(self, model: torch.nn.Module) -> Evaluation:
         with self.precision.autocast():
