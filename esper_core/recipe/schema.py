@@ -432,6 +432,15 @@ class TelemetryConfig(Section):
     pushgateway_job: str = Field("esper", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=64,
                                  description="Pushgateway job name; each process pushes under its own "
                                  "`instance` (host:pid), so concurrent runs never overwrite each other.")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files under `<run dir>/tensorboard` "
+                              "(loss, validation metrics, parameters, seeds per state; each lifecycle event as text). "
+                              "Needs the `[tensorboard]` extra.")
+    mlflow_uri: str | None = Field(None, min_length=1, description="Log the recipe as parameters, the run's "
+                                   "metrics and, at the end, its artifacts to this MLflow tracking URI "
+                                   "(`sqlite:///mlflow.db`, `http://HOST:PORT`, ...). A resume continues the same "
+                                   "MLflow run. Needs the `[mlflow]` extra.")
+    mlflow_experiment: str = Field("esper", min_length=1, max_length=200, description="MLflow experiment the run "
+                                   "is logged under (created when missing).")
     anomaly_window: int = Field(20, ge=4, le=10_000, description="Logged losses (and kernel builds) the anomaly "
                                 "detector's statistics are computed over.")
     anomaly_spike_z: float = Field(4.0, gt=0.0, description="A logged loss this many standard deviations above "

@@ -77,6 +77,7 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
         summary["events_head_signature"] = signature
     trainer.recorder.mirror(lambda repo: repo.finish_run(trainer.recorder.run_id, "finished"))
     (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    trainer.recorder.finished(trainer.run_dir)
     publish_run(trainer.run_dir, recipe.storage)
     return summary
 

@@ -290,7 +290,7 @@ class Trainer:
             cursor = self._resumed_from.state["run"]["logs"]
             store.remove_leftovers(self.run_dir / "checkpoints")
         run_id = uuid.uuid4().hex  # this segment of the run in the asset repository
-        self.recorder.open(self.run_dir, cursor, run_id)
+        self.recorder.open(self.run_dir, cursor, run_id, self.loaded.recipe.model_dump(mode="json"))
         self.recorder.mirror(lambda repo: repo.start_run(run_id, self.run_dir.name, self.loaded.sha256))
         identity = self.recorder.telemetry.identity()
         if self._resumed_from is None:
