@@ -1,4 +1,4 @@
-"""`esper resume --checkpoint RUN_DIR|CHECKPOINT|s3://... [--strict] [key=value ...]`."""
+"""`esper resume --checkpoint RUN_DIR|CHECKPOINT|s3://... [--strict] [--json] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 
 from esper_cli.errors import reported
-from esper_cli.train import fit_and_summarise
+from esper_cli.train import JSON_HELP, fit_and_summarise
 
 
 @reported
@@ -20,12 +20,12 @@ def resume(
                                           "may change at resume.", show_default=False),
     no_factories: bool = typer.Option(False, "--no-factories", help="Refuse a run whose recipe names code to run "
                                       "(data/model factories, a custom loss); also ESPER_ALLOW_FACTORIES=0."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Continue a run exactly where its checkpoint left it."""
     from esper_core.training.trainer import Trainer  # PyTorch loads only for commands that train
 
-    console = Console()
     trainer = Trainer.resume(checkpoint, overrides or [], strict=strict,
                              allow_factories=False if no_factories else None)
-    console.print(f"resuming {trainer.run_dir} at step {trainer.step}", soft_wrap=True)
-    fit_and_summarise(trainer, console)
+    Console(stderr=as_json).print(f"resuming {trainer.run_dir} at step {trainer.step}", soft_wrap=True)
+    fit_and_summarise(trainer, as_json)

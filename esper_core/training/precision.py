@@ -21,6 +21,12 @@ from esper_core.seeds.kasmina import KasminaLayer
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def kernel_dtype(choice: str) -> str | None:
+    """The dtype seeds' kernels are validated in under ``trainer.precision`` (``None``: the host's)."""
+    dtype = DTYPES.get(choice)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
 class Precision:
     def __init__(self, choice: str, device: torch.device) -> None:
         self.choice = choice

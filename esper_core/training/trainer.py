@@ -44,7 +44,7 @@ from esper_core.training.data import build_data, import_factory
 from esper_core.training.early_stop import EarlyStopping, growth_ends
 from esper_core.training.finish import finish_run, host_model
 from esper_core.training.loaders import EvalBatches, TrainBatches, resident
-from esper_core.training.precision import Precision
+from esper_core.training.precision import Precision, kernel_dtype
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.recording import RunRecorder, fresh_run_dir, progress_event
 from esper_core.training.setup import seed_everything, select_device
@@ -132,7 +132,7 @@ class Trainer:
                 seed_lr=lambda step: optim.seed_lr(step, recipe.trainer, recipe.seeds, recipe.policy.growth_window[1]),
                 blueprint_dirs=[self.base_dir / d for d in recipe.seeds.blueprint_dirs],
                 deterministic=recipe.run.deterministic, start=False,
-                kernel_dtype={"bf16": "bfloat16", "fp16": "float16"}.get(recipe.trainer.precision))
+                kernel_dtype=kernel_dtype(recipe.trainer.precision))
         self.controller.run_state = (lambda: cpu_copy(run_state.capture(self, checkpoint=False)),
                                      lambda state: run_state.restore(self, state))
         self.manager = self.controller.manager
