@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # throughput_data, for the recipes
 from esper_core import load_run  # noqa: E402
 from esper_core.export.plain import unwrap  # noqa: E402
 from esper_core.training.models import build_model  # noqa: E402
-from esper_core.training.optim import lr_factor  # noqa: E402
+from esper_core.training.schedules import lr_factor  # noqa: E402
 from esper_core.training.setup import seed_everything  # noqa: E402
 from esper_core.training.trainer import Trainer  # noqa: E402
 

@@ -7,7 +7,7 @@ Both receive the run's event dicts: ``progress`` events with the latest figures,
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -72,23 +72,24 @@ def _clock(seconds: float | None) -> str:
 
 
 class PlainProgress:
-    """One line per progress report; lifecycle events on their own lines."""
+    """One line per progress report; lifecycle events on their own lines (on ``stream``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.pace = Pace()
+        self.stream = stream
 
     def __call__(self, event: Event) -> None:
         if event["event"] != "progress":
             line = describe(event)
             if line:
-                print(f"  {line}", flush=True)
+                print(f"  {line}", flush=True, file=self.stream)
             return
         metric = event["metric"]
         rate, left = self.pace.update(event)
         print(f"step {event['step']}/{event['max_steps']} loss {_fmt(event['loss'], '.4f')} "
               f"val_loss {_fmt(_val(event, 'loss'), '.4f')} val_{metric} {_fmt(_val(event, metric), '.4f')} "
               f"params {event['params']:,} seeds [{_seeds(event['seeds'])}] {event['elapsed_s']:.1f}s "
-              f"{_fmt(rate, '.1f')} steps/s eta {_clock(left)}", flush=True)
+              f"{_fmt(rate, '.1f')} steps/s eta {_clock(left)}", flush=True, file=self.stream)
 
     def close(self) -> None:
         pass
@@ -141,9 +142,11 @@ class RichProgress:
 
 
 def make_progress(mode: str, console: Console) -> PlainProgress | RichProgress | None:
-    """``auto`` is rich on a terminal and plain otherwise; ``none`` prints nothing during training."""
+    """``auto`` is rich on a terminal and plain otherwise; ``none`` prints nothing during training.
+    Progress goes where ``console`` writes (stderr when stdout carries ``--json`` output)."""
     if mode == "none":
         return None
-    if mode == "rich" or (mode == "auto" and console.is_terminal and sys.stdout.isatty()):
+    stream = sys.stderr if console.stderr else sys.stdout
+    if mode == "rich" or (mode == "auto" and console.is_terminal and stream.isatty()):
         return RichProgress(console)
-    return PlainProgress()
+    return PlainProgress(sys.stderr if console.stderr else None)

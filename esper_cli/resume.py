@@ -1,4 +1,4 @@
-"""`esper resume --checkpoint RUN_DIR|CHECKPOINT|s3://... [--strict] [key=value ...]`."""
+"""`esper resume --checkpoint RUN_DIR|CHECKPOINT|s3://... [--strict] [--json] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from rich.console import Console
 
 from esper_cli import launching
 from esper_cli.errors import reported
-from esper_cli.train import fit_and_summarise
+from esper_cli.train import JSON_HELP, fit_and_summarise
 
 
 @reported
@@ -21,6 +21,7 @@ def resume(
                                           "may change at resume.", show_default=False),
     no_factories: bool = typer.Option(False, "--no-factories", help="Refuse a run whose recipe names code to run "
                                       "(data/model factories, a custom loss); also ESPER_ALLOW_FACTORIES=0."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     nproc_per_node: int | None = launching.NPROC, nnodes: str = launching.NNODES, node_rank: int = launching.NODE_RANK,
     rdzv_backend: str = launching.RDZV_BACKEND, rdzv_endpoint: str | None = launching.RDZV_ENDPOINT,
     rdzv_id: str | None = launching.RDZV_ID,
@@ -29,12 +30,12 @@ def resume(
     if nproc_per_node is not None:
         spec = launching.launch_spec(nproc_per_node, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id)
         launching.relaunch(spec, ["resume", "--checkpoint", checkpoint, *(["--strict"] if strict else []),
-                                  *(["--no-factories"] if no_factories else []), *(overrides or [])])
+                                  *(["--no-factories"] if no_factories else []), *(["--json"] if as_json else []),
+                                  *(overrides or [])])
     from esper_core.training.trainer import Trainer  # PyTorch loads only for commands that train
 
-    console = Console()
     trainer = Trainer.resume(checkpoint, overrides or [], strict=strict,
                              allow_factories=False if no_factories else None)
     if trainer.leader:
-        console.print(f"resuming {trainer.run_dir} at step {trainer.step}", soft_wrap=True)
-    fit_and_summarise(trainer, console)
+        Console(stderr=as_json).print(f"resuming {trainer.run_dir} at step {trainer.step}", soft_wrap=True)
+    fit_and_summarise(trainer, as_json)

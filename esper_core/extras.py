@@ -2,7 +2,7 @@
 
 The base install holds what every run needs (PyTorch, the CLI, the recipe schema, the local SQLite
 asset repository, Prometheus metrics). A shared Redis cache, a PostgreSQL repository, S3, ONNX,
-Lightning, TensorBoard and Hugging Face models are extras, so a laptop user does not install
+Lightning, TensorBoard, MLflow and Hugging Face models are extras, so a laptop user does not install
 database drivers and cloud SDKs they never use.
 
 A feature that needs an extra calls :func:`require_extra` *before* it starts work, so a recipe or
@@ -24,6 +24,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "s3": ("boto3",),
     "lightning": ("lightning",),
     "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow",),
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "transformers": ("transformers",),
 }

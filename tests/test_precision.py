@@ -63,7 +63,8 @@ def test_the_fp16_loss_scale_does_not_change_what_an_incubating_seed_learns() ->
         manager.start_incubation(ref, seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         precision = Precision("fp16" if scaled else "fp32", torch.device("cpu"))
-        precision.backward(F.mse_loss(model(x), target), optimizer, list(manager.layers.values()))
+        precision.backward(F.mse_loss(model(x), target), list(manager.layers.values()))
+        precision.unscale(optimizer)
         grads.append([p.grad.clone() for p in manager.seed_parameters(ref)])
     assert precision.scaler.get_scale() > 1.0  # the loss really was scaled
     for fp32, fp16 in zip(*grads):

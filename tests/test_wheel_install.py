@@ -28,7 +28,8 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-EXTRA_MODULES = ("redis", "psycopg", "boto3", "sklearn", "scipy", "lightning", "tensorboard", "onnx", "transformers")
+EXTRA_MODULES = ("redis", "psycopg", "boto3", "sklearn", "scipy", "lightning", "tensorboard", "mlflow", "onnx",
+                 "transformers")
 
 pytestmark = pytest.mark.wheel
 

@@ -12,6 +12,10 @@ fields that caused them (``seeds.blueprints.N``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from esper_core.blueprints.builder import ResolveError
 from esper_core.blueprints.library import BlueprintLibrary
@@ -19,10 +23,27 @@ from esper_core.compiler.flops import analytic_cost
 from esper_core.compiler.kernels import KernelSpec
 from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.policy.growth import SeedCost
+from esper_core.recipe.schema import SeedsConfig
 from esper_core.seeds.kasmina import KasminaLayer
+from esper_core.seeds.manager import SeedManager, wrap
+from esper_core.seeds.probe import probe_layers
 
 
 class SeedCatalog:
+    @classmethod
+    def of_model(cls, model: nn.Module, config: SeedsConfig, example: Any, blueprint_dirs: Sequence[Path],
+                 device_class: str, kernel_dtype: str | None = None) -> tuple[SeedManager, SeedCatalog]:
+        """Wrap ``model``'s target layers, learn the shapes they see from one ``example`` input, and
+        check that every named blueprint grows somewhere (the growth controller's setup, and what
+        ``esper train --dry-run`` shows)."""
+        manager = wrap(model, config=config)
+        shapes = probe_layers(model, list(manager.layers), example)
+        feeders = manager.pair_spans(shapes.order, shapes.inputs, shapes.outputs)
+        catalog = cls(BlueprintLibrary.discover(blueprint_dirs), config.blueprints, manager.layers, feeders,
+                      shapes.inputs, config.rank, device_class, kernel_dtype)
+        catalog.check()
+        return manager, catalog
+
     def __init__(self, library: BlueprintLibrary, names: Sequence[str], layers: dict[str, KasminaLayer],
                  feeders: dict[str, str], input_shapes: dict[str, tuple[int, ...]], rank: int,
                  device_class: str, kernel_dtype: str | None = None) -> None:
@@ -68,20 +89,22 @@ class SeedCatalog:
 
     def blueprints_for(self, layer: str) -> list[str]:
         """The allowed blueprints that grow on ``layer``, in the recipe's preference order."""
+        return [name for name in self.names if name in self.library.files and self.unusable(name, layer) is None]
+
+    def unusable(self, blueprint: str, layer: str) -> str | None:
+        """Why ``blueprint`` (a library name) cannot grow on ``layer``, or ``None`` when it can."""
         kind = self.layers[layer].spec.kind
-        out = []
-        for name in self.names:
-            if name not in self.library.files:
-                continue
-            blueprint = self.library.get(name).blueprint
-            if blueprint.kind == "span":
-                feeder = self.feeders.get(layer)
-                if feeder is None or blueprint.host != self.layers[feeder].spec.kind or not self._span_fits(layer):
-                    continue
-            elif blueprint.host != kind:
-                continue
-            out.append(name)
-        return out
+        ir = self.library.get(blueprint).blueprint
+        if ir.kind != "span":
+            return None if ir.host == kind else f"grows on {ir.host} layers, this one is {kind}"
+        feeder = self.feeders.get(layer)
+        if feeder is None:
+            return "a span seed needs the wrapped layer before this one as its feeder, and there is none"
+        if ir.host != self.layers[feeder].spec.kind:
+            return f"spans {ir.host} layers, the feeder {feeder} is {self.layers[feeder].spec.kind}"
+        if not self._span_fits(layer):
+            return "this layer changes the grid, which a span seed keeps"
+        return None
 
     def _span_fits(self, layer: str) -> bool:
         """A conv span keeps the feeder's geometry, so the layer it adds to must keep the grid."""

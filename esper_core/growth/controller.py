@@ -35,7 +35,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from esper_core.blueprints.library import BlueprintLibrary
 from esper_core.compiler.store import KernelStore
 from esper_core.distributed.world import World
 from esper_core.errors import EsperError
@@ -52,8 +51,7 @@ from esper_core.policy.merit import GradientMerit
 from esper_core.recipe.schema import GovernorConfig, PolicyConfig, SeedsConfig, StorageConfig
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
-from esper_core.seeds.manager import Event, SlotRef, wrap
-from esper_core.seeds.probe import probe_layers
+from esper_core.seeds.manager import Event, SlotRef
 
 
 class Recorder(Protocol):
@@ -132,14 +130,9 @@ class GrowthController:
         self.check_every = check_every
         self.deterministic = deterministic
         self.world = world
-        self.manager = wrap(model, config=self.seeds_config)
         self.device = next(model.parameters()).device
-        shapes = probe_layers(model, list(self.manager.layers), example)
-        feeders = self.manager.pair_spans(shapes.order, shapes.inputs, shapes.outputs)
-        library = BlueprintLibrary.discover(blueprint_dirs)
-        self.catalog = SeedCatalog(library, self.seeds_config.blueprints, self.manager.layers, feeders, shapes.inputs,
-                                   self.seeds_config.rank, self.device.type, kernel_dtype)
-        self.catalog.check()
+        self.manager, self.catalog = SeedCatalog.of_model(model, self.seeds_config, example, blueprint_dirs,
+                                                          self.device.type, kernel_dtype)
         if store is None:
             from esper_core.storage import open_kernel_store
             store = open_kernel_store(StorageConfig())

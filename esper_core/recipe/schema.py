@@ -169,6 +169,13 @@ class ModelConfig(Section):
         return self
 
 
+METRICS_OF_KIND: dict[str, frozenset[str]] = {
+    "classification": frozenset({"accuracy", "loss"}), "regression": frozenset({"rmse", "r2", "loss"}),
+    "language_model": frozenset({"perplexity", "token_accuracy", "loss"}),
+    "token_classification": frozenset({"token_accuracy", "perplexity", "loss"}), "custom": frozenset({"loss"})}
+"""The validation figures each task kind reports (any of them may be the task's or early stopping's metric)."""
+
+
 class TaskConfig(Section):
     kind: Literal["classification", "regression", "language_model", "token_classification", "custom"] = Field(
         "classification", description="What the model learns: `classification` (cross-entropy; metric accuracy), "
@@ -194,9 +201,7 @@ class TaskConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TaskConfig":
-        allowed = {"classification": {"accuracy", "loss"}, "regression": {"rmse", "r2", "loss"},
-                   "language_model": {"perplexity", "token_accuracy", "loss"},
-                   "token_classification": {"token_accuracy", "perplexity", "loss"}, "custom": {"loss"}}
+        allowed = METRICS_OF_KIND
         if self.kind == "custom" and not self.function:
             raise ValueError("`function` is required when kind is 'custom'")
         if self.kind != "custom" and self.function:
@@ -350,14 +355,37 @@ class GovernorConfig(Section):
                                description="Rollbacks after which the run stops with an error instead.")
 
 
+class EarlyStoppingConfig(Section):
+    patience: int = Field(5, ge=1, le=100_000, description="Validations in a row without improvement that stop "
+                          "the run.")
+    min_delta: float = Field(0.0, ge=0.0, description="Improvement of the metric that counts, in its own units.")
+    metric: Literal["accuracy", "rmse", "r2", "perplexity", "token_accuracy", "loss"] | None = Field(
+        None, description="The validation figure watched (default: the task's metric); `loss` is the validation "
+        "loss. Its direction is its own (accuracy up, loss down).")
+    during_growth: bool = Field(False, description="Count validations before the policy's growth window has "
+                                "closed too; by default patience counts only after it, so a run never stops while "
+                                "it may still grow (unless nothing can grow: `policy.max_seeds: 0`).")
+
+
 class TrainerConfig(Section):
     max_steps: int = Field(1000, ge=1, le=100_000_000, description="Optimizer steps to train.")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="Optimizer.")
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="Learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Weight decay.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
-    schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule over max_steps.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "cosine", "linear", "step", "one_cycle"] = Field(
+        "cosine", description="Learning-rate schedule over `max_steps`, after the warm-up: `constant`; `cosine` and "
+        "`linear` decay to 0 at `max_steps`; `step` multiplies by `gamma` every `step_size` steps; `one_cycle` is "
+        "PyTorch's OneCycleLR (from `lr`/25 up to `lr` during the warm-up, then cosine down to `lr`/25e4).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (for `one_cycle`: the rise, by default "
+                              "30% of `max_steps`).")
+    step_size: int | None = Field(None, ge=1, description="`step` schedule: optimizer steps between decays.")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="`step` schedule: the factor of each decay.")
+    accumulate_steps: int = Field(1, ge=1, le=4096, description="Micro-batches of `data.batch_size` per optimizer "
+                                  "step (gradient accumulation): their gradients are averaged, so a step sees "
+                                  "`batch_size x accumulate_steps` samples. Every counter (`max_steps`, schedules, "
+                                  "lifecycle, `eval_every`, checkpoints) counts optimizer steps; health is measured "
+                                  "on the first micro-batch.")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the gradient norm to this value (the host and "
                                     "blended seeds together, each incubating seed on its own).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -369,12 +397,24 @@ class TrainerConfig(Section):
     eval_every: int = Field(50, ge=1, description="Steps between validation passes.")
     log_every: int = Field(10, ge=1, description="Steps between lines in metrics.jsonl (and loss reads).")
     governor: GovernorConfig = Field(default_factory=GovernorConfig, description="Anomaly rollback.")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="Stop when the validation metric stops "
+                                                       "improving (none: train to `max_steps`).")
+
+    @model_validator(mode="after")
+    def _schedule_needs(self) -> "TrainerConfig":
+        if self.schedule == "step" and self.step_size is None:
+            raise ValueError("`step_size` is required when schedule is 'step'")
+        return self
 
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
     every_minutes: float | None = Field(None, gt=0.0, description="Write a checkpoint every N minutes.")
     keep: int = Field(3, ge=1, le=1000, description="Checkpoints kept besides the best one.")
+    keep_best: bool = Field(False, description="`final/` holds the model (weights and seed topology) of the "
+                            "validation with the best task metric instead of the last step's; the summary names "
+                            "that step and gives the last step's metrics too. The best model is kept in memory "
+                            "and in checkpoints (which grow by one copy of the weights).")
 
 
 class TelemetryConfig(Section):
@@ -394,6 +434,15 @@ class TelemetryConfig(Section):
     pushgateway_job: str = Field("esper", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=64,
                                  description="Pushgateway job name; each process pushes under its own "
                                  "`instance` (host:pid), so concurrent runs never overwrite each other.")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files under `<run dir>/tensorboard` "
+                              "(loss, validation metrics, parameters, seeds per state; each lifecycle event as text). "
+                              "Needs the `[tensorboard]` extra.")
+    mlflow_uri: str | None = Field(None, min_length=1, description="Log the recipe as parameters, the run's "
+                                   "metrics and, at the end, its artifacts to this MLflow tracking URI "
+                                   "(`sqlite:///mlflow.db`, `http://HOST:PORT`, ...). A resume continues the same "
+                                   "MLflow run. Needs the `[mlflow]` extra.")
+    mlflow_experiment: str = Field("esper", min_length=1, max_length=200, description="MLflow experiment the run "
+                                   "is logged under (created when missing).")
     anomaly_window: int = Field(20, ge=4, le=10_000, description="Logged losses (and kernel builds) the anomaly "
                                 "detector's statistics are computed over.")
     anomaly_spike_z: float = Field(4.0, gt=0.0, description="A logged loss this many standard deviations above "

@@ -1,8 +1,8 @@
 """The optimizer ``esper train`` builds and the learning-rate schedule it applies to the host.
 
 Seed parameter groups are not touched here: the growth controller owns them (and their learning
-rate). The schedule is a factor on the host group's ``base_lr`` applied before every step, rather
-than a ``torch.optim.lr_scheduler``, because those fix their group list at construction.
+rate). The schedule is a factor on the host group's ``base_lr`` applied before every step
+(:mod:`esper_core.training.schedules`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 
 from esper_core.growth.optimizer import SEED_GROUP
 from esper_core.recipe.schema import SeedsConfig, TrainerConfig
+from esper_core.training.schedules import lr_factor
 
 HOST_GROUP = "host"
 
@@ -26,17 +27,6 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimiz
     if cfg.optimizer == "adam":
         return torch.optim.Adam([group], lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW([group], lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(step: int, cfg: TrainerConfig) -> float:
-    """Multiplier of the base LR at optimizer step ``step`` (0-based)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
 
 
 def seed_lr(step: int, trainer: TrainerConfig, seeds: SeedsConfig, window_end: float) -> float:

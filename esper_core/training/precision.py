@@ -21,6 +21,12 @@ from esper_core.seeds.kasmina import KasminaLayer
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def kernel_dtype(choice: str) -> str | None:
+    """The dtype seeds' kernels are validated in under ``trainer.precision`` (``None``: the host's)."""
+    dtype = DTYPES.get(choice)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
 class Precision:
     def __init__(self, choice: str, device: torch.device) -> None:
         self.choice = choice
@@ -40,8 +46,8 @@ class Precision:
         with torch.autocast(self.device.type, dtype=self.dtype):
             yield
 
-    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, layers: list[KasminaLayer]) -> None:
-        """``loss.backward()`` (scaled for fp16), then the gradients unscaled in place."""
+    def backward(self, loss: torch.Tensor, layers: list[KasminaLayer]) -> None:
+        """``loss.backward()`` (scaled for fp16; gradients accumulate until :meth:`unscale`)."""
         if not self.scaler.is_enabled():
             loss.backward()
             return
@@ -49,7 +55,11 @@ class Precision:
         for layer in layers:
             layer.grad_scale = scale
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(optimizer)
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unscale the accumulated gradients in place (fp16; once per step, before anything reads them)."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()``; with fp16 skipped when gradients overflowed, and the scale updated."""

@@ -2,10 +2,11 @@
 
 One object receives every event (from the growth controller, the trainer and the anomaly detector)
 and sends it to each place it belongs: the hash-chained ``events.jsonl``, the asset repository's
-``events`` table (through the SQL tier's deadline and breaker), the Prometheus metrics and the
-progress listeners. Under torchrun only rank 0's recorder writes (``writes``): the other ranks take the
-same events, for their own Prometheus metrics, and write no file, mirror nothing and tell no listener.
-Listeners receive event dicts (lifecycle events as recorded, and ``progress``
+``events`` table (through the SQL tier's deadline and breaker), the Prometheus metrics, the
+experiment trackers the recipe asks for (TensorBoard, MLflow: :mod:`esper_core.telemetry.trackers`)
+and the progress listeners. Under torchrun only rank 0's recorder writes (``writes``): the other ranks
+take the same events, for their own Prometheus metrics, and write no file, open no tracker, mirror
+nothing and tell no listener. Listeners receive event dicts (lifecycle events as recorded, and ``progress``
 events carrying the latest figures), never pre-formatted strings: how to show them is the caller's.
 """
 
@@ -23,6 +24,7 @@ from esper_core.recipe.schema import TelemetryConfig
 from esper_core.seeds.manager import Event
 from esper_core.telemetry.jsonl import EventLog, JsonlWriter
 from esper_core.telemetry.run import RunTelemetry
+from esper_core.telemetry.trackers import Tracker, check_trackers, open_trackers
 
 Listener = Callable[[Event], None]
 
@@ -35,9 +37,12 @@ class RunRecorder:
     def __init__(self, config: TelemetryConfig, store: KernelStore, step: Callable[[], int],
                  seed_counts: Callable[[], dict[str, int]], writes: bool = True, rank: int | None = None,
                  local_rank: int = 0) -> None:
+        check_trackers(config)
+        self.config = config
         self.writes = writes
         self.store = store
         self.step = step
+        self.trackers: list[Tracker] = []
         self.telemetry = RunTelemetry(config, self.record, seed_counts, rank=rank, local_rank=local_rank)
         self.listeners: list[Listener] = []
         self.events: EventLog | None = None
@@ -45,9 +50,10 @@ class RunRecorder:
         self.run_id = ""
         self._mirror_failed = False
 
-    def open(self, run_dir: Path, cursor: dict[str, Any] | None, run_id: str) -> None:
-        """Open the run's logs; a resume first truncates them to the checkpoint's ``cursor`` so
-        nothing after the checkpoint is written twice."""
+    def open(self, run_dir: Path, cursor: dict[str, Any] | None, run_id: str, recipe: dict[str, Any]) -> None:
+        """Open the run's logs and trackers (``recipe``: the resolved recipe, for their parameters); a
+        resume first truncates the logs to the checkpoint's ``cursor`` so nothing after the checkpoint
+        is written twice."""
         self.run_id = run_id
         if not self.writes:
             return
@@ -59,12 +65,21 @@ class RunRecorder:
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
         if cursor is not None:
             self.events.seq, self.events.prev = cursor["events_seq"], cursor["events_prev"]
+        try:
+            self.trackers = open_trackers(self.config, run_dir, cursor, self.step(), recipe)
+        except Exception as exc:  # an unreachable tracking server, a refused store: the run goes on
+            print(f"warning: experiment tracking is off for this run ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}); the run directory keeps the full record",
+                  file=sys.stderr)
 
     def cursor(self) -> dict[str, Any]:
         """Where the run's logs end now (a resume truncates them here)."""
         assert self.events is not None and self.metrics is not None
-        return {"events_bytes": self.events.path.stat().st_size, "events_seq": self.events.seq,
-                "events_prev": self.events.prev, "metrics_bytes": self.metrics.path.stat().st_size}
+        cursor = {"events_bytes": self.events.path.stat().st_size, "events_seq": self.events.seq,
+                  "events_prev": self.events.prev, "metrics_bytes": self.metrics.path.stat().st_size}
+        for tracker in self.trackers:
+            cursor |= tracker.cursor()
+        return cursor
 
     # --- what comes in ----------------------------------------------------------------------------
 
@@ -76,6 +91,7 @@ class RunRecorder:
             line = self.events.last_line
             self.mirror(lambda repo: repo.append_event(self.run_id, line))
         self.telemetry.on_event(event)
+        self._track("event", event)
         self.notify(event)
 
     def compiled(self, seconds: float, ok: bool) -> None:
@@ -88,6 +104,7 @@ class RunRecorder:
             assert self.metrics is not None
             self.metrics.write(row)
         self.telemetry.logged(row)
+        self._track("logged", row)
         self.telemetry.cache_counts(self.store.stats()["tiers"])
 
     def validated(self, row: dict[str, Any], loss: float, metric: str, value: float) -> None:
@@ -95,6 +112,22 @@ class RunRecorder:
             assert self.metrics is not None
             self.metrics.write(row)
         self.telemetry.validated(loss, metric, value)
+        self._track("validated", row)
+
+    def finished(self, run_dir: Path) -> None:
+        """The run's final files are written: trackers log them (MLflow artifacts)."""
+        self._track("finished", run_dir)
+
+    def _track(self, method: str, argument: Any) -> None:
+        """Call ``method`` of every tracker; one that fails is dropped with one warning."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(argument)
+            except Exception as exc:  # disk full, a server gone: never the run's failure
+                self.trackers.remove(tracker)
+                print(f"warning: {tracker.name} logging stopped ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); the run directory keeps the full record",
+                      file=sys.stderr)
 
     def notify(self, event: Event) -> None:
         """Tell the listeners (not chained: progress reports and notices go only here)."""
@@ -121,6 +154,12 @@ class RunRecorder:
 
     def close(self) -> None:
         self.telemetry.stop()
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception as exc:  # as in _track: closing a tracker never fails the run
+                print(f"warning: {tracker.name} did not close cleanly ({type(exc).__name__})", file=sys.stderr)
+        self.trackers = []
         if self.events is not None:
             self.events.close()
         if self.metrics is not None:

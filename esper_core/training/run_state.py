@@ -4,7 +4,9 @@ One function pair serves both, so there is a single definition of "the state of 
 weights, optimizer state by parameter name, the growth controller's state (seed topology first),
 every RNG and the trainer's own figures. A checkpoint adds what a snapshot must not hold: the data
 position (a rollback keeps moving through the data, skipping the batches that went bad), the
-governor (whose own snapshot would otherwise nest), and the lengths of the log files.
+governor (whose own snapshot would otherwise nest), the lengths of the log files, and what the run
+has seen at validations so far (early stopping's count and the best model: a rollback returns to
+the last validation, after which both were already up to date).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def capture(trainer: Trainer, checkpoint: bool) -> State:
     if checkpoint:
         state["data"] = trainer.sampler.position()
         state["logs"] = trainer.recorder.cursor()
+        state["early_stopping"] = trainer.stopping.state_dict()
+        state["best"] = trainer.best.state_dict()
     return state
 
 
@@ -46,3 +50,5 @@ def restore(trainer: Trainer, state: State) -> None:
     trainer.precision.load_state_dict(state["trainer"].get("scaler") or {})
     if "data" in state:
         trainer.sampler.seek(**state["data"])
+        trainer.stopping.load_state_dict(state.get("early_stopping") or {"best": None, "best_step": None, "wait": 0})
+        trainer.best.load_state_dict(state.get("best") or {})

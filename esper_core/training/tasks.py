@@ -28,7 +28,7 @@ from esper_core.seeds.probe import call_model, to_device
 
 _DEFAULT_METRIC = {"classification": "accuracy", "regression": "rmse", "language_model": "perplexity",
                    "token_classification": "token_accuracy", "custom": "loss"}
-_HIGHER_IS_BETTER = {"accuracy": True, "token_accuracy": True, "r2": True, "rmse": False, "perplexity": False,
+HIGHER_IS_BETTER = {"accuracy": True, "token_accuracy": True, "r2": True, "rmse": False, "perplexity": False,
                      "loss": False}
 
 
@@ -89,7 +89,7 @@ class Task:
         self.config = config
         self.kind = config.kind
         self.metric = config.metric or _DEFAULT_METRIC[config.kind]
-        self.higher_is_better = _HIGHER_IS_BETTER[self.metric]
+        self.higher_is_better = HIGHER_IS_BETTER[self.metric]
         self.function = function
 
     # --- training ---------------------------------------------------------------------------------

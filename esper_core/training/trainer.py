@@ -28,7 +28,7 @@ from esper_core import distributed
 from esper_core.artifacts.publish import publish_checkpoint
 from esper_core.checkpoints import store
 from esper_core.checkpoints.lock import RunLock
-from esper_core.errors import ConfigError, EsperError, Problem
+from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError, Problem
 from esper_core.growth.controller import GrowthController, StepOutcome
 from esper_core.growth.evaluation import Evaluation
 from esper_core.growth.state import cpu_copy, join, split
@@ -38,11 +38,14 @@ from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.storage import open_kernel_store
 from esper_core.training import optim, run_state
+from esper_core.training.accumulation import average_gradients, micro_batches
+from esper_core.training.best import BestModel
 from esper_core.training.checkpoint_state import check_run_state, check_world_size, refusing
 from esper_core.training.data import build_data, import_factory
+from esper_core.training.early_stop import EarlyStopping, growth_ends
 from esper_core.training.finish import finish_run, host_model
 from esper_core.training.loaders import EvalBatches, TrainBatches, resident
-from esper_core.training.precision import Precision
+from esper_core.training.precision import Precision, kernel_dtype
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.recording import RunRecorder, fresh_run_dir, progress_event
 from esper_core.training.setup import seed_everything, select_device
@@ -110,10 +113,18 @@ class Trainer:
         self.world = distributed.join(select_device(recipe.run.device))
         self.device = self.world.device if self.world is not None else select_device(recipe.run.device)
         self.leader = self.world is None or self.world.leader  # the one process that writes the run
+        if self.world is not None and recipe.checkpoint.keep_best:
+            # final/ would be evaluated on rank 0 alone, but every evaluation under torchrun is collective
+            with self.loaded.located():
+                raise ConfigError(Problem(RECIPE_FIELD, "checkpoint.keep_best is not supported under torchrun "
+                                          "(several ranks) yet; train without it or in one process",
+                                          field="checkpoint.keep_best"))
         seed_everything(recipe.run.seed, recipe.run.deterministic, self.device)
         with self.loaded.located():
             function = import_factory(recipe.task.function, "task.function") if recipe.task.function else None
             self.task = Task(recipe.task, function)
+            self.stopping = EarlyStopping(recipe.trainer.early_stopping, self.task.kind, self.task.metric,
+                                          growth_ends(recipe.policy, recipe.trainer.max_steps))
             self.data = build_data(recipe.data, recipe.run.seed, self.base_dir, recipe.task.kind,
                                    recipe.task.target_key)
             self.model = build_model(recipe.model, self.data.input_shape, self.data.num_classes)
@@ -133,7 +144,7 @@ class Trainer:
                 seed_lr=lambda step: optim.seed_lr(step, recipe.trainer, recipe.seeds, recipe.policy.growth_window[1]),
                 blueprint_dirs=[self.base_dir / d for d in recipe.seeds.blueprint_dirs],
                 deterministic=recipe.run.deterministic, start=False,
-                kernel_dtype={"bf16": "bfloat16", "fp16": "float16"}.get(recipe.trainer.precision), world=world)
+                kernel_dtype=kernel_dtype(recipe.trainer.precision), world=world)
         self.controller.run_state = (lambda: cpu_copy(run_state.capture(self, checkpoint=False)),
                                      lambda state: run_state.restore(self, state))
         self.manager = self.controller.manager
@@ -144,14 +155,17 @@ class Trainer:
         self.replica = None if self.world is None else distributed.Replica(
             self.model, self.step_model, self.world, self.manager.topology)
         data = recipe.data
+        self.best = BestModel(recipe.checkpoint.keep_best)
         rank, size = (self.world.rank, self.world.size) if self.world is not None else (0, 1)
         with self.loaded.located():
-            self.sampler = TrainBatches(resident(self.data.train, self.device), data.batch_size, recipe.run.seed,
+            self.sampler = TrainBatches(resident(self.data.train, self.device),  # one optimizer step's samples
+                                        data.batch_size * recipe.trainer.accumulate_steps, recipe.run.seed,
                                         data.num_workers, data.pin_memory, data.persistent_workers, rank, size)
             val = self.shard(resident(self.data.val, self.device), "validation")
         self.val_batches = self.eval_batches(val)
         self.verdict_batches = self.eval_batches(val, limit=recipe.seeds.eval_batches)
         self.last_val: dict[str, float] | None = None
+        self.stopped_early: dict[str, Any] | None = None
         self.run_dir: Path | None = None
         self._resumed_from: store.Checkpoint | None = None
         self._resume_overrides: list[str] = []
@@ -216,6 +230,8 @@ class Trainer:
                     if self._validate_and_grow():
                         continue
                     self._report(outcome)
+                    if self.stopped_early is not None:
+                        break
                 elif outcome.loss is not None:
                     self._report(outcome)
                 if self.leader and self._checkpoint_due():
@@ -244,13 +260,24 @@ class Trainer:
         cfg = self.loaded.recipe
         morph = self.recorder.telemetry.morph
         model = self.step_model if self.replica is None else self.replica.module()
-        with self.precision.autocast():
-            output, targets = self.task.forward(model, self.sampler.next(), self.device)
-            loss = self.task.loss(output, targets)
+        count = cfg.trainer.accumulate_steps
+        layers = list(self.manager.layers.values())
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss, self.optimizer, list(self.manager.layers.values()))
-        with morph:
-            self.controller.after_backward()
+        losses = []
+        for index, batch in enumerate(micro_batches(self.sampler.next(), count)):
+            with self.precision.autocast():
+                output, targets = self.task.forward(model, batch, self.device)
+                losses.append(self.task.loss(output, targets))
+            self.precision.backward(losses[-1], layers)
+            if index == 0 and count > 1:
+                with morph:  # health is measured on the first micro-batch (fp16: its gradients still scaled)
+                    self.controller.after_backward()
+        average_gradients(self.optimizer, count)
+        self.precision.unscale(self.optimizer)
+        if count == 1:
+            with morph:
+                self.controller.after_backward()
+        loss = losses[0] if count == 1 else torch.stack([part.detach() for part in losses]).mean()
         if cfg.trainer.grad_clip is not None:
             self.controller.clip_grad_norm_(cfg.trainer.grad_clip)
         optim.apply_lr(self.optimizer, self.step, cfg.trainer)
@@ -266,7 +293,13 @@ class Trainer:
         self.recorder.validated({"step": self.step, **{f"val_{k}": v for k, v in val.metrics.items()}},
                                 float(val.loss or 0.0), val.name, val.metric)
         with self.recorder.telemetry.morph:
-            return self.controller.after_validation(val)
+            if self.controller.after_validation(val):
+                return True
+        self.best.observe(self.step, val, self.model, self.manager)
+        if self.stopping.observe(self.step, val.metrics):
+            self.stopped_early = self.stopping.event(self.step)
+            self.recorder.record(self.stopped_early)
+        return False
 
     def _verdict_evaluation(self, model: torch.nn.Module) -> Evaluation:
         with self.precision.autocast():
@@ -291,7 +324,7 @@ class Trainer:
             if self.leader:
                 store.remove_leftovers(self.run_dir / "checkpoints")
         run_id = uuid.uuid4().hex  # this segment of the run in the asset repository
-        self.recorder.open(self.run_dir, cursor, run_id)
+        self.recorder.open(self.run_dir, cursor, run_id, self.loaded.recipe.model_dump(mode="json"))
         self.recorder.mirror(lambda repo: repo.start_run(run_id, self.run_dir.name, self.loaded.sha256))
         identity = self.recorder.telemetry.identity()
         if self.world is not None:
