@@ -51,7 +51,6 @@ import numpy as np
 import torch
 
 from esper_core import Trainer
-from esper_core.training.trainer import Progress
 
 TINY = """\
 run: {name: bench, seed: 0}
@@ -134,17 +133,18 @@ def train_arm(arm: Arm, baton: Baton) -> None:
         arm.rng.restore()
         state["started"] = time.perf_counter()
         if arm.scrape_interval is not None and state["started"] - state["last_scrape"] >= arm.scrape_interval:
-            server = arm.trainer.telemetry.server
+            server = arm.trainer.recorder.telemetry.server
             if server is not None:
                 with urllib.request.urlopen(server.url, timeout=5) as response:
                     arm.scrapes += b"esper_step_duration_seconds" in response.read()
             state["last_scrape"] = time.perf_counter()
 
-    def on_progress(p: Progress) -> None:
-        if p.last_event is not None or p.step == state["step"]:
-            return
-        arm.stretches[p.step] = (time.perf_counter() - state["started"]) / (p.step - state["step"])
-        state["step"] = p.step
+    def on_progress(event: dict[str, Any]) -> None:
+        if event["event"] != "progress" or event["step"] == state["step"]:
+            return  # lifecycle events, and a validation report at a step already timed
+        step = int(event["step"])
+        arm.stretches[step] = (time.perf_counter() - state["started"]) / (step - state["step"])
+        state["step"] = step
         arm.rng = RngState.capture()
         baton.pass_on(arm.name)
         resume()

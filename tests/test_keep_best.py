@@ -25,7 +25,7 @@ run: {name: best, seed: 0, device: cpu}
 task: {metric: loss}
 data: {source: digits, layout: flat, batch_size: 32}
 model: {arch: mlp, widths: [128]}
-seeds: {targets: ["type:Linear"], exclude: [head], blueprints: [wide_mlp], rank: 8,
+seeds: {targets: ["type:Linear"], exclude: [head], blueprints: [wide_mlp], rank: 8, per_layer: 1,
         incubation_steps: 10, blend_steps: 10, probation_steps: 60, fossilize_margin: 1.0, embargo_steps: 100000}
 policy: {trigger: periodic, period_steps: 100, growth_window: [0.05, 0.2], max_seeds: 1}
 trainer: {max_steps: 200, lr: 0.02, eval_every: 10, log_every: 10, schedule: constant}

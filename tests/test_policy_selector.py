@@ -66,7 +66,7 @@ def test_budgets_and_latency_exclude_candidates(limits: dict, expected: list[str
 
 
 def test_budgets_count_seeds_already_grown_and_those_planned() -> None:
-    policy, manager = _policy(max_added_params=5_150)
+    policy, manager = _policy(max_added_params=5_150, max_seeds=4)
     assert _names(policy.candidates("a")) == ["small", "big"]
     manager.germinate(SlotRef("b", 0), "small", "k", 100)
     policy.seeds = manager.view()  # the policy sees seeds only through a view taken when it decides
@@ -77,7 +77,7 @@ def test_budgets_count_seeds_already_grown_and_those_planned() -> None:
     assert _names(policy.candidates("a", freed=[SlotRef("b", 1)])) == ["small", "big"]
     spent = policy.candidates("a")[:1]
     assert _names(policy.candidates("a", spent=spent)) == ["small"]
-    assert _names(policy.candidates("a", spent=spent * 2)) == []  # four seeds: the default seed budget
+    assert _names(policy.candidates("a", spent=spent * 2)) == []  # four seeds: the seed budget
 
 
 def test_an_unusable_kernel_is_never_chosen_again() -> None:
