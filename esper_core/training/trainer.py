@@ -11,11 +11,8 @@ only every ``log_every`` steps (by the controller, which hands the value back).
 from __future__ import annotations
 
 import hashlib
-import signal
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,38 +22,34 @@ import torch
 from torch.utils.data import Dataset
 
 from esper_core import distributed
-from esper_core.artifacts.publish import publish_checkpoint
 from esper_core.checkpoints import store
 from esper_core.checkpoints.lock import RunLock
 from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError, Problem
 from esper_core.growth.controller import GrowthController, StepOutcome
 from esper_core.growth.evaluation import Evaluation
-from esper_core.growth.state import cpu_copy, join, split
+from esper_core.growth.state import cpu_copy, join
 from esper_core.policy.arm_store import workspace_store
-from esper_core.recipe.checks import check_device, check_output_dir
+from esper_core.recipe.checks import check_device
 from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.storage import open_kernel_store
-from esper_core.training import optim, run_state
+from esper_core.training import optim, run_files, run_state
 from esper_core.training.accumulation import average_gradients, micro_batches
 from esper_core.training.best import BestModel
 from esper_core.training.checkpoint_state import check_run_state, check_world_size, refusing
 from esper_core.training.data import build_data, import_factory
 from esper_core.training.early_stop import EarlyStopping, growth_ends
-from esper_core.training.finish import finish_run, host_model
+from esper_core.training.finish import finish_run
+from esper_core.training.interrupts import StopSignals, stop
 from esper_core.training.loaders import EvalBatches, TrainBatches, resident
 from esper_core.training.precision import Precision, kernel_dtype
 from esper_core.training.models import build_model, count_parameters
-from esper_core.training.recording import RunRecorder, fresh_run_dir, progress_event
+from esper_core.training.recording import RunRecorder, progress_event
 from esper_core.training.setup import seed_everything, select_device
 from esper_core.training.tasks import Task
 
 RESUMABLE_OVERRIDES = ("trainer.max_steps", "checkpoint.", "telemetry.")
 """Keys an override may change at resume; anything else would make the continuation a different run."""
-
-
-class Interrupted(EsperError):
-    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; exits 128 + the signal number."""
 
 
 @dataclass
@@ -169,7 +162,8 @@ class Trainer:
         self.run_dir: Path | None = None
         self._resumed_from: store.Checkpoint | None = None
         self._resume_overrides: list[str] = []
-        self._stop_signal: int | None = None
+        self.signals = StopSignals()
+        self.checkpoints = run_files.CheckpointSchedule(recipe.checkpoint)
 
     @property
     def step(self) -> int:
@@ -193,30 +187,20 @@ class Trainer:
             self.recorder.listeners.append(on_event)
         self.started = time.perf_counter()
         telemetry = self.recorder.telemetry
-        previous_handlers: dict[int, Any] = {}
         lock: RunLock | None = None
         try:
-            if self._resumed_from is None and self.leader:
-                check_output_dir(self.loaded)
-                with self.loaded.located():
-                    self.run_dir = fresh_run_dir(Path(recipe.run.output_dir).resolve() / recipe.run.name)
-            if self.world is not None and self._resumed_from is None:
-                self.run_dir = Path(self.world.broadcast_text(str(self.run_dir)))  # rank 0 named it
-            assert self.run_dir is not None
-            if self.leader:
-                lock = RunLock(self.run_dir)
-                lock.acquire()  # one process writes a run: a second resume of it is refused (exit 3)
+            lock = run_files.claim_run_dir(self)
             metrics_url = telemetry.start()
-            self._open_run()
+            run_files.open_run(self, self._resumed_from, self._resume_overrides)
             if metrics_url:
                 self.recorder.notify({"event": "metrics_endpoint", "url": metrics_url})
             self.controller.start()
             if recipe.policy.selector.share_across_runs and self._resumed_from is None:
                 pulls = self.controller.policy.selector.warm_start(workspace_store(recipe.storage.workspace))
                 self.recorder.record({"event": "selector_warm_start", "step": self.step, "pulls": pulls})
-            previous_handlers = self._install_signal_handlers()
+            self.signals.install()
             self.model.train()  # once: evaluation passes restore the mode they found
-            self._last_checkpoint_time = time.monotonic()
+            self.checkpoints.restart()
             while self.step < recipe.trainer.max_steps:
                 tick = time.perf_counter()
                 outcome = self._train_step()
@@ -234,10 +218,10 @@ class Trainer:
                         break
                 elif outcome.loss is not None:
                     self._report(outcome)
-                if self.leader and self._checkpoint_due():
+                if self.leader and self.checkpoints.due(self.step):
                     self.save_checkpoint()
-                if self._stop_requested():
-                    self._stop()
+                if self.signals.requested(self.world, self.step, recipe.trainer.log_every):
+                    stop(self)
                 telemetry.step_done(self.step, time.perf_counter() - tick)
             summary = finish_run(self)
             if self.world is not None:
@@ -248,8 +232,7 @@ class Trainer:
                 self.replica.close()
             self.controller.close()
             self.kernel_store.close()
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+            self.signals.restore()
             self.recorder.close()
             if lock is not None:
                 lock.release()
@@ -310,92 +293,6 @@ class Trainer:
                                             self.task.metric, self.last_val, count_parameters(self.model),
                                             self.manager.counts(), self.started))
 
-    # --- the run directory and checkpoints ----------------------------------------------------------
-
-    def _open_run(self) -> None:
-        cursor = None
-        assert self.run_dir is not None
-        if self._resumed_from is None:
-            if self.leader:
-                (self.run_dir / "recipe.yaml").write_text(self.loaded.resolved_yaml, encoding="utf-8")
-                (self.run_dir / "recipe.sha256").write_text(self.loaded.sha256 + "\n", encoding="utf-8")
-        else:
-            cursor = self._resumed_from.state["run"]["logs"]
-            if self.leader:
-                store.remove_leftovers(self.run_dir / "checkpoints")
-        run_id = uuid.uuid4().hex  # this segment of the run in the asset repository
-        self.recorder.open(self.run_dir, cursor, run_id, self.loaded.recipe.model_dump(mode="json"))
-        self.recorder.mirror(lambda repo: repo.start_run(run_id, self.run_dir.name, self.loaded.sha256))
-        identity = self.recorder.telemetry.identity()
-        if self.world is not None:
-            identity["world_size"] = self.world.size
-        if self._resumed_from is None:
-            self.recorder.record({"event": "run_start", "step": 0, "run_id": run_id,
-                                  "recipe_sha256": self.loaded.sha256, "device": str(self.device),
-                                  "params": self.params_initial, "layers": list(self.manager.layers), **identity})
-        else:
-            self.recorder.record({"event": "run_resume", "step": self.step, "run_id": run_id,
-                                  "checkpoint": self._resumed_from.path.name, "overrides": self._resume_overrides,
-                                  "recipe_sha256": self.loaded.sha256, **identity})
-
-    def _checkpoint_due(self) -> bool:
-        cfg = self.loaded.recipe.checkpoint
-        if cfg.every_steps and self.step % cfg.every_steps == 0:
-            return True
-        return bool(cfg.every_minutes) and time.monotonic() - self._last_checkpoint_time >= cfg.every_minutes * 60
-
     def save_checkpoint(self) -> Path:
         """Commit a checkpoint of the current state and apply retention."""
-        assert self.run_dir is not None
-        started = time.perf_counter()
-        self.recorder.record({"event": "checkpoint", "step": self.step, "name": store.checkpoint_name(self.step)})
-        tensors, skeleton = split(run_state.capture(self, checkpoint=True))
-        val = self.last_val
-        info = {"recipe_sha256": self.loaded.sha256, "device": str(self.device), "epoch": self.sampler.epoch,
-                "world_size": self.world.size if self.world is not None else 1,
-                "esper": _version(), "val_loss": val["loss"] if val else None, "host_model": host_model(self)}
-        directory = self.run_dir / "checkpoints"
-        path = store.save(directory, self.step, tensors, {"run": skeleton, "recipe_dir": str(self.base_dir)}, info)
-        store.retain(directory, self.loaded.recipe.checkpoint.keep, lambda m: m.get("val_loss"))
-        publish_checkpoint(self.run_dir, path, self.loaded.recipe.storage)
-        self._last_checkpoint_time = time.monotonic()
-        self.recorder.telemetry.checkpointed(time.perf_counter() - started)
-        return path
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGINT/SIGTERM finish the current step, write a checkpoint, and stop (main thread only)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def request_stop(signum: int, frame: object) -> None:
-            self._stop_signal = signum
-        return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    def _stop_requested(self) -> bool:
-        """Whether to stop now. Under torchrun a signal may reach one rank only, or the ranks at
-        different steps: they agree at each log step (one tiny all-reduce) and stop together."""
-        if self.world is None:
-            return self._stop_signal is not None
-        if self.step % self.loaded.recipe.trainer.log_every:
-            return False
-        return self.world.any(self._stop_signal is not None)
-
-    def _stop(self) -> None:
-        self._stop_signal = self._stop_signal or signal.SIGTERM  # another rank's signal
-        if not self.leader:
-            stop = Interrupted(f"stopped at step {self.step} with rank 0, which wrote the checkpoint")
-            stop.exit_code = 128 + int(self._stop_signal)
-            raise stop
-        path = self.save_checkpoint()
-        name = signal.Signals(self._stop_signal).name if self._stop_signal else "signal"
-        self.recorder.record({"event": "interrupted", "step": self.step, "signal": name, "checkpoint": path.name})
-        self.recorder.mirror(lambda repo: repo.finish_run(self.recorder.run_id, "interrupted"))
-        stop = Interrupted(f"{name} received: stopped at step {self.step}; checkpoint {path} written. "
-                           f"Continue with: esper resume --checkpoint {self.run_dir}")
-        stop.exit_code = 128 + int(self._stop_signal or signal.SIGINT)
-        raise stop
-
-
-def _version() -> str:
-    from esper_core import __version__
-    return __version__
+        return run_files.save_checkpoint(self)

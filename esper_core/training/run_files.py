@@ -1,0 +1,114 @@
+"""What a run writes into its run directory besides logs: the directory itself and its lock, the
+recipe files and the opening event, and checkpoints with their schedule and retention.
+
+Kept apart from the loop so that ``Trainer.fit`` reads as the training it does; every function here
+runs on rank 0 only where the run directory is written (the callers decide with ``trainer.leader``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from esper_core.artifacts.publish import publish_checkpoint
+from esper_core.checkpoints import store
+from esper_core.checkpoints.lock import RunLock
+from esper_core.growth.state import split
+from esper_core.recipe.checks import check_output_dir
+from esper_core.recipe.schema import CheckpointConfig
+from esper_core.telemetry.run import esper_version
+from esper_core.training import run_state
+from esper_core.training.finish import host_model
+from esper_core.training.recording import fresh_run_dir
+
+if TYPE_CHECKING:
+    from esper_core.training.trainer import Trainer
+
+
+class CheckpointSchedule:
+    """When the next checkpoint is due: every ``checkpoint.every_steps`` steps and/or every
+    ``checkpoint.every_minutes`` since the last one (the clock restarts at each checkpoint, so a slow
+    stretch of steps cannot cause a burst of them)."""
+
+    def __init__(self, cfg: CheckpointConfig) -> None:
+        self.cfg = cfg
+        self.last = time.monotonic()
+
+    def restart(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            return True
+        return bool(self.cfg.every_minutes) and time.monotonic() - self.last >= self.cfg.every_minutes * 60
+
+
+def claim_run_dir(trainer: Trainer) -> RunLock | None:
+    """Name a fresh run directory (rank 0; the other ranks receive its name) unless resuming, and lock
+    it on rank 0: one process writes a run, so a second resume of it is refused (exit 3)."""
+    recipe = trainer.loaded.recipe
+    if trainer._resumed_from is None and trainer.leader:
+        check_output_dir(trainer.loaded)
+        with trainer.loaded.located():
+            trainer.run_dir = fresh_run_dir(Path(recipe.run.output_dir).resolve() / recipe.run.name)
+    if trainer.world is not None and trainer._resumed_from is None:
+        trainer.run_dir = Path(trainer.world.broadcast_text(str(trainer.run_dir)))  # rank 0 named it
+    assert trainer.run_dir is not None
+    if not trainer.leader:
+        return None
+    lock = RunLock(trainer.run_dir)
+    lock.acquire()
+    return lock
+
+
+def open_run(trainer: Trainer, resumed_from: store.Checkpoint | None, overrides: list[str]) -> None:
+    """Write the recipe files of a new run (or clear a crashed checkpoint's leftovers at resume), open
+    the recorder where the logs left off, and record ``run_start`` or ``run_resume``."""
+    cursor = None
+    run_dir = trainer.run_dir
+    assert run_dir is not None
+    loaded, recorder = trainer.loaded, trainer.recorder
+    if resumed_from is None:
+        if trainer.leader:
+            (run_dir / "recipe.yaml").write_text(loaded.resolved_yaml, encoding="utf-8")
+            (run_dir / "recipe.sha256").write_text(loaded.sha256 + "\n", encoding="utf-8")
+    else:
+        cursor = resumed_from.state["run"]["logs"]
+        if trainer.leader:
+            store.remove_leftovers(run_dir / "checkpoints")
+    run_id = uuid.uuid4().hex  # this segment of the run in the asset repository
+    recorder.open(run_dir, cursor, run_id, loaded.recipe.model_dump(mode="json"))
+    recorder.mirror(lambda repo: repo.start_run(run_id, run_dir.name, loaded.sha256))
+    identity = recorder.telemetry.identity()
+    if trainer.world is not None:
+        identity["world_size"] = trainer.world.size
+    if resumed_from is None:
+        recorder.record({"event": "run_start", "step": 0, "run_id": run_id,
+                         "recipe_sha256": loaded.sha256, "device": str(trainer.device),
+                         "params": trainer.params_initial, "layers": list(trainer.manager.layers), **identity})
+    else:
+        recorder.record({"event": "run_resume", "step": trainer.step, "run_id": run_id,
+                         "checkpoint": resumed_from.path.name, "overrides": overrides,
+                         "recipe_sha256": loaded.sha256, **identity})
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """Commit a checkpoint of the run's state (see :mod:`~esper_core.training.run_state`), apply
+    retention, publish it where the recipe's storage says, and restart the checkpoint clock."""
+    assert trainer.run_dir is not None
+    started = time.perf_counter()
+    trainer.recorder.record({"event": "checkpoint", "step": trainer.step, "name": store.checkpoint_name(trainer.step)})
+    tensors, skeleton = split(run_state.capture(trainer, checkpoint=True))
+    val = trainer.last_val
+    info = {"recipe_sha256": trainer.loaded.sha256, "device": str(trainer.device), "epoch": trainer.sampler.epoch,
+            "world_size": trainer.world.size if trainer.world is not None else 1,
+            "esper": esper_version(), "val_loss": val["loss"] if val else None, "host_model": host_model(trainer)}
+    directory = trainer.run_dir / "checkpoints"
+    path = store.save(directory, trainer.step, tensors, {"run": skeleton, "recipe_dir": str(trainer.base_dir)}, info)
+    store.retain(directory, trainer.loaded.recipe.checkpoint.keep, lambda m: m.get("val_loss"))
+    publish_checkpoint(trainer.run_dir, path, trainer.loaded.recipe.storage)
+    trainer.checkpoints.restart()
+    trainer.recorder.telemetry.checkpointed(time.perf_counter() - started)
+    return path
