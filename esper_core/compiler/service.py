@@ -28,15 +28,11 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
-import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import torch
 
 from esper_core.blueprints.host import HostSpec
 from esper_core.blueprints.library import BUILTIN_DIR, load_blueprint
@@ -45,10 +41,10 @@ from esper_core.compiler.budget import Budget
 from esper_core.compiler.kernels import KernelSpec
 from esper_core.compiler.pipeline import CompileFailed, compile_kernel
 from esper_core.compiler.store import KernelStore
+from esper_core.compiler.worker_start import init_worker
 from esper_core.errors import EsperError, Problem
 
 log = logging.getLogger(__name__)
-PARENT_POLL_S = 0.2
 """How often a worker checks that its parent is alive (kill -9 of the parent: the worker exits within this)."""
 
 
@@ -132,7 +128,7 @@ class CompileService:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(os.getpid(),))
+                                   initializer=init_worker, initargs=(os.getpid(),))
 
     def _submit(self, spec: KernelSpec) -> Future[dict[str, Any]]:
         """Submit a compile; workers are spawned here, with SIGINT blocked so they inherit it blocked."""
@@ -191,7 +187,7 @@ def _done(result: Kernel | None = None, exception: BaseException | None = None) 
 @contextlib.contextmanager
 def _sigint_blocked() -> Iterator[None]:
     """Block SIGINT in this thread while it spawns workers: a spawned process inherits the signal mask,
-    so a worker cannot be interrupted while it imports, before :func:`_init_worker` ignores SIGINT. A
+    so a worker cannot be interrupted while it imports, before :func:`~esper_core.compiler.worker_start.init_worker` ignores SIGINT. A
     Ctrl-C that arrives meanwhile stays pending and is delivered here when the block ends."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
@@ -201,26 +197,6 @@ def _sigint_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _init_worker(parent: int) -> None:
-    """Worker start-up: ignore Ctrl-C (the parent decides), exit when the parent dies, one thread."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C is dropped: ignored
-    threading.Thread(target=_exit_with_parent, args=(parent,), name="esper-parent-watchdog", daemon=True).start()
-    torch.set_num_threads(1)
-    # Validation reloads the just-written .pt2 from bytes; torch warns that the buffer is read-only,
-    # which is harmless here and would otherwise land in the middle of the user's training output.
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Runs in the worker: once the parent is gone (the worker is re-parented), exit at once. A compile
-    in progress is abandoned; nobody is left to receive it."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
-    os._exit(0)
 
 
 def _warm_worker() -> None:
