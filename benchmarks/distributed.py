@@ -45,14 +45,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import throughput  # noqa: E402
-from throughput import CNN_RECIPE, LM_RECIPE, SMOKE, SMOKE_DATA, Clock, _recipe_file, _warmup  # noqa: E402
+from throughput import (CNN_RECIPE, LM_RECIPE, SMOKE, SMOKE_DATA, Clock, _recipe_file, _warmup,  # noqa: E402
+                        plain_loss)
 
 from esper_core import load_run  # noqa: E402
 from esper_core.export.plain import unwrap  # noqa: E402
@@ -95,11 +95,7 @@ def plain_ddp_loop(reference: Trainer, model: nn.Module) -> Clock:
     per_epoch = len(x_train) // (batch * world)
 
     def loss_of(net: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = net(x)
-            if lm:
-                logits, y = logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1)
-            return F.cross_entropy(logits, y)
+        return plain_loss(net, x, y, device, dtype, lm)
 
     clock = Clock()
     perm = torch.empty(0)

@@ -155,6 +155,16 @@ def run_esper(recipe: Path, overrides: list[str], out: Path) -> tuple[Trainer, d
     return trainer, summary, clock
 
 
+def plain_loss(net: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor, device: torch.device,
+               dtype: torch.dtype | None, lm: bool) -> torch.Tensor:
+    """The plain loops' loss: cross-entropy under autocast (next-token for a language model)."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        logits = net(x)
+        if lm:
+            logits, y = logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1)
+        return F.cross_entropy(logits, y)
+
+
 def plain_loop(trainer: Trainer, model: nn.Module) -> Clock:
     """The user's own loop over the data and settings of ``trainer``'s recipe (see the module docstring)."""
     recipe = trainer.loaded.recipe
@@ -172,11 +182,7 @@ def plain_loop(trainer: Trainer, model: nn.Module) -> Clock:
     batch, per_epoch = recipe.data.batch_size, len(x_train) // recipe.data.batch_size
 
     def loss_of(net: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = net(x)
-            if lm:
-                logits, y = logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1)
-            return F.cross_entropy(logits, y)
+        return plain_loss(net, x, y, device, dtype, lm)
 
     clock = Clock()
     perm = torch.empty(0)
