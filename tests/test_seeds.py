@@ -171,14 +171,14 @@ def test_culled_seed_is_gone_from_module_state_dict_and_optimizer():
     manager = wrap(model, targets=["2"])
     opt = optim.build_optimizer(model, TrainerConfig())
     ref = _plant(manager, "2", "lowrank_adapter")
-    seed_groups.add_group(opt, ref.key, manager.seed_parameters(ref), 1e-3)
+    seed_groups.add_params(opt, manager.seed_parameters(ref), 1e-3)
     x = torch.randn(8, 6)
     model(x).sum().backward()
     opt.step()
     seed_params = manager.seed_parameters(ref)
     assert all(p in opt.state for p in seed_params)
     _, removed = manager.cull(ref)
-    seed_groups.remove_group(opt, ref.key)
+    seed_groups.remove_params(opt, removed)
     assert {id(p) for p in removed} == {id(p) for p in seed_params}
     assert manager.state(ref) == SeedState.CULLED
     assert "0" not in manager.layers["2"].seeds

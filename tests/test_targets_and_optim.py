@@ -122,36 +122,43 @@ def test_the_schedule_moves_the_host_and_seed_groups_keep_their_own_lr():
     opt = optim.build_optimizer(model, cfg)
     optim.apply_lr(opt, 4, cfg)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
-    extra = nn.Linear(3, 3)
-    groups.add_group(opt, "seed", extra.parameters(), lr=0.2)
+    extra, later = nn.Linear(3, 3), nn.Linear(3, 3)
+    groups.add_params(opt, extra.parameters(), lr=0.2)
+    groups.add_params(opt, later.parameters(), lr=0.2)
+    assert [g["name"] for g in opt.param_groups] == ["host", "seeds"]  # one group for every seed
     optim.apply_lr(opt, 55, cfg)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5)
     assert opt.param_groups[1]["lr"] == 0.2  # the growth controller owns seed groups' learning rate
-    (model(torch.ones(1, 3)).sum() + extra(torch.ones(1, 3)).sum()).backward()
+    x = torch.ones(1, 3)
+    (model(x).sum() + extra(x).sum() + later(x).sum()).backward()
     opt.step()
-    assert all(p in opt.state for p in extra.parameters())
-    groups.remove_group(opt, "seed")
+    assert all(p in opt.state for p in [*extra.parameters(), *later.parameters()])
+    groups.remove_params(opt, extra.parameters())
     assert not any(p in opt.state for p in extra.parameters())
+    assert all(p in opt.state for p in later.parameters())  # the other seed keeps its moments
+    assert [id(p) for p in opt.param_groups[1]["params"]] == [id(p) for p in later.parameters()]
     with pytest.raises(ValueError):
-        groups.add_group(opt, "host", extra.parameters(), 0.1)
+        groups.add_params(opt, later.parameters(), 0.1)  # already in the optimizer
     with pytest.raises(KeyError):
-        groups.remove_group(opt, "seed")
+        groups.remove_params(opt, extra.parameters())  # already gone
+    groups.remove_params(opt, later.parameters())
+    assert [g["name"] for g in opt.param_groups] == ["host"]  # the group goes with its last seed
 
 
 def test_optimizer_state_round_trips_by_parameter_name_across_a_new_optimizer():
     model = nn.ModuleDict({"a": nn.Linear(3, 4), "b": nn.Linear(4, 2), "seed": nn.Linear(3, 2)})
     host = [*model["a"].parameters(), *model["b"].parameters()]
     opt = torch.optim.AdamW(host, lr=0.01)
-    groups.add_group(opt, "layer#0", model["seed"].parameters(), lr=0.02)
+    groups.add_params(opt, model["seed"].parameters(), lr=0.02)
     for _ in range(3):
         opt.zero_grad()
         x = torch.randn(5, 3)
         (model["b"](model["a"](x)).sum() + model["seed"](x).sum()).backward()
         opt.step()
     saved = groups.export_state(opt, model)
-    assert [g["name"] for g in saved["groups"]] == ["#0", "layer#0"]
+    assert [g["name"] for g in saved["groups"]] == ["#0", "seeds"]
     fresh = torch.optim.AdamW(host, lr=0.01)
-    groups.add_group(fresh, "layer#0", model["seed"].parameters(), lr=0.02)
+    groups.add_params(fresh, model["seed"].parameters(), lr=0.02)
     groups.import_state(fresh, model, saved)
     for p in model.parameters():
         for key, value in opt.state[p].items():

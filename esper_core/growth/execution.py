@@ -3,13 +3,14 @@ optimizer, or takes them away.
 
 The policy decides and the lifecycle clock (:class:`SeedManager`) counts; this module carries out what
 they say on the two objects that must stay consistent with each other: the model's seed modules and
-the optimizer's seed groups (named by slot key). A germinated seed waits for its kernel without
+the optimizer's seed group (one group, its parameters appended seed by seed in a recorded order of
+slot keys). A germinated seed waits for its kernel without
 blocking anything; :meth:`SeedExecutor.activate_ready` starts incubation for those whose kernel
 arrived, with fresh initial weights drawn from (run seed, step, layer, slot). Rebuilding a recorded topology (resume, rollback) goes through here too, so a restored run's
-optimizer has exactly the groups, in exactly the order, the recorded run had.
+optimizer holds exactly the parameters, in exactly the order, the recorded run had.
 
 The optimizer may be bound late (frameworks such as Lightning create it after the model is set up
-and restored): until :meth:`SeedExecutor.bind` the seed groups are only an ordered list of names.
+and restored): until :meth:`SeedExecutor.bind` the seed group is only an ordered record of members.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class KernelFailure:
 
 
 class SeedExecutor:
-    """``seed_lr(step)`` is the learning rate of every seed group at optimizer step ``step``."""
+    """``seed_lr(step)`` is the seed group's learning rate at optimizer step ``step``."""
 
     def __init__(self, manager: SeedManager, optimizer: torch.optim.Optimizer | None, catalog: SeedCatalog,
                  kernels: KernelSupply, seed_lr: Callable[[int], float], run_seed: int = 0,
@@ -52,33 +53,33 @@ class SeedExecutor:
         self.catalog = catalog
         self.kernels = kernels
         self.seed_lr = seed_lr
-        self._unbound: list[str] = []  # seed group names while no optimizer is bound
+        # the seed group's members by slot key, in optimizer order (kept while unbound too)
+        self._members: dict[str, list[torch.nn.Parameter]] = {}
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Adopt the optimizer: seed parameters it already holds in other groups (a framework built it
-        from all of the model's parameters) move to their own groups, in the recorded order."""
-        seed_params = {id(p) for name in self._unbound for p in self._params(name)}
+        from all of the model's parameters) move to the seed group, in the recorded order."""
+        seed_params = {id(p) for params in self._members.values() for p in params}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in seed_params]
-        self.optimizer, order, self._unbound = optimizer, self._unbound, []
-        for name in order:
-            self._add(name)
+        self.optimizer = optimizer
+        lr = self.seed_lr(self.manager.step_count)
+        for params in self._members.values():
+            optim.add_params(optimizer, params, lr)
 
     def _params(self, key: str) -> list[torch.nn.Parameter]:
         layer, _, index = key.rpartition("#")
         return self.manager.seed_parameters(SlotRef(layer, int(index)))
 
     def _add(self, key: str) -> None:
-        if self.optimizer is None:
-            self._unbound.append(key)
-        else:
-            optim.add_group(self.optimizer, key, self._params(key), self.seed_lr(self.manager.step_count))
+        self._members[key] = params = self._params(key)
+        if self.optimizer is not None:
+            optim.add_params(self.optimizer, params, self.seed_lr(self.manager.step_count))
 
     def _drop(self, key: str) -> None:
-        if self.optimizer is None:
-            self._unbound.remove(key)
-        else:
-            optim.remove_group(self.optimizer, key)
+        params = self._members.pop(key)
+        if self.optimizer is not None:
+            optim.remove_params(self.optimizer, params)
 
     def germinate(self, decision: GrowthDecision) -> Event:
         spec = self.catalog.spec(decision.blueprint, decision.slot.layer)
@@ -122,7 +123,7 @@ class SeedExecutor:
     def fossilize(self, ref: SlotRef, **evidence: Any) -> Event:
         """Keep the seed; a branch that is an exact linear map of its host's input (a low-rank adapter
         on a Linear host adds no expressivity) is folded into the host's weight and its module and
-        optimizer group are dropped: it then costs no parameter and no FLOP."""
+        parameters leave the optimizer: it then costs no parameter and no FLOP."""
         layer = self.manager.layers[ref.layer]
         slot, seed = layer.slots[ref.index], layer.seed_module(ref.index)
         alpha = float(layer.alpha[ref.index])
@@ -148,28 +149,25 @@ class SeedExecutor:
                 return
 
     def set_lr(self, step: int) -> None:
-        """Every seed group's learning rate for optimizer step ``step``."""
-        if self.optimizer is None:
-            return
-        lr = self.seed_lr(step)
-        for group in optim.seed_groups(self.optimizer):
-            group["lr"] = lr
+        """The seed group's learning rate for optimizer step ``step``."""
+        group = optim.seed_group(self.optimizer) if self.optimizer is not None else None
+        if group is not None:
+            group["lr"] = self.seed_lr(step)
 
     def group_order(self) -> list[str]:
-        """Seed groups' names in optimizer order (a restore re-adds them in this order)."""
-        if self.optimizer is None:
-            return list(self._unbound)
-        return [str(g["name"]) for g in optim.seed_groups(self.optimizer)]
+        """The slot keys of the seed group's members in optimizer order (a restore re-adds them in
+        this order, so the optimizer's parameter list is what the recorded run's was)."""
+        return list(self._members)
 
     def rebuild(self, topology: dict[str, Any], group_order: list[str]) -> None:
-        """Make the model's seeds and the optimizer's seed groups what ``topology`` recorded (weights
+        """Make the model's seeds and the optimizer's seed group what ``topology`` recorded (weights
         and optimizer state are loaded afterwards by the caller). Builds each seed from its kernel,
         waiting for a compile if the store lacks it."""
         for name in self.group_order():
             self._drop(name)
         holding = self.manager.restore(topology, self._build)
         if sorted(group_order) != sorted(ref.key for ref in holding):
-            raise ValueError(f"recorded optimizer seed groups {group_order} do not match the seeds "
+            raise ValueError(f"recorded optimizer seed group members {group_order} do not match the seeds "
                              f"the topology holds {sorted(ref.key for ref in holding)}")
         for name in group_order:
             self._add(name)

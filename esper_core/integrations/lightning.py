@@ -6,7 +6,7 @@
 
 The hooks map one to one onto the controller's three calls: ``on_after_backward`` ->
 ``after_backward``, the end of a batch whose optimizer step ran -> ``after_step(loss)``, the end of a
-validation epoch -> ``after_validation(evaluate(module))``. Seeds' parameters get their own groups in
+validation epoch -> ``after_validation(evaluate(module))``. Seeds' parameters get a group of their own in
 the optimizer ``configure_optimizers`` returned (the first one).
 
 Checkpoints: the callback's state (tensors and JSON values) travels in Lightning's checkpoint. Lightning

@@ -33,7 +33,7 @@ class SlotRef:
 
     @property
     def key(self) -> str:
-        """Stable id of a slot, also the name of its optimizer parameter group."""
+        """Stable id of a slot (events, checkpoints and the seed group's recorded member order use it)."""
         return f"{self.layer}#{self.index}"
 
 

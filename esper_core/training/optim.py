@@ -1,6 +1,6 @@
 """The optimizer ``esper train`` builds and the learning-rate schedule it applies to the host.
 
-Seed parameter groups are not touched here: the growth controller owns them (and their learning
+The seed parameter group is not touched here: the growth controller owns it (and its learning
 rate). The schedule is a factor on the host group's ``base_lr`` applied before every step
 (:mod:`esper_core.training.schedules`).
 """
