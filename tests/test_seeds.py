@@ -166,6 +166,35 @@ def test_fossilized_seed_stays_and_contributes():
     assert not torch.equal(model(x), muted)
 
 
+@pytest.mark.parametrize("blueprint,make,shape", CASES)
+def test_a_fossilized_seed_computes_the_same_bits_as_in_probation_and_mutes_to_the_host(blueprint, make, shape):
+    """Fossilized seeds take a plain branch (no blend op): output and every gradient must be exactly
+    what the blended path gave at alpha 1, and muting must still silence the seed."""
+    model = make()
+    manager = wrap(model, targets=["2"], per_layer=1)
+    host_only = copy.deepcopy(model)
+    ref = _plant(manager, "2", blueprint)
+    layer = manager.layers["2"]
+    layer.start_blending(0)
+    layer.start_probation(0)
+    x = torch.randn(*shape)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    blended, blended_grads = run()
+    manager.fossilize(ref)
+    fixed, fixed_grads = run()
+    assert torch.equal(fixed, blended)
+    assert all(torch.equal(a, b) for a, b in zip(fixed_grads, blended_grads))
+    with torch.no_grad(), layer.muted(0):
+        assert torch.equal(model(x), host_only(x))
+    assert torch.equal(run()[0], blended)  # unmuted again: the seed is back
+
+
 def test_culled_seed_is_gone_from_module_state_dict_and_optimizer():
     model = _mlp()
     manager = wrap(model, targets=["2"])
