@@ -167,16 +167,16 @@ def test_fossilized_seed_stays_and_contributes():
 
 
 @pytest.mark.parametrize("blueprint,make,shape", CASES)
-def test_a_fossilized_seed_computes_the_same_bits_as_in_probation_and_mutes_to_the_host(blueprint, make, shape):
-    """Fossilized seeds take a plain branch (no blend op): output and every gradient must be exactly
-    what the blended path gave at alpha 1, and muting must still silence the seed."""
+def test_a_seed_in_probation_or_fossilized_computes_the_same_bits_as_blended_at_alpha_one(blueprint, make, shape):
+    """From probation on a seed is a plain branch (no ``* alpha``): output and every gradient must be
+    exactly what the blended path gives at alpha 1, and muting must still silence the seed."""
     model = make()
     manager = wrap(model, targets=["2"], per_layer=1)
     host_only = copy.deepcopy(model)
     ref = _plant(manager, "2", blueprint)
     layer = manager.layers["2"]
     layer.start_blending(0)
-    layer.start_probation(0)
+    layer.set_alpha(0, 1.0)
     x = torch.randn(*shape)
 
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -186,10 +186,13 @@ def test_a_fossilized_seed_computes_the_same_bits_as_in_probation_and_mutes_to_t
         return out.detach(), [p.grad.clone() for p in model.parameters()]
 
     blended, blended_grads = run()
-    manager.fossilize(ref)
-    fixed, fixed_grads = run()
-    assert torch.equal(fixed, blended)
-    assert all(torch.equal(a, b) for a, b in zip(fixed_grads, blended_grads))
+    layer.start_probation(0)
+    for state in ("probation", "fossilized"):
+        if state == "fossilized":
+            manager.fossilize(ref)
+        fixed, fixed_grads = run()
+        assert torch.equal(fixed, blended), state
+        assert all(torch.equal(a, b) for a, b in zip(fixed_grads, blended_grads)), state
     with torch.no_grad(), layer.muted(0):
         assert torch.equal(model(x), host_only(x))
     assert torch.equal(run()[0], blended)  # unmuted again: the seed is back
@@ -295,10 +298,34 @@ def test_dormant_layer_forward_is_the_host_forward():
     assert all(layer._active == [] for layer in manager.layers.values())
 
 
-def test_alpha_and_isolation_live_in_buffers():
+def test_an_incubating_seed_output_gets_the_task_gradient_plus_the_proximal_pull():
+    """The incubation objective <g, dL/dy> + ||g||^2 / (2 eta B): the seed output's gradient is exactly
+    dL/dy + g / (eta B), and the layer output's gradient is what it would be without the seed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    manager = wrap(model, targets=["0"], per_layer=1, config=SeedsConfig(eta=0.8))
+    _plant(manager, "0", "wide_mlp")
+    layer = manager.layers["0"]
+    seen: dict[str, torch.Tensor] = {}
+    def keep_gradient(module: nn.Module, inputs: object, out: torch.Tensor) -> None:
+        out.register_hook(lambda grad: seen.setdefault("seed", grad))
+
+    layer.seed_module(0).register_forward_hook(keep_gradient)
+    x = torch.randn(7, 6)
+    y_host = layer.host(x).detach().requires_grad_()
+    reference = model[2](model[1](y_host)).square().mean()
+    reference.backward()
+    out = model(x)
+    out.square().mean().backward()
+    g = layer.seed_module(0)(x).detach()
+    torch.testing.assert_close(seen["seed"], y_host.grad + g / (0.8 * 7), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out, model[2](model[1](layer.host(x))), rtol=0, atol=0)
+
+
+def test_alpha_lives_in_a_buffer_and_incubation_keeps_it_zero():
     model = _mlp()
     manager = wrap(model, targets=["2"], per_layer=2)
     buffers = dict(model.named_buffers())
-    assert buffers["2.alpha"].shape == (2,) and buffers["2.isolate"].shape == (2,)
+    assert buffers["2.alpha"].shape == (2,) and "2.isolate" not in buffers
     _plant(manager, "2", "lowrank_adapter")
-    assert float(dict(model.named_buffers())["2.isolate"][0]) == 1.0
+    assert float(dict(model.named_buffers())["2.alpha"][0]) == 0.0

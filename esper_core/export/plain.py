@@ -10,7 +10,7 @@
   between two layers) is a branch of the second layer that reads the first layer's input; the first
   layer becomes a GrownLayer too (it keeps its input for the pass).
 
-Slot bookkeeping, ``alpha``/``isolate`` buffers, dormant, germinated and culled slots disappear.
+Slot bookkeeping, ``alpha`` buffers, dormant, germinated and culled slots disappear.
 Live seeds: an incubating seed (TRAINING) contributes exactly nothing to the output and is left out;
 a blending or probation seed is kept as a branch scaled by its current ``alpha`` (never merged, even
 when it could be: it was not kept yet), so the export computes what the trained model computes, and

@@ -2,10 +2,9 @@
 
 The layer owns the *mechanism* of each lifecycle state; when a state changes is decided by the
 :class:`~esper_core.seeds.manager.SeedManager` and the policy. What the forward pass sees of a seed
-is held in two tensors per slot, ``alpha`` (blend weight) and ``isolate`` (1 while incubating), so
-moving a seed from incubation through blending to probation changes no graph structure and does not
-make ``torch.compile`` recompile. Only germination and culling (a module appears or disappears)
-change the structure.
+is its state (which computation it takes, see :func:`_seed_path`) and its blend weight ``alpha``, a
+buffer per slot, so blending changes no Python value. Under ``torch.compile`` the seed path runs
+eagerly between compiled host regions, so no state change of a seed ever recompiles the model.
 
 A *span* seed lives in the slot of the second layer of a consecutive pair: it reads the input of the
 layer before (its ``feeder``, which keeps its last input while a span seed needs it) and adds to
@@ -25,66 +24,60 @@ from esper_core.blueprints.host import HostSpec
 from esper_core.seeds.lifecycle import SeedState, check_transition
 
 
-class _Blend(torch.autograd.Function):
-    """A seed's contribution to its layer's output, in every state, as one op.
+class _Incubate(torch.autograd.Function):
+    """An incubating seed's output ``g`` joined to its layer's output ``y`` without changing it.
 
-    Forward: ``alpha * g`` (``alpha`` is 0 while incubating, so the model's output is unchanged then).
-    Backward: the seed output receives ``alpha * dL/dy + isolate * (dL/dy + g / (eta * B))``. While
-    incubating (``isolate`` 1, ``alpha`` 0) that is the gradient of ``<g, dL/dy> + ||g||^2 / (2 eta B)``,
-    whose minimiser is ``g = -eta * B * dL/dy``: the seed regresses onto the part of the functional
-    gradient the host is missing (straight-through incubation with a proximal pull). Because the loss
-    is mean-reduced, ``B * dL/dy`` is a per-sample gradient, so ``eta`` is in per-sample units.
-    ``scale`` is the loss scale of fp16 training (the pull must be scaled like the gradient it joins).
+    Forward: ``y`` exactly (the seed adds nothing while it incubates). Backward: ``dL/dy`` passes on
+    untouched and the seed output receives ``dL/dy + g / (eta * B)``, the gradient of
+    ``<g, dL/dy> + ||g||^2 / (2 eta B)``, whose minimiser is ``g = -eta * B * dL/dy``: the seed regresses
+    onto the part of the functional gradient the host is missing (straight-through incubation with a
+    proximal pull). Because the loss is mean-reduced, ``B * dL/dy`` is a per-sample gradient, so
+    ``eta`` is in per-sample units. ``scale`` is the loss scale of fp16 training (the pull must be
+    scaled like the gradient it joins). The seed's input is detached, so nothing reaches the host
+    through it.
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, isolate: torch.Tensor, alpha: torch.Tensor, eta: float,  # type: ignore[override]
+    def forward(ctx, y: torch.Tensor, out: torch.Tensor, eta: float,  # type: ignore[override]
                 scale: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(out, isolate, alpha, scale if scale is not None else isolate.new_ones(()))
+        ctx.save_for_backward(out, *(() if scale is None else (scale,)))
         ctx.eta = eta
-        return out * alpha
+        return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        out, isolate, alpha, scale = ctx.saved_tensors
-        pull = out * (scale / (ctx.eta * out.shape[0]))
-        return grad * (alpha + isolate) + isolate * pull, None, None, None, None
+        out, *scale = ctx.saved_tensors
+        pull = 1.0 / (ctx.eta * out.shape[0])
+        to_seed = grad.add(out, alpha=pull) if not scale else torch.addcmul(grad, out, scale[0] * pull)
+        return grad, to_seed, None, None
 
 
-class _KeepGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``keep``: an incubating seed (``keep`` 0)
-    sends no gradient to the host through its input, a blended one (``keep`` 1) all of it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(keep)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (keep,) = ctx.saved_tensors
-        return grad * keep, None
+FIXED, INCUBATING, BLENDED = "fixed", "incubating", "blended"
+"""How a live seed is computed: a plain branch (probation and fossilized: ``alpha`` is 1), hooked in
+by :class:`_Incubate` (incubating), or scaled by its ``alpha`` (blending, and any seed while it is
+muted, when ``alpha`` is 0)."""
 
 
 def _seed_path(layer: KasminaLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Everything a layer does beyond its host: keep the input for a span seed, add each live seed's
-    blended contribution, and let the growth controller measure the pass it asked for.
+    contribution, and let the growth controller measure the pass it asked for.
 
-    A fossilized seed (``alpha`` 1 and ``isolate`` 0 for good) is added as a plain branch: ``g * 1``
-    and ``grad * (1 + 0) + 0 * pull`` are exactly ``g`` and ``grad``, so the result is the same bits
-    without two autograd functions and five elementwise passes per seed per step — the cost of a
-    grown model over the same model written by hand (issue 13). While it is muted it takes the
-    blended path, where ``alpha`` 0 silences it."""
+    Each state gets the cheapest exact computation: a seed in probation or fossilized is ``y + g``
+    (no ``* 1``), a blending one ``y + alpha * g`` through plain autograd (no pull term, whose factor
+    is zero then), an incubating one adds nothing forward and only its pull backward. One fused op with
+    ``alpha``/``isolate`` factors for every state cost two autograd functions and five elementwise
+    passes per seed per step: 1.24-1.47x the step time of the same branch written by hand on an H200
+    (``benchmarks/kernel_overhead.py``), the bulk of a growing run's overhead (issue 13)."""
     if layer.capture:
         layer.captured = x
-    for index, seed, span, fixed in layer._active:
+    for index, seed, span, mode in layer._active:
         source = layer._feeder[0].captured if span else x
-        if fixed:
+        if mode == FIXED:
             y = y + seed(source)
-            continue
-        iso = layer.isolate[index]
-        out = seed(_KeepGrad.apply(source, 1.0 - iso))
-        y = y + _Blend.apply(out, iso, layer.alpha[index], layer.eta, layer.grad_scale)
+        elif mode == INCUBATING:
+            y = _Incubate.apply(y, seed(source.detach()), layer.eta, layer.grad_scale)
+        else:
+            y = y + seed(source) * layer.alpha[index]
     if layer.probe is not None and torch.is_grad_enabled():
         layer.probe(layer, x, y)
     return y
@@ -125,9 +118,8 @@ class KasminaLayer(nn.Module):
         self.seeds = nn.ModuleDict()
         reference = next(host.parameters())
         self.register_buffer("alpha", torch.zeros(slots, device=reference.device, dtype=reference.dtype))
-        self.register_buffer("isolate", torch.zeros(slots, device=reference.device, dtype=reference.dtype))
         self.slots = [SlotInfo() for _ in range(slots)]
-        self._active: list[tuple[int, nn.Module, bool, bool]] = []  # (slot, seed, span, fixed)
+        self._active: list[tuple[int, nn.Module, bool, str]] = []  # (slot, seed, span, mode)
         self._muting: set[int] = set()  # slots inside a ``muted`` context
         self._feeder: tuple[KasminaLayer, ...] = ()  # a tuple, so the feeder is not registered as a child
         self.capture = False  # keep the last input (a span seed of the next layer reads it)
@@ -180,16 +172,13 @@ class KasminaLayer(nn.Module):
         reference = next(self.host.parameters())
         self.seeds[str(index)] = seed.to(device=reference.device, dtype=reference.dtype)
         self.slots[index].params = sum(p.numel() for p in seed.parameters())
-        with torch.no_grad():
-            self.isolate[index].fill_(1.0)
-            self.alpha[index].fill_(0.0)
+        self.set_alpha(index, 0.0)
         self._refresh_active()
 
     def start_blending(self, index: int) -> None:
         self.transition(index, SeedState.BLENDING)
-        with torch.no_grad():
-            self.isolate[index].fill_(0.0)
-            self.alpha[index].fill_(0.0)
+        self.set_alpha(index, 0.0)
+        self._refresh_active()
 
     def set_alpha(self, index: int, value: float) -> None:
         """``fill_`` on the device, not ``alpha[index] = value``: item assignment copies a host scalar,
@@ -200,10 +189,10 @@ class KasminaLayer(nn.Module):
     def start_probation(self, index: int) -> None:
         self.transition(index, SeedState.PROBATION)
         self.set_alpha(index, 1.0)
+        self._refresh_active()  # a plain branch from now on
 
     def fossilize(self, index: int) -> None:
         self.transition(index, SeedState.FOSSILIZED)
-        self._refresh_active()  # a fixed branch from now on
 
     def release_merged(self, index: int) -> list[nn.Parameter]:
         """A fossilized seed whose map is now part of the host's weight: drop its module (it adds no
@@ -221,9 +210,7 @@ class KasminaLayer(nn.Module):
         so the caller can drop them from the optimizer."""
         self.transition(index, target)
         seed = self.seeds.pop(str(index)) if str(index) in self.seeds else nn.Module()  # GERMINATED: no module yet
-        with torch.no_grad():
-            self.isolate[index].fill_(0.0)
-            self.alpha[index].fill_(0.0)
+        self.set_alpha(index, 0.0)
         slot = self.slots[index]
         slot.embargo_left = embargo
         self._refresh_active()
@@ -252,9 +239,15 @@ class KasminaLayer(nn.Module):
     def seed_module(self, index: int) -> nn.Module:
         return self.seeds[str(index)]
 
+    def _mode(self, index: int) -> str:
+        state = self.slots[index].state
+        if state == SeedState.TRAINING:
+            return INCUBATING
+        whole = state in (SeedState.PROBATION, SeedState.FOSSILIZED)  # alpha is exactly 1 from probation on
+        return FIXED if whole and index not in self._muting else BLENDED
+
     def _refresh_active(self) -> None:
-        self._active = [(i, self.seeds[str(i)], s.source is not None,
-                         s.state == SeedState.FOSSILIZED and i not in self._muting)
+        self._active = [(i, self.seeds[str(i)], s.source is not None, self._mode(i))
                         for i, s in enumerate(self.slots) if s.state.contributes and str(i) in self.seeds]
         if self.feeder is not None:
             self.feeder.capture = any(span for _, _, span, _ in self._active)
