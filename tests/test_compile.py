@@ -6,7 +6,9 @@ against the eager model's output."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch._dynamo
@@ -14,10 +16,11 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 from torch import nn
 
-from esper_core import Evaluation, GrowthController
+from esper_core import Evaluation, GrowthController, wrap
 from esper_core.compiler.store import LocalKernelStore
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.manager import SlotRef
+from esper_core.training.compiled import compile_model
 
 
 def test_no_seed_event_recompiles_the_model(tmp_path: Path) -> None:
@@ -61,3 +64,44 @@ def test_no_seed_event_recompiles_the_model(tmp_path: Path) -> None:
     assert set().union(*frames_by_state.values()) == frames_by_state[SeedState.DORMANT], frames_by_state
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def _shapes_of_compiled_graphs(run: Callable[[Any], None]) -> list[bool]:
+    """Whether each graph dynamo compiles while ``run(backend)`` trains has symbolic sizes."""
+    symbolic: list[bool] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+        values = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
+        symbolic.append(any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(
+            isinstance(size, torch.SymInt) for size in v.shape)) for v in values))
+        return gm.forward
+
+    torch._dynamo.reset()
+    run(backend)
+    return symbolic
+
+
+def test_esper_compiles_a_model_of_many_layer_shapes_statically_without_falling_back(caplog) -> None:
+    """Ten wrapped layers of different widths: plain torch.compile turns them dynamic (slower kernels)
+    and exceeds its recompile limit (eager fallback); ``trainer.compile`` must do neither."""
+    widths = [8 + 2 * i for i in range(11)]
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    wrap(model, targets=[str(2 * i) for i in range(10)], per_layer=1)
+    x = torch.randn(16, widths[0])
+
+    def train(compiled: nn.Module) -> None:
+        for _ in range(3):
+            compiled(x).square().mean().backward()
+
+    plain = _shapes_of_compiled_graphs(lambda backend: train(torch.compile(model, backend=backend)))
+    assert any(plain), "plain torch.compile no longer goes dynamic here: this test lost its point"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="torch._dynamo"):
+        ours = _shapes_of_compiled_graphs(lambda backend: train(compile_model(model, "default", 10, backend)))
+    assert ours and not any(ours)
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+    torch.testing.assert_close(compile_model(model, "default", 10, "eager")(x), model(x))

@@ -37,6 +37,7 @@ from esper_core.training import optim, run_files, run_state
 from esper_core.training.accumulation import average_gradients, micro_batches
 from esper_core.training.best import BestModel
 from esper_core.training.checkpoint_state import check_run_state, check_world_size, refusing
+from esper_core.training.compiled import compile_model
 from esper_core.training.data import build_data, import_factory
 from esper_core.training.early_stop import EarlyStopping, growth_ends
 from esper_core.training.finish import finish_run
@@ -142,8 +143,8 @@ class Trainer:
                                      lambda state: run_state.restore(self, state))
         self.manager = self.controller.manager
         self.precision = Precision(recipe.trainer.precision, self.device)
-        self.step_model = self.model if recipe.trainer.compile == "none" else torch.compile(
-            self.model, mode=recipe.trainer.compile)  # training steps only: evaluation stays eager
+        self.step_model = self.model if recipe.trainer.compile == "none" else compile_model(
+            self.model, recipe.trainer.compile, len(self.manager.layers))  # training steps only: evaluation stays eager
         # under torchrun the step runs through DDP, rebuilt when seeds change the parameters
         self.replica = None if self.world is None else distributed.Replica(
             self.model, self.step_model, self.world, self.manager.topology)
