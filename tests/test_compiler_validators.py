@@ -124,7 +124,7 @@ def test_germination_validator_rejects_a_branch_that_overflows() -> None:
     spec = KernelSpec(load_blueprint(BUILTIN_DIR / "lowrank_adapter.yaml").blueprint, HostSpec("linear", 4, 4), 2)
     branch = nn.Sequential(nn.Linear(4, 4))
     with torch.no_grad():
-        branch[0].weight.fill_(1e36)  # finite weights, infinite output on large inputs: inf * alpha(0) = NaN
+        branch[0].weight.fill_(1e36)  # finite weights, infinite output on large inputs: blended in, the host goes inf
     check = check_germination(branch, spec)
     assert not check.passed and check.field == "ops.0" and "changed the host" in check.detail
 

@@ -75,12 +75,14 @@ def check_zero_at_init(module: nn.Module, spec: KernelSpec) -> Check:
 
 @torch.no_grad()
 def check_germination(module: nn.Module, spec: KernelSpec) -> Check:
-    """Germinating the kernel beside a real host layer leaves the layer's outputs bit-identical.
+    """Germinating the kernel beside a real host layer leaves the layer's outputs bit-identical, and
+    the branch stays finite on the same inputs.
 
     Wraps a host ``nn.Linear``/``nn.Conv2d`` of the target's geometry in a KasminaLayer, germinates a
     copy of the kernel and starts its incubation (the moment it joins the forward pass), and compares
-    outputs with ``torch.equal`` on ordinary and extreme inputs. A branch that overflows breaks this
-    even at ``alpha = 0`` (``inf * 0`` is NaN), which is why extreme inputs are part of the probe.
+    outputs with ``torch.equal`` on ordinary and extreme inputs. Incubation adds nothing to the forward
+    pass whatever the branch computes, so a branch that overflows on extreme inputs is caught by its
+    own output: blended in, it would turn the host layer's output non-finite.
     """
     host = _host_layer(spec)
     layer = KasminaLayer(host, slots=1, eta=1.0).eval()
@@ -92,7 +94,12 @@ def check_germination(module: nn.Module, spec: KernelSpec) -> Check:
         if not torch.equal(layer(x), expected):
             return Check("germination", False, f"germinating the seed changed the host layer's output on "
                          f"{label} inputs", first_non_finite_op(module, x) or "ops")
-    return Check("germination", True, "host outputs bit-identical after germinate + start_incubation")
+        if not torch.isfinite(layer.seed_module(0)(x)).all():
+            return Check("germination", False, f"the seed's output is not finite on {label} inputs: blended "
+                         f"in, it would have changed the host layer's output to non-finite values",
+                         first_non_finite_op(module, x) or "ops")
+    return Check("germination", True, "host outputs bit-identical after germinate + start_incubation, and the "
+                 "seed's output finite on every probe input")
 
 
 @torch.no_grad()
