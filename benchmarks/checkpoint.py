@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from esper_core.checkpoints import store
-from esper_core.training import snapshot
+from esper_core.training.run_files import checkpoint_contents
 from esper_core.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def durable_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def save_ratio(trainer: Trainer, workdir: Path, repeats: int) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    tensors, state = snapshot.capture(trainer)
+    tensors, state = checkpoint_contents(trainer)
     plain, esper = [], []
     for i in range(repeats):
         for arm in ("plain", "esper") if i % 2 == 0 else ("esper", "plain"):  # ABBA: no position bias
@@ -80,7 +80,7 @@ def resume_seconds(run_dir: Path, step: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--resumes", type=int, default=3, help="esper resume launches to time (default 3)")
     args = parser.parse_args()

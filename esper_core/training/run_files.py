@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from esper_core.artifacts.publish import publish_checkpoint
 from esper_core.checkpoints import store
@@ -94,19 +96,26 @@ def open_run(trainer: Trainer, resumed_from: store.Checkpoint | None, overrides:
                          "recipe_sha256": loaded.sha256, **identity})
 
 
+def checkpoint_contents(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the JSON state a checkpoint of the run holds now (``benchmarks/checkpoint.py``
+    times saving exactly this)."""
+    tensors, skeleton = split(run_state.capture(trainer, checkpoint=True))
+    return tensors, {"run": skeleton, "recipe_dir": str(trainer.base_dir)}
+
+
 def save_checkpoint(trainer: Trainer) -> Path:
     """Commit a checkpoint of the run's state (see :mod:`~esper_core.training.run_state`), apply
     retention, publish it where the recipe's storage says, and restart the checkpoint clock."""
     assert trainer.run_dir is not None
     started = time.perf_counter()
     trainer.recorder.record({"event": "checkpoint", "step": trainer.step, "name": store.checkpoint_name(trainer.step)})
-    tensors, skeleton = split(run_state.capture(trainer, checkpoint=True))
+    tensors, state = checkpoint_contents(trainer)
     val = trainer.last_val
     info = {"recipe_sha256": trainer.loaded.sha256, "device": str(trainer.device), "epoch": trainer.sampler.epoch,
             "world_size": trainer.world.size if trainer.world is not None else 1,
             "esper": esper_version(), "val_loss": val["loss"] if val else None, "host_model": host_model(trainer)}
     directory = trainer.run_dir / "checkpoints"
-    path = store.save(directory, trainer.step, tensors, {"run": skeleton, "recipe_dir": str(trainer.base_dir)}, info)
+    path = store.save(directory, trainer.step, tensors, state, info)
     store.retain(directory, trainer.loaded.recipe.checkpoint.keep, lambda m: m.get("val_loss"))
     publish_checkpoint(trainer.run_dir, path, trainer.loaded.recipe.storage)
     trainer.checkpoints.restart()
