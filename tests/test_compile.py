@@ -18,6 +18,7 @@ from torch import nn
 
 from esper_core import Evaluation, GrowthController, wrap
 from esper_core.compiler.store import LocalKernelStore
+from esper_core.seeds import kasmina
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.manager import SlotRef
 from esper_core.training.compiled import compile_model
@@ -105,3 +106,33 @@ def test_esper_compiles_a_model_of_many_layer_shapes_statically_without_falling_
     assert ours and not any(ours)
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
     torch.testing.assert_close(compile_model(model, "default", 10, "eager")(x), model(x))
+
+
+def test_an_idle_model_compiles_as_one_graph_and_switching_variants_never_recompiles(tmp_path: Path) -> None:
+    """While every layer is idle the whole-graph wrapper runs the model without a break per wrapped
+    layer; a live seed needs the seed-path wrapper; alternating between them recompiles neither."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    manager = wrap(model, targets=["0", "2"], per_layer=1)
+    whole_count, split_count = torch._dynamo.testing.CompileCounter(), torch._dynamo.testing.CompileCounter()
+    whole, split = compile_model(model, "default", 2, whole_count), compile_model(model, "default", 2, split_count)
+    x = torch.randn(32, 8)
+    assert all(layer.idle() for layer in manager.layers.values())
+    try:
+        for step in range(6):
+            flag = step % 2 == 0
+            kasmina.compile_whole_graph(flag)
+            (whole if flag else split)(x).sum().backward()
+            if step == 1:
+                split_frames = split_count.frame_count
+        assert whole_count.frame_count == 1  # one graph: no break at either wrapped layer, compiled once
+        assert split_count.frame_count == split_frames > 1  # a break at each wrapped layer, compiled once
+        kasmina.compile_whole_graph(True)
+        torch.testing.assert_close(whole(x), model(x))
+    finally:
+        kasmina.compile_whole_graph(False)
+    manager.germinate(SlotRef("2", 0), "wide_mlp", "test", 0)
+    manager.start_incubation(SlotRef("2", 0), nn.Linear(16, 16))
+    assert not manager.layers["2"].idle() and manager.layers["0"].idle()
+    torch.testing.assert_close(split(x), model(x))

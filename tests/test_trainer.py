@@ -263,3 +263,26 @@ def test_merging_at_fossilize_leaves_the_model_function_unchanged() -> None:
     manager.fossilize(ref)
     layer.release_merged(0)
     assert torch.allclose(model(x), before, atol=1e-5) and "0" not in layer.seeds and layer.slots[0].merged
+
+
+def test_a_compiled_run_uses_the_whole_graph_only_on_steps_without_live_seeds(
+        recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``trainer.compile``: steps in which every layer is its host alone run the one-graph variant;
+    every step with a live seed or a measurement runs the seed path (a live seed must never be skipped)."""
+    from esper_core.seeds import kasmina
+    from esper_core.training import trainer as trainer_module
+
+    trainer = Trainer.from_recipe(recipe, [f"run.output_dir={tmp_path}", "trainer.compile=default", KEEP_ALL])
+    calls: list[tuple[bool, bool]] = []  # (flag, every layer idle) at each call: a step's start, then its reset
+
+    def recording(enabled: bool) -> None:
+        calls.append((enabled, all(layer.idle() for layer in trainer.manager.layers.values())))
+        kasmina.compile_whole_graph(enabled)
+
+    monkeypatch.setattr(trainer_module, "compile_whole_graph", recording)
+    summary = trainer.fit()
+    starts, resets = calls[0::2], calls[1::2]
+    assert len(starts) == len(resets) == 200 and not any(flag for flag, _ in resets)
+    assert [flag for flag, _ in starts] == [idle for _, idle in starts]  # whole graph exactly when idle
+    assert any(flag for flag, _ in starts) and not all(flag for flag, _ in starts)
+    assert summary["seeds"]["fossilized"] == 2

@@ -25,7 +25,7 @@ def compile_model(model: nn.Module, mode: str, wrapped_layers: int, backend: Any
     inductor backend; another ``backend`` (a dynamo backend callable) is used as given."""
     import torch._dynamo.config as dynamo_config
 
-    room = 2 * wrapped_layers + 8  # every layer shape, plus the frames resumed above each break
+    room = 3 * wrapped_layers + 8  # every layer shape, the frames resumed above each break, the whole graph
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, room)
     if backend == "inductor":
         return torch.compile(model, mode=mode, dynamic=False)

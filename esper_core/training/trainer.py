@@ -32,6 +32,7 @@ from esper_core.policy.arm_store import workspace_store
 from esper_core.recipe.checks import check_device
 from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
+from esper_core.seeds.kasmina import compile_whole_graph
 from esper_core.storage import open_kernel_store
 from esper_core.training import optim, run_files, run_state
 from esper_core.training.accumulation import average_gradients, micro_batches
@@ -145,6 +146,11 @@ class Trainer:
         self.precision = Precision(recipe.trainer.precision, self.device)
         self.step_model = self.model if recipe.trainer.compile == "none" else compile_model(
             self.model, recipe.trainer.compile, len(self.manager.layers))  # training steps only: evaluation stays eager
+        # the same model compiled as one graph, for steps in which every layer is its host alone (a
+        # torch.compile wrapper of its own: dynamo keys cache entries by wrapper, so neither variant's
+        # entries can answer for the other's); under torchrun steps go through the DDP replica
+        self.whole_model = None if self.step_model is self.model or self.world is not None else compile_model(
+            self.model, recipe.trainer.compile, len(self.manager.layers))
         # under torchrun the step runs through DDP, rebuilt when seeds change the parameters
         self.replica = None if self.world is None else distributed.Replica(
             self.model, self.step_model, self.world, self.manager.topology)
@@ -243,19 +249,25 @@ class Trainer:
     def _train_step(self) -> StepOutcome:
         cfg = self.loaded.recipe
         morph = self.recorder.telemetry.morph
-        model = self.step_model if self.replica is None else self.replica.module()
         count = cfg.trainer.accumulate_steps
         layers = list(self.manager.layers.values())
+        # compiled, and no layer does anything beyond its host this step: one graph, no seed-path breaks
+        whole = self.whole_model is not None and all(layer.idle() for layer in layers)
+        model = self.whole_model if whole else self.step_model if self.replica is None else self.replica.module()
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
-        for index, batch in enumerate(micro_batches(self.sampler.next(), count)):
-            with self.precision.autocast():
-                output, targets = self.task.forward(model, batch, self.device)
-                losses.append(self.task.loss(output, targets))
-            self.precision.backward(losses[-1], layers)
-            if index == 0 and count > 1:
-                with morph:  # health is measured on the first micro-batch (fp16: its gradients still scaled)
-                    self.controller.after_backward()
+        compile_whole_graph(whole)
+        try:
+            for index, batch in enumerate(micro_batches(self.sampler.next(), count)):
+                with self.precision.autocast():
+                    output, targets = self.task.forward(model, batch, self.device)
+                    losses.append(self.task.loss(output, targets))
+                self.precision.backward(losses[-1], layers)
+                if index == 0 and count > 1:
+                    with morph:  # health is measured on the first micro-batch (fp16: its gradients still scaled)
+                        self.controller.after_backward()
+        finally:
+            compile_whole_graph(False)
         average_gradients(self.optimizer, count)
         self.precision.unscale(self.optimizer)
         if count == 1:
