@@ -449,8 +449,9 @@ class TelemetryConfig(Section):
                                 "detector's statistics are computed over.")
     anomaly_spike_z: float = Field(4.0, gt=0.0, description="A logged loss this many standard deviations above "
                                    "the window's mean is recorded as a `loss_spike` anomaly.")
-    anomaly_stall_improvement: float = Field(0.01, ge=0.0, le=1.0, description="A full window whose second half "
-                                             "improves on the first by less than this share is a `loss_stall`.")
+    anomaly_stall_improvement: float = Field(0.01, ge=0.0, le=1.0, description="A `loss_stall`: for "
+                                             "`anomaly_window` logged losses the loss level (mean of the last half "
+                                             "window) has not gone this share below its best so far.")
     anomaly_compile_failure_rate: float = Field(0.5, gt=0.0, le=1.0, description="Share of failed kernel builds "
                                                 "in the window that is a `compile_failures` anomaly.")
     anomaly_memory_growth: float = Field(0.5, gt=0.0, description="Growth of resident memory over its baseline "
