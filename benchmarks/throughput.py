@@ -24,12 +24,19 @@ step, both read at a host-device synchronising point (the logged loss). Each Esp
 counterpart run back to back, in ABBA order over ``--repeats`` pairs; the ratio is of the median
 steps/s.
 
+Compiled configurations reset dynamo before every arm: arms share the model classes' code objects,
+whose compiled entries would otherwise pile up across arms up to ``recompile_limit`` (after which
+dynamo runs a frame eagerly), slowing whichever arm comes later; a user's run has its process to
+itself.
+
 ``topology_stall_s``: for every seed event that changes what a forward pass runs (a seed's module
 added, fossilized, merged or culled), the time of the logging interval that contains it minus the
 median interval of the same kind (with or without a validation pass); the median over events is
 reported (issue target under ``trainer.compile: default`` on CUDA: <= 1.0 s).
 
-Configurations: ``cpu-cnn`` (the quickstart recipe on the CPU), ``cuda-cnn-fp32``, ``cuda-cnn-bf16``,
+Configurations: ``cpu-cnn`` (the quickstart recipe on the CPU), ``cpu-cnn-compiled`` (the zoo CNN with
+channels [16, 32, 64] on 16x16 images, batch 64, 400 steps, ``trainer.compile: default``; inductor's
+first compile makes it a few minutes), ``cuda-cnn-fp32``, ``cuda-cnn-bf16``,
 ``cuda-cnn-compiled`` (the zoo CNN with channels [64, 128, 256], batch 256, generated 3x32x32 images),
 ``cuda-lm-fp32``, ``cuda-lm-bf16`` (the zoo transformer, 4 blocks of width 256, 64 sequences of 256
 tokens). ``--smoke`` shrinks every configuration to a few steps (for the test suite). The last line
@@ -90,6 +97,9 @@ LM_RECIPE: dict[str, Any] = {
 }
 CONFIGS: dict[str, tuple[Any, list[str]]] = {
     "cpu-cnn": (ROOT / "recipes" / "quickstart.yaml", ["run.device=cpu"]),
+    "cpu-cnn-compiled": (CNN_RECIPE, ["run.device=cpu", "trainer.compile=default", "model.channels=[16,32,64]",
+                                      "data.factory_kwargs={n: 4096, size: 16}", "data.batch_size=64",
+                                      "trainer.max_steps=400"]),
     "cuda-cnn-fp32": (CNN_RECIPE, []),
     "cuda-cnn-bf16": (CNN_RECIPE, ["trainer.precision=bf16"]),
     "cuda-cnn-compiled": (CNN_RECIPE, ["trainer.compile=default"]),
@@ -230,6 +240,7 @@ def measure(name: str, repeats: int, smoke: bool, work: Path) -> dict[str, Any]:
 
     def esper(arm: str, repeat: int) -> None:
         nonlocal grown
+        torch._dynamo.reset()  # every arm compiles as in a process of its own (module docstring)
         extra = ["policy.max_seeds=0"] if arm == "dormant" else []
         trainer, summary, clock = run_esper(recipe, [*overrides, *extra], work / f"{name}-{arm}-{repeat}")
         rates[f"esper_{arm}"].append(clock.rate(warmup, cfg.max_steps))
@@ -239,6 +250,7 @@ def measure(name: str, repeats: int, smoke: bool, work: Path) -> dict[str, Any]:
             grown = trainer
 
     def plain(arm: str) -> None:
+        torch._dynamo.reset()
         model = _host_model(reference) if arm == "host" else unwrap(load_run(grown.run_dir))[0]  # type: ignore[union-attr]
         rates[f"plain_{arm}"].append(plain_loop(reference, model).rate(warmup, cfg.max_steps))
 
