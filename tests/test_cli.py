@@ -331,6 +331,16 @@ def test_plain_progress_has_step_lines_and_ends_with_the_summary_table(lifecycle
 
 # --- (c) bad input: exit 2, one located line per problem, no traceback ----------------------------
 
+def test_a_run_whose_kernels_are_all_cached_announces_no_compile(launched: Launched, lifecycle: Result) -> None:
+    """The lifecycle run compiled this recipe's kernels into the workspace: the next run finds every one
+    in the store and starts at once, without a "compiling" notice that would not be true."""
+    r = run_esper(["train", QUICKSTART, "run.output_dir=runs-again", *LIFECYCLE_OVERRIDES, "trainer.max_steps=20"],
+                  launched.work)
+    assert r.returncode == 0, r.explain()
+    assert any(STEP_LINE.match(line) for line in r.stdout.splitlines()), r.explain()
+    assert "compiling" not in r.stdout and "kernels ready" not in r.stdout, r.explain()
+
+
 def _user_error(r: Result, launched: Launched, lines: int) -> list[str]:
     assert r.returncode == 2, r.explain()
     assert "Traceback" not in r.stderr, r.explain()

@@ -189,13 +189,11 @@ class GrowthController:
             return
         self.started = True
         specs = self.catalog.every_spec() if self.policy_config.max_seeds > 0 else {}
-        for spec in specs.values():
-            self.kernels.request(spec)
+        compiling = {spec.address() for spec in specs.values() if not self.kernels.request(spec).done()}
         if (self.deterministic or self.world is not None) and specs:  # ranks must not wait for different seeds
             began = time.perf_counter()
-            # a notice, not an event: the first run's wait can take seconds and must not look like a hang
-            self.recorder.notify({"event": "kernels_compiling", "step": self.step,
-                                  "kernels": len({s.address() for s in specs.values()})})
+            if compiling:  # a notice, not an event: a first run's wait takes seconds and must not look like a hang
+                self.recorder.notify({"event": "kernels_compiling", "step": self.step, "kernels": len(compiling)})
             with self.world.leader_first() if self.world is not None else nullcontext():
                 errors = self.kernels.wait(specs.values())  # rank 0 compiles; the others hit the cache
             for (layer, blueprint), spec in specs.items():
