@@ -45,7 +45,6 @@ from esper_core.compiler.worker_start import init_worker
 from esper_core.errors import EsperError, Problem
 
 log = logging.getLogger(__name__)
-"""How often a worker checks that its parent is alive (kill -9 of the parent: the worker exits within this)."""
 
 
 class KernelUnavailable(EsperError):

@@ -50,7 +50,7 @@ def remove_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Paramete
     would otherwise leak); the group goes with its last parameter."""
     gone = {id(p): p for p in params}
     group = seed_group(optimizer)
-    if group is None or not all(any(p is q for q in group["params"]) for p in gone.values()):
+    if group is None or not gone.keys() <= {id(q) for q in group["params"]}:
         raise KeyError("the seed's parameters are not in the optimizer's seed group")
     for p in gone.values():
         optimizer.state.pop(p, None)

@@ -54,8 +54,8 @@ class _Incubate(torch.autograd.Function):
 
 FIXED, INCUBATING, BLENDED = "fixed", "incubating", "blended"
 """How a live seed is computed: a plain branch (probation and fossilized: ``alpha`` is 1), hooked in
-by :class:`_Incubate` (incubating), or scaled by its ``alpha`` (blending, and any seed while it is
-muted, when ``alpha`` is 0)."""
+by :class:`_Incubate` (incubating), or scaled by its ``alpha`` (blending). A muted seed is not
+computed at all."""
 
 
 def _seed_path(layer: KasminaLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ class KasminaLayer(nn.Module):
         self.register_buffer("alpha", torch.zeros(slots, device=reference.device, dtype=reference.dtype))
         self.slots = [SlotInfo() for _ in range(slots)]
         self._active: list[tuple[int, nn.Module, bool, str]] = []  # (slot, seed, span, mode)
-        self._muting: set[int] = set()  # slots inside a ``muted`` context
+        self._muting: list[int] = []  # slots inside a ``muted`` context (once per context): left out of the pass
         self._feeder: tuple[KasminaLayer, ...] = ()  # a tuple, so the feeder is not registered as a child
         self.capture = False  # keep the last input (a span seed of the next layer reads it)
         self.captured: torch.Tensor | None = None
@@ -262,12 +262,12 @@ class KasminaLayer(nn.Module):
         state = self.slots[index].state
         if state == SeedState.TRAINING:
             return INCUBATING
-        whole = state in (SeedState.PROBATION, SeedState.FOSSILIZED)  # alpha is exactly 1 from probation on
-        return FIXED if whole and index not in self._muting else BLENDED
+        return BLENDED if state == SeedState.BLENDING else FIXED  # alpha is exactly 1 from probation on
 
     def _refresh_active(self) -> None:
         self._active = [(i, self.seeds[str(i)], s.source is not None, self._mode(i))
-                        for i, s in enumerate(self.slots) if s.state.contributes and str(i) in self.seeds]
+                        for i, s in enumerate(self.slots)
+                        if s.state.contributes and str(i) in self.seeds and i not in self._muting]
         if self.feeder is not None:
             self.feeder.capture = any(span for _, _, span, _ in self._active)
             if not self.feeder.capture:
@@ -279,13 +279,9 @@ class _Muted:
         self.layer, self.index = layer, index
 
     def __enter__(self) -> None:
-        self.saved = self.layer.alpha[self.index].clone()
-        self.layer.set_alpha(self.index, 0.0)
-        self.layer._muting.add(self.index)
+        self.layer._muting.append(self.index)
         self.layer._refresh_active()
 
     def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            self.layer.alpha[self.index].copy_(self.saved)
-        self.layer._muting.discard(self.index)
+        self.layer._muting.remove(self.index)
         self.layer._refresh_active()
