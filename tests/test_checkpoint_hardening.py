@@ -214,6 +214,18 @@ def test_a_damaged_latest_pointer_falls_back_to_the_newest_checkpoint(run_dir, c
         store.find(run_dir, strict=True, warn=warnings.append)
 
 
+def test_latest_naming_a_checkpoint_whose_rename_was_lost_falls_back(run_dir):
+    """The crash window of a save (one directory fsync covers both renames): ``LATEST`` became
+    durable, the rename of its directory did not, and the temporary directory is still there."""
+    directory = run_dir / "checkpoints"
+    (directory / f"{store.TEMP_PREFIX}{store.checkpoint_name(30)}-4242").mkdir()
+    (directory / store.LATEST).write_text(store.checkpoint_name(30) + "\n")
+    warnings: list[str] = []
+    found = store.find(run_dir, strict=False, warn=warnings.append)
+    assert found.path.name == store.checkpoint_name(20)
+    assert len(warnings) == 1 and store.checkpoint_name(30) in warnings[0], warnings
+
+
 def test_latest_naming_a_fifo_does_not_hang(run_dir):
     directory = run_dir / "checkpoints"
     os.mkfifo(directory / store.checkpoint_name(99))
