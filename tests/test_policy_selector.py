@@ -18,6 +18,7 @@ from esper_core.policy.arm_store import JsonArmStore
 from esper_core.policy.bandits import ArmStats
 from esper_core.policy.growth import GrowthPolicy, SeedCost
 from esper_core.policy.selector import Candidate, SeedSelector
+from esper_core.policy.signals import LayerHealth
 from esper_core.recipe.schema import PolicyConfig, SelectorConfig
 from esper_core.seeds.manager import SeedManager, SlotRef, wrap
 
@@ -171,3 +172,18 @@ def test_torch_is_untouched_by_choices() -> None:
     for _ in range(10):
         selector.choose([Candidate("x", "a", "linear", 1, 1), Candidate("y", "a", "linear", 1, 1)])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_growth_goes_where_the_residual_is_largest_not_where_its_share_is() -> None:
+    """Placement ranks layers by the size of the residual functional gradient. Its share of the
+    gradient (0.95 on ``a``, 0.75 on ``b`` here) used to rank them: on a six-layer MLP it was 0.93-0.98
+    everywhere, so the first growth went wherever noise put it."""
+    growth, manager = _policy(trigger="periodic", max_germinations=1)
+    growth.layers.read = lambda: {  # what LayerSignals.read returns, fixed (its estimates are tested elsewhere)
+        "conv": LayerHealth(0.0, 0.5, gradient=0.05, residual=0.04),
+        "a": LayerHealth(0.0, 0.5, gradient=0.2, residual=0.19),
+        "b": LayerHealth(0.0, 0.5, gradient=2.0, residual=1.5)}
+    decisions = growth.decide(100, manager.view(), merit={"conv": 9.0, "a": 5.0, "b": 1.0})
+    assert [d.slot.layer for d in decisions.germinations] == ["b"]
+    ranks = decisions.germinations[0].inputs["layers"]
+    assert [ranks[name]["rank"] for name in ("b", "a", "conv")] == [1, 2, 3]

@@ -300,9 +300,9 @@ class PolicyConfig(Section):
     merit_decay: float = Field(0.8, ge=0.0, lt=1.0,
                                description="Exponential averaging of merit across measurements (batches).")
     placement: Literal["residual", "merit"] = Field(
-        "residual", description="How layers are ranked for growth: `residual` by the share of the functional "
-        "gradient at the layer's output that its own weights cannot express (scale-free), `merit` by gradient "
-        "merit (favours the layer nearest the loss).")
+        "residual", description="How layers are ranked for growth: `residual` by the size of the functional "
+        "gradient at the layer's output that its own weights cannot express (the first-order loss decrease only "
+        "new capacity there can buy), `merit` by gradient merit (favours the layer nearest the loss).")
     merit_ratio: float = Field(0.0, ge=0.0, le=1.0,
                                description="A layer is eligible only if its placement score is at least this share "
                                "of the best layer's (0: every layer, in score order).")
