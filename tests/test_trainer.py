@@ -267,22 +267,40 @@ def test_merging_at_fossilize_leaves_the_model_function_unchanged() -> None:
 
 def test_a_compiled_run_uses_the_whole_graph_only_on_steps_without_live_seeds(
         recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``trainer.compile``: steps in which every layer is its host alone run the one-graph variant;
-    every step with a live seed or a measurement runs the seed path (a live seed must never be skipped)."""
+    """``trainer.compile``: steps in which every layer is its host alone run one compiled graph (and
+    keep doing so after steps with live seeds or measurements, which run eagerly); a live seed is
+    never skipped. The graphs are compiled by a backend that counts their executions: a model that
+    loops over its layers, broken at a wrapped layer once, used to lose its one graph for every later
+    step (dynamo skips a frame whose loop holds a break, for every wrapper of it)."""
     from esper_core.seeds import kasmina
+    from esper_core.training import compiled as compiled_module
     from esper_core.training import trainer as trainer_module
 
+    executions: list[int] = []  # compiled graphs run so far
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            executions.append(1)
+            return graph.forward(*args)
+        return run
+
+    monkeypatch.setattr(trainer_module, "compile_model", lambda model, mode, layers:
+                        compiled_module.compile_model(model, mode, layers, counting_backend))
     trainer = Trainer.from_recipe(recipe, [f"run.output_dir={tmp_path}", "trainer.compile=default", KEEP_ALL])
-    calls: list[tuple[bool, bool]] = []  # (flag, every layer idle) at each call: a step's start, then its reset
+    calls: list[tuple[bool, bool, int]] = []  # (flag, every layer idle, graphs run) at a step's start, then its reset
 
     def recording(enabled: bool) -> None:
-        calls.append((enabled, all(layer.idle() for layer in trainer.manager.layers.values())))
+        calls.append((enabled, all(layer.idle() for layer in trainer.manager.layers.values()), len(executions)))
         kasmina.compile_whole_graph(enabled)
 
     monkeypatch.setattr(trainer_module, "compile_whole_graph", recording)
     summary = trainer.fit()
     starts, resets = calls[0::2], calls[1::2]
-    assert len(starts) == len(resets) == 200 and not any(flag for flag, _ in resets)
-    assert [flag for flag, _ in starts] == [idle for _, idle in starts]  # whole graph exactly when idle
-    assert any(flag for flag, _ in starts) and not all(flag for flag, _ in starts)
+    assert len(starts) == len(resets) == 200 and not any(flag for flag, _, _ in resets)
+    assert [flag for flag, _, _ in starts] == [idle for _, idle, _ in starts]  # whole graph exactly when idle
+    assert any(flag for flag, _, _ in starts) and not all(flag for flag, _, _ in starts)
+    graphs = [reset[2] - start[2] for start, reset in zip(starts, resets)]
+    assert graphs == [1 if flag else 0 for flag, _, _ in starts]  # one graph when idle, eager otherwise
+    first_live = next(i for i, (flag, _, _) in enumerate(starts) if not flag)
+    assert any(flag for flag, _, _ in starts[first_live:])  # idle steps after live ones still compiled
     assert summary["seeds"]["fossilized"] == 2

@@ -11,7 +11,9 @@ reports its gradient to two reducers.
 
 The forward pass runs ``step_module``: the model itself, or its ``torch.compile``'d form. Wrapping the
 compiled module (rather than compiling the wrapper) keeps a rebuild free of recompilation: the seed
-path already runs eagerly between compiled host regions (:mod:`esper_core.seeds.kasmina`).
+path already runs eagerly between compiled host regions (:mod:`esper_core.seeds.kasmina`). In a model
+that loops over its blocks dynamo then compiles only the frames below the loop (the top frame runs
+eagerly), so a compiled DDP run gains less than a compiled single-device one.
 
 What a rebuild costs is measured (``stall_s``, the total; ``rebuilds``); ``benchmarks/distributed.py``
 reports it.

@@ -393,9 +393,9 @@ class TrainerConfig(Section):
         "the loss (GradScaler). Seeds run under the same autocast, and their kernels are validated in it.")
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
         "none", description="`torch.compile` mode for training steps (`none`: eager), with static shapes. A step in "
-        "which no layer has a live seed or a measurement runs the model as one graph; otherwise seeds run eagerly "
-        "between compiled host regions, so no seed event (germination, blending, probation, fossilize, cull) "
-        "recompiles.")
+        "which no layer has a live seed or a measurement runs the model as one compiled graph; a step with one "
+        "runs eagerly (under torchrun: seeds run eagerly between compiled host regions), so no seed event "
+        "(germination, blending, probation, fossilize, cull) recompiles.")
     eval_every: int = Field(50, ge=1, description="Steps between validation passes.")
     log_every: int = Field(10, ge=1, description="Steps between lines in metrics.jsonl (and loss reads).")
     governor: GovernorConfig = Field(default_factory=GovernorConfig, description="Anomaly rollback.")

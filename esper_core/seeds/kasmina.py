@@ -3,8 +3,10 @@
 The layer owns the *mechanism* of each lifecycle state; when a state changes is decided by the
 :class:`~esper_core.seeds.manager.SeedManager` and the policy. What the forward pass sees of a seed
 is its state (which computation it takes, see :func:`_seed_path`) and its blend weight ``alpha``, a
-buffer per slot, so blending changes no Python value. Under ``torch.compile`` the seed path runs
-eagerly between compiled host regions, so no state change of a seed ever recompiles the model.
+buffer per slot, so blending changes no Python value. Under ``torch.compile`` no state change of a
+seed ever recompiles the model: ``esper train`` on one device compiles only passes in which every
+layer is idle (:func:`compile_whole_graph`) and runs the others eagerly; under DDP the seed path runs
+eagerly between compiled host regions (:data:`_seed_path_boundary`).
 
 A *span* seed lives in the slot of the second layer of a consecutive pair: it reads the input of the
 layer before (its ``feeder``, which keeps its last input while a span seed needs it) and adds to
@@ -86,7 +88,11 @@ def _seed_path(layer: KasminaLayer, x: torch.Tensor, y: torch.Tensor) -> torch.T
 _seed_path_boundary = torch.compiler.disable(_seed_path)
 """What a compiled model calls instead: the seed path runs eagerly between compiled host regions, so
 a seed appearing, changing state or leaving never recompiles the model (no guard reads the seed
-list) — a topology change costs no compile stall. The price is one graph break per wrapped layer."""
+list) — a topology change costs no compile stall. The price is one graph break per wrapped layer, and
+more in a model that loops over its blocks: dynamo cannot resume inside a loop, so it skips the
+model's whole frame (for every ``torch.compile`` wrapper of that model, since the skip is recorded on
+the code) and compiles only the frames below it. ``esper train`` uses it only under DDP, where every
+step goes through one wrapper."""
 
 _whole_graph = False
 
@@ -95,11 +101,12 @@ def compile_whole_graph(enabled: bool) -> None:
     """Tell compiled forward passes that every Kasmina layer is idle (no live seed, no measurement, no
     captured input), so each layer is its host alone and the model compiles as one graph, without the
     break per wrapped layer that :data:`_seed_path_boundary` costs (0.8 of the plain compiled loop's
-    speed on an H200 for a dormant CNN). Compile the whole-graph variant with a ``torch.compile``
-    wrapper of its own: a frame of the user's model that ends *before* a Kasmina layer never reads the
-    flag, so within one wrapper its seed-path entry would also answer for flag-on calls. Whoever sets
-    the flag must know it is true for the pass (``esper train`` checks :meth:`KasminaLayer.idle` on
-    every layer before each step, and resets it after); a live seed would otherwise be left out."""
+    speed on an H200 for a dormant CNN). Never call a wrapper that has compiled flag-on passes with the
+    flag off: a frame of the user's model that ends *before* a Kasmina layer never reads the flag, so
+    its entry would answer for both, and a break inside the model's loop would skip its frame for
+    good. Whoever sets the flag must know it is true for the pass (``esper train`` checks
+    :meth:`KasminaLayer.idle` on every layer before each step, runs the eager model when one is not,
+    and resets the flag after); a live seed would otherwise be left out."""
     global _whole_graph
     _whole_graph = enabled
 
