@@ -174,7 +174,9 @@ class GrowthPolicy:
             ranked = [(0.0, name) for _, name in sorted(zip(order, seeds))]
         else:
             ranked = sorted(((self._placement_score(name, merit), name) for name in seeds), reverse=True)
-        best = ranked[0][0] if ranked else 0.0
+        # the bar is set by the layers that could take a seed: a full one (or one no blueprint fits)
+        # must not keep every other layer below ``merit_ratio`` of its score for good
+        best = max((score for score, name in ranked if self._has_room(name)), default=0.0)
         inputs = {"trigger": why, "global": self.signals.to_json(), "strategy": self.strategy.name,
                   "placement": "random" if self.config.random else self.config.placement,
                   "layers": {name: {"score": round(score, 6), "merit": round(merit.get(name, 0.0), 6), "rank": rank,
@@ -268,6 +270,11 @@ class GrowthPolicy:
         return out
 
     # --- the Planner interface (what strategies may ask) --------------------------------------------
+
+    def _has_room(self, layer: str) -> bool:
+        """Whether ``layer`` could take a seed once it is not busy: a free slot (or, for ``replace``, a
+        seed it may evict) and a blueprint within the budgets."""
+        return (bool(self.seeds[layer].free()) or self.strategy.name == "replace") and bool(self.candidates(layer))
 
     def busy(self, layer: str) -> bool:
         """A live seed, or a reserved replacement, is under evaluation in ``layer``."""

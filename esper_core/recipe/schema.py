@@ -303,9 +303,11 @@ class PolicyConfig(Section):
         "residual", description="How layers are ranked for growth: `residual` by the size of the functional "
         "gradient at the layer's output that its own weights cannot express (the first-order loss decrease only "
         "new capacity there can buy), `merit` by gradient merit (favours the layer nearest the loss).")
-    merit_ratio: float = Field(0.0, ge=0.0, le=1.0,
+    merit_ratio: float = Field(0.5, ge=0.0, le=1.0,
                                description="A layer is eligible only if its placement score is at least this share "
-                               "of the best layer's (0: every layer, in score order).")
+                               "of the best score among the layers that could take a seed (0: every layer, in score "
+                               "order). Growth waits for a busy bottleneck rather than spreading to layers that need "
+                               "capacity less.")
     max_germinations: int = Field(2, ge=1, le=1024, description="Seeds that may germinate at one decision, each in "
                                   "a different layer (several incubate at once).")
     max_seeds: int = Field(8, ge=0, le=10_000, description="Most seeds alive (training, blending, probation "
