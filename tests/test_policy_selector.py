@@ -187,3 +187,21 @@ def test_growth_goes_where_the_residual_is_largest_not_where_its_share_is() -> N
     assert [d.slot.layer for d in decisions.germinations] == ["b"]
     ranks = decisions.germinations[0].inputs["layers"]
     assert [ranks[name]["rank"] for name in ("b", "a", "conv")] == [1, 2, 3]
+
+
+def test_growth_waits_for_a_busy_bottleneck_but_not_for_a_full_one() -> None:
+    """At the default ``merit_ratio`` (0.5) a layer grows only if its residual is at least half the
+    largest among layers that could take a seed: while the bottleneck ``b`` is busy with a seed, ``a``
+    (0.6 against 1.5) waits; once ``b`` is full it no longer sets the bar, and ``a`` grows."""
+    growth, manager = _policy(trigger="periodic")
+    assert growth.config.merit_ratio == 0.5
+    growth.layers.read = lambda: {
+        "conv": LayerHealth(0.0, 0.5, gradient=0.05, residual=0.04),
+        "a": LayerHealth(0.0, 0.5, gradient=0.7, residual=0.6),
+        "b": LayerHealth(0.0, 0.5, gradient=2.0, residual=1.5)}
+    manager.germinate(SlotRef("b", 0), "small", "k", 100)
+    decisions = growth.decide(100, manager.view(), merit={})
+    assert decisions.germinations == [] and decisions.skipped is not None
+    manager.germinate(SlotRef("b", 1), "small", "k", 100)
+    decisions = growth.decide(200, manager.view(), merit={})
+    assert [d.slot.layer for d in decisions.germinations] == ["a"]
