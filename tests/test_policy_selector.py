@@ -179,7 +179,8 @@ def test_growth_goes_where_the_residual_is_largest_not_where_its_share_is() -> N
     gradient (0.95 on ``a``, 0.75 on ``b`` here) used to rank them: on a six-layer MLP it was 0.93-0.98
     everywhere, so the first growth went wherever noise put it."""
     growth, manager = _policy(trigger="periodic", max_germinations=1)
-    growth.layers.read = lambda: {  # what LayerSignals.read returns, fixed (its estimates are tested elsewhere)
+    # what LayerSignals.read returns, fixed (its estimates are tested elsewhere)
+    growth.layers.read = lambda: {
         "conv": LayerHealth(0.0, 0.5, gradient=0.05, residual=0.04),
         "a": LayerHealth(0.0, 0.5, gradient=0.2, residual=0.19),
         "b": LayerHealth(0.0, 0.5, gradient=2.0, residual=1.5)}

@@ -3,13 +3,14 @@
 On one device ``esper train`` compiles only passes in which every layer is its host alone, as one
 graph. In the seed-path variant (what DDP wraps) each wrapped layer ends its compiled region at the
 eager seed path (see ``esper_core.seeds.kasmina._seed_path_boundary``), so the code of
-``KasminaLayer.forward`` and of every frame above it is compiled once per distinct layer shape. With PyTorch's defaults that goes
-wrong twice: after the second shape, automatic dynamic shapes recompile those frames with symbolic
-sizes (slower kernels for every later step), and past ``recompile_limit`` specialisations (8) a frame
-silently falls back to eager. On an H200 the CNN of ``benchmarks/throughput.py`` ran at 0.61 of the
-plain compiled loop that way before a single seed existed. So the model is compiled with static
-shapes, and the limit is raised to hold one specialisation per wrapped layer (the batch size of a
-training step never changes, so static shapes cost no recompile during training).
+``KasminaLayer.forward`` and of every frame above it is compiled once per distinct layer shape.
+With PyTorch's defaults that goes wrong twice: after the second shape, automatic dynamic shapes
+recompile those frames with symbolic sizes (slower kernels for every later step), and past
+``recompile_limit`` specialisations (8) a frame silently falls back to eager. On an H200 the CNN of
+``benchmarks/throughput.py`` ran at 0.61 of the plain compiled loop that way before a single seed
+existed. So the model is compiled with static shapes, and the limit is raised to hold one
+specialisation per wrapped layer (the batch size of a training step never changes, so static shapes
+cost no recompile during training).
 """
 
 from __future__ import annotations
