@@ -194,3 +194,26 @@ def test_one_noisy_batch_near_zero_loss_is_not_a_spike_but_a_lasting_jump_is() -
     reason = governor.judge(step, 0.5)  # ...and it persists
     assert reason is not None and reason.startswith("loss spike")
     assert governor.snapshot == {"step": step - 20}  # the last state judged healthy, before the jump
+
+
+@pytest.mark.parametrize("bad", [[float("inf")], [float("nan")], [float("inf"), float("-inf")]])
+def test_a_non_finite_loss_between_reads_is_caught_and_survives_a_checkpoint(bad: list[float]) -> None:
+    """The governor sees every step's loss but reads it only at check points: one NaN or Inf in between
+    (even an +Inf and a -Inf, whose sum a naive running total could lose) must still roll back, also
+    when the state is saved and restored before the read; finite losses of any size must not."""
+    from esper_core.growth.governor import Governor
+    from esper_core.recipe.schema import GovernorConfig
+
+    healthy = Governor(GovernorConfig(), torch.device("cpu"))
+    for loss in (1.0, 3e38, 3e38, 0.5):  # float32's largest values: a float32 running sum would overflow
+        healthy.watch(torch.tensor(loss))
+    assert healthy.judge(4, 0.5) is None
+
+    governor = Governor(GovernorConfig(), torch.device("cpu"))
+    for loss in (1.0, *bad, 0.9, 0.8):
+        governor.watch(torch.tensor(loss, dtype=torch.float32))
+    restored = Governor(GovernorConfig(), torch.device("cpu"))
+    restored.load_state_dict(copy.deepcopy(governor.state_dict()))
+    for judge in (governor, restored):
+        reason = judge.judge(5, 0.8)
+        assert reason is not None and "non-finite" in reason

@@ -48,6 +48,9 @@ class Governor:
         self.judged_step = -1  # the step of the last healthy judgement
         self.suspicious = 0  # consecutive reads above the spike limit so far
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        # The sum of the losses since the last fold: non-finite exactly when one of them was (float64
+        # cannot overflow on float32 losses), and one kernel per step where the flag update took three.
+        self._sum = torch.zeros((), dtype=torch.float64, device=device)
 
     @property
     def enabled(self) -> bool:
@@ -55,17 +58,24 @@ class Governor:
 
     def watch(self, loss: torch.Tensor) -> None:
         """Called every step: remember (on the device) whether any loss was NaN/Inf."""
-        self._nonfinite |= ~torch.isfinite(loss.detach())
+        self._sum.add_(loss.detach())
+
+    def _fold(self) -> None:
+        """Move what :meth:`watch` accumulated into the flag (before the flag is read or saved)."""
+        self._nonfinite |= ~torch.isfinite(self._sum)
+        self._sum.zero_()
 
     def agree(self, any_rank: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Under torchrun, before a judgement: a non-finite loss seen by any rank counts on every rank
         (``any_rank`` ORs a flag over the ranks), so all of them roll back together."""
+        self._fold()
         self._nonfinite = any_rank(self._nonfinite)
 
     def judge(self, step: int, loss_value: float) -> str | None:
         """At a read point: the reason to roll back, or ``None`` if training is healthy."""
         if not self.config.enabled:
             return None
+        self._fold()
         if bool(self._nonfinite) or not math.isfinite(loss_value):
             return f"non-finite loss ({loss_value}) since the last check"
         if len(self.history) >= max(3, self.config.window // 2):
@@ -99,6 +109,7 @@ class Governor:
         """Count a rollback; past the limit the run stops."""
         self.rollbacks += 1
         self._nonfinite.zero_()
+        self._sum.zero_()
         self.history.clear()
         self.suspicious = 0
         if self.rollbacks > self.config.max_rollbacks:
@@ -106,6 +117,7 @@ class Governor:
                                "training cannot recover, stopping")
 
     def state_dict(self) -> State:
+        self._fold()
         return {"history": list(self.history), "rollbacks": self.rollbacks, "judged_step": self.judged_step,
                 "suspicious": self.suspicious, "suspect": [self.suspect.layer, self.suspect.index] if self.suspect else None,
                 "nonfinite": self._nonfinite.clone(), "snapshot": self.snapshot}
@@ -117,4 +129,5 @@ class Governor:
         self.suspicious = int(state.get("suspicious", 0))
         self.suspect = SlotRef(str(state["suspect"][0]), int(state["suspect"][1])) if state["suspect"] else None
         self._nonfinite = state["nonfinite"].to(self._nonfinite.device).bool()
+        self._sum.zero_()
         self.snapshot = state["snapshot"]

@@ -141,6 +141,9 @@ class KasminaLayer(nn.Module):
         reference = next(host.parameters())
         self.register_buffer("alpha", torch.zeros(slots, device=reference.device, dtype=reference.dtype))
         self.slots = [SlotInfo() for _ in range(slots)]
+        self.quiet = True
+        """Every slot dormant or fossilized: nothing for the lifecycle clock to advance, so the seed
+        manager skips the layer without looking at its slots (a per-step cost of every wrapped layer)."""
         self._active: list[tuple[int, nn.Module, bool, str]] = []  # (slot, seed, span, mode)
         self._muting: list[int] = []  # slots inside a ``muted`` context (once per context): left out of the pass
         self._feeder: tuple[KasminaLayer, ...] = ()  # a tuple, so the feeder is not registered as a child
@@ -170,6 +173,10 @@ class KasminaLayer(nn.Module):
         check_transition(slot.state, target)
         slot.state = target
         slot.steps_in_state = 0
+        self._update_quiet()
+
+    def _update_quiet(self) -> None:
+        self.quiet = all(s.state in (SeedState.DORMANT, SeedState.FOSSILIZED) for s in self.slots)
 
     @property
     def feeder(self) -> KasminaLayer | None:
@@ -246,11 +253,13 @@ class KasminaLayer(nn.Module):
         """CULLED/ROLLED_BACK -> DORMANT after the embargo."""
         self.transition(index, SeedState.DORMANT)
         self.slots[index] = SlotInfo()
+        self._update_quiet()
 
     def restore_slot(self, index: int, info: SlotInfo, seed: nn.Module | None) -> None:
         """Put a slot back exactly as a checkpoint recorded it. Not a transition: the recorded state
         was reached legally in the run that wrote the checkpoint. Buffers come from the state dict."""
         self.slots[index] = info
+        self._update_quiet()
         if str(index) in self.seeds:
             del self.seeds[str(index)]
         if seed is not None:

@@ -64,6 +64,14 @@ class SeedManager:
             for index in range(len(layer.slots)):
                 yield SlotRef(name, index), layer
 
+    def _changing(self) -> Iterator[tuple[SlotRef, KasminaLayer]]:
+        """The slots of layers that are not quiet (see :attr:`KasminaLayer.quiet`): the only ones the
+        per-step queries below can find anything in."""
+        for name, layer in self.layers.items():
+            if not layer.quiet:
+                for index in range(len(layer.slots)):
+                    yield SlotRef(name, index), layer
+
     def pair_spans(self, order: list[str], inputs: dict[str, tuple[int, ...]],
                    outputs: dict[str, tuple[int, ...]]) -> dict[str, str]:
         """Pair each wrapped layer with the wrapped layer called just before it (``order``: first
@@ -121,7 +129,7 @@ class SeedManager:
 
     def due_for_verdict(self) -> list[SlotRef]:
         """Seeds that finished probation and wait for the counterfactual evaluation."""
-        return [ref for ref, layer in self.slots()
+        return [ref for ref, layer in self._changing()
                 if layer.slots[ref.index].state == SeedState.PROBATION
                 and layer.slots[ref.index].steps_in_state >= self.config.probation_steps]
 
@@ -200,7 +208,7 @@ class SeedManager:
 
     def pending(self) -> list[SlotRef]:
         """Germinated seeds still waiting for their kernel."""
-        return [ref for ref, layer in self.slots() if layer.slots[ref.index].state == SeedState.GERMINATED]
+        return [ref for ref, layer in self._changing() if layer.slots[ref.index].state == SeedState.GERMINATED]
 
     def fossilize(self, ref: SlotRef, **evidence: Any) -> Event:
         self.layers[ref.layer].fossilize(ref.index)
@@ -217,7 +225,7 @@ class SeedManager:
         """Advance every seed by one optimizer step; returns the lifecycle events that happened."""
         self.step_count += 1
         cfg, events = self.config, []
-        for ref, layer in self.slots():
+        for ref, layer in self._changing():
             slot = layer.slots[ref.index]
             state = slot.state
             if state == SeedState.TRAINING:
