@@ -41,6 +41,12 @@ def linear_model(input_shape: tuple[int, ...], num_classes: int, bias: bool = Tr
     return nn.Sequential(nn.Flatten(), nn.Linear(torch.Size(input_shape).numel(), num_classes, bias=bias))
 
 
+def tanh_mlp(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:
+    """Two hidden layers with tanh between: new ReLU units between them are not units of this network."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(torch.Size(input_shape).numel(), width), nn.Tanh(),
+                         nn.Linear(width, width), nn.Tanh(), nn.Linear(width, num_classes))
+
+
 def not_a_model(input_shape: tuple[int, ...], num_classes: int) -> str:
     return "model"
 

@@ -66,6 +66,19 @@ def write_safetensors(plain: nn.Module, description: dict[str, Any], out: Path) 
     return [weights, arch]
 
 
+def rebuild_model(recipe_model: dict[str, Any], plain: nn.Module, original_keys: bool) -> dict[str, Any] | None:
+    """The recipe ``model`` section whose zoo network has ``plain``'s state dict: the recipe's own when
+    the keys are the original ones, a zoo MLP with its hidden widths read from the (widened) layers when
+    every one of them is a plain ``nn.Linear``, else ``None``."""
+    if original_keys:
+        return recipe_model
+    layers = getattr(plain, "layers", None)
+    if recipe_model.get("arch") != "mlp" or not isinstance(layers, nn.ModuleList) or \
+            not all(type(m) is nn.Linear for m in [*layers, getattr(plain, "head", None)]):
+        return None
+    return recipe_model | {"widths": [m.out_features for m in layers]}
+
+
 def load_safetensors_into(module: nn.Module, path: Path) -> nn.Module:
     """``module`` with the exported weights loaded (strict: every key and shape must match)."""
     module.load_state_dict(load_file(str(path)), strict=True)
@@ -100,11 +113,16 @@ def run_program(program: torch.export.ExportedProgram, inputs: Any) -> Any:
 def architecture(recipe_model: dict[str, Any], host_model: dict[str, Any], plain: nn.Module,
                  outcomes: list[SeedOutcome], original_keys: bool, merged: bool) -> dict[str, Any]:
     """The JSON that says how to rebuild the exported state dict: the host network (the recipe's
-    ``model`` section and its input/output sizes) and, per layer that kept seeds as branches, the
-    host's geometry and each branch's blueprint IR, target and scale (a :class:`GrownLayer` whose
-    branches are built by Esper's blueprint builder from that IR)."""
+    ``model`` section and its input/output sizes), the layers that span seeds made wider (their new
+    weight shapes), ``rebuild_model`` (the ``model`` section of a zoo network whose state dict this is,
+    when one is: a grown MLP whose every seed was merged or widened is a plain, wider MLP) and, per layer
+    that kept seeds as branches, the host's geometry and each branch's blueprint IR, target and scale
+    (a :class:`GrownLayer` whose branches are built by Esper's blueprint builder from that IR)."""
     grown: dict[str, Any] = {}
+    widened: set[str] = set()
     for outcome in outcomes:
+        if outcome.action == "widened":
+            widened |= {outcome.layer, str(outcome.source)}
         if outcome.action != "branch":
             continue
         entry = grown.setdefault(outcome.layer, {"host": (outcome.target or {}).get("host"), "branches": []})
@@ -113,5 +131,8 @@ def architecture(recipe_model: dict[str, Any], host_model: dict[str, Any], plain
                                   "ir": outcome.ir, "target": outcome.target})
     return {"format": "esper-export", "version": 1, "model": recipe_model, **host_model,
             "merged": merged, "original_keys": original_keys, "grown_layers": grown,
+            "widened_layers": {name: list(getattr(plain.get_submodule(name), "host", plain.get_submodule(name)).weight.shape)
+                               for name in sorted(widened)},
+            "rebuild_model": rebuild_model(recipe_model, plain, original_keys),
             "parameters": sum(p.numel() for p in plain.parameters()),
             "seeds": [o.to_json() | {"ir": None, "target": None} for o in outcomes]}

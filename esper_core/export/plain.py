@@ -21,7 +21,7 @@ branches too.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,12 @@ from torch import nn
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.merge import merge_into
+from esper_core.seeds.probe import call_model, to_device
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+"""Largest accepted ``max |plain - grown|`` per unit of output scale, by the model's dtype. bf16
+keeps 8 significant bits (a relative step of 2**-8 = 0.4%), and merging re-rounds each merged weight
+once, so a bf16 model is held to 2e-2; float16 (11 bits) to 2e-3."""
 
 
 class GrownLayer(nn.Module):
@@ -79,9 +85,11 @@ class SeedOutcome:
         return asdict(self)
 
 
-def unwrap(model: nn.Module, merge: bool = True) -> tuple[nn.Module, list[SeedOutcome]]:
+def unwrap(model: nn.Module, merge: bool = True, example: Any = None) -> tuple[nn.Module, list[SeedOutcome]]:
     """A plain copy of ``model`` (see the module docstring) and what happened to each seed; ``model``
-    itself is not changed."""
+    itself is not changed. With ``merge`` and ``example`` (model inputs: a tensor, a tuple or a dict),
+    fossilized span seeds are folded into genuinely wider host layers wherever the wider model computes
+    what the grown one does on ``example`` (:mod:`esper_core.export.widen`)."""
     plain = copy.deepcopy(model)
     outcomes: list[SeedOutcome] = []
     layers = {name: m for name, m in plain.named_modules() if isinstance(m, KasminaLayer)}
@@ -101,7 +109,9 @@ def unwrap(model: nn.Module, merge: bool = True) -> tuple[nn.Module, list[SeedOu
             seed = layer.seeds[str(index)]
             alpha = float(layer.alpha[index])
             action, reason = _decide(slot.state, alpha, merge)
-            if action == "merged" and (slot.source is not None or not merge_into(layer.host, seed, alpha)):
+            if action == "merged" and slot.source is not None:
+                action, reason = "branch", "fossilized span seed; widening its hosts needs example inputs to check"
+            elif action == "merged" and not merge_into(layer.host, seed, alpha):
                 action, reason = "branch", "fossilized; not an exact linear map of the host's input"
             if action == "branch":
                 branches.append(seed)
@@ -126,7 +136,46 @@ def unwrap(model: nn.Module, merge: bool = True) -> tuple[nn.Module, list[SeedOu
             setattr(plain.get_submodule(parent) if parent else plain, child, replacement)
         else:
             plain = replacement
+    if merge and example is not None and feeders:
+        plain, outcomes = _widened(plain, outcomes, example)
     return plain, outcomes
+
+
+def _widened(plain: nn.Module, outcomes: list[SeedOutcome], example: Any) -> tuple[nn.Module, list[SeedOutcome]]:
+    """Fold fossilized span seeds into wider hosts where that is checked to change nothing on ``example``."""
+    from esper_core.export.widen import widen_spans
+    from esper_core.training.tasks import logits_of
+
+    training = plain.training
+    plain.eval()
+    reference = next(plain.parameters())
+    inputs = to_device(example, reference.device)
+    with torch.no_grad():
+        expected = logits_of(call_model(plain, inputs)).double()
+    allowed = TOLERANCE.get(reference.dtype, 1e-5) * max(1.0, float(expected.abs().max()) if expected.numel() else 1.0)
+
+    def check(candidate: nn.Module) -> str | None:
+        try:
+            with torch.no_grad():
+                got = logits_of(call_model(candidate, inputs)).double()
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # e.g. a layer between reads F's width
+            return f"the wider model fails on the example inputs ({str(exc).splitlines()[0][:120]})"
+        if got.shape != expected.shape:
+            return f"the wider model's output has shape {tuple(got.shape)}, not {tuple(expected.shape)}"
+        diff = float((got - expected).abs().max()) if got.numel() else 0.0
+        return None if diff <= allowed else \
+            f"the wider model's outputs differ by {diff:.3g} (more than {allowed:.3g}): something between the layers"
+
+    plain, notes = widen_spans(plain, GrownLayer, check)
+    plain.train(training)
+    updated = []
+    for outcome in outcomes:
+        note = notes.get(outcome.layer)
+        if outcome.source is not None and outcome.action == "branch" and outcome.state == "FOSSILIZED" and note:
+            outcome = replace(outcome, action="widened" if note.startswith("widened") else "branch",
+                              reason=f"fossilized span seed; {note}")
+        updated.append(outcome)
+    return plain, updated
 
 
 def _decide(state: SeedState, alpha: float, merge: bool) -> tuple[str, str]:

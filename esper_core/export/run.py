@@ -24,14 +24,8 @@ from torch import nn
 from esper_core.errors import ConfigError, Problem
 from esper_core.export import formats
 from esper_core.export.load import LoadedRun, open_run
-from esper_core.export.plain import unwrap
+from esper_core.export.plain import TOLERANCE, unwrap
 from esper_core.seeds.probe import call_model
-
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-"""Largest accepted ``max |exported - trained|`` per unit of output scale, by the model's dtype. bf16
-keeps 8 significant bits (a relative step of 2**-8 = 0.4%), and merging re-rounds each merged weight
-once, so a bf16 export is held to 2e-2; float16 (11 bits) to 2e-3."""
-
 
 def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | None = None,
                checkpoint: str | None = None, samples: int = 512, tolerance: float | None = None,
@@ -51,7 +45,8 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
             warn(message)
 
     run = open_run(target, checkpoint, warn=note)
-    plain, outcomes = unwrap(run.model, merge)
+    inputs = held_out_inputs(run, samples)
+    plain, outcomes = unwrap(run.model, merge, example=inputs)
     for outcome in outcomes:
         if outcome.action == "branch" and outcome.state != "FOSSILIZED":
             note(f"warning: {outcome.layer} slot {outcome.slot} ({outcome.blueprint}) is live ({outcome.state.lower()});"
@@ -62,7 +57,6 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    inputs = held_out_inputs(run, samples)
     dtype = next(run.model.parameters()).dtype
     with torch.no_grad():
         reference = _prediction(call_model(run.model, inputs))
