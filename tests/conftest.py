@@ -1,4 +1,4 @@
-"""Shared fixtures: the real services the storage tests talk to.
+"""Shared fixtures: the real services the storage tests talk to, and one torch thread for training tests.
 
 A test that needs Redis or PostgreSQL (or a tool CI installs: Chromium, promtool) skips on a machine
 without them, but fails when ``ESPER_REQUIRE_SERVICES=1`` (set by ``.ci/run``), so CI can never go
@@ -165,3 +165,21 @@ def storage_kernels() -> list[Kernel]:
     blueprint = load_blueprint(BUILTIN_DIR / "lowrank_adapter.yaml").blueprint
     return [compile_kernel(KernelSpec(blueprint, HostSpec("linear", width, 16), 4))
             for width in (8, 12, 16, 24, 32, 48)]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Train on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``),
+    restoring the caller's setting afterwards.
+
+    Ops this small do not gain from a second thread, and on a shared two-core CI runner OpenMP threads
+    spinning against other processes made a 200-step run ten times slower. Runs compared for
+    bit-equality all use the same thread count, so the comparison is unaffected."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

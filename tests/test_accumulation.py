@@ -4,7 +4,6 @@ leaves the host's update untouched, and micro-batches split every kind of collat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,7 @@ telemetry: {progress: none}
 incubation outlasts the run, so every seed that germinates is incubating at the end."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 def _fit(tmp_path: Path, name: str, *overrides: str) -> Trainer:

@@ -37,12 +37,7 @@ MLP = dict(layout="flat", model="{arch: mlp, widths: [16, 16]}", targets='["type
            blueprints="[lowrank_adapter, wide_mlp]", probation=10, embargo=1000, steps=250, policy="")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 @pytest.fixture(scope="module")

@@ -97,20 +97,7 @@ class Run:
         return [r for r in map(json.loads, lines) if r["event"] == kind]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Train on one thread, restoring the caller's setting afterwards.
-
-    Ops this small do not gain from a second thread, and on a shared two-core CI runner OpenMP
-    threads spinning against other processes made a 200-step run ten times slower. Runs compared
-    for bit-equality all use the same thread count, so the comparison is unaffected.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ with worker processes that resumes bit-exactly."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,7 @@ FAST_SEEDS = ["seeds.incubation_steps=20", "seeds.blend_steps=20", "seeds.probat
               "trainer.eval_every=20", "trainer.log_every=10", "telemetry.progress=none"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 @pytest.fixture
