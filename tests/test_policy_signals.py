@@ -73,7 +73,7 @@ def test_activation_statistics() -> None:
 
 @pytest.mark.parametrize("width", [8, 64])
 def test_effective_rank_is_one_over_width_for_rank_one_and_near_one_for_isotropic_outputs(width: int) -> None:
-    """The estimator (Roy & Vetterli of the running average covariance, read at read()): its two ends."""
+    """The estimator (participation ratio of the running average covariance, read at read()): its two ends."""
     torch.manual_seed(2)
     signals = LayerSignals(decay=0.8)
     line = torch.randn(width)
