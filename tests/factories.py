@@ -47,6 +47,24 @@ def tanh_mlp(input_shape: tuple[int, ...], num_classes: int, width: int = 16) ->
                          nn.Linear(width, width), nn.Tanh(), nn.Linear(width, num_classes))
 
 
+class _CheckedMLP(nn.Module):
+    """A ReLU MLP whose forward asserts its hidden width, as hand-written models sometimes do."""
+
+    def __init__(self, inputs: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.width = width
+        self.first, self.second, self.out = nn.Linear(inputs, width), nn.Linear(width, width), nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.first(x.flatten(1)))
+        assert hidden.shape[-1] == self.width
+        return self.out(torch.relu(self.second(hidden)))
+
+
+def checked_mlp(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:
+    return _CheckedMLP(torch.Size(input_shape).numel(), width, num_classes)
+
+
 def not_a_model(input_shape: tuple[int, ...], num_classes: int) -> str:
     return "model"
 

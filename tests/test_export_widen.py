@@ -2,9 +2,10 @@
 a genuinely wider pair of host layers"), and kept as branches, with the reason, where a wider network
 would compute something else.
 
-Two short runs grow ``span_linear`` seeds on every hidden layer and the head (forced growth: periodic
-trigger, every seed kept): the zoo MLP (ReLU between its layers, as in the seed) and an MLP with tanh
-between its layers (``factories:tanh_mlp``), where the seed's ReLU units are not units of the host.
+Three short runs grow ``span_linear`` seeds on every hidden layer and the head (forced growth: periodic
+trigger, every seed kept): the zoo MLP (ReLU between its layers, as in the seed), an MLP with tanh
+between its layers (``factories:tanh_mlp``), where the seed's ReLU units are not units of the host, and
+a ReLU MLP whose forward asserts its hidden width (``factories:checked_mlp``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ telemetry: {{progress: none}}
 storage: {{workspace: "{workspace}"}}
 """
 MODELS = {"relu": ("{arch: mlp, widths: [16, 16]}", '["layers.*", "head"]'),
-          "tanh": ("{arch: factory, factory: 'factories:tanh_mlp'}", '["type:Linear"]')}
+          "tanh": ("{arch: factory, factory: 'factories:tanh_mlp'}", '["type:Linear"]'),
+          "checked": ("{arch: factory, factory: 'factories:checked_mlp'}", '["type:Linear"]')}
 
 
 def esper(*args: str | Path) -> Any:
@@ -132,3 +134,13 @@ def test_no_merge_keeps_span_seeds_as_branches(runs: dict[str, Trainer]) -> None
     result = _export(runs["relu"], "safetensors", "--no-merge")
     assert result["within_tolerance"]
     assert all(s["action"] == "branch" for s in result["seeds"] if s["state"] == "FOSSILIZED")
+
+
+def test_a_model_that_cannot_run_wider_keeps_its_span_seeds_as_branches(runs: dict[str, Trainer]) -> None:
+    """Any failure of the user's forward on the wider layers (here an assert) means "keep the branches",
+    never a traceback: the export completes and is exact."""
+    result = _export(runs["checked"], "pt2")
+    assert result["within_tolerance"]
+    seeds = [s for s in result["seeds"] if s["state"] == "FOSSILIZED"]
+    assert seeds and all(s["action"] == "branch" for s in seeds)
+    assert any("fails on the example inputs (AssertionError" in s["reason"] for s in seeds), seeds

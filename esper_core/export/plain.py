@@ -158,8 +158,9 @@ def _widened(plain: nn.Module, outcomes: list[SeedOutcome], example: Any) -> tup
         try:
             with torch.no_grad():
                 got = logits_of(call_model(candidate, inputs)).double()
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # e.g. a layer between reads F's width
-            return f"the wider model fails on the example inputs ({str(exc).splitlines()[0][:120]})"
+        except Exception as exc:  # noqa: BLE001 - the user's forward code on wider layers: any failure means "keep branches"
+            detail = (str(exc).splitlines() or [""])[0][:120]
+            return f"the wider model fails on the example inputs ({type(exc).__name__}{': ' if detail else ''}{detail})"
         if got.shape != expected.shape:
             return f"the wider model's output has shape {tuple(got.shape)}, not {tuple(expected.shape)}"
         diff = float((got - expected).abs().max()) if got.numel() else 0.0
