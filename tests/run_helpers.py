@@ -12,6 +12,7 @@ import torch
 import typer
 from typer.testing import CliRunner, Result
 
+from esper_cli.main import app
 from esper_cli.report import report
 from esper_core.checkpoints import store
 from esper_core import Trainer
@@ -36,6 +37,11 @@ _app.command("report")(report)
 @_app.callback()
 def _group() -> None:
     """Keep `report` a subcommand, as in `esper`."""
+
+
+def esper(*args: str | Path) -> Result:
+    """``esper ARGS`` in-process (the CLI's own Typer app), every argument passed as a string."""
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def esper_report(*args: str | Path) -> Result:

@@ -19,15 +19,14 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from conftest import free_port
-from esper_cli.main import app
 from esper_core import load_run
 from esper_core.export.load import open_run
 from esper_core.export.run import held_out_inputs
 from esper_core.training.models import build_model
 from esper_core.training.trainer import Trainer
+from run_helpers import esper
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -67,10 +66,6 @@ class Server:
 
     def url(self, bucket: str, path: str = "runs") -> str:
         return f"s3://{bucket}/{path}?endpoint_url={self.endpoint}"
-
-
-def esper(*args: str | Path) -> Any:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def sha256(path: Path) -> str:

@@ -23,9 +23,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from esper_cli.main import app
 from esper_core import load_run
 from esper_core.blueprints.builder import resolve
 from esper_core.blueprints.host import HostSpec
@@ -36,6 +34,7 @@ from esper_core.export.run import held_out_inputs
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.training.models import build_model
 from esper_core.training.trainer import Trainer
+from run_helpers import esper
 
 BLUEPRINTS = Path(__file__).parent / "blueprints"
 RECIPE = """\
@@ -69,10 +68,6 @@ RUNS = {
 }
 FORMATS = ("pt2", "safetensors", "onnx")
 MERGEABLE = {"lowrank_adapter", "linear_conv"}
-
-
-def esper(*args: str | Path) -> Any:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module

@@ -18,15 +18,14 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from esper_cli.main import app
 from esper_core import load_run
 from esper_core.export.load import open_run
 from esper_core.export.run import held_out_inputs
 from esper_core.recipe.schema import ModelConfig
 from esper_core.training.models import build_model
 from esper_core.training.trainer import Trainer
+from run_helpers import esper
 
 RECIPE = """\
 run: {{name: {name}, seed: 0, device: cpu}}
@@ -50,10 +49,6 @@ storage: {{workspace: "{workspace}"}}
 MODELS = {"relu": ("{arch: mlp, widths: [16, 16]}", '["layers.*", "head"]'),
           "tanh": ("{arch: factory, factory: 'factories:tanh_mlp'}", '["type:Linear"]'),
           "checked": ("{arch: factory, factory: 'factories:checked_mlp'}", '["type:Linear"]')}
-
-
-def esper(*args: str | Path) -> Any:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module

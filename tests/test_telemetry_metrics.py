@@ -23,8 +23,6 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +62,11 @@ SECRET_FRAGMENTS = ("pg-pw-7f3a9c", "redis-pw-51be0d", "signing-key-e91c4d2a77",
 
 
 @pytest.fixture(scope="module")
-def scraped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Train the recipe with secrets in the environment, scraping the endpoint once mid-run."""
+def scraped(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[str, Any]:
+    """Train the recipe with secrets in the environment (on one torch thread), scraping the endpoint once mid-run."""
     root = tmp_path_factory.mktemp("scraped")
     (root / "recipe.yaml").write_text(RECIPE, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as env, one_torch_thread():
+    with pytest.MonkeyPatch.context() as env:
         for key, value in SECRETS.items():
             env.setenv(key, value)
         # A fresh kernel store, so the run compiles its kernel and the compile histogram has it.
@@ -89,18 +87,6 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     lines = (Path(summary["run_dir"]) / "events.jsonl").read_text(encoding="utf-8").splitlines()
     events = [json.loads(line) for line in lines]
     return seen | {"summary": summary, "run_start": events[0], "events": events}
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """The models are tiny; on a loaded two-core runner, two intra-op threads spin against each other
-    and make a run ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def families(text: str) -> dict[str, Any]:

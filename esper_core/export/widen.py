@@ -41,9 +41,11 @@ def widen_spans(plain: nn.Module, grown_type: type, check: Check) -> tuple[nn.Mo
     while progress:  # a pair whose feeder still had span branches of its own may fold once those did
         progress = False
         for dest, feeder in _span_pairs(plain, grown_type):
+            if dest in checked:
+                continue
             reason = _refusal(plain.get_submodule(dest), plain.get_submodule(feeder))
-            if dest in checked or reason is not None:
-                notes[dest] = notes[dest] if dest in checked else reason
+            if reason is not None:
+                notes[dest] = reason
                 continue
             trial = copy.deepcopy(plain)
             units = _widen(trial, trial.get_submodule(feeder), trial.get_submodule(dest))

@@ -253,7 +253,6 @@ class KasminaLayer(nn.Module):
         """CULLED/ROLLED_BACK -> DORMANT after the embargo."""
         self.transition(index, SeedState.DORMANT)
         self.slots[index] = SlotInfo()
-        self._update_quiet()
 
     def restore_slot(self, index: int, info: SlotInfo, seed: nn.Module | None) -> None:
         """Put a slot back exactly as a checkpoint recorded it. Not a transition: the recorded state
