@@ -4,7 +4,9 @@ caught it, on the growth controller a user's loop and `esper train` share:
 1. clipping must not let an incubating seed change the host's update;
 2. the governor must never keep an unhealthy state as its known-good snapshot;
 3. the governor's snapshot and suspect travel in checkpoints, so a resumed run can roll back;
-4. the latency budget never waits for a compile.
+4. the latency budget never waits for a compile;
+5. health is measured only while a decision could still use it (issue 13: a measurement is a per-step
+   cost).
 """
 
 from __future__ import annotations
@@ -217,3 +219,26 @@ def test_a_non_finite_loss_between_reads_is_caught_and_survives_a_checkpoint(bad
     for judge in (governor, restored):
         reason = judge.judge(5, 0.8)
         assert reason is not None and "non-finite" in reason
+
+
+def test_health_is_measured_only_while_a_seed_could_still_grow(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    growth = controller(tmp_path, Net(), max_seeds=1, merit_every=5)
+    fc1 = growth.manager.layers["fc1"]
+
+    def measured(steps: range) -> int:
+        """Steps whose forward pass the controller armed for a health measurement."""
+        armed = 0
+        for i in steps:
+            armed += fc1.probe is not None
+            step(growth, i)
+        return armed
+
+    assert measured(range(0, 10)) == 2  # steps 0 and 5: free slots, the seed budget unspent
+    growth.after_validation(evaluate(growth.model))
+    ref = SlotRef("fc1", 0)
+    assert growth.manager.state(ref) == SeedState.TRAINING
+    step(growth, 10)  # the measurement armed before the decision
+    assert measured(range(11, 30)) == 0  # the one seed allowed is alive: nothing could grow
+    growth.executor.remove(ref, rolled_back=False, reason="test")
+    assert measured(range(30, 41)) == 2  # steps 35 and 40: the budget is free again, measuring resumes

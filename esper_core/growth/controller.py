@@ -353,9 +353,8 @@ class GrowthController:
     def _arm_if_due(self) -> None:
         """Measure health on the next forward pass when a measurement is due at this step."""
         every = self.policy_config.merit_every
-        if self.policy_config.max_seeds == 0:
-            return  # nothing can ever grow: a measurement would inform no decision
-        if self.step % every == 0 and self.policy.in_window(self.step + every):
+        if self.step % every == 0 and self.policy.in_window(self.step + every) and \
+                self.policy.may_grow(self.manager.view()):  # else a measurement would inform no decision
             for layer in self.manager.layers.values():
                 layer.probe = self._probe  # runs in the eager seed path, also under torch.compile
             self._measuring = True

@@ -276,6 +276,18 @@ class GrowthPolicy:
         seed it may evict) and a blueprint within the budgets."""
         return (bool(self.seeds[layer].free()) or self.strategy.name == "replace") and bool(self.candidates(layer))
 
+    def may_grow(self, seeds: SeedView) -> bool:
+        """Whether a later decision could germinate anything with the seeds as they are: not when the
+        seed budget is spent or every slot is taken (until a cull or the embargo after it frees one).
+        ``replace`` can always make room. The controller measures health only while this holds: a
+        measurement that can inform no decision is a per-step cost for nothing (issue 13)."""
+        if self.config.max_seeds == 0:
+            return False
+        if self.strategy.name == "replace":
+            return True
+        used = sum(1 for layer in seeds.values() for slot in layer.slots if slot.holds) + len(self.reserved)
+        return used < self.config.max_seeds and any(layer.free() for layer in seeds.values())
+
     def busy(self, layer: str) -> bool:
         """A live seed, or a reserved replacement, is under evaluation in ``layer``."""
         return any(s.state.live for s in self.seeds[layer].slots) or \

@@ -296,7 +296,9 @@ class PolicyConfig(Section):
         "is kept for fine-tuning.")
     merit_every: int = Field(10, ge=1, le=100_000,
                              description="Steps between health measurements: gradient merit, activation statistics "
-                             "and the residual functional gradient, on the device, read only when the policy decides.")
+                             "and the residual functional gradient, on the device, read only when the policy decides; "
+                             "taken only inside the growth window while a seed could still grow (seed budget "
+                             "unspent and a slot free).")
     merit_decay: float = Field(0.8, ge=0.0, lt=1.0,
                                description="Exponential averaging of merit across measurements (batches).")
     placement: Literal["residual", "merit"] = Field(
