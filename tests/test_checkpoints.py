@@ -29,13 +29,14 @@ data: {source: digits, layout: flat, batch_size: 32}
 model: {arch: mlp, widths: [16, 16], dropout: 0.2}
 seeds: {targets: ["type:Linear"], exclude: [head], blueprints: [lowrank_adapter, wide_mlp], per_layer: 2,
         incubation_steps: 25, blend_steps: 25, probation_steps: 10, embargo_steps: 10}
-policy: {trigger: periodic, period_steps: 40, growth_window: [0.1, 0.8], max_germinations: 1, merit_ratio: 0.0}
+policy: {trigger: periodic, period_steps: 40, growth_window: [0.1, 0.8], max_germinations: 1, merit_ratio: 0.0,
+         orchestrator: diversify}
 trainer: {max_steps: 200, eval_every: 10, log_every: 5}
 checkpoint: {every_steps: 100, keep: 3}
 telemetry: {progress: none}
 """
-"""Every layer eligible (``merit_ratio: 0``), so growth keeps going while a layer is busy: seeds
-germinate in both halves of a run split at step 100."""
+"""Every layer eligible (``merit_ratio: 0``) and one seed per layer at a time (``diversify``), so growth
+keeps going while a layer is busy: seeds germinate in both halves of a run split at step 100."""
 
 
 def esper(*args: str) -> list[str]:

@@ -310,8 +310,9 @@ class PolicyConfig(Section):
                                "of the best score among the layers that could take a seed (0: every layer, in score "
                                "order). Growth waits for a busy bottleneck rather than spreading to layers that need "
                                "capacity less.")
-    max_germinations: int = Field(2, ge=1, le=1024, description="Seeds that may germinate at one decision, each in "
-                                  "a different layer (several incubate at once).")
+    max_germinations: int = Field(2, ge=1, le=1024, description="Seeds that may germinate at one decision: "
+                                  "layers are planned in placement order until this many seeds are chosen; a layer's "
+                                  "`ensemble` plan is taken whole, so with the defaults one decision fills one layer.")
     max_seeds: int = Field(8, ge=0, le=10_000, description="Most seeds alive (training, blending, probation "
                            "or fossilized) at once.")
     max_added_params: int = Field(1_000_000, ge=0, description="Most parameters growth may add.")
@@ -331,10 +332,13 @@ class PolicyConfig(Section):
                          "(a uniformly random layer that can take a seed) and what (a uniformly random blueprint "
                          "within the budgets) by a seeded random one; budgets, lifecycle and verdicts are unchanged.")
     orchestrator: Literal["replace", "diversify", "specialize", "ensemble"] = Field(
-        "diversify", description="`replace`: cull a full layer's weakest live seed for a new choice; `diversify`: "
-        "prefer blueprints a layer does not hold yet; `specialize`: replicate the best blueprint into layers of "
-        "its kind; `ensemble`: germinate `ensemble_size` seeds in one layer at once.")
-    ensemble_size: int = Field(2, ge=2, le=16, description="Seeds `ensemble` germinates together in one layer.")
+        "ensemble", description="`ensemble` (the default): germinate up to `ensemble_size` seeds in the chosen "
+        "layer at once (one per free slot), each judged on its own, so growth is dense and early; `diversify`: one "
+        "seed per layer at a time, preferring blueprints the layer does not hold yet; `replace`: cull a full "
+        "layer's weakest live seed for a new choice; `specialize`: replicate the best blueprint into layers of its "
+        "kind.")
+    ensemble_size: int = Field(4, ge=2, le=16, description="Seeds `ensemble` germinates together in one layer "
+                               "(at most its free slots; 4 fills a layer of the default `seeds.per_layer`).")
     replace_after: int = Field(100, ge=0, le=10_000_000, description="Steps a live seed must have lived before "
                                "`replace` may cull it.")
     selector: SelectorConfig = Field(default_factory=SelectorConfig, description="Which blueprint to grow.")
