@@ -185,7 +185,7 @@ def test_growth_goes_where_the_residual_is_largest_not_where_its_share_is() -> N
         "a": LayerHealth(0.0, 0.5, gradient=0.2, residual=0.19),
         "b": LayerHealth(0.0, 0.5, gradient=2.0, residual=1.5)}
     decisions = growth.decide(100, manager.view(), merit={"conv": 9.0, "a": 5.0, "b": 1.0})
-    assert [d.slot.layer for d in decisions.germinations] == ["b"]
+    assert {d.slot.layer for d in decisions.germinations} == {"b"}
     ranks = decisions.germinations[0].inputs["layers"]
     assert [ranks[name]["rank"] for name in ("b", "a", "conv")] == [1, 2, 3]
 
@@ -205,4 +205,4 @@ def test_growth_waits_for_a_busy_bottleneck_but_not_for_a_full_one() -> None:
     assert decisions.germinations == [] and decisions.skipped is not None
     manager.germinate(SlotRef("b", 1), "small", "k", 100)
     decisions = growth.decide(200, manager.view(), merit={})
-    assert [d.slot.layer for d in decisions.germinations] == ["a"]
+    assert {d.slot.layer for d in decisions.germinations} == {"a"}
