@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from esper_core.errors import ConfigError
 from esper_core.training.trainer import Trainer

@@ -11,7 +11,6 @@ a ReLU MLP whose forward asserts its hidden width (``factories:checked_mlp``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from esper_core.checkpoints import store
 from esper_core.training.trainer import Trainer

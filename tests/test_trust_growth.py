@@ -5,14 +5,13 @@ caught it, on the growth controller a user's loop and `esper train` share:
 2. the governor must never keep an unhealthy state as its known-good snapshot;
 3. the governor's snapshot and suspect travel in checkpoints, so a resumed run can roll back;
 4. the latency budget never waits for a compile;
-5. health is measured only while a decision could still use it (issue 13: a measurement is a per-step
-   cost).
+5. health is measured only while a decision could still use it, and seeds judged together share the
+   evaluation with every seed on (issue 13: both are costs of growth the plain loop does not pay).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 
@@ -119,7 +118,7 @@ def test_a_resumed_run_rolls_back_like_the_uninterrupted_one(tmp_path: Path) -> 
     growth = controller(tmp_path, model)
     for i in range(10):
         step(growth, i)
-    growth.after_validation(evaluate(model))  # snapshot at step 10, then seeds germinate (the last one is the suspect)
+    growth.after_validation(evaluate(model))  # snapshot at step 10, then four seeds germinate (the suspects)
     for i in range(10, 12):
         step(growth, i)
     save_checkpoint(tmp_path / "ckpt", model=model, optimizer=growth.optimizer, growth=growth, extra={"i": 12})
@@ -129,7 +128,7 @@ def test_a_resumed_run_rolls_back_like_the_uninterrupted_one(tmp_path: Path) -> 
     resumed = controller(tmp_path, fresh)
     assert load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=resumed.optimizer, growth=resumed) == {"i": 12}
     assert resumed.governor.snapshot is not None
-    assert growth.governor.suspect is not None and resumed.governor.suspect == growth.governor.suspect
+    assert len(growth.governor.suspects) == 4 and resumed.governor.suspects == growth.governor.suspects  # dense growth
     for run in (growth, resumed):  # the same bad update in the uninterrupted run and in the resumed one
         with torch.no_grad():
             run.model.fc1.host.weight.fill_(float("nan"))
@@ -141,7 +140,9 @@ def test_a_resumed_run_rolls_back_like_the_uninterrupted_one(tmp_path: Path) -> 
         assert [e["event"] for e in run.recorder.events][-2:] == ["anomaly", "rollback"]
         assert all(torch.isfinite(p).all() for p in run.model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
-    assert resumed.policy.selector.describe("wide_mlp@linear") == growth.policy.selector.describe("wide_mlp@linear")
+    charged = growth.policy.selector.describe("wide_mlp@linear")
+    assert charged["pulls"] == 1 and charged["mean"] < 0  # one rollback penalty for the layer's blueprint
+    assert resumed.policy.selector.describe("wide_mlp@linear") == charged
 
 
 def test_the_latency_budget_never_waits_for_a_compile(tmp_path: Path) -> None:
@@ -244,3 +245,40 @@ def test_health_is_measured_only_while_a_seed_could_still_grow(tmp_path: Path) -
     assert measured(range(11, 30)) == 0  # the one seed allowed is alive: nothing could grow
     growth.executor.remove(ref, rolled_back=False, reason="test")
     assert measured(range(30, 41)) == 2  # steps 35 and 40: the budget is free again, measuring resumes
+
+
+def test_seeds_judged_together_share_the_evaluation_with_every_seed_on(tmp_path: Path) -> None:
+    """Dense growth (the default ``ensemble`` strategy) germinates a layer's seeds together, so their
+    verdicts fall on the same step: N seeds cost N + 1 held-out evaluations (one more after each cull,
+    which changes the model), and every verdict of the round compares against the same evaluation."""
+    torch.manual_seed(0)
+    model = Net()
+    calls = []
+
+    def counted(net: nn.Module) -> Evaluation:
+        calls.append(1)
+        return evaluate(net)
+
+    growth = GrowthController(model, torch.optim.SGD(model.parameters(), lr=0.1), example=X[:2], max_steps=400,
+                              evaluate=counted, store=LocalKernelStore(tmp_path / "kernels"), check_every=5,
+                              seeds={"targets": ["fc1"], "blueprints": ["wide_mlp"], "incubation_steps": 5,
+                                     "blend_steps": 5, "probation_steps": 5},
+                              policy={"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 0.1]})
+    for i in range(10):
+        step(growth, i)
+    growth.after_validation(evaluate(model))
+    born = [e for e in growth.recorder.events if e["event"] == "germinate"]
+    assert len(born) == 4 and {e["step"] for e in born} == {10}  # a full layer at once, by default
+    calls.clear()
+    for i in range(10, 40):
+        step(growth, i)
+    verdicts = [e for e in growth.recorder.events if e["event"] in ("fossilize", "cull")]
+    assert len(verdicts) == 4 and len({e["step"] for e in verdicts}) == 1
+    culls_before_last = sum(e["event"] == "cull" for e in verdicts[:-1])
+    assert len(calls) == len(verdicts) + 1 + culls_before_last
+    rounds: list[list[dict]] = [[]]  # verdicts judged against one evaluation: a cull closes a round
+    for event in verdicts:
+        rounds[-1].append(event)
+        if event["event"] == "cull":
+            rounds.append([])
+    assert all(len({e["metric_with"] for e in r}) == 1 for r in rounds if r)

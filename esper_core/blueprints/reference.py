@@ -28,7 +28,7 @@ from esper_core.recipe.reference import limit_text, default_text, field_type
 
 REFERENCE_PATH = Path(__file__).resolve().parents[2] / "docs" / "blueprints.md"
 
-_HEADER = f"""\
+_HEADER = """\
 <!-- Generated from esper_core/blueprints/ by `python -m esper_core.blueprints.reference`; do not edit. -->
 
 # Blueprints

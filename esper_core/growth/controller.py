@@ -45,7 +45,7 @@ from esper_core.growth.execution import KernelFailure, SeedExecutor
 from esper_core.growth.governor import Governor
 from esper_core.growth.kernels import KernelSupply
 from esper_core.growth.state import State, cpu_copy
-from esper_core.growth.verdicts import counterfactual, judge
+from esper_core.growth.verdicts import Counterfactuals, judge
 from esper_core.policy.growth import Decisions, GrowthPolicy
 from esper_core.policy.merit import GradientMerit
 from esper_core.recipe.schema import GovernorConfig, PolicyConfig, SeedsConfig, StorageConfig
@@ -238,8 +238,11 @@ class GrowthController:
             self._record(event)
         self._activate_ready()
         if self.evaluate is not None:
-            for ref in self.manager.due_for_verdict():
-                self._verdict(ref, self.evaluate)
+            due = self.manager.due_for_verdict()
+            if due:
+                judged = Counterfactuals(self.model, self.evaluate)
+                for ref in due:
+                    self._verdict(ref, judged)
         value, rolled_back = None, False
         if loss is not None:
             self.governor.watch(loss)
@@ -279,9 +282,9 @@ class GrowthController:
             return False
         contributions = {}
         if self.evaluate is not None:
+            measure = Counterfactuals(self.model, self.evaluate)  # nothing changes the model between them
             for ref in self.policy.to_measure(self.step, self.manager.view()):
-                contributions[ref.key] = counterfactual(self.model, self.manager.layers[ref.layer], ref.index,
-                                                        self.evaluate).metric_gain
+                contributions[ref.key] = measure.of(self.manager.layers[ref.layer], ref.index).metric_gain
         self._execute(self.policy.decide(self.step, self.manager.view(), self.merit.scores(), contributions))
         return False
 
@@ -391,9 +394,9 @@ class GrowthController:
         self._record({"event": "kernel_failed", "step": self.step, "layer": failure.layer, "slot": None,
                       "blueprint": failure.blueprint, "problems": [str(p) for p in problems]})
 
-    def _verdict(self, ref: SlotRef, evaluate: Evaluate) -> None:
+    def _verdict(self, ref: SlotRef, judged: Counterfactuals) -> None:
         """Counterfactual evaluation in the task's metric (:mod:`esper_core.growth.verdicts`)."""
-        result = counterfactual(self.model, self.manager.layers[ref.layer], ref.index, evaluate)
+        result = judged.of(self.manager.layers[ref.layer], ref.index)
         cfg = self.seeds_config
         kept, evidence = judge(result, cfg.fossilize_margin, cfg.verdict_confidence, cfg.loss_guard)
         slot = self.manager.view()[ref.layer].slots[ref.index]
@@ -402,6 +405,7 @@ class GrowthController:
             self._record(self.executor.fossilize(ref, **evidence))
         else:
             self._record(self.executor.remove(ref, rolled_back=False, **evidence))
+            judged.changed()
 
     def _execute(self, decisions: Decisions) -> None:
         """Carry out the policy's decisions: culls first (they make room), then germinations."""
@@ -422,23 +426,32 @@ class GrowthController:
         return True
 
     def _roll_back(self, reason: str) -> None:
-        """Back to the governor's known-good snapshot; the seed changed last is rolled back with it."""
+        """Back to the governor's known-good snapshot; the seeds changed last (at one step) are rolled
+        back with it and their blueprints charged the rollback penalty."""
         broken = self.policy.layers.nonfinite_layers()  # where measured activations went non-finite, if seen
         self._record({"event": "anomaly", "step": self.step, "kind": "loss", "reason": reason,
                       **({"nonfinite_layers": broken} if broken else {})})
         if self.governor.snapshot is None:
             raise EsperError(f"governor: {reason} at step {self.step}, and there is no good state to roll back to")
         self.governor.rolled_back()
-        suspect, from_step = self.governor.suspect, self.step
+        suspects, from_step = list(self.governor.suspects), self.step
+        # Their blueprints as they are now: the snapshot may predate the seeds (then their slots are
+        # dormant after the restore), and the penalty must come after it (the snapshot holds the
+        # selector's statistics too). Once per layer and blueprint, however many seeds shared it.
+        blamed = dict.fromkeys((ref.layer, self.manager.layers[ref.layer].slots[ref.index].blueprint)
+                               for ref in suspects)
         self.run_state[1](self.governor.snapshot)
         evidence: dict[str, Any] = {"reason": reason, "from_step": from_step}
-        if suspect is not None:
-            layer = self.manager.layers[suspect.layer]
-            self.policy.penalise(suspect.layer, layer.slots[suspect.index].blueprint)
-            if str(suspect.index) in layer.seeds and self.manager.state(suspect).live:
-                self._record(self.executor.remove(suspect, rolled_back=True, **evidence))
-                return
-        self._record({"event": "rollback", "step": self.step, **evidence})
+        removed = False
+        for layer_name, blueprint in blamed:
+            self.policy.penalise(layer_name, blueprint)
+        for ref in suspects:
+            layer = self.manager.layers[ref.layer]
+            if str(ref.index) in layer.seeds and self.manager.state(ref).live:
+                self._record(self.executor.remove(ref, rolled_back=True, **evidence))
+                removed = True
+        if not removed:
+            self._record({"event": "rollback", "step": self.step, **evidence})
 
 
 def _non_finite(evaluation: Evaluation | None) -> str | None:

@@ -9,8 +9,9 @@ fixed ratio, and it must persist because one batch's loss is heavy-tailed once t
 read is suspicious no snapshot is taken, so a confirmed spike still rolls back to a state judged
 before it.
 
-The governor owns its snapshot (the last state it judged healthy) and its suspect (the seed changed
-most recently), and both are part of its state dict, so a resumed run rolls back exactly as the
+The governor owns its snapshot (the last state it judged healthy) and its suspects (the seeds changed
+at the most recent step that changed any: one seed, or every seed of a layer grown densely, which
+change state together), and both are part of its state dict, so a resumed run rolls back exactly as the
 uninterrupted run would have. A snapshot is taken only right after a healthy judgement of the same
 step: a state that has not been judged is never "known good".
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -44,7 +44,8 @@ class Governor:
         self.history: deque[float] = deque(maxlen=config.window)
         self.rollbacks = 0
         self.snapshot: State | None = None
-        self.suspect: SlotRef | None = None
+        self.suspects: list[SlotRef] = []
+        self._suspect_step = -1  # the step the suspects changed at
         self.judged_step = -1  # the step of the last healthy judgement
         self.suspicious = 0  # consecutive reads above the spike limit so far
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -101,9 +102,15 @@ class Governor:
         return True
 
     def noticed(self, event: Event) -> None:
-        """Track the seed changed most recently: the suspect when the loss goes bad."""
+        """Track the seeds changed most recently: the suspects when the loss goes bad. Seeds that
+        change at the same step are equally suspect (blaming only the last one recorded would let its
+        siblings' blueprints off)."""
         if event["event"] in _CHANGES:
-            self.suspect = SlotRef(event["layer"], event["slot"])
+            if event["step"] != self._suspect_step:
+                self.suspects, self._suspect_step = [], int(event["step"])
+            ref = SlotRef(event["layer"], event["slot"])
+            if ref not in self.suspects:
+                self.suspects.append(ref)
 
     def rolled_back(self) -> None:
         """Count a rollback; past the limit the run stops."""
@@ -119,7 +126,8 @@ class Governor:
     def state_dict(self) -> State:
         self._fold()
         return {"history": list(self.history), "rollbacks": self.rollbacks, "judged_step": self.judged_step,
-                "suspicious": self.suspicious, "suspect": [self.suspect.layer, self.suspect.index] if self.suspect else None,
+                "suspicious": self.suspicious, "suspects": [[ref.layer, ref.index] for ref in self.suspects],
+                "suspect_step": self._suspect_step,
                 "nonfinite": self._nonfinite.clone(), "snapshot": self.snapshot}
 
     def load_state_dict(self, state: State) -> None:
@@ -127,7 +135,13 @@ class Governor:
         self.rollbacks = int(state["rollbacks"])
         self.judged_step = int(state["judged_step"])
         self.suspicious = int(state.get("suspicious", 0))
-        self.suspect = SlotRef(str(state["suspect"][0]), int(state["suspect"][1])) if state["suspect"] else None
+        if "suspects" in state:
+            self.suspects = [SlotRef(str(layer), int(index)) for layer, index in state["suspects"]]
+            self._suspect_step = int(state["suspect_step"])
+        else:  # a checkpoint from before dense growth: one suspect
+            old = state.get("suspect")
+            self.suspects = [SlotRef(str(old[0]), int(old[1]))] if old else []
+            self._suspect_step = -1
         self._nonfinite = state["nonfinite"].to(self._nonfinite.device).bool()
         self._sum.zero_()
         self.snapshot = state["snapshot"]
