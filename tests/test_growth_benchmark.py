@@ -1,8 +1,10 @@
 """benchmarks/growth.py (v2): its statistics, S-budget's width, its FLOP count and target checks on fixed
-numbers, and the recipe every arm runs accepting the overrides the arms use. No training here."""
+numbers, and the recipe every arm runs accepting the overrides the arms use; benchmarks/growth_compare.py
+on fixed results. No training here."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -114,3 +116,29 @@ def test_growth_recipe_takes_the_arms_overrides(tmp_path: Path) -> None:
     assert list(grown.manager.layers) == ["layers.0", "layers.1", "head"] and grown.loaded.recipe.policy.random
     spec = grown.controller.catalog.spec("span_linear", "head")  # widens layers.1: 32 inputs, rank 16, 10 outputs
     assert bench.seed_macs(spec.resolve(), spec.sample_shape) == 32 * 16 + 16 * 10
+
+
+def test_growth_compare_pairs_two_results_by_seed_and_names_the_stronger_random_arm(tmp_path: Path, capsys) -> None:
+    """benchmarks/growth_compare.py on two fixed results: G-esper new - old paired by run seed, the random
+    arms compared, and the new policy measured against whichever random arm scored higher."""
+    import growth_compare
+
+    def result(esper: list[float], random: list[float]) -> dict:
+        runs = [{"task": "teacher", "host": "deep", "arm": arm, "seed": seed, "test_accuracy": acc}
+                for arm, accs in (("G-esper", esper), ("G-random", random)) for seed, acc in zip((3, 4, 5), accs)]
+        return {"training": {"steps": 3000}, "runs": runs}
+
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    new.write_text(json.dumps(result([0.60, 0.62, 0.61], [0.50, 0.52, 0.51])))
+    old.write_text(json.dumps(result([0.59, 0.60, 0.62], [0.55, 0.56, 0.57])))
+    assert growth_compare.main([str(new), str(old), "--json", str(tmp_path / "cmp.json")]) == 0
+    entry = json.loads((tmp_path / "cmp.json").read_text())["comparison"]["teacher/deep"]
+    assert entry["G-esper: new - old"]["mean"] == pytest.approx(100 * (0.01 + 0.02 - 0.01) / 3)
+    assert entry["G-esper: new - old"]["ahead"] == 2
+    assert entry["stronger G-random"] == "old"  # 56% against 51%
+    assert entry["new G-esper - stronger G-random"]["mean"] == pytest.approx(100 * (0.05 + 0.06 + 0.04) / 3)
+    assert capsys.readouterr().out.splitlines()[-1] == "key figure: G-esper new - old, points: teacher/deep +0.67"
+    old.write_text(json.dumps(result([0.59, 0.60, 0.62], [0.55, 0.56, 0.57]) | {"training": {"steps": 600}}))
+    with pytest.raises(SystemExit) as exit_info:
+        growth_compare.main([str(new), str(old)])
+    assert exit_info.value.code == 2 and "trained differently" in capsys.readouterr().err
