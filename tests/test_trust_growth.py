@@ -3,7 +3,7 @@ caught it, on the growth controller a user's loop and `esper train` share:
 
 1. clipping must not let an incubating seed change the host's update;
 2. the governor must never keep an unhealthy state as its known-good snapshot;
-3. the governor's snapshot and suspect travel in checkpoints, so a resumed run can roll back;
+3. the governor's snapshot and suspects travel in checkpoints, so a resumed run can roll back;
 4. the latency budget never waits for a compile;
 5. health is measured only while a decision could still use it, and seeds judged together share the
    evaluation with every seed on (issue 13: both are costs of growth the plain loop does not pay).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,15 @@ def evaluate(model: nn.Module) -> Evaluation:
     return Evaluation(float(correct.mean()), True, "accuracy", float(F.cross_entropy(logits, Y[:128])), correct)
 
 
-def controller(tmp_path: Path, model: nn.Module, **policy: object) -> GrowthController:
+def controller(tmp_path: Path, model: nn.Module, judge: Callable[[nn.Module], Evaluation] = evaluate,
+               lifecycle: dict[str, int] | None = None, **policy: object) -> GrowthController:
+    """Growth on ``fc1`` with a periodic trigger; ``lifecycle`` overrides the seeds' step counts (by
+    default a seed incubates for the whole test)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return GrowthController(model, optimizer, example=X[:2], max_steps=400, evaluate=evaluate,
+    return GrowthController(model, optimizer, example=X[:2], max_steps=400, evaluate=judge,
                             store=LocalKernelStore(tmp_path / "kernels"), check_every=5,
-                            seeds={"targets": ["fc1"], "blueprints": ["wide_mlp"], "incubation_steps": 1000},
+                            seeds={"targets": ["fc1"], "blueprints": ["wide_mlp"],
+                                   **(lifecycle or {"incubation_steps": 1000})},
                             policy={"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 1.0],
                                     **policy})
 
@@ -259,11 +264,9 @@ def test_seeds_judged_together_share_the_evaluation_with_every_seed_on(tmp_path:
         calls.append(1)
         return evaluate(net)
 
-    growth = GrowthController(model, torch.optim.SGD(model.parameters(), lr=0.1), example=X[:2], max_steps=400,
-                              evaluate=counted, store=LocalKernelStore(tmp_path / "kernels"), check_every=5,
-                              seeds={"targets": ["fc1"], "blueprints": ["wide_mlp"], "incubation_steps": 5,
-                                     "blend_steps": 5, "probation_steps": 5},
-                              policy={"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 0.1]})
+    growth = controller(tmp_path, model, judge=counted,
+                        lifecycle={"incubation_steps": 5, "blend_steps": 5, "probation_steps": 5},
+                        growth_window=[0.0, 0.1])
     for i in range(10):
         step(growth, i)
     growth.after_validation(evaluate(model))

@@ -285,8 +285,7 @@ class GrowthPolicy:
             return False
         if self.strategy.name == "replace":
             return True
-        used = sum(1 for layer in seeds.values() for slot in layer.slots if slot.holds) + len(self.reserved)
-        return used < self.config.max_seeds and any(layer.free() for layer in seeds.values())
+        return self._seeds_used(seeds) < self.config.max_seeds and any(layer.free() for layer in seeds.values())
 
     def busy(self, layer: str) -> bool:
         """A live seed, or a reserved replacement, is under evaluation in ``layer``."""
@@ -379,14 +378,15 @@ class GrowthPolicy:
             self.latency[key] = measured
         return self.latency[key]
 
-    def _occupied(self) -> Iterator[tuple[str, SlotView]]:
-        for name, layer in self.seeds.items():
+    def _occupied(self, seeds: SeedView | None = None) -> Iterator[tuple[str, SlotView]]:
+        """Slots holding a seed, in ``seeds`` (default: the view of the current decision)."""
+        for name, layer in (self.seeds if seeds is None else seeds).items():
             for slot in layer.slots:
                 if slot.holds:
                     yield name, slot
 
-    def _seeds_used(self) -> int:
-        return sum(1 for _ in self._occupied()) + len(self.reserved)
+    def _seeds_used(self, seeds: SeedView | None = None) -> int:
+        return sum(1 for _ in self._occupied(seeds)) + len(self.reserved)
 
     def _used(self) -> tuple[int, int]:
         """(parameters, forward FLOPs per sample) of every seed that holds or will hold parameters."""
