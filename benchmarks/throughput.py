@@ -38,6 +38,9 @@ Configurations: ``cpu-cnn`` (the quickstart recipe on the CPU), ``cpu-cnn-compil
 channels [16, 32, 64] on 16x16 images, batch 64, 400 steps, ``trainer.compile: default``; inductor's
 first compile makes it a few minutes), ``cuda-cnn-fp32``, ``cuda-cnn-bf16``,
 ``cuda-cnn-compiled`` (the zoo CNN with channels [64, 128, 256], batch 256, generated 3x32x32 images),
+``cuda-cnn-compiled-nondet`` (the same with ``run.deterministic: false`` on both sides: Esper then
+compiles each new topology on a background thread instead of only the dormant and the grown model
+on the training thread),
 ``cuda-lm-fp32``, ``cuda-lm-bf16`` (the zoo transformer, 4 blocks of width 256, 64 sequences of 256
 tokens). ``--smoke`` shrinks every configuration to a few steps (for the test suite). The last line
 printed is ``throughput min dormant_ratio X.XXX min trainer_ratio Y.YYY``.
@@ -103,6 +106,7 @@ CONFIGS: dict[str, tuple[Any, list[str]]] = {
     "cuda-cnn-fp32": (CNN_RECIPE, []),
     "cuda-cnn-bf16": (CNN_RECIPE, ["trainer.precision=bf16"]),
     "cuda-cnn-compiled": (CNN_RECIPE, ["trainer.compile=default"]),
+    "cuda-cnn-compiled-nondet": (CNN_RECIPE, ["trainer.compile=default", "run.deterministic=false"]),
     "cuda-lm-fp32": (LM_RECIPE, []),
     "cuda-lm-bf16": (LM_RECIPE, ["trainer.precision=bf16"]),
 }

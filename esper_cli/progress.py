@@ -35,6 +35,11 @@ def describe(event: Event) -> str | None:
         return f"compiling {count} kernel{'s' if count != 1 else ''} (cached for later runs)..."
     if event["event"] == "kernels_ready" and event["seconds"] >= 1.0:
         return f"kernels ready in {event['seconds']:.1f}s"
+    if event["event"] == "graph_compiled":
+        what = f"step {event['step']}: compiled graph for {event['seeds']} seed{'s' if event['seeds'] != 1 else ''}"
+        if event["ok"]:
+            return f"{what} in {event['seconds']:.1f}s (off the training thread)"
+        return f"{what} failed ({event['error']}); that topology runs eagerly"
     if "layer" in event:
         text = f"step {event['step']}: {event['event']} {event.get('blueprint') or ''} in {event['layer']}#{event['slot']}"
         return " ".join(text.split())

@@ -1,6 +1,6 @@
 """Determinism on the GPU: with ``run.deterministic: true`` a CUDA run resumed from a mid-run
-checkpoint ends byte-identical to the uninterrupted run, in fp32 and bf16, with a seed grown after the
-checkpoint. Skipped where there is no CUDA device (CI); run on the GPU machine with
+checkpoint ends byte-identical to the uninterrupted run, in fp32 and bf16 and under ``torch.compile``,
+with a seed grown after the checkpoint. Skipped where there is no CUDA device (CI); run on the GPU machine with
 ``python -m pytest tests/test_cuda_resume.py``."""
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ telemetry: {progress: none}
 """
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_cuda_run_resumes_bit_exactly(tmp_path: Path, precision: str) -> None:
+@pytest.mark.parametrize(("precision", "compile"), [("fp32", "none"), ("bf16", "none"), ("fp32", "default")])
+def test_a_cuda_run_resumes_bit_exactly(tmp_path: Path, precision: str, compile: str) -> None:
+    """Compiled too: a deterministic compiled run compiles its dormant and its grown model, at steps
+    that depend on the run's state alone, so the resumed run runs compiled exactly where the whole one
+    did."""
     recipe = tmp_path / "cuda.yaml"
     recipe.write_text(RECIPE, encoding="utf-8")
     whole = Trainer.from_recipe(recipe, [f"run.output_dir={tmp_path / 'runs'}", f"trainer.precision={precision}",
-                                         f"storage.workspace={tmp_path / 'ws'}"])
+                                         f"storage.workspace={tmp_path / 'ws'}", f"trainer.compile={compile}"])
     summary = whole.fit()
     run_dir = Path(summary["run_dir"])
     assert summary["seeds"]["fossilized"] + summary["seeds"]["culled"] >= 1, summary["seeds"]

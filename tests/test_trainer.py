@@ -28,6 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from esper_cli.progress import describe
 from esper_core.training.trainer import Trainer
 from esper_core.errors import EsperError
 
@@ -252,42 +253,131 @@ def test_merging_at_fossilize_leaves_the_model_function_unchanged() -> None:
     assert torch.allclose(model(x), before, atol=1e-5) and "0" not in layer.seeds and layer.slots[0].merged
 
 
-def test_a_compiled_run_uses_the_whole_graph_only_on_steps_without_live_seeds(
-        recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``trainer.compile``: steps in which every layer is its host alone run one compiled graph (and
-    keep doing so after steps with live seeds or measurements, which run eagerly); a live seed is
-    never skipped. The graphs are compiled by a backend that counts their executions: a model that
-    loops over its layers, broken at a wrapped layer once, used to lose its one graph for every later
-    step (dynamo skips a frame whose loop holds a break, for every wrapper of it)."""
-    from esper_core.seeds import kasmina
+@dataclass
+class CompiledRun:
+    """A ``trainer.compile`` run whose graphs go to a backend that records, per compile, the thread it
+    ran on, and per step, whether the step ran a compiled graph."""
+
+    run: Run
+    compile_threads: list[str]
+    steps: list[tuple[int, bool, bool, bool]]  # (step, graph ran, every layer settled, topology lasts)
+    notices: list[dict[str, Any]]  # what the run told its listeners (progress display)
+
+
+def _compiled_run(recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str,
+                  background: bool = False, fail_off_thread: bool = False) -> CompiledRun:
+    import threading
+
     from esper_core.training import compiled as compiled_module
-    from esper_core.training import trainer as trainer_module
 
-    executions: list[int] = []  # compiled graphs run so far
+    threads: list[str] = []
+    executions: list[int] = []
 
-    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+    def recording_backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        threads.append(threading.current_thread().name)
+        if fail_off_thread and threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("backend refused the graph")
+
         def run(*args: Any) -> Any:
-            executions.append(1)
+            if threading.current_thread() is threading.main_thread():  # not a compile's own pass
+                executions.append(1)
             return graph.forward(*args)
         return run
 
-    monkeypatch.setattr(trainer_module, "compile_model", lambda model, mode, layers:
-                        compiled_module.compile_model(model, mode, layers, counting_backend))
-    trainer = Trainer.from_recipe(recipe, [f"run.output_dir={tmp_path}", "trainer.compile=default", KEEP_ALL])
-    calls: list[tuple[bool, bool, int]] = []  # (flag, every layer idle, graphs run) at a step's start, then its reset
+    original = compiled_module.compile_model
+    monkeypatch.setattr(compiled_module, "compile_model", lambda model, mode, layers, backend="inductor":
+                        original(model, mode, layers, recording_backend))
+    torch._dynamo.reset()
+    trainer = Trainer.from_recipe(recipe, [f"run.output_dir={tmp_path}", "trainer.compile=default", *overrides])
+    steps: list[tuple[int, bool, bool, bool]] = []
+    choose = trainer.whole_graph.model_for
 
-    def recording(enabled: bool) -> None:
-        calls.append((enabled, all(layer.idle() for layer in trainer.manager.layers.values()), len(executions)))
-        kasmina.compile_whole_graph(enabled)
+    def recording_choice(batch: Any, step: int) -> torch.nn.Module | None:
+        before = len(executions)
+        chosen = choose(batch, step)
+        settled = all(layer.settled() for layer in trainer.manager.layers.values())
+        steps.append((step, chosen is not None, settled, trainer.controller.topology_lasts()))
+        if steps[1:]:  # the graph the step before ran (if any) has run by now
+            last = steps[-2]
+            assert (before > last_count[0]) == last[1], f"step {last[0]}: graph ran != chosen"
+        last_count[0] = before
+        return chosen
 
-    monkeypatch.setattr(trainer_module, "compile_whole_graph", recording)
-    summary = trainer.fit()
-    starts, resets = calls[0::2], calls[1::2]
-    assert len(starts) == len(resets) == 200 and not any(flag for flag, _, _ in resets)
-    assert [flag for flag, _, _ in starts] == [idle for _, idle, _ in starts]  # whole graph exactly when idle
-    assert any(flag for flag, _, _ in starts) and not all(flag for flag, _, _ in starts)
-    graphs = [reset[2] - start[2] for start, reset in zip(starts, resets)]
-    assert graphs == [1 if flag else 0 for flag, _, _ in starts]  # one graph when idle, eager otherwise
-    first_live = next(i for i, (flag, _, _) in enumerate(starts) if not flag)
-    assert any(flag for flag, _, _ in starts[first_live:])  # idle steps after live ones still compiled
-    assert summary["seeds"]["fossilized"] == 2
+    last_count = [0]
+    trainer.whole_graph.model_for = recording_choice  # type: ignore[method-assign]
+    if background:  # what esper train does on CUDA when the run need not be deterministic (no GPU here)
+        assert not trainer.whole_graph.background and trainer.device.type == "cpu"
+        trainer.whole_graph.background = True
+    notices: list[dict[str, Any]] = []
+    summary = trainer.fit(notices.append)
+    return CompiledRun(Run(trainer, summary), threads, steps, notices)
+
+
+def test_a_deterministic_compiled_run_compiles_its_dormant_and_its_grown_model_in_line(
+        recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fit: Callable[..., Run]) -> None:
+    """``trainer.compile`` with ``run.deterministic: true``: steps run one compiled graph exactly
+    while every layer is its host alone or the seeds can no longer change (growth over, fossilized
+    seeds inside the graph), each compiled on the training thread; the others run eagerly. The graph
+    computes what the eager model does: the run ends with the weights of the same run uncompiled."""
+    compiled = _compiled_run(recipe, tmp_path, monkeypatch, KEEP_ALL)
+    run = compiled.run
+    assert run.summary["seeds"]["fossilized"] == 2
+    assert compiled.compile_threads == ["MainThread"] * 2  # the dormant model and the grown one
+    ran = [step for step, chosen, _, _ in compiled.steps if chosen]
+    assert all(settled for _, chosen, settled, _ in compiled.steps if chosen)
+    assert [step for step, chosen, settled, lasts in compiled.steps if settled and lasts and not chosen] == []
+    dormant = [step for step in ran if step < 10]  # until the seeds germinate at step 10 (step 0 measures)
+    assert dormant == list(range(1, 10))
+    grown = [step for step in ran if step >= 10]  # from the step no seed is live with every slot taken
+    assert grown == list(range(grown[0], 200)) and grown[0] < 100
+    eager = fit(KEEP_ALL).weights()
+    assert run.weights().keys() == eager.keys()
+    assert all(torch.equal(run.weights()[k], eager[k]) for k in eager)
+
+
+def test_a_compiled_run_that_may_vary_compiles_every_settled_topology_off_the_training_thread(
+        recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fit: Callable[..., Run]) -> None:
+    """On CUDA with ``run.deterministic: false`` every topology whose seeds are all plain branches is
+    compiled on a thread of its own from a copy of the model, while training goes on eagerly; later
+    steps of that topology run the graph. Training the copy leaves the model untouched: the run ends
+    with the weights of the same run uncompiled (up to rounding)."""
+    compiled = _compiled_run(recipe, tmp_path, monkeypatch, KEEP_ALL, "run.deterministic=false", background=True)
+    run = compiled.run
+    assert run.summary["seeds"]["fossilized"] == 2
+    # the dormant model at start-up on the training thread (like any compiled loop), then the model
+    # with both seeds on probation (fossilizing them changes no pass) off it, from the step their
+    # probation began: not only once growth is over
+    assert compiled.compile_threads == ["MainThread", "esper-compile"]
+    assert not run.events("graph_compiled")  # a notice (its timing varies), not a chained event
+    notices = [e for e in compiled.notices if e["event"] == "graph_compiled"]
+    assert [(e["seeds"], e["ok"]) for e in notices] == [(2, True)]
+    assert "compiled graph for 2 seeds in" in describe(notices[0]) and "off the training thread" in describe(notices[0])
+    ran = [step for step, chosen, _, _ in compiled.steps if chosen]
+    assert ran[:9] == list(range(1, 10)) and all(settled for _, chosen, settled, _ in compiled.steps if chosen)
+    probation = next(step for step, _, settled, _ in compiled.steps if settled and step > 10)
+    assert notices[0]["started"] == probation < next(step for step, _, _, lasts in compiled.steps if lasts)
+    assert ran[-1] == 199
+    eager = fit(KEEP_ALL, "run.deterministic=false").weights()
+    _assert_within_rounding(run.weights(), eager)
+
+
+def test_a_topology_that_fails_to_compile_off_the_training_thread_runs_eagerly(
+        recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fit: Callable[..., Run]) -> None:
+    """A compile that fails in the background stops nothing: the listeners are told why, and that
+    topology's steps run eagerly to the end of the run."""
+    compiled = _compiled_run(recipe, tmp_path, monkeypatch, KEEP_ALL, "run.deterministic=false", background=True,
+                             fail_off_thread=True)
+    notices = [e for e in compiled.notices if e["event"] == "graph_compiled"]
+    assert [(e["seeds"], e["ok"]) for e in notices] == [(2, False)]
+    assert "backend refused the graph" in notices[0]["error"]
+    assert describe(notices[0]).endswith("backend refused the graph)); that topology runs eagerly")
+    assert [step for step, chosen, _, _ in compiled.steps if chosen] == list(range(1, 10))  # the dormant model only
+    assert compiled.run.summary["steps"] == 200
+    _assert_within_rounding(compiled.run.weights(), fit(KEEP_ALL, "run.deterministic=false").weights())
+
+
+def _assert_within_rounding(weights: dict[str, torch.Tensor], eager: dict[str, torch.Tensor]) -> None:
+    # Within rounding: PyTorch's is_compiling flag is process-wide, so while a compile runs the
+    # optimizer's step takes its compile-friendly path (same arithmetic, rounded differently).
+    assert weights.keys() == eager.keys()
+    assert all(torch.allclose(weights[k], eager[k], rtol=1e-3, atol=1e-3) for k in eager)

@@ -293,6 +293,15 @@ class GrowthController:
 
     # --- state ------------------------------------------------------------------------------------
 
+    def topology_lasts(self) -> bool:
+        """Whether the seeds in the model now stay as they are unless a slot frees up: none is live,
+        and no decision can germinate another (the growth window is over, or the seed budget or every
+        slot is spent). What a deterministic compiled run compiles besides its dormant start."""
+        view = self.manager.view()
+        if any(slot.state.live for layer in view.values() for slot in layer.slots):
+            return False
+        return self.policy.window_over(self.step) or not self.policy.may_grow(view)
+
     def state_dict(self, governor: bool = True) -> State:
         """Everything the controller needs to continue exactly (tensors and JSON values only). The
         governor's part (its snapshot included) is left out of the snapshots it takes itself."""

@@ -117,6 +117,10 @@ class GrowthPolicy:
         start, end = self.config.growth_window
         return start * self.max_steps <= step < end * self.max_steps
 
+    def window_over(self, step: int) -> bool:
+        """Whether no later step is in the growth window."""
+        return step >= self.config.growth_window[1] * self.max_steps
+
     def observe_train(self, step: int, loss: float) -> None:
         self.signals.observe_train(step, loss)
 

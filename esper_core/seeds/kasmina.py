@@ -4,9 +4,11 @@ The layer owns the *mechanism* of each lifecycle state; when a state changes is 
 :class:`~esper_core.seeds.manager.SeedManager` and the policy. What the forward pass sees of a seed
 is its state (which computation it takes, see :func:`_seed_path`) and its blend weight ``alpha``, a
 buffer per slot, so blending changes no Python value. Under ``torch.compile`` no state change of a
-seed ever recompiles the model: ``esper train`` on one device compiles only passes in which every
-layer is idle (:func:`compile_whole_graph`) and runs the others eagerly; under DDP the seed path runs
-eagerly between compiled host regions (:data:`_seed_path_boundary`).
+seed within a compiled pass's topology recompiles the model: ``esper train`` on one device compiles
+whole-graph passes (:func:`compile_whole_graph`) only for topologies in which every layer is settled
+(:meth:`KasminaLayer.settled`), compiles each new one off the training thread while it runs the others
+eagerly (``esper_core.training.compiled``); under DDP the seed path runs eagerly between compiled host
+regions (:data:`_seed_path_boundary`).
 
 A *span* seed lives in the slot of the second layer of a consecutive pair: it reads the input of the
 layer before (its ``feeder``, which keeps its last input while a span seed needs it) and adds to
@@ -98,15 +100,15 @@ _whole_graph = False
 
 
 def compile_whole_graph(enabled: bool) -> None:
-    """Tell compiled forward passes that every Kasmina layer is idle (no live seed, no measurement, no
-    captured input), so each layer is its host alone and the model compiles as one graph, without the
-    break per wrapped layer that :data:`_seed_path_boundary` costs (0.8 of the plain compiled loop's
-    speed on an H200 for a dormant CNN). Never call a wrapper that has compiled flag-on passes with the
-    flag off: a frame of the user's model that ends *before* a Kasmina layer never reads the flag, so
-    its entry would answer for both, and a break inside the model's loop would skip its frame for
-    good. Whoever sets the flag must know it is true for the pass (``esper train`` checks
-    :meth:`KasminaLayer.idle` on every layer before each step, runs the eager model when one is not,
-    and resets the flag after); a live seed would otherwise be left out."""
+    """Tell compiled forward passes to trace each Kasmina layer as it is (its host, and its seed path
+    when it has one), so the model compiles as one graph per topology, without the break per wrapped
+    layer that :data:`_seed_path_boundary` costs (0.8 of the plain compiled loop's speed on an H200 for
+    a dormant CNN). Dynamo's guards then read each layer's seed list, so a pass compiled for one
+    topology is never reused for another. Set it for a whole run, not per step: compiles may run on a
+    background thread while the training thread runs eagerly (``esper_core.training.compiled``), and
+    never call a wrapper that has compiled flag-on passes with the flag off (a frame of the user's
+    model that ends *before* a Kasmina layer never reads the flag, so its entry would answer for both,
+    and a break inside the model's loop would skip its frame for good)."""
     global _whole_graph
     _whole_graph = enabled
 
@@ -157,7 +159,9 @@ class KasminaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.host(x)
         if torch.compiler.is_compiling():
-            return y if _whole_graph else _seed_path_boundary(self, x, y)
+            if _whole_graph:
+                return y if self.idle() else _seed_path(self, x, y)
+            return _seed_path_boundary(self, x, y)
         if self.idle():
             return y  # dormant: the host alone, no further call
         return _seed_path(self, x, y)
@@ -165,6 +169,19 @@ class KasminaLayer(nn.Module):
     def idle(self) -> bool:
         """Whether the layer is its host alone right now (no live seed, no measurement, no capture)."""
         return not self._active and self.probe is None and not self.capture
+
+    def settled(self) -> bool:
+        """Whether this layer's pass is one that stays put: no measurement, and every seed it computes a
+        plain branch (probation or fossilized; incubating and blending seeds change how they are
+        computed within a few hundred steps). ``esper train`` compiles a whole-graph pass only when every
+        layer is settled, so a compile is spent on a topology that lasts."""
+        return self.probe is None and all(mode == FIXED for *_, mode in self._active)
+
+    def topology(self) -> tuple[Any, ...]:
+        """What a compiled pass of this layer depends on (its guards): which slots it computes, from
+        which kernel, reading which input, in which way, and whether it keeps its input. Seeds built
+        from one kernel have one structure, so a pass compiled for one serves the other."""
+        return self.capture, tuple((i, self.slots[i].kernel, span, mode) for i, _, span, mode in self._active)
 
     # --- mechanism of each transition (called by the SeedManager) ---------------------------------
 

@@ -38,7 +38,7 @@ from esper_core.training import optim, run_files, run_state
 from esper_core.training.accumulation import average_gradients, micro_batches
 from esper_core.training.best import BestModel
 from esper_core.training.checkpoint_state import check_run_state, check_world_size, refusing
-from esper_core.training.compiled import compile_model
+from esper_core.training.compiled import WholeGraph, compile_model
 from esper_core.training.data import build_data, import_factory
 from esper_core.training.early_stop import EarlyStopping, growth_ends
 from esper_core.training.finish import finish_run
@@ -145,14 +145,18 @@ class Trainer:
         self.manager = self.controller.manager
         self.precision = Precision(recipe.trainer.precision, self.device)
         compiled = recipe.trainer.compile != "none"  # training steps only: evaluation stays eager
-        # One device: steps in which every layer is its host alone run the model compiled as one
-        # graph, the others run it eagerly. Not the seed-path variant (a graph break at each wrapped
-        # layer) for those: in a model that loops over its blocks, a break inside the loop makes
-        # dynamo skip the model's whole frame, for every wrapper of it, so the first step with a
-        # live seed or a measurement also cost every later idle step its compiled graph (a CPU CNN:
-        # 14 -> 28 ms a step), and the broken-up steps ran slower than eager ones (H200 CNN: 64
-        # against 83 steps/s).
-        self.whole_model = compile_model(self.model, recipe.trainer.compile, len(self.manager.layers)) \
+        # One device: steps whose topology is settled and compiled run the model compiled as one
+        # graph (WholeGraph), the others run it eagerly. Not the seed-path variant (a graph break at
+        # each wrapped layer) for those: in a model that loops over its blocks, a break inside the
+        # loop makes dynamo skip the model's whole frame, for every wrapper of it, so the first step
+        # with a live seed or a measurement also cost every later idle step its compiled graph (a
+        # CPU CNN: 14 -> 28 ms a step), and the broken-up steps ran slower than eager ones (H200
+        # CNN: 64 against 83 steps/s).
+        self.whole_graph = WholeGraph(
+            self.model, recipe.trainer.compile, list(self.manager.layers.values()), self._training_pass,
+            background=recipe.trainer.compile == "default" and not recipe.run.deterministic
+            and self.device.type == "cuda",
+            lasting=self.controller.topology_lasts, on_compiled=self.recorder.notify) \
             if compiled and self.world is None else None
         # Under torchrun every step runs through DDP over the seed-path variant (one wrapper, so the
         # skip above cannot cost another one its graph), rebuilt when seeds change the parameters.
@@ -211,6 +215,7 @@ class Trainer:
                 pulls = self.controller.policy.selector.warm_start(workspace_store(recipe.storage.workspace))
                 self.recorder.record({"event": "selector_warm_start", "step": self.step, "pulls": pulls})
             self.signals.install()
+            compile_whole_graph(self.whole_graph is not None)  # for the run: compiles may run on another thread
             self.model.train()  # once: evaluation passes restore the mode they found
             self.checkpoints.restart()
             while self.step < recipe.trainer.max_steps:
@@ -240,6 +245,9 @@ class Trainer:
                 self.world.barrier()  # on every rank, fit returns once rank 0 has written the run's results
             return summary
         finally:
+            if self.whole_graph is not None:
+                self.whole_graph.close()
+            compile_whole_graph(False)
             if self.replica is not None:
                 self.replica.close()
             self.controller.close()
@@ -256,23 +264,17 @@ class Trainer:
         morph = self.recorder.telemetry.morph
         count = cfg.trainer.accumulate_steps
         layers = list(self.manager.layers.values())
-        # compiled, and no layer does anything beyond its host this step: one graph
-        whole = self.whole_model is not None and all(layer.idle() for layer in layers)
-        model = self.whole_model if whole else self.model if self.replica is None else self.replica.module()
         self.optimizer.zero_grad(set_to_none=True)
+        batches = micro_batches(self.sampler.next(), count)
+        whole = self.whole_graph.model_for(batches[0], self.step) if self.whole_graph is not None else None
+        model = whole if whole is not None else self.model if self.replica is None else self.replica.module()
         losses = []
-        compile_whole_graph(whole)
-        try:
-            for index, batch in enumerate(micro_batches(self.sampler.next(), count)):
-                with self.precision.autocast():
-                    output, targets = self.task.forward(model, batch, self.device)
-                    losses.append(self.task.loss(output, targets))
-                self.precision.backward(losses[-1], layers)
-                if index == 0 and count > 1:
-                    with morph:  # health is measured on the first micro-batch (fp16: its gradients still scaled)
-                        self.controller.after_backward()
-        finally:
-            compile_whole_graph(False)
+        for index, batch in enumerate(batches):
+            losses.append(self._training_pass(model, batch))
+            self.precision.backward(losses[-1], layers)
+            if index == 0 and count > 1:
+                with morph:  # health is measured on the first micro-batch (fp16: its gradients still scaled)
+                    self.controller.after_backward()
         average_gradients(self.optimizer, count)
         self.precision.unscale(self.optimizer)
         if count == 1:
@@ -285,6 +287,13 @@ class Trainer:
         self.precision.step(self.optimizer)
         with morph:
             return self.controller.after_step(loss)
+
+    def _training_pass(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """One micro-batch's loss, forward under the run's precision (also what a compile in the
+        background trains its copy of the model with)."""
+        with self.precision.autocast():
+            output, targets = self.task.forward(model, batch, self.device)
+            return self.task.loss(output, targets)
 
     def _validate_and_grow(self) -> bool:
         """Validate, then let the controller snapshot and grow; returns whether it rolled back."""
