@@ -233,6 +233,11 @@ def measure(name: str, repeats: int, smoke: bool, work: Path) -> dict[str, Any]:
         overrides = [*overrides, *SMOKE, *(SMOKE_DATA[kind] if isinstance(base, dict) else [])]
         if not torch.cuda.is_available():
             overrides.append("run.device=cpu")
+    # Kernels are compiled into the recipe's workspace first, as CI would (`esper compile --for`): a
+    # one-step deterministic run waits for all of them. A run that need not be deterministic does not
+    # wait, and on the H200 a fresh compile worker delivered nothing within a whole 1,000-step arm.
+    run_esper(recipe, [*overrides, "trainer.max_steps=1", "run.deterministic=true", "trainer.compile=none"],
+              work / f"{name}-kernels")
     # The plain loops read the data Esper builds from the recipe (same splits, same order of samples).
     reference = Trainer.from_recipe(recipe, [f"run.output_dir={work / 'unused'}", *overrides])
     cfg = reference.loaded.recipe.trainer
