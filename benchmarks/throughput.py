@@ -30,9 +30,11 @@ dynamo runs a frame eagerly), slowing whichever arm comes later; a user's run ha
 itself.
 
 ``topology_stall_s``: for every seed event that changes what a forward pass runs (a seed's module
-added, fossilized, merged or culled), the time of the logging interval that contains it minus the
-median interval of the same kind (with or without a validation pass); the median over events is
-reported (issue target under ``trainer.compile: default`` on CUDA: <= 1.0 s).
+added, fossilized, merged or culled), the time of the logging interval that contains it, and of the
+one that holds the next step (the first pass of the new topology, which is where a compile on the
+training thread lands) if that is another, each minus the median interval of the same kind (with or
+without a validation pass); the median over events is reported (issue target under
+``trainer.compile: default`` on CUDA: <= 1.0 s).
 
 Configurations: ``cpu-cnn`` (the quickstart recipe on the CPU), ``cpu-cnn-compiled`` (the zoo CNN with
 channels [16, 32, 64] on 16x16 images, batch 64, 400 steps, ``trainer.compile: default``; inductor's
@@ -141,9 +143,11 @@ class Clock:
                    for k in (False, True)}
         out = []
         for step, _ in self.events:
-            end = next((e for e in steps if e >= step and e in intervals), None)
-            if end is not None:
-                out.append(max(0.0, intervals[end] - typical[kind(end)]))
+            # the event's own work (a verdict's evaluations) ends step `step`; the first pass of the
+            # new topology (and a compile on the training thread) is step `step + 1`
+            ends = {next((e for e in steps if e >= s and e in intervals), None) for s in (step, step + 1)} - {None}
+            if ends:
+                out.append(sum(max(0.0, intervals[end] - typical[kind(end)]) for end in ends))
         return out
 
 

@@ -26,3 +26,18 @@ def test_smoke_run_writes_every_arm_and_ends_with_the_key_figure(tmp_path: Path)
         assert all(v > 0 for v in result["median"].values())
         assert result["dormant_ratio"] == result["median"]["esper_dormant"] / result["median"]["plain_host"]
     assert report["min_dormant_ratio"] == min(r["dormant_ratio"] for r in report["results"])
+
+
+def test_a_topology_stall_counts_the_first_pass_of_the_new_topology() -> None:
+    """A seed event at step s is followed by the new topology's first pass at step s + 1, where a
+    compile on the training thread lands: the stall holds the interval of each, not only the first."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from throughput import Clock
+
+    clock = Clock()
+    for step in range(0, 201, 25):  # 1 s per logging interval, validation every 100 steps adds nothing here
+        clock.at[step] = step / 25
+    for step in range(150, 201, 25):
+        clock.at[step] += 4.0  # a 4 s compile in the interval (125, 150]: step 126 ran the new topology
+    clock.events.append((125, "fossilize"))
+    assert clock.stalls(eval_every=100, after=0) == [4.0]
