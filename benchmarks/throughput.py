@@ -126,6 +126,7 @@ class Clock:
 
     at: dict[int, float] = field(default_factory=dict)
     events: list[tuple[int, str]] = field(default_factory=list)
+    compiles: list[dict[str, Any]] = field(default_factory=list)  # graph_compiled notices (off-thread compiles)
 
     def rate(self, start: int, end: int) -> float:
         return (end - start) / (self.at[end] - self.at[start])
@@ -167,6 +168,8 @@ def run_esper(recipe: Path, overrides: list[str], out: Path) -> tuple[Trainer, d
             clock.at[int(event["step"])] = time.perf_counter()
         elif event.get("event") in TOPOLOGY_EVENTS:
             clock.events.append((int(event["step"]), str(event["event"])))
+        elif event.get("event") == "graph_compiled":
+            clock.compiles.append({k: event[k] for k in ("started", "step", "seconds", "seeds", "ok")})
 
     trainer = Trainer.from_recipe(recipe, [f"run.output_dir={out}", "telemetry.progress=none", *overrides])
     summary = trainer.fit(on_event=listen)
@@ -298,7 +301,8 @@ def _host_model(trainer: Trainer) -> nn.Module:
 
 def _outcome(summary: dict[str, Any], clock: Clock) -> dict[str, Any]:
     keep = ("val_loss", "test_loss", "test_accuracy", "test_perplexity", "params_initial", "params_final", "seeds")
-    return {k: summary[k] for k in keep if k in summary} | {"topology_events": clock.events}
+    return {k: summary[k] for k in keep if k in summary} | {"topology_events": clock.events,
+                                                            "graph_compiles": clock.compiles}
 
 
 def main(argv: list[str] | None = None) -> int:
