@@ -376,6 +376,22 @@ def test_a_topology_that_fails_to_compile_off_the_training_thread_runs_eagerly(
     _assert_within_rounding(compiled.run.weights(), fit(KEEP_ALL, "run.deterministic=false").weights())
 
 
+def test_span_seeds_run_inside_the_compiled_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A span seed reads the input its feeder layer keeps: inside one compiled graph that is an
+    attribute written and read in the same pass. The MLP of ``recipes/growth-mlp.yaml``, once grown by
+    span seeds, runs its steps compiled and ends with exactly the eager run's weights."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "growth-mlp.yaml"
+    small = ["data.teacher.n_samples=2000", "trainer.max_steps=600", "telemetry.progress=none"]
+    compiled = _compiled_run(recipe, tmp_path / "compiled", monkeypatch, *small)
+    eager = _train(recipe, [f"run.output_dir={tmp_path / 'eager'}", *small])
+    assert compiled.run.summary["seeds"] == eager.summary["seeds"] and eager.summary["seeds"]["fossilized"] >= 4
+    assert compiled.compile_threads == ["MainThread"] * 2  # the dormant MLP and the grown one
+    grown = [step for step, chosen, _, lasts in compiled.steps if chosen and lasts]
+    assert grown and grown[-1] == 599
+    weights, reference = compiled.run.weights(), eager.weights()
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
 def _assert_within_rounding(weights: dict[str, torch.Tensor], eager: dict[str, torch.Tensor]) -> None:
     # Within rounding: PyTorch's is_compiling flag is process-wide, so while a compile runs the
     # optimizer's step takes its compile-friendly path (same arithmetic, rounded differently).

@@ -403,10 +403,11 @@ class TrainerConfig(Section):
         "none", description="`torch.compile` mode for training steps (`none`: eager), with static shapes. A step "
         "runs the model as one compiled graph, fossilized seeds and seeds on probation inside it, once that "
         "topology is compiled; steps with an incubating or blending seed or a health measurement run eagerly. "
-        "With `run.deterministic: false` and mode `default`, each new topology compiles on a background thread "
-        "while training goes on eagerly (no stall); otherwise only the dormant model and the grown one (no seed "
-        "live, no growth left) compile, on the training thread, so which steps run compiled never depends on "
-        "compile time. Under torchrun seeds run eagerly between compiled host regions.")
+        "On CUDA with `run.deterministic: false` and mode `default`, each later topology compiles on a background "
+        "thread while training goes on eagerly (no stall, but a cold compile slows training while it runs); "
+        "otherwise only the dormant model and the grown one (no seed live, no growth left) compile, on the "
+        "training thread, so which steps run compiled never depends on compile time. Under torchrun seeds run "
+        "eagerly between compiled host regions.")
     eval_every: int = Field(50, ge=1, description="Steps between validation passes.")
     log_every: int = Field(10, ge=1, description="Steps between lines in metrics.jsonl (and loss reads).")
     governor: GovernorConfig = Field(default_factory=GovernorConfig, description="Anomaly rollback.")
