@@ -285,8 +285,8 @@ def _compiled_run(recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         return run
 
     original = compiled_module.compile_model
-    monkeypatch.setattr(compiled_module, "compile_model", lambda model, mode, layers, backend="inductor":
-                        original(model, mode, layers, recording_backend))
+    monkeypatch.setattr(compiled_module, "compile_model", lambda model, mode, wrapped_layers, backend="inductor":
+                        original(model, mode, wrapped_layers, recording_backend))
     torch._dynamo.reset()
     trainer = Trainer.from_recipe(recipe, [f"run.output_dir={tmp_path}", "trainer.compile=default", *overrides])
     steps: list[tuple[int, bool, bool, bool]] = []

@@ -6,9 +6,10 @@ is its state (which computation it takes, see :func:`_seed_path`) and its blend 
 buffer per slot, so blending changes no Python value. Under ``torch.compile`` no state change of a
 seed within a compiled pass's topology recompiles the model: ``esper train`` on one device compiles
 whole-graph passes (:func:`compile_whole_graph`) only for topologies in which every layer is settled
-(:meth:`KasminaLayer.settled`), compiles each new one off the training thread while it runs the others
-eagerly (``esper_core.training.compiled``); under DDP the seed path runs eagerly between compiled host
-regions (:data:`_seed_path_boundary`).
+(:meth:`KasminaLayer.settled`) and runs the others eagerly; where and when each topology compiles
+(off the training thread when the run need not be deterministic) is ``esper_core.training.compiled``'s
+choice; under DDP the seed path runs eagerly between compiled host regions
+(:data:`_seed_path_boundary`).
 
 A *span* seed lives in the slot of the second layer of a consecutive pair: it reads the input of the
 layer before (its ``feeder``, which keeps its last input while a span seed needs it) and adds to
@@ -159,9 +160,7 @@ class KasminaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.host(x)
         if torch.compiler.is_compiling():
-            if _whole_graph:
-                return y if self.idle() else _seed_path(self, x, y)
-            return _seed_path_boundary(self, x, y)
+            return _seed_path(self, x, y) if _whole_graph else _seed_path_boundary(self, x, y)
         if self.idle():
             return y  # dormant: the host alone, no further call
         return _seed_path(self, x, y)

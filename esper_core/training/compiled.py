@@ -16,6 +16,7 @@ cost no recompile during training).
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -78,8 +79,10 @@ class WholeGraph:
     def __init__(self, model: nn.Module, mode: str, layers: list[Any], training_pass: Callable[[nn.Module, Any], torch.Tensor],
                  background: bool, lasting: Callable[[], bool], on_compiled: Callable[[dict[str, Any]], None],
                  backend: Any = "inductor") -> None:
-        self.model, self.mode, self.backend, self.layers = model, mode, backend, layers
-        self.compiled = compile_model(model, mode, len(layers) + MAX_TOPOLOGIES, backend)
+        self.model, self.layers = model, layers
+        self._compile = functools.partial(compile_model, mode=mode, wrapped_layers=len(layers) + MAX_TOPOLOGIES,
+                                          backend=backend)
+        self.compiled = self._compile(model)
         self.training_pass, self.background, self.lasting = training_pass, background, lasting
         self.on_compiled = on_compiled
         self.ready: set[tuple[Any, ...]] = set()
@@ -103,7 +106,7 @@ class WholeGraph:
             self.ready.add(key)  # this step's pass compiles it
             return self.compiled
         if self._job is None:
-            self._job = _Compile(key, self._copy(), batch, self.mode, self.backend, len(self.layers), self.training_pass, step)
+            self._job = _Compile(key, self._copy(), batch, self._compile, self.training_pass, step)
         return None
 
     def close(self) -> None:
@@ -132,20 +135,20 @@ class WholeGraph:
 class _Compile:
     """One topology compiled on a thread of its own (see :class:`WholeGraph`)."""
 
-    def __init__(self, key: tuple[Any, ...], model: nn.Module, batch: Any, mode: str, backend: Any, layers: int,
+    def __init__(self, key: tuple[Any, ...], model: nn.Module, batch: Any, compile_copy: Callable[[nn.Module], nn.Module],
                  training_pass: Callable[[nn.Module, Any], torch.Tensor], step: int) -> None:
         self.key, self.step = key, step
         self.seconds = 0.0
         self.error: str | None = None
-        self.thread = threading.Thread(target=self._run, args=(model, batch, mode, backend, layers, training_pass),
+        self.thread = threading.Thread(target=self._run, args=(model, batch, compile_copy, training_pass),
                                        name="esper-compile", daemon=True)
         self.thread.start()
 
-    def _run(self, model: nn.Module, batch: Any, mode: str, backend: Any, layers: int,
+    def _run(self, model: nn.Module, batch: Any, compile_copy: Callable[[nn.Module], nn.Module],
              training_pass: Callable[[nn.Module, Any], torch.Tensor]) -> None:
         started = time.perf_counter()
         try:
-            training_pass(compile_model(model, mode, layers + MAX_TOPOLOGIES, backend), batch).backward()
+            training_pass(compile_copy(model), batch).backward()
         except Exception as error:  # reported by the training thread; this topology then runs eagerly
             self.error = _describe(error)
         self.seconds = time.perf_counter() - started
