@@ -36,8 +36,8 @@ from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file as save_tensors
 
+from esper_core.checkpoints.tensor_file import write_tensors
 from esper_core.durable import fsync_dir
 from esper_core.errors import CheckpointError, Problem
 from esper_core.safe_read import UnsafeInput, parse_json, read_regular
@@ -84,11 +84,12 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
     2. the directory is renamed into place and ``LATEST`` replaced, and then one fsync of the parent
        directory makes both entries durable before this returns.
 
-    The five fsyncs of step 1 are independent of one another, so they are issued together from
-    worker threads (the file system commits them in one journal transaction where it can: on ext4
-    here, three files and a directory synced together took the time of one). The tensors are
-    streamed to their file by ``safetensors`` (no copy of them in memory) and the file's sha256 is
-    read back from the page cache on a worker while it is being synced (hashlib releases the GIL).
+    Every file of step 1 is written before any fsync starts, and then the five fsyncs (four files
+    and the temporary directory) are issued together from worker threads: they are independent of
+    one another, and the file system commits them in one journal transaction where it can (on ext4
+    here, three files and a directory synced together took the time of one). So no file's bytes
+    depend on another's sync: the tensors' sha256, which the manifest needs, is computed while the
+    tensors are written (:mod:`esper_core.checkpoints.tensor_file`), not read back afterwards.
 
     Step 2 used to fsync the parent twice, once after each rename, so that ``LATEST`` could never
     become durable before the directory it names. One fsync saves a third of a small checkpoint's
@@ -107,20 +108,21 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
     temp.mkdir()
     state_bytes = json.dumps(state, sort_keys=True).encode("utf-8")
     pool, latest = _workers(), None
+    handles: list[BinaryIO] = []
     syncs: list[Future[None]] = []
     try:
-        save_tensors({k: v.contiguous() for k, v in tensors.items()}, str(temp / TENSORS))
-        syncs.append(pool.submit(_sync_and_close, open(temp / TENSORS, "rb+")))
-        digests = {TENSORS: pool.submit(_file_digest, temp / TENSORS), STATE: pool.submit(_digest, state_bytes)}
-        syncs.append(pool.submit(_sync_and_close, _filled(open(temp / STATE, "wb"), state_bytes)))
-        files = {filename: digest.result() for filename, digest in digests.items()}
+        handles.append(open(temp / TENSORS, "wb"))
+        files = {TENSORS: write_tensors(handles[-1], tensors), STATE: _digest(state_bytes)}
+        handles.append(_filled(open(temp / STATE, "wb"), state_bytes))
         manifest = {"format": FORMAT, "step": step, "files": files, "python": sys.version.split()[0],
                     "torch": torch.__version__, **info}
         text = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
-        syncs.append(pool.submit(_sync_and_close, _filled(open(temp / MANIFEST, "wb"), text)))
+        handles.append(_filled(open(temp / MANIFEST, "wb"), text))
         descriptor, path = tempfile.mkstemp(prefix=f".{LATEST}-", suffix=".tmp", dir=directory)
         latest = Path(path)
-        syncs.append(pool.submit(_sync_and_close, _filled(os.fdopen(descriptor, "wb"), (name + "\n").encode())))
+        handles.append(_filled(os.fdopen(descriptor, "wb"), (name + "\n").encode()))
+        syncs = [pool.submit(_sync_and_close, handle) for handle in handles]
+        handles = []
         syncs.append(pool.submit(fsync_dir, temp))
         for sync in syncs:
             sync.result()  # an fsync that failed fails the save before anything is renamed
@@ -137,6 +139,8 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
         if old is not None:
             shutil.rmtree(old)
     finally:
+        for handle in handles:  # a failure before the syncs were issued: close what was opened
+            handle.close()
         wait(syncs)  # on failure too: no file of this save is left open behind it
         if latest is not None:
             latest.unlink(missing_ok=True)
@@ -157,11 +161,6 @@ def _workers() -> ThreadPoolExecutor:
 
 def _digest(data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _file_digest(path: Path) -> dict[str, Any]:
-    with path.open("rb") as handle:
-        return {"sha256": hashlib.file_digest(handle, "sha256").hexdigest(), "bytes": os.fstat(handle.fileno()).st_size}
 
 
 def _filled(handle: BinaryIO, data: bytes) -> BinaryIO:
