@@ -18,5 +18,6 @@ def test_the_checkpoint_benchmark_runs_and_reports_its_figures(tmp_path: Path) -
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["save_ratio"] > 0 and figures["save_ratio_40mb"] > 0 and figures["resume_s"] > 0
+    assert figures["plain_resume_s"] > 0 and figures["resume_ratio"] > 0
     assert figures["tensor_bytes"] > 0
     assert result.stdout.strip().splitlines()[-1].startswith("save_ratio ")  # the key figure, last
