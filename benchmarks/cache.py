@@ -121,8 +121,8 @@ def rerun_hit_rate(settings: StorageSettings, specs: list[KernelSpec]) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
-    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "quickstart.yaml",
-                        help="Recipe whose kernels the simulated runs look up (default recipes/quickstart.yaml).")
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "digits-cnn.yaml",
+                        help="Recipe whose kernels the simulated runs look up (default recipes/digits-cnn.yaml).")
     parser.add_argument("--redis", default=os.environ.get("ESPER_REDIS_URL") or "redis://127.0.0.1:6379/0")
     parser.add_argument("--postgres", default="postgresql://root@127.0.0.1:5432/test")
     parser.add_argument("--repeats", type=int, default=300, help="Timed lookups per tier (default 300).")

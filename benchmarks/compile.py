@@ -33,7 +33,7 @@ from esper_core.compiler.store import LocalKernelStore
 
 
 def targets(kind: str, repeats: int) -> list[tuple[HostSpec, tuple[int, ...]]]:
-    """Distinct targets of the sizes the quickstart recipes use (8-64 wide)."""
+    """Distinct targets of the sizes the bundled recipes use (8-64 wide)."""
     if kind == "linear":
         return [(HostSpec("linear", 64, 32 + i), (64,)) for i in range(repeats)]
     return [(HostSpec("conv2d", 16, 32 + i, (3, 3), (2, 2), (1, 1)), (16, 8, 8)) for i in range(repeats)]

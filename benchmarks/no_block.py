@@ -2,12 +2,13 @@
 
     python benchmarks/no_block.py [--json PATH] [--steps N]
 
-Both runs use the quickstart model with ``run.deterministic=false`` (seeds wait GERMINATED for their
-kernels instead of the run waiting before step 1) and a periodic trigger early in training, so
-germinations ask for kernels while the background worker is still compiling them. The cold run
-starts from an empty workspace; the warm run reuses the kernels the cold run stored. Every training
-step is timed; the script reports step-time p50/p99 of each run, their p99 ratio, how many steps
-waited on a compile (``blocked_steps``) and how many steps germinated seeds waited for their kernel.
+Both runs use the digits CNN (``recipes/digits-cnn.yaml``) with ``run.deterministic=false`` (seeds
+wait GERMINATED for their kernels instead of the run waiting before step 1) and a periodic trigger
+early in training, so germinations ask for kernels while the background worker is still compiling
+them. The cold run starts from an empty workspace; the warm run reuses the kernels the cold run
+stored. Every training step is timed; the script reports step-time p50/p99 of each run, their p99
+ratio, how many steps waited on a compile (``blocked_steps``) and how many steps germinated seeds
+waited for their kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed_run(workspace: Path, out: Path, steps: int) -> dict:
-    trainer = Trainer.from_recipe(ROOT / "recipes/quickstart.yaml", [
+    trainer = Trainer.from_recipe(ROOT / "recipes/digits-cnn.yaml", [
         f"run.output_dir={out}", f"storage.workspace={workspace}", "run.deterministic=false",
         f"trainer.max_steps={steps}", "policy.trigger=periodic", "policy.period_steps=40",
         "policy.growth_window=[0.02,0.7]", "trainer.eval_every=20", "telemetry.progress=none"])

@@ -36,7 +36,7 @@ training thread lands) if that is another, each minus the median interval of the
 without a validation pass); the median over events is reported (issue target under
 ``trainer.compile: default`` on CUDA: <= 1.0 s).
 
-Configurations: ``cpu-cnn`` (the quickstart recipe on the CPU), ``cpu-cnn-compiled`` (the zoo CNN with
+Configurations: ``cpu-cnn`` (``recipes/digits-cnn.yaml`` on the CPU), ``cpu-cnn-compiled`` (the zoo CNN with
 channels [16, 32, 64] on 16x16 images, batch 64, 400 steps, ``trainer.compile: default``; inductor's
 first compile makes it a few minutes), ``cuda-cnn-fp32``, ``cuda-cnn-bf16``,
 ``cuda-cnn-compiled`` (the zoo CNN with channels [64, 128, 256], batch 256, generated 3x32x32 images),
@@ -101,7 +101,7 @@ LM_RECIPE: dict[str, Any] = {
     "trainer": {"max_steps": 1000, "lr": 0.001, "eval_every": 100, "log_every": 25},
 }
 CONFIGS: dict[str, tuple[Any, list[str]]] = {
-    "cpu-cnn": (ROOT / "recipes" / "quickstart.yaml", ["run.device=cpu"]),
+    "cpu-cnn": (ROOT / "recipes" / "digits-cnn.yaml", ["run.device=cpu"]),
     "cpu-cnn-compiled": (CNN_RECIPE, ["run.device=cpu", "trainer.compile=default", "model.channels=[16,32,64]",
                                       "data.factory_kwargs={n: 4096, size: 16}", "data.batch_size=64",
                                       "trainer.max_steps=400"]),

@@ -91,6 +91,7 @@ def summary_table(summary: dict) -> Table:
         ("device", summary["device"]),
         (f"val {metric}", f"{summary[f'val_{metric}']:.4f}"),
         (f"test {metric}", f"{summary[f'test_{metric}']:.4f}"),
+        *_muted_rows(summary, metric),
         ("params initial", f"{summary['params_initial']:,}"),
         ("params final", f"{summary['params_final']:,}"),
         ("seeds", ", ".join(f"{k} {v}" for k, v in summary["seeds"].items() if v) or "none"),
@@ -107,6 +108,15 @@ def summary_table(summary: dict) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _muted_rows(summary: dict, metric: str) -> list[tuple[str, str]]:
+    """The metric with every seed muted, beside the metric with them, when the run grew anything:
+    the difference is what growth bought (for a static run the two are the same figure)."""
+    grown = any(summary["seeds"].get(state) for state in ("training", "blending", "probation", "fossilized"))
+    muted = summary.get("seeds_muted") or {}
+    return [(f"{split} {metric}, every seed muted", f"{muted[f'{split}_{metric}']:.4f}")
+            for split in ("val", "test") if grown and f"{split}_{metric}" in muted]
 
 
 def print_plan(plan: dict[str, Any], console: Console) -> None:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from esper_core.telemetry.jsonl import verify_chain
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+DIGITS_CNN = REPO / "recipes" / "digits-cnn.yaml"
 TIMEOUT_S = 300
 
 MAX_STEPS = 300
@@ -50,7 +50,7 @@ LIFECYCLE_OVERRIDES = (
     "trainer.eval_every=20",
     "policy.growth_window=[0.05,0.6]",
 )
-"""A short quickstart: the first seed germinates at the first evaluation (step 20) and reaches its
+"""A short digits-CNN run: the first seed germinates at the first evaluation (step 20) and reaches its
 verdict 100 steps later; the growth window closes at step 180, so every seed has a verdict long
 before step 300 and the final model holds no live seed."""
 
@@ -155,7 +155,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     (work / "bad_targets.yaml").write_text(BAD_TARGETS, encoding="utf-8")
     (work / "bad_blueprint.yaml").write_text(BAD_BLUEPRINT, encoding="utf-8")
     # An earlier run of the same name: the new run must leave it exactly as it is and go to NAME-2.
-    earlier = work / "runs" / "quickstart"
+    earlier = work / "runs" / "digits-cnn"
     earlier.mkdir(parents=True)
     (earlier / "summary.json").write_text('{"earlier": true}\n', encoding="utf-8")
     (work / "empty").mkdir()  # a directory that holds no run and no checkpoint
@@ -163,12 +163,12 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     commands: dict[str, list[str | Path]] = {
         # Longest first, so it starts at once.
         # A relative output_dir resolves against the current directory (cwd is `work`).
-        "lifecycle": ["train", QUICKSTART, "run.output_dir=runs", *LIFECYCLE_OVERRIDES],
+        "lifecycle": ["train", DIGITS_CNN, "run.output_dir=runs", *LIFECYCLE_OVERRIDES],
         "help": ["--help"],
         "bad_targets": ["train", "bad_targets.yaml", "run.output_dir=never"],
         "bad_blueprint": ["train", "bad_blueprint.yaml", "run.output_dir=never"],
         "missing_file": ["train", "no_such_recipe.yaml", "run.output_dir=never"],
-        "bad_override": ["train", QUICKSTART, "run.output_dir=never", "trainer.max_steps", "=3"],
+        "bad_override": ["train", DIGITS_CNN, "run.output_dir=never", "trainer.max_steps", "=3"],
         "resume": ["resume", "--checkpoint", work / "empty"],
         "report": ["report", work / "runs"],
         "inspect-cache": ["inspect-cache"],
@@ -190,7 +190,7 @@ def test_help_lists_every_command(launched: Launched) -> None:
         assert listed, f"{command!r} not in help\n{r.explain()}"
 
 
-# --- (b) a short quickstart run, end to end -------------------------------------------------------
+# --- (b) a short digits-CNN run, end to end -------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def lifecycle(launched: Launched) -> Result:
@@ -203,7 +203,7 @@ def lifecycle(launched: Launched) -> Result:
 @pytest.fixture(scope="module")
 def run_dir(launched: Launched, lifecycle: Result) -> Path:
     """The run's directory: NAME-2, because NAME held an earlier run (see test (e))."""
-    return launched.work / "runs" / "quickstart-2"
+    return launched.work / "runs" / "digits-cnn-2"
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -307,7 +307,7 @@ def check_model_matches_topology(run_dir: Path) -> None:
     assert not stray, f"seed tensors of no slot in the topology: {stray}"
 
 
-def test_plain_progress_has_step_lines_and_ends_with_the_summary_table(lifecycle: Result) -> None:
+def test_plain_progress_has_step_lines_and_ends_with_the_summary_table(lifecycle: Result, run_dir: Path) -> None:
     lines = lifecycle.stdout.splitlines()
     steps = [(i, STEP_LINE.match(line)) for i, line in enumerate(lines)]
     steps = [(i, m) for i, m in steps if m]
@@ -327,6 +327,12 @@ def test_plain_progress_has_step_lines_and_ends_with_the_summary_table(lifecycle
     for row in ("steps", "val accuracy", "test accuracy", "params initial", "params final", "seeds", "wall time"):
         assert row in tail, f"summary row {row!r} missing after the last step line\n{lifecycle.explain()}"
     assert not any(STEP_LINE.match(line) or line.startswith("  step ") for line in lines[last_index + 1:])
+    # the seeds grew, so the table also says what the model scores with every one of them muted
+    muted = _summary(run_dir)["seeds_muted"]
+    assert _summary(run_dir)["seeds"]["fossilized"] > 0
+    for split in ("val", "test"):
+        row = re.search(rf"{split} accuracy, every seed muted\W+(\d\.\d{{4}})", tail)
+        assert row and float(row[1]) == pytest.approx(muted[f"{split}_accuracy"], abs=5e-5), lifecycle.explain()
 
 
 # --- (c) bad input: exit 2, one located line per problem, no traceback ----------------------------
@@ -334,7 +340,7 @@ def test_plain_progress_has_step_lines_and_ends_with_the_summary_table(lifecycle
 def test_a_run_whose_kernels_are_all_cached_announces_no_compile(launched: Launched, lifecycle: Result) -> None:
     """The lifecycle run compiled this recipe's kernels into the workspace: the next run finds every one
     in the store and starts at once, without a "compiling" notice that would not be true."""
-    r = run_esper(["train", QUICKSTART, "run.output_dir=runs-again", *LIFECYCLE_OVERRIDES, "trainer.max_steps=20"],
+    r = run_esper(["train", DIGITS_CNN, "run.output_dir=runs-again", *LIFECYCLE_OVERRIDES, "trainer.max_steps=20"],
                   launched.work)
     assert r.returncode == 0, r.explain()
     assert any(STEP_LINE.match(line) for line in r.stdout.splitlines()), r.explain()
@@ -417,10 +423,10 @@ def test_inspect_cache_lists_the_tiers(launched: Launched) -> None:
 # --- (e) an existing run directory is never overwritten ------------------------------------------
 
 def test_existing_run_directory_is_not_overwritten(launched: Launched, run_dir: Path) -> None:
-    earlier = launched.work / "runs" / "quickstart"
+    earlier = launched.work / "runs" / "digits-cnn"
     assert (earlier / "summary.json").read_text(encoding="utf-8") == '{"earlier": true}\n'
     assert sorted(p.name for p in earlier.iterdir()) == ["summary.json"]
     # run_dir is reported as the command line gave it, relative to the directory the command ran in.
     reported = Path(_summary(run_dir)["run_dir"])
     assert (launched.work / reported).resolve() == run_dir.resolve()
-    assert sorted(p.name for p in (launched.work / "runs").iterdir()) == ["quickstart", "quickstart-2"]
+    assert sorted(p.name for p in (launched.work / "runs").iterdir()) == ["digits-cnn", "digits-cnn-2"]

@@ -128,11 +128,11 @@ def test_budget_from_the_recipe(tmp_path: Path) -> None:
     assert "budget.params" in result.stderr and "policy.max_added_params" in result.stderr
 
 
-def test_ci_command_on_the_quickstart_recipe() -> None:
+def test_ci_command_on_the_digits_cnn_recipe() -> None:
     blueprints = sorted(BUILTIN_DIR.glob("*.yaml"))
     assert len(blueprints) == 8  # every shipped blueprint: the Conv2d ones checked, the others skipped
-    result = run(*blueprints, "--for", REPO / "recipes" / "quickstart.yaml", "--device", "cpu", "--check", "--json",
-                 "--allow-skip")  # the quickstart wraps only Conv2d layers: the Linear blueprints are skipped
+    result = run(*blueprints, "--for", REPO / "recipes" / "digits-cnn.yaml", "--device", "cpu", "--check", "--json",
+                 "--allow-skip")  # the digits CNN wraps only Conv2d layers: the Linear blueprints are skipped
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     kinds = {b["name"]: b["skipped"] for b in report["blueprints"]}

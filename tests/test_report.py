@@ -87,6 +87,17 @@ def test_identity_names_the_recipe_software_data_device_and_times(finished: Path
     assert "audit passed" in reported["md"].splitlines()[0]
 
 
+def test_final_metrics_show_the_metric_with_every_seed_muted_beside_it(finished: Path,
+                                                                       reported: dict[str, Any]) -> None:
+    summary = json.loads((finished / "summary.json").read_text(encoding="utf-8"))
+    final = reported["json"]["final"]
+    assert final["seeds_muted"] == {k: summary["seeds_muted"][k] for k in ("val_accuracy", "test_accuracy")}
+    for split in ("val", "test"):
+        row = f"| {split} accuracy with every seed muted | {summary['seeds_muted'][f'{split}_accuracy']:.4g} |"
+        assert row in reported["md"], row
+        assert f"{split} accuracy with every seed muted" in reported["html"]
+
+
 def test_change_history_has_every_event_with_reasons_and_measured_effects(finished: Path,
                                                                           reported: dict[str, Any]) -> None:
     events = events_of(finished)

@@ -1,7 +1,7 @@
 """The small tables shipped inside the package: ``digits``, ``breast_cancer``, ``wine`` (classification)
 and ``diabetes`` (regression).
 
-They make the quickstart and the tests run offline with no other package installed. The files and
+They make the digits recipes and the tests run offline with no other package installed. The files and
 their origin and licence are in ``esper_core/datasets/data/`` (``NOTICE.md``): they are the UCI
 tables as scikit-learn distributes them, so the arrays equal scikit-learn's ``load_digits()`` etc.
 Only NumPy is imported: reading one takes milliseconds (digits, the largest, about 20 ms).

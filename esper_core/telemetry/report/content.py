@@ -42,12 +42,20 @@ def build(files: RunFiles) -> dict[str, Any]:
         "anomalies": [_plain(e) for e in files.events if e.get("event") == "anomaly"],
         "final": {"metric": metric, **{k: summary.get(k) for k in (
             f"val_{metric}", f"test_{metric}", "val_loss", "test_loss", "params_initial", "params_final", "seeds",
-            "fossilized")}},
+            "fossilized")}, "seeds_muted": _muted(summary.get("seeds_muted"), metric)},
         "budgets": _budgets(files, lifecycle),
         "series": _series(files.metrics, metric),
         "lifecycle": lifecycle,
         "warnings": files.warnings + ([] if files.summary else ["summary.json is missing: the run did not finish"]),
     }
+
+
+def _muted(figures: Any, metric: str) -> dict[str, Any] | None:
+    """The task's metric on validation and test with every seed muted (what growth is worth), or
+    ``None`` for a run whose summary has no such figures (one from before they existed, or damaged)."""
+    if not isinstance(figures, dict):
+        return None
+    return {k: figures.get(k) for k in (f"val_{metric}", f"test_{metric}")}
 
 
 def _identity(files: RunFiles, start: Record | None, end: Record | None, steps: int) -> dict[str, Any]:
