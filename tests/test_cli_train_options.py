@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from esper_core.training.trainer import Trainer
-from test_cli import LOCATED, QUICKSTART, STEP_LINE, run_esper
+from test_cli import DIGITS_CNN, LOCATED, STEP_LINE, run_esper
 
 SMALL = """\
 run: {name: small, seed: 0, device: cpu}
@@ -31,8 +31,8 @@ def _files(root: Path) -> set[Path]:
 
 def test_a_dry_run_shows_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     before = _files(tmp_path)
-    shown = run_esper(["train", QUICKSTART, "--dry-run", "seeds.per_layer=2"], tmp_path)
-    as_json = run_esper(["train", QUICKSTART, "--dry-run", "--json", "seeds.per_layer=2"], tmp_path)
+    shown = run_esper(["train", DIGITS_CNN, "--dry-run", "seeds.per_layer=2"], tmp_path)
+    as_json = run_esper(["train", DIGITS_CNN, "--dry-run", "--json", "seeds.per_layer=2"], tmp_path)
     assert shown.returncode == 0 and as_json.returncode == 0, shown.explain() + as_json.explain()
     assert _files(tmp_path) == before  # no run directory, no workspace, no kernel store
 
@@ -40,7 +40,7 @@ def test_a_dry_run_shows_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     assert yaml.safe_load(resolved)["seeds"]["per_layer"] == 2  # the recipe with its overrides, as YAML
     plan = json.loads(as_json.stdout)
     assert yaml.safe_load(plan["resolved"]) == yaml.safe_load(resolved)
-    trainer = Trainer.from_recipe(QUICKSTART, ["seeds.per_layer=2", "run.device=cpu",
+    trainer = Trainer.from_recipe(DIGITS_CNN, ["seeds.per_layer=2", "run.device=cpu",
                                                f"storage.workspace={tmp_path / 'ws'}"])
     assert [layer["layer"] for layer in plan["layers"]] == list(trainer.manager.layers)
     for layer in plan["layers"]:
