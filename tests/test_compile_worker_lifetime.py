@@ -9,6 +9,7 @@ terminal's Ctrl-C does). Processes are read from /proc (Linux).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -127,3 +128,26 @@ def _default_sigint() -> None:
 
 def kernels_done(tmp_path: Path) -> int:
     return len(list((tmp_path / "workspace" / "kernels").glob("*/*/manifest.json")))
+
+
+UNGUARDED = """\
+from esper_core.training.trainer import Trainer
+
+trainer = Trainer.from_recipe("recipe.yaml", [])
+trainer.fit()
+"""
+
+
+def test_a_script_without_a_main_guard_starts_one_run_and_is_told_why_it_got_no_kernels(tmp_path: Path) -> None:
+    """Every spawned compile worker first re-runs the parent's main script. Unguarded, the script used
+    to start a second run inside each worker (a second run directory); now the worker refuses with
+    the advice, and the parent's kernel failures carry it too. The run itself still finishes."""
+    (tmp_path / "recipe.yaml").write_text(RECIPE.format(root=tmp_path).replace("max_steps: 50", "max_steps: 5"))
+    (tmp_path / "train.py").write_text(UNGUARDED)
+    done = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["cold"]  # no second run from a worker
+    assert 'if __name__ == "__main__":' in done.stderr  # the worker's refusal
+    events = [json.loads(line) for line in (tmp_path / "runs" / "cold" / "events.jsonl").read_text().splitlines()]
+    failures = [e for e in events if e["event"] == "kernel_failed"]
+    assert failures and all("re-ran an unguarded script" in e["problems"][0] for e in failures)

@@ -41,7 +41,7 @@ from esper_core.compiler.budget import Budget
 from esper_core.compiler.kernels import KernelSpec
 from esper_core.compiler.pipeline import CompileFailed, compile_kernel
 from esper_core.compiler.store import KernelStore
-from esper_core.compiler.worker_start import init_worker
+from esper_core.compiler.worker_start import MAIN_GUARD, init_worker
 from esper_core.errors import EsperError, Problem
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,12 @@ class CompileService:
                 raise KernelUnavailable([Problem(**p) for p in reply["problems"]])
             kernel = Kernel.from_files(address, reply["files"])
         except Exception as exc:  # worker crash, cancelled job, corrupt reply: all make the kernel unusable
+            why = "" if not isinstance(exc, BrokenProcessPool) else (
+                f" (its process exited before replying: it was killed, ran out of memory, or re-ran an unguarded "
+                f"script; {MAIN_GUARD})")
             error = exc if isinstance(exc, KernelUnavailable) else KernelUnavailable(
                 Problem(f"blueprint {spec.blueprint.name!r}", f"[{spec.label()}] compile worker failed: "
-                        f"{type(exc).__name__}: {exc}"))
+                        f"{type(exc).__name__}: {exc}{why}"))
             self._resolve(address, error=error)
             return
         try:

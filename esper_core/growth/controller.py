@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from esper_core.compiler.store import KernelStore
+from esper_core.compiler.worker_start import refuse_during_worker_start
 from esper_core.distributed.world import World
 from esper_core.errors import EsperError
 from esper_core.growth import optimizer as optim
@@ -120,6 +121,7 @@ class GrowthController:
                  seed_lr: Callable[[int], float] | None = None, blueprint_dirs: Sequence[Path] = (),
                  deterministic: bool = True, start: bool = True, kernel_dtype: str | None = None,
                  world: World | None = None) -> None:
+        refuse_during_worker_start()  # both front doors start here; see its docstring
         self.model = model
         self.optimizer = optimizer
         self.max_steps = max_steps
