@@ -40,6 +40,8 @@ def describe(event: Event) -> str | None:
         if event["ok"]:
             return f"{what} in {event['seconds']:.1f}s (off the training thread)"
         return f"{what} failed ({event['error']}); that topology runs eagerly"
+    if event["event"] == "seed_lr":
+        return f"step {event['step']}: {event['reason']}"
     if "layer" in event:
         text = f"step {event['step']}: {event['event']} {event.get('blueprint') or ''} in {event['layer']}#{event['slot']}"
         return " ".join(text.split())

@@ -135,3 +135,14 @@ class _TokenMLP(nn.Module):
 
 def token_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return _TokenMLP(32, num_classes)
+
+
+class TwoLinear(nn.Module):
+    """8 -> 16 -> 4 with a ReLU: the host of the growth controller's own-loop tests (``fc1``, ``fc2``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))

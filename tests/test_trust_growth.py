@@ -23,18 +23,10 @@ from torch import nn
 
 from esper_core import Evaluation, GrowthController, load_checkpoint, save_checkpoint
 from esper_core.compiler.store import LocalKernelStore
+from factories import TwoLinear
 from esper_core.growth.kernels import KernelSupply
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.manager import SlotRef
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 DATA = torch.Generator().manual_seed(0)
@@ -77,7 +69,7 @@ def step(growth: GrowthController, batch: int, clip: float | None = None) -> tor
 
 def test_clipping_leaves_the_host_update_as_if_the_incubating_seed_were_absent(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    host = Net()
+    host = TwoLinear()
     twin = copy.deepcopy(host)
     grown = controller(tmp_path, host)
     plain = controller(tmp_path, twin, max_seeds=0)
@@ -99,7 +91,7 @@ def test_clipping_leaves_the_host_update_as_if_the_incubating_seed_were_absent(t
 
 def test_the_governor_never_keeps_a_state_whose_validation_is_not_finite(tmp_path: Path) -> None:
     torch.manual_seed(1)
-    model = Net()
+    model = TwoLinear()
     growth = controller(tmp_path, model, max_seeds=0)
     for i in range(10):
         step(growth, i)
@@ -119,7 +111,7 @@ def test_the_governor_never_keeps_a_state_whose_validation_is_not_finite(tmp_pat
 
 def test_a_resumed_run_rolls_back_like_the_uninterrupted_one(tmp_path: Path) -> None:
     torch.manual_seed(2)
-    model = Net()
+    model = TwoLinear()
     growth = controller(tmp_path, model)
     for i in range(10):
         step(growth, i)
@@ -129,7 +121,7 @@ def test_a_resumed_run_rolls_back_like_the_uninterrupted_one(tmp_path: Path) -> 
     save_checkpoint(tmp_path / "ckpt", model=model, optimizer=growth.optimizer, growth=growth, extra={"i": 12})
 
     torch.manual_seed(3)
-    fresh = Net()
+    fresh = TwoLinear()
     resumed = controller(tmp_path, fresh)
     assert load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=resumed.optimizer, growth=resumed) == {"i": 12}
     assert resumed.governor.snapshot is not None
@@ -171,7 +163,7 @@ def test_the_latency_budget_never_waits_for_a_compile(tmp_path: Path) -> None:
 @pytest.mark.parametrize("limit", [1e-9, 1e9])
 def test_under_a_latency_limit_only_measured_kernels_within_it_grow(tmp_path: Path, limit: float) -> None:
     torch.manual_seed(4)
-    model = Net()
+    model = TwoLinear()
     growth = controller(tmp_path, model, max_latency_ms=limit)
     for i in range(10):
         step(growth, i)
@@ -231,7 +223,7 @@ def test_a_non_finite_loss_between_reads_is_caught_and_survives_a_checkpoint(bad
 
 def test_health_is_measured_only_while_a_seed_could_still_grow(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    growth = controller(tmp_path, Net(), max_seeds=1, merit_every=5)
+    growth = controller(tmp_path, TwoLinear(), max_seeds=1, merit_every=5)
     fc1 = growth.manager.layers["fc1"]
 
     def measured(steps: range) -> int:
@@ -257,7 +249,7 @@ def test_seeds_judged_together_share_the_evaluation_with_every_seed_on(tmp_path:
     verdicts fall on the same step: N seeds cost N + 1 held-out evaluations (one more after each cull,
     which changes the model), and every verdict of the round compares against the same evaluation."""
     torch.manual_seed(0)
-    model = Net()
+    model = TwoLinear()
     calls = []
 
     def counted(net: nn.Module) -> Evaluation:

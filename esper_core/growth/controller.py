@@ -45,6 +45,7 @@ from esper_core.growth.evaluation import Evaluate, Evaluation
 from esper_core.growth.execution import KernelFailure, SeedExecutor
 from esper_core.growth.governor import Governor
 from esper_core.growth.kernels import KernelSupply
+from esper_core.growth.seed_rate import SeedRate
 from esper_core.growth.state import State, cpu_copy
 from esper_core.growth.verdicts import Counterfactuals, judge
 from esper_core.policy.growth import Decisions, GrowthPolicy
@@ -149,6 +150,7 @@ class GrowthController:
             self.policy.layers.share(world.mean)
         self.governor = Governor(_config(GovernorConfig, governor), self.device)
         self._seed_lr = seed_lr
+        self.seed_rate = SeedRate(self.seeds_config.lr_schedule == "adaptive", self.policy_config.trend_window)
         self.executor = SeedExecutor(self.manager, None, self.catalog, self.kernels, self._lr_of_seeds, seed,
                                      self.seeds_config.merge_linear)
         self.run_state: tuple[Callable[[], State], Callable[[State], None]] = (self._capture, self._restore)
@@ -181,7 +183,8 @@ class GrowthController:
         self.executor.set_lr(self.step)
 
     def _lr_of_seeds(self, step: int) -> float:
-        return self._seed_lr(step) if self._seed_lr is not None else self._constant_seed_lr
+        own = self._seed_lr(step) if self._seed_lr is not None else self._constant_seed_lr
+        return self.seed_rate.rate(own)
 
     def start(self) -> None:
         """Request every kernel this run can use; with ``deterministic`` wait for them, so the step at
@@ -255,6 +258,9 @@ class GrowthController:
                 if not rolled_back:
                     self._update_gate(value)
                     self.policy.observe_train(self.step, value)
+        host = optim.host_group(self.optimizer)
+        if host is not None:
+            self.seed_rate.observe_host(float(host["lr"]))
         self.executor.set_lr(self.step)
         self._arm_if_due()
         return StepOutcome(value, rolled_back)
@@ -278,6 +284,10 @@ class GrowthController:
                 self.governor.judged_step = self.step
         if evaluation is not None:
             self.policy.observe_validation(self.step, evaluation.loss, -evaluation.better())
+            switched = self.seed_rate.observe_validation(self.step, -evaluation.better(), evaluation.name)
+            if switched is not None:
+                self.executor.set_lr(self.step)
+                self._record(switched)
         if self.governor.enabled:
             self.governor.keep(self.step, self.run_state[0]())
         if not self.policy.in_window(self.step):
@@ -314,6 +324,7 @@ class GrowthController:
             "signals": self.policy.tensor_state(),
             "merit": self.merit.state_dict(),
             "gate": {"open": self._gate_open, "previous_loss": self._previous_loss},
+            "seed_rate": self.seed_rate.state_dict(),
             "unusable": sorted([layer, bp] for layer, bp in self._unusable),
         }
         if governor:
@@ -331,6 +342,7 @@ class GrowthController:
         self._gate_open = bool(state["gate"]["open"])
         self._previous_loss = state["gate"]["previous_loss"]
         self._unusable = {(str(layer), str(bp)) for layer, bp in state["unusable"]}
+        self.seed_rate.load_state_dict(state.get("seed_rate"))
         if "governor" in state:
             self.governor.load_state_dict(state["governor"])
         self.executor.set_lr(self.step)

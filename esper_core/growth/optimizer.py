@@ -29,6 +29,13 @@ def seed_group(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     return next((g for g in optimizer.param_groups if g.get(SEED_GROUP)), None)
 
 
+def host_group(optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+    """The first group that is not the seed group (the host's learning rate), or ``None``."""
+    if optimizer is None:
+        return None
+    return next((g for g in optimizer.param_groups if not g.get(SEED_GROUP)), None)
+
+
 def add_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], lr: float) -> None:
     """Append a new seed's parameters to the seed group (created with ``lr`` and the optimizer's
     defaults for everything else when it is the first seed)."""

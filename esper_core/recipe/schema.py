@@ -251,15 +251,20 @@ class SeedsConfig(Section):
     loss_guard: float = Field(0.5, gt=0.0, le=1e6, description="A seed with which the held-out loss is non-finite or "
                               "more than this share worse than without it is culled whatever the metric says.")
     eval_batches: int = Field(4, ge=1, le=10_000, description="Held-out batches for counterfactual evaluation.")
-    lr_scale: float = Field(1.0, gt=0.0, le=1000.0,
-                            description="Learning rate of seed parameters relative to the host's.")
+    lr_scale: float = Field(2.0, gt=0.0, le=1000.0,
+                            description="Learning rate of seed parameters relative to `trainer.lr` (in your own "
+                            "loop: to the optimizer's learning rate when the controller is built) while the run "
+                            "still improves (see `lr_schedule`).")
     merge_linear: bool = Field(True, description="Fold a fossilized seed that is an exact linear map of its host's "
                                "input (e.g. `lowrank_adapter` on a Linear host: (W + BA)x) into the host's weight: it "
                                "added no expressivity, and merged it costs no parameter.")
-    lr_schedule: Literal["window", "host"] = Field(
-        "window", description="Seed learning rate in `esper train`: `window` keeps `trainer.lr x lr_scale` while "
-        "the growth window is open and decays it (cosine) to zero by the end, so a seed born late still learns; "
-        "`host` follows the host's schedule.")
+    lr_schedule: Literal["adaptive", "window", "host"] = Field(
+        "adaptive", description="Seed learning rate. `window` (in `esper train`) keeps `trainer.lr x lr_scale` "
+        "while the growth window is open and decays it (cosine) to zero by the end, so a seed born late still "
+        "learns; `host` follows the host's schedule, times `lr_scale`; `adaptive` (the default) is `window` (in "
+        "your own loop: constant) until the task's validation metric stops rising (its trend over the last "
+        "`policy.trend_window` evaluations is no longer positive), and from then on at most the host's learning "
+        "rate: new capacity that learns fast on a run that has begun to overfit only overfits faster.")
 
 
 class SelectorConfig(Section):
@@ -326,7 +331,8 @@ class PolicyConfig(Section):
     underfit_speedup: float = Field(2.0, ge=1.0, le=100.0, description="While underfitting, the period and the "
                                     "plateau patience are divided by this (grow faster).")
     trend_window: int = Field(5, ge=2, le=10_000, description="Recent losses the train and validation trends "
-                              "(least-squares slopes) are fitted to.")
+                              "(least-squares slopes) are fitted to, and recent validation metrics the trend that "
+                              "`seeds.lr_schedule: adaptive` watches.")
     random: bool = Field(False, description="A baseline: replace every choice of when (growth every `period_steps` "
                          "x U(0.5, 1.5), the first one uniformly inside the first period of the window), where "
                          "(a uniformly random layer that can take a seed) and what (a uniformly random blueprint "

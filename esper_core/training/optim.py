@@ -30,8 +30,9 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimiz
 
 
 def seed_lr(step: int, trainer: TrainerConfig, seeds: SeedsConfig, window_end: float) -> float:
-    """The seed groups' learning rate at optimizer step ``step`` (see ``seeds.lr_schedule``);
-    ``window_end`` is the share of the run after which growth stops."""
+    """The seed groups' own learning rate at optimizer step ``step`` (see ``seeds.lr_schedule``; the
+    growth controller caps ``adaptive``'s at the host's once the run stops improving, see
+    :mod:`esper_core.growth.seed_rate`); ``window_end`` is the share of the run after which growth stops."""
     base = trainer.lr * seeds.lr_scale
     if seeds.lr_schedule == "host":
         return base * lr_factor(step, trainer)
