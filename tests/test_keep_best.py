@@ -4,7 +4,8 @@ gives the last step's figures; a resumed run ends with the same ``final/``.
 
 The task's metric is the validation loss of a wide MLP trained with a large constant learning rate: it
 overfits the digits, so the loss is lowest early, while a seed germinated at step 10 is on probation
-(until its verdict at step 90, which culls it: no seed lowers the loss by a whole nat)."""
+(until its verdict at step 90, which culls it: no seed lowers the loss by a whole nat). The seed learns at
+the host's rate (`lr_scale: 1`): at the default twice that, the loss is lowest before it blends in."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ task: {metric: loss}
 data: {source: digits, layout: flat, batch_size: 32}
 model: {arch: mlp, widths: [128]}
 seeds: {targets: ["type:Linear"], exclude: [head], blueprints: [wide_mlp], rank: 8, per_layer: 1,
-        incubation_steps: 10, blend_steps: 10, probation_steps: 60, fossilize_margin: 1.0, embargo_steps: 100000}
+        incubation_steps: 10, blend_steps: 10, probation_steps: 60, fossilize_margin: 1.0, embargo_steps: 100000,
+        lr_scale: 1.0}
 policy: {trigger: periodic, period_steps: 100, growth_window: [0.05, 0.2], max_seeds: 1}
 trainer: {max_steps: 200, lr: 0.02, eval_every: 10, log_every: 10, schedule: constant}
 checkpoint: {every_steps: 50, keep: 5, keep_best: true}

@@ -244,6 +244,29 @@ def test_health_is_measured_only_while_a_seed_could_still_grow(tmp_path: Path) -
     assert measured(range(30, 41)) == 2  # steps 35 and 40: the budget is free again, measuring resumes
 
 
+def test_a_resumed_run_measures_the_pass_the_uninterrupted_one_measures(tmp_path: Path) -> None:
+    """The measurement of the next pass is decided after the optimizer step, before that step's
+    validation; a checkpoint taken after the validation germinated the last seed the budget allows must
+    keep that decision, not take it again (found when seeds at twice the host's rate changed which
+    steps germinated: the resumed run skipped a measurement, and the merit statistics drifted)."""
+    torch.manual_seed(0)
+    growth = controller(tmp_path, TwoLinear(), max_seeds=1, merit_every=5)
+    for i in range(10):
+        step(growth, i)
+    growth.after_validation(evaluate(growth.model))  # germinates the only seed allowed: nothing may grow now
+    assert growth.manager.layers["fc1"].probe is not None  # but step 11's pass was armed at step 10
+    save_checkpoint(tmp_path / "ckpt", model=growth.model, optimizer=growth.optimizer, growth=growth)
+
+    torch.manual_seed(1)
+    fresh = TwoLinear()
+    resumed = controller(tmp_path, fresh, max_seeds=1, merit_every=5)
+    load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=resumed.optimizer, growth=resumed)
+    for run in (growth, resumed):
+        step(run, 10)
+    assert growth.merit.state_dict() == resumed.merit.state_dict()
+    assert growth.merit.state_dict()["fc1"]["measured"] == 3  # steps 0, 5 and 10
+
+
 def test_seeds_judged_together_share_the_evaluation_with_every_seed_on(tmp_path: Path) -> None:
     """Dense growth (the default ``ensemble`` strategy) germinates a layer's seeds together, so their
     verdicts fall on the same step: N seeds cost N + 1 held-out evaluations (one more after each cull,

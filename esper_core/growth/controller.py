@@ -160,6 +160,7 @@ class GrowthController:
         self._previous_loss: float | None = None
         self._last_loss: torch.Tensor | None = None
         self._measuring = False
+        self._arming_restored = False  # a loaded state says whether the next pass is measured
         self.kernel_wait_s = 0.0
         self.started = False
         if optimizer is not None:
@@ -210,7 +211,8 @@ class GrowthController:
                           "kernels": len({s.address() for s in specs.values()}),
                           "unusable": sorted(f"{layer}:{bp}" for layer, bp in self._unusable),
                           "seconds": round(self.kernel_wait_s, 3)})
-        self._arm_if_due()
+        if not self._arming_restored:
+            self._arm_if_due()
 
     def after_backward(self) -> None:
         """Call after ``loss.backward()`` and before ``optimizer.step()``: reads the host gradients
@@ -325,6 +327,7 @@ class GrowthController:
             "merit": self.merit.state_dict(),
             "gate": {"open": self._gate_open, "previous_loss": self._previous_loss},
             "seed_rate": self.seed_rate.state_dict(),
+            "measuring": self._measuring,
             "unusable": sorted([layer, bp] for layer, bp in self._unusable),
         }
         if governor:
@@ -346,7 +349,14 @@ class GrowthController:
         if "governor" in state:
             self.governor.load_state_dict(state["governor"])
         self.executor.set_lr(self.step)
-        self._arm_if_due()
+        # Whether the next forward pass is measured was decided in after_step, before this step's
+        # validation could germinate and change what may grow: restore that decision rather than
+        # take it again (a checkpoint from before this was recorded decides afresh).
+        if state.get("measuring") is None:
+            self._arm_if_due()
+        elif state["measuring"]:
+            self._arm()
+        self._arming_restored = True
 
     def close(self) -> None:
         """Stop the background compile worker, if one was started."""
@@ -381,9 +391,12 @@ class GrowthController:
         every = self.policy_config.merit_every
         if self.step % every == 0 and self.policy.in_window(self.step + every) and \
                 self.policy.may_grow(self.manager.view()):  # else a measurement would inform no decision
-            for layer in self.manager.layers.values():
-                layer.probe = self._probe  # runs in the eager seed path, also under torch.compile
-            self._measuring = True
+            self._arm()
+
+    def _arm(self) -> None:
+        for layer in self.manager.layers.values():
+            layer.probe = self._probe  # runs in the eager seed path, also under torch.compile
+        self._measuring = True
 
     def _disarm(self) -> None:
         for layer in self.manager.layers.values():
