@@ -192,6 +192,28 @@ def test_fossilized_seeds_stay_in_the_seed_group(fit: Callable[..., Run]) -> Non
     _check_optimizer_holds_only_model_parameters(run.trainer)
 
 
+def test_seeds_drop_to_the_hosts_rate_once_validation_stops_rising(fit: Callable[..., Run]) -> None:
+    """`seeds.lr_schedule: adaptive` in `esper train`: the switch is taken at a validation whose
+    accuracy trend over `policy.trend_window` evaluations is no longer positive, and from then on the
+    seed group learns at no more than the host group's scheduled rate."""
+    run = fit(KEEP_ALL)
+    [switch] = run.events("seed_lr")
+    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    validations = sorted((r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r)
+
+    def trend(end: int) -> float:  # least-squares slope per 1000 steps of the five validations up to `end`
+        window = [(s, a) for s, a in validations if s <= end][-5:]
+        ms, ma = sum(s for s, _ in window) / 5, sum(a for _, a in window) / 5
+        return 1000 * sum((s - ms) * (a - ma) for s, a in window) / sum((s - ms) ** 2 for s, _ in window)
+
+    steps = [s for s, _ in validations]
+    assert switch["metric_trend_per_1k"] == pytest.approx(trend(switch["step"]), abs=1e-6) and trend(switch["step"]) <= 0
+    assert all(trend(s) > 0 for s in steps[4:steps.index(switch["step"])])  # the first such validation
+    host, seeds = run.trainer.optimizer.param_groups
+    assert run.trainer.controller.seed_rate.host_lr == host["lr"]
+    assert seeds["lr"] <= host["lr"]
+
+
 @pytest.mark.parametrize("overrides", [(KEEP_ALL,), (CULL_ALL,)], ids=["fossilized", "culled"])
 def test_final_params_are_initial_plus_fossilized_seeds(fit: Callable[..., Run], overrides: tuple[str, ...]) -> None:
     run = fit(*overrides)
