@@ -29,6 +29,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from esper_core.policy.signals import slope_per_1k
+
 
 @dataclass
 class SeedRate:
@@ -55,7 +57,7 @@ class SeedRate:
             self.scores.popleft()
         if len(self.scores) < self.window:
             return None
-        slope = _slope_per_1k(self.scores)
+        slope = slope_per_1k(self.scores) or 0.0  # 0: every validation at one step
         if slope < 0:  # the score (lower is better) still falls: the metric still improves
             return None
         self.switched_step = step
@@ -86,11 +88,3 @@ class SeedRate:
         host = state.get("host_lr")
         self.host_lr = None if host is None else float(host)
 
-
-def _slope_per_1k(points: deque[tuple[int, float]]) -> float:
-    """Least-squares slope of score against step, per 1000 steps (0 when every step is the same)."""
-    xs = [s for s, _ in points]
-    ys = [v for _, v in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return 0.0 if var == 0 else 1000.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var

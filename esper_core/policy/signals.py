@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -603,7 +603,7 @@ class GlobalSignals:
     def to_json(self) -> dict[str, float | int | None]:
         """The global inputs of a decision, as recorded in its event."""
         gap = self.gap
-        return {"train_trend_per_1k": _round(_slope(self.train)), "val_trend_per_1k": _round(_slope(self.val)),
+        return {"train_trend_per_1k": _round(slope_per_1k(self.train)), "val_trend_per_1k": _round(slope_per_1k(self.val)),
                 "val_loss": _round(self.val[-1][1]) if self.val else None, "train_val_gap": _round(gap),
                 "plateau_evals": self.plateau.stale, "best_val_loss": _round(self.plateau.best),
                 "best_val_step": self.plateau.best_step}
@@ -625,8 +625,9 @@ def _push(points: deque[tuple[int, float]], point: tuple[int, float], window: in
         points.popleft()
 
 
-def _slope(points: deque[tuple[int, float]]) -> float | None:
-    """Least-squares slope of loss against step, per 1000 steps."""
+def slope_per_1k(points: Collection[tuple[int, float]]) -> float | None:
+    """Least-squares slope of a value (a loss, a metric) against step, per 1000 steps; ``None`` for
+    fewer than two points or a single step."""
     if len(points) < 2:
         return None
     xs = [s for s, _ in points]
