@@ -39,9 +39,12 @@ class SeedRate:
 
     adaptive: bool
     window: int
-    scores: deque[tuple[int, float]] = field(default_factory=deque)
+    scores: deque[tuple[int, float]] = field(init=False)
     switched_step: int | None = None
     host_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        self.scores = deque(maxlen=self.window)  # the last `window` validations
 
     @property
     def switched(self) -> bool:
@@ -53,8 +56,6 @@ class SeedRate:
         if not self.adaptive or self.switched or not math.isfinite(score):
             return None
         self.scores.append((step, score))
-        while len(self.scores) > self.window:
-            self.scores.popleft()
         if len(self.scores) < self.window:
             return None
         slope = slope_per_1k(self.scores) or 0.0  # 0: every validation at one step
@@ -82,9 +83,8 @@ class SeedRate:
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """``None`` (a checkpoint from before this existed) starts the watch afresh."""
         state = state or {}
-        self.scores = deque((int(s), float(v)) for s, v in state.get("scores", []))
+        self.scores = deque(((int(s), float(v)) for s, v in state.get("scores", [])), maxlen=self.window)
         switched = state.get("switched_step")
         self.switched_step = None if switched is None else int(switched)
         host = state.get("host_lr")
         self.host_lr = None if host is None else float(host)
-
