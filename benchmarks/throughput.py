@@ -1,6 +1,6 @@
 """Throughput: ``esper train`` against a plain PyTorch loop doing the same work, in one process.
 
-    python benchmarks/throughput.py [--configs cpu-cnn,cuda-cnn-fp32,...] [--repeats R] [--json PATH]
+    python benchmarks/throughput.py [--configs cpu-cnn,cuda-cnn-fp32,...] [--repeats R] [--steps N] [--json PATH]
 
 Two figures per configuration (issue 13):
 
@@ -44,7 +44,9 @@ first compile makes it a few minutes), ``cuda-cnn-fp32``, ``cuda-cnn-bf16``,
 compiles each new topology on a background thread instead of only the dormant and the grown model
 on the training thread),
 ``cuda-lm-fp32``, ``cuda-lm-bf16`` (the zoo transformer, 4 blocks of width 256, 64 sequences of 256
-tokens). ``--smoke`` shrinks every configuration to a few steps (for the test suite). The last line
+tokens). ``--smoke`` shrinks every configuration to a few steps (for the test suite). ``--steps N``
+lengthens every configuration's run to ``N`` steps with its growth at the same steps and the same
+timed window (see :func:`_longer`): a supplementary figure, not the issue's. The last line
 printed is ``throughput min dormant_ratio X.XXX min trainer_ratio Y.YYY``.
 """
 
@@ -73,6 +75,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # throughput_data, for the recipes
 
 from esper_core import load_run  # noqa: E402
 from esper_core.export.plain import unwrap  # noqa: E402
+from esper_core.recipe.load import load_recipe  # noqa: E402
 from esper_core.training.models import build_model  # noqa: E402
 from esper_core.training.schedules import lr_factor  # noqa: E402
 from esper_core.training.setup import seed_everything  # noqa: E402
@@ -232,7 +235,7 @@ def plain_loop(trainer: Trainer, model: nn.Module) -> Clock:
     return clock
 
 
-def measure(name: str, repeats: int, smoke: bool, work: Path) -> dict[str, Any]:
+def measure(name: str, repeats: int, smoke: bool, work: Path, steps: int | None = None) -> dict[str, Any]:
     base, overrides = CONFIGS[name]
     recipe = _recipe_file(base, work)
     if smoke:
@@ -240,6 +243,10 @@ def measure(name: str, repeats: int, smoke: bool, work: Path) -> dict[str, Any]:
         overrides = [*overrides, *SMOKE, *(SMOKE_DATA[kind] if isinstance(base, dict) else [])]
         if not torch.cuda.is_available():
             overrides.append("run.device=cpu")
+    own = load_recipe(recipe, overrides).recipe  # the configuration's own run, before any --steps
+    warmup = _warmup(own.trainer)
+    if steps is not None:
+        overrides = [*overrides, *_longer(own, steps)]
     # Kernels are compiled into the recipe's workspace first, as CI would (`esper compile --for`): a
     # one-step deterministic run waits for all of them. A run that need not be deterministic does not
     # wait, and on the H200 a fresh compile worker delivered nothing within a whole 1,000-step arm.
@@ -248,7 +255,6 @@ def measure(name: str, repeats: int, smoke: bool, work: Path) -> dict[str, Any]:
     # The plain loops read the data Esper builds from the recipe (same splits, same order of samples).
     reference = Trainer.from_recipe(recipe, [f"run.output_dir={work / 'unused'}", *overrides])
     cfg = reference.loaded.recipe.trainer
-    warmup = _warmup(cfg)
     rates: dict[str, list[float]] = {"esper_dormant": [], "plain_host": [], "esper_growth": [], "plain_final": []}
     stalls: list[float] = []
     runs: dict[str, list[dict[str, Any]]] = {"dormant": [], "growth": []}
@@ -285,6 +291,19 @@ def measure(name: str, repeats: int, smoke: bool, work: Path) -> dict[str, Any]:
             "runs": runs}
 
 
+def _longer(own: Any, steps: int) -> list[str]:
+    """Overrides that lengthen a configuration's run to ``steps`` and change nothing else: its growth
+    window (fractions of the run) is rescaled so that every seed germinates at the step it does in the
+    configuration's own run, and :func:`measure` keeps that run's timed window. The longer run then
+    differs only by more steps of the final architecture, so it shows how long a run has to be for
+    a compile (or any one-off cost of growth) to pay back."""
+    if steps < own.trainer.max_steps:
+        raise ValueError(f"--steps {steps} is shorter than this configuration's own run "
+                         f"({own.trainer.max_steps} steps)")
+    start, end = (fraction * own.trainer.max_steps / steps for fraction in own.policy.growth_window)
+    return [f"trainer.max_steps={steps}", f"policy.growth_window=[{start!r},{end!r}]"]
+
+
 def _warmup(cfg: Any) -> int:
     """The first logged step after a fifth of the run (every warm-up cost is behind it)."""
     step = cfg.log_every * math.ceil(cfg.max_steps / 5 / cfg.log_every)
@@ -311,8 +330,14 @@ def main(argv: list[str] | None = None) -> int:
                         "machine can run: cpu-cnn, and every cuda-* one when a GPU is present)")
     parser.add_argument("--repeats", type=int, default=2, help="ABBA repeats per arm (default 2)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per configuration (for tests)")
+    parser.add_argument("--steps", type=int, default=None, help="run length (default: each configuration's own). "
+                        "Seeds germinate at the same steps as in the configuration's own run and steps/s are "
+                        "timed from the same step, so only the steps of the final architecture are added: how "
+                        "long must a run be for a compile to pay back?")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be a positive number of steps")
     names = args.configs.split(",") if args.configs else \
         [n for n in CONFIGS if n.startswith("cpu") or torch.cuda.is_available()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -323,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="esper-throughput-") as work:
         for name in names:
             try:
-                result = measure(name, args.repeats, args.smoke, Path(work))
+                result = measure(name, args.repeats, args.smoke, Path(work), args.steps)
             except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the others' figures
                 failures.append({"config": name, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)

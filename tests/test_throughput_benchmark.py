@@ -41,3 +41,25 @@ def test_a_topology_stall_counts_the_first_pass_of_the_new_topology() -> None:
         clock.at[step] += 4.0  # a 4 s compile in the interval (125, 150]: step 126 ran the new topology
     clock.events.append((125, "fossilize"))
     assert clock.stalls(eval_every=100, after=0) == [4.0]
+
+
+def test_a_longer_run_grows_at_the_same_steps(tmp_path: Path) -> None:
+    """``--steps`` lengthens a configuration's run without moving its growth: the seeds incubate at the
+    steps they do in the configuration's own run, so the longer run only adds steps of the final
+    architecture (what the compile pay-back figure needs)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from throughput import CONFIGS, SMOKE, _longer, run_esper
+
+    from esper_core.recipe.load import load_recipe
+
+    recipe, overrides = CONFIGS["cpu-cnn"]
+    overrides = [*overrides, *SMOKE]
+    own = load_recipe(recipe, overrides).recipe
+    incubations = {}
+    for steps in (own.trainer.max_steps, 3 * own.trainer.max_steps):
+        longer = _longer(own, steps)
+        _, summary, clock = run_esper(recipe, [*overrides, *longer], tmp_path / f"run-{steps}")
+        assert summary["steps"] == steps
+        incubations[steps] = [step for step, event in clock.events if event == "incubate"]
+    short, long = incubations.values()
+    assert short and long == short
