@@ -30,7 +30,7 @@ ACCURACIES = [0.40, 0.46, 0.51, 0.55, 0.58, 0.60, 0.61, 0.61, 0.60, 0.60, 0.59, 
 SWITCH_AT = 100  # the first window of five whose slope is not positive: 0.60, 0.61, 0.61, 0.60, 0.60
 
 
-def build(tmp_path: Path, schedule: str) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+def build(tmp_path: Path, schedule: str, max_seeds: int = 1) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
                                                 GrowthController]:
     torch.manual_seed(0)
     model = TwoLinear()
@@ -39,7 +39,7 @@ def build(tmp_path: Path, schedule: str) -> tuple[nn.Module, torch.optim.Optimiz
     growth = GrowthController(model, optimizer, example=X[:2], max_steps=200, store=LocalKernelStore(tmp_path / "k"),
                               seeds={"targets": ["fc1"], "blueprints": ["wide_mlp"], "lr_schedule": schedule},
                               policy={"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 1.0],
-                                      "max_seeds": 1})
+                                      "max_seeds": max_seeds})
     return model, optimizer, scheduler, growth
 
 
@@ -102,6 +102,15 @@ def test_other_schedules_never_switch(tmp_path: Path, schedule: str) -> None:
     seen = train(model, optimizer, scheduler, growth, range(120))
     assert not [e for e in growth.recorder.events if e["event"] == "seed_lr"]
     assert all(seed == pytest.approx(HOST_LR * 2.0) for _, _, seed in seen if seed is not None)
+
+
+def test_a_run_that_cannot_grow_never_switches(tmp_path: Path) -> None:
+    """With growth off (``policy.max_seeds=0``, the static arm of every comparison) there are no seeds
+    to slow down: no ``seed_lr`` event, and `esper train` prints no line about seeds."""
+    model, optimizer, scheduler, growth = build(tmp_path, "adaptive", max_seeds=0)
+    train(model, optimizer, scheduler, growth, range(120))
+    assert not [e for e in growth.recorder.events if e["event"] == "seed_lr"]
+    assert not growth.seed_rate.switched
 
 
 def test_a_metric_that_keeps_rising_never_switches() -> None:

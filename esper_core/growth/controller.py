@@ -150,7 +150,9 @@ class GrowthController:
             self.policy.layers.share(world.mean)
         self.governor = Governor(_config(GovernorConfig, governor), self.device)
         self._seed_lr = seed_lr
-        self.seed_rate = SeedRate(self.seeds_config.lr_schedule == "adaptive", self.policy_config.trend_window)
+        # a run that can never grow has no seeds to slow down: no switch, no `seed_lr` event
+        self.seed_rate = SeedRate(self.seeds_config.lr_schedule == "adaptive" and self.policy_config.max_seeds > 0,
+                                  self.policy_config.trend_window)
         self.executor = SeedExecutor(self.manager, None, self.catalog, self.kernels, self._lr_of_seeds, seed,
                                      self.seeds_config.merge_linear)
         self.run_state: tuple[Callable[[], State], Callable[[State], None]] = (self._capture, self._restore)

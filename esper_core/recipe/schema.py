@@ -264,7 +264,8 @@ class SeedsConfig(Section):
         "learns; `host` follows the host's schedule, times `lr_scale`; `adaptive` (the default) is `window` (in "
         "your own loop: constant) until the task's validation metric stops rising (its trend over the last "
         "`policy.trend_window` evaluations is no longer positive), and from then on at most the host's learning "
-        "rate: new capacity that learns fast on a run that has begun to overfit only overfits faster.")
+        "rate: new capacity that learns fast on a run that has begun to overfit only overfits faster (a run "
+        "that cannot grow, `policy.max_seeds: 0`, never switches).")
 
 
 class SelectorConfig(Section):
