@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from esper_cli.errors import reported
+
+if TYPE_CHECKING:  # `esper --help` must not import PyTorch, which the export package does
+    from esper_core.export.plain import SeedAction
 
 
 @reported
@@ -43,14 +47,19 @@ def export(
         raise typer.Exit(1)
 
 
+SEED_ACTIONS: dict[SeedAction, str] = {"widened": "widened into wider hosts", "merged": "merged",
+                                       "branch": "kept as branches", "dropped": "left out"}
+"""Each :data:`~esper_core.export.plain.SeedAction` as the summary line names it."""
+
+
 def _print(result: dict, console: Console) -> None:
     params = result["parameters"]
     actions = [s["action"] for s in result["seeds"]]
+    counts = ", ".join(f"{actions.count(action)} {label}" for action, label in SEED_ACTIONS.items())
     console.print(f"exported {result['source']} (step {result['step']}) as {result['format']} into {result['out']}",
                   soft_wrap=True)
     console.print(f"parameters: host {params['host']:,}, trained {params['trained']:,}, exported "
-                  f"{params['exported']:,} (seeds: {actions.count('merged')} merged, {actions.count('branch')} kept as "
-                  f"branches, {actions.count('dropped')} left out)", soft_wrap=True)
+                  f"{params['exported']:,} (seeds: {counts})", soft_wrap=True)
     for file in result["files"]:
         console.print(f"  {file['path']}  {file['bytes']:,} bytes", soft_wrap=True)
     console.print(f"max |difference| against the trained model on {result['samples']} held-out samples: "

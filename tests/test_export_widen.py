@@ -138,3 +138,23 @@ def test_a_model_that_cannot_run_wider_keeps_its_span_seeds_as_branches(runs: di
     seeds = [s for s in result["seeds"] if s["state"] == "FOSSILIZED"]
     assert seeds and all(s["action"] == "branch" for s in seeds)
     assert any("fails on the example inputs (AssertionError" in s["reason"] for s in seeds), seeds
+
+
+def test_the_export_summary_line_counts_widened_seeds(runs: dict[str, Trainer], tmp_path: Path) -> None:
+    """`esper export` without --json names what it did with every seed: the widened span seeds too (the
+    line once said "0 merged, 0 kept as branches, 0 left out" for a model whose eight seeds were all
+    widened)."""
+    from typing import get_args
+
+    from esper_cli.export import SEED_ACTIONS
+    from esper_core.export.plain import SeedAction
+
+    assert set(SEED_ACTIONS) == set(get_args(SeedAction))  # every action the export takes has its words
+    trainer = runs["relu"]
+    spans = sum(_fossilized_spans(trainer).values())
+    done = esper("export", trainer.run_dir, "--format", "safetensors", "--out", tmp_path / "plain")
+    assert done.exit_code == 0, done.output
+    line = next(line for line in done.stdout.splitlines() if line.startswith("parameters: "))
+    assert f"{spans} widened into wider hosts" in line, line
+    counted = sum(int(part.split()[0]) for part in line.split("(seeds: ")[1].rstrip(")").split(", "))
+    assert counted == len(json.loads((tmp_path / "plain" / "export.json").read_text(encoding="utf-8"))["seeds"])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -65,9 +65,14 @@ class GrownLayer(nn.Module):
         return y
 
 
+SeedAction = Literal["widened", "merged", "branch", "dropped"]
+"""What an export does with a seed: fold a span seed's units into wider hosts, fold a linear seed into
+its host's weight, keep it as a branch, or leave it out (it contributes nothing yet)."""
+
+
 @dataclass(frozen=True)
 class SeedOutcome:
-    """What :func:`unwrap` did with one seed: ``merged``, ``branch`` or ``dropped`` (and why)."""
+    """What :func:`unwrap` did with one seed (a :data:`SeedAction`) and why."""
 
     layer: str
     slot: int
@@ -75,7 +80,7 @@ class SeedOutcome:
     state: str
     alpha: float
     params: int
-    action: str
+    action: SeedAction
     reason: str
     ir: dict[str, Any] | None
     target: dict[str, Any] | None
@@ -179,7 +184,7 @@ def _widened(plain: nn.Module, outcomes: list[SeedOutcome], example: Any) -> tup
     return plain, updated
 
 
-def _decide(state: SeedState, alpha: float, merge: bool) -> tuple[str, str]:
+def _decide(state: SeedState, alpha: float, merge: bool) -> tuple[SeedAction, str]:
     if state == SeedState.FOSSILIZED:
         return ("merged", "fossilized; exact linear map folded into the host") if merge else \
             ("branch", "fossilized; --no-merge keeps it a branch")
