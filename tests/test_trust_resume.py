@@ -118,3 +118,60 @@ def test_a_resume_records_its_overrides_and_effective_recipe_in_the_chain(finish
     assert len(resumed) == 1 and resumed[0]["overrides"] == ["trainer.max_steps=70", "telemetry.progress=none"]
     assert resumed[0]["recipe_sha256"] == summary["recipe_sha256"] != events[0]["recipe_sha256"]
     assert summary["steps"] == 70
+
+
+def test_a_run_extended_at_resume_resumes_again_and_exports(finished: Path, tmp_path: Path) -> None:
+    """`esper resume RUN trainer.max_steps=N` twice, then `esper export`: the checkpoints written after
+    the first resume record the overrides in effect, so the second resume and the export rebuild the
+    run's recipe from recipe.yaml (unchanged, as the audit needs it) plus those overrides. Before,
+    both refused the run: recipe.yaml no longer had the hash the newer checkpoints recorded."""
+    run = tmp_path / finished.name
+    shutil.copytree(finished, run)
+    written = (run / "recipe.yaml").read_bytes()
+    first = esper("resume", "--checkpoint", str(run), "trainer.max_steps=90", "checkpoint.every_steps=30")
+    assert first.returncode == 0, first.stderr
+    second = esper("resume", "--checkpoint", str(run), "trainer.max_steps=100", "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["steps"] == 100
+    manifest = json.loads((run / "final" / "manifest.json").read_text())
+    assert manifest["recipe_overrides"] == ["trainer.max_steps=90", "checkpoint.every_steps=30",
+                                            "trainer.max_steps=100"]
+    assert (run / "recipe.yaml").read_bytes() == written
+    exported = esper("export", str(run), "--format", "safetensors", "--json")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["within_tolerance"]
+    assert esper("report", "--verify", str(run)).returncode == 0
+
+
+def test_a_recipe_edited_under_recorded_overrides_is_refused(finished: Path, tmp_path: Path) -> None:
+    run = tmp_path / finished.name
+    shutil.copytree(finished, run)
+    assert esper("resume", "--checkpoint", str(run), "trainer.max_steps=90", "checkpoint.every_steps=30").returncode == 0
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("widths:\n  - 16", "widths:\n  - 17"))
+    result = esper("resume", "--checkpoint", str(run), "trainer.max_steps=100")
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert "recipe.yaml" in result.stderr and "does not match the recipe hash" in result.stderr
+
+
+def test_a_relative_data_path_resolves_against_the_recipe_it_was_trained_from(tmp_path: Path) -> None:
+    """`data.path: mine.npz` next to the recipe: the run's saved recipe.yaml lives in the run directory,
+    and resume and export resolved the path there ("data file not found")."""
+    import numpy as np
+
+    project = tmp_path / "project"
+    project.mkdir()
+    x = np.random.default_rng(0).normal(size=(400, 12)).astype("float32")
+    np.savez(project / "mine.npz", x=x, y=(x[:, 0] > 0).astype("int64"))
+    (project / "recipe.yaml").write_text(RECIPE.replace("{source: digits, layout: flat, batch_size: 32}",
+                                                        "{source: file, path: mine.npz, batch_size: 32}"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    trained = esper("train", str(project / "recipe.yaml"), f"run.output_dir={tmp_path / 'runs'}",
+                    f"storage.workspace={tmp_path / 'ws'}", "trainer.max_steps=30", cwd=elsewhere)
+    assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "runs" / "tiny"
+    resumed = esper("resume", "--checkpoint", str(run), "trainer.max_steps=60", cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr
+    exported = esper("export", str(run), "--json", cwd=elsewhere)
+    assert exported.returncode == 0, exported.stderr

@@ -174,7 +174,7 @@ def sync_to_store(run_dir: Path, url: str | None = None) -> SyncResult:
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
         raise CheckpointError(Problem(str(run_dir), "not a run directory (no recipe.yaml)"))
-    storage = load_recipe(saved).recipe.storage
+    storage = load_recipe(saved, check_data=False).recipe.storage  # only the storage section is read
     if url is not None:
         location = Location.parse(url, "--to", endpoint_url=storage.s3_endpoint_url)
     else:

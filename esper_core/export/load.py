@@ -12,7 +12,6 @@ loads with a warning, as there is nothing to verify it against).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +29,9 @@ from esper_core.checkpoints import store
 from esper_core.errors import CheckpointError, Problem
 from esper_core.export.final import read_final
 from esper_core.growth.state import join
-from esper_core.recipe.load import LoadedRecipe, load_recipe
+from esper_core.recipe.load import LoadedRecipe
 from esper_core.seeds.manager import SeedManager, wrap
+from esper_core.training.saved_recipe import load_saved_recipe
 
 Warn = Callable[[str], None]
 
@@ -82,7 +82,7 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
     if checkpoint is None:
         final = read_final(run_dir, warn)
         tensors, topology, info, source = final.tensors, final.topology, final.manifest, final.path
-        recipe_dir = Path(info.get("recipe_dir") or run_dir)
+        record, where = info, str(source)
     else:
         path = Path(checkpoint)
         if not path.is_dir():
@@ -97,8 +97,12 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
         except (KeyError, TypeError) as exc:
             raise CheckpointError(Problem(str(path / store.STATE), f"not a run checkpoint ({exc})")) from None
         info, source = loaded_checkpoint.manifest, path
-        recipe_dir = Path(loaded_checkpoint.state.get("recipe_dir") or run_dir)
-    loaded = _saved_recipe(run_dir, info.get("recipe_sha256"))
+        record = {**loaded_checkpoint.state, "recipe_sha256": info.get("recipe_sha256")}
+        where = str(path)
+    # the data file is needed only to measure the host's shapes (runs from before host_model), and
+    # building the data reports it if it is gone
+    loaded, _ = load_saved_recipe(run_dir, record, where, check_data=False)
+    recipe_dir = loaded.base_dir
     host_model = info.get("host_model") or _shapes_from_data(loaded, recipe_dir)
     model = _host_network(loaded, host_model, recipe_dir)
     manager = wrap(model, config=loaded.recipe.seeds)
@@ -112,16 +116,6 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
                                       f"topology ({' '.join(first[:2])[:300]})")) from None
     model.eval()
     return LoadedRun(model, manager, loaded, run_dir, source, int(topology.get("step", 0)), host_model, recipe_dir)
-
-
-def _saved_recipe(run_dir: Path, recorded: str | None) -> LoadedRecipe:
-    saved = run_dir / "recipe.yaml"
-    digest = hashlib.sha256(saved.read_bytes()).hexdigest()
-    hash_file = run_dir / "recipe.sha256"
-    expected = recorded or (hash_file.read_text(encoding="utf-8").strip() if hash_file.is_file() else None)
-    if expected is not None and digest != expected:
-        raise CheckpointError(Problem(str(saved), "does not match the recipe hash the run recorded"))
-    return load_recipe(saved)
 
 
 def _shapes_from_data(loaded: LoadedRecipe, recipe_dir: Path) -> dict[str, Any]:

@@ -33,7 +33,9 @@ class LoadedRecipe:
     """A validated recipe and where it came from.
 
     ``resolved_yaml`` has every default filled in; ``sha256`` is the hex digest of its UTF-8 bytes.
-    Paths inside ``recipe`` stay as written: use :func:`resolve_relative` to locate them.
+    Paths inside ``recipe`` stay as written: use :func:`resolve_relative` to locate them against
+    ``base_dir``, the recipe file's directory, or for a run's saved copy the directory of the recipe
+    the run was trained from (the run records it as ``recipe_dir``).
     """
 
     recipe: Recipe
@@ -41,6 +43,7 @@ class LoadedRecipe:
     resolved_yaml: str
     sha256: str
     locator: Locator = field(repr=False, compare=False)
+    base_dir: Path = field(compare=False)
 
     def locate(self, field_path: str, message: str) -> Problem:
         """A problem found after loading (a target that matches nothing, an unknown blueprint),
@@ -58,13 +61,23 @@ class LoadedRecipe:
                                for p in exc.problems]) from None
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = (), allow_factories: bool | None = None) -> LoadedRecipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), allow_factories: bool | None = None,
+                base_dir: Path | None = None, check_data: bool = True) -> LoadedRecipe:
     """Read, override and validate a recipe; raise ``ConfigError`` listing every problem found.
 
     ``allow_factories=False`` (default: ``ESPER_ALLOW_FACTORIES``, on unless ``0``) refuses a recipe
-    that names user code (:data:`FACTORY_FIELDS`); loading never imports it either way."""
+    that names user code (:data:`FACTORY_FIELDS`); loading never imports it either way.
+
+    Relative paths in the recipe resolve against ``base_dir`` (default: the recipe file's directory).
+    A run's saved ``recipe.yaml`` sits in the run directory, so whoever reloads it passes the
+    ``recipe_dir`` the run recorded; resolved against the run directory, ``data.path: mine.npz``
+    named a file that never existed and ``esper resume`` refused the run. ``check_data`` checks that
+    a ``source: file`` data file exists now, before minutes of work; commands that read only other
+    sections of a saved run's recipe (export, report, sync) turn it off, and building the data reports
+    a missing file anyway."""
     source = str(path)
     resolved = Path(path).expanduser().resolve()
+    base = resolved.parent if base_dir is None else Path(base_dir)
     document = read_yaml_file(resolved, source)
     data, applied = apply_overrides(document.data, overrides)
     locator = Locator(source, document.lines, applied)
@@ -75,13 +88,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), allow_factories
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         problems.extend(validation_problems(exc, locator))
-    data_problem = _data_file_problem(data.get("data"), resolved.parent)
+    data_problem = _data_file_problem(data.get("data"), base) if check_data else None
     if data_problem is not None:
         problems.append(locator.problem(("data", "path"), data_problem))
     if problems:
         raise ConfigError(sorted(problems, key=_reading_order))
     text = yaml.safe_dump(recipe.model_dump(), sort_keys=False, allow_unicode=True)
-    return LoadedRecipe(recipe, resolved, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), locator)
+    return LoadedRecipe(recipe, resolved, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), locator, base)
 
 
 FACTORY_FIELDS = (("data", "factory"), ("model", "factory"), ("task", "function"))
@@ -115,8 +128,8 @@ def factory_problems(data: Any, locator: Locator) -> list[Problem]:
 
 
 def resolve_relative(loaded: LoadedRecipe, p: str | Path) -> Path:
-    """Resolve a path written in the recipe (``data.path``, ``seeds.blueprint_dirs``) against its directory."""
-    return _against(loaded.path.parent, p)
+    """Resolve a path written in the recipe (``data.path``, ``seeds.blueprint_dirs``) against its ``base_dir``."""
+    return _against(loaded.base_dir, p)
 
 
 def _against(directory: Path, p: str | Path) -> Path:

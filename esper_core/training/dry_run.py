@@ -35,7 +35,7 @@ def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bo
     growth budgets. Raises the errors training would raise for a bad recipe (exit 2)."""
     loaded = load_recipe(path, overrides, allow_factories)
     recipe = loaded.recipe
-    base_dir = loaded.path.parent
+    base_dir = loaded.base_dir
     check_device(loaded, torch.cuda.is_available())
     check_output_dir(loaded)
     device = select_device(recipe.run.device)

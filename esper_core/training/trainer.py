@@ -10,7 +10,6 @@ only every ``log_every`` steps (by the controller, which hands the value back).
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from torch.utils.data import Dataset
 from esper_core import distributed
 from esper_core.checkpoints import store
 from esper_core.checkpoints.lock import RunLock
-from esper_core.errors import RECIPE_FIELD, ConfigError, EsperError, Problem
+from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.growth.controller import GrowthController, StepOutcome
 from esper_core.growth.evaluation import Evaluation
 from esper_core.growth.state import cpu_copy, join
@@ -47,6 +46,7 @@ from esper_core.training.loaders import EvalBatches, TrainBatches, resident
 from esper_core.training.precision import Precision, kernel_dtype
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.recording import RunRecorder, progress_event
+from esper_core.training.saved_recipe import load_saved_recipe
 from esper_core.training.setup import seed_everything, select_device
 from esper_core.training.tasks import Task
 
@@ -60,7 +60,6 @@ class Trainer:
     and returns the summary."""
 
     loaded: LoadedRecipe
-    base_dir: Path | None = None  # directory relative recipe paths resolve against
     device: torch.device = field(init=False)
 
     @classmethod
@@ -84,16 +83,14 @@ class Trainer:
             target = fetch_run(str(target), "checkpoint")
         checkpoint = store.find(Path(target), strict, warn)
         run_dir = checkpoint.path.parent.parent
-        saved = run_dir / "recipe.yaml"
-        recorded = checkpoint.manifest.get("recipe_sha256")
-        if not saved.is_file() or hashlib.sha256(saved.read_bytes()).hexdigest() != recorded:
-            raise EsperError(Problem(str(saved), "missing or does not match the recipe hash in the checkpoint"))
         where = str(checkpoint.path / store.STATE)
+        record = {**checkpoint.state, "recipe_sha256": checkpoint.manifest.get("recipe_sha256")}
+        loaded, in_effect = load_saved_recipe(run_dir, record, str(checkpoint.path), overrides, allow_factories)
         check_world_size(checkpoint.manifest, str(checkpoint.path / store.MANIFEST))
         check_run_state(checkpoint.state.get("run"), run_dir, where)
-        recipe_dir = checkpoint.state.get("recipe_dir")
-        trainer = cls(load_recipe(saved, overrides, allow_factories),
-                      Path(recipe_dir) if isinstance(recipe_dir, str) else None)
+        trainer = cls(loaded)
+        trainer.recipe_file_sha256 = record.get("recipe_file_sha256") or record["recipe_sha256"]
+        trainer.recipe_overrides = in_effect
         with refusing(where):
             run_state.restore(trainer, join(checkpoint.tensors, checkpoint.state["run"]))
         trainer.run_dir = run_dir
@@ -101,9 +98,17 @@ class Trainer:
         trainer._resume_overrides = list(overrides)
         return trainer
 
+    @property
+    def base_dir(self) -> Path:
+        """The directory relative recipe paths resolve against (:attr:`LoadedRecipe.base_dir`)."""
+        return self.loaded.base_dir
+
     def __post_init__(self) -> None:
         recipe = self.loaded.recipe
-        self.base_dir = self.base_dir or self.loaded.path.parent
+        # what rebuilds this run's recipe: the recipe.yaml it writes (or a resume found) and the
+        # overrides resumes applied on top of it (esper_core.training.saved_recipe)
+        self.recipe_file_sha256: str = self.loaded.sha256
+        self.recipe_overrides: list[str] = []
         check_device(self.loaded, torch.cuda.is_available())
         self.world = distributed.join(select_device(recipe.run.device))
         self.device = self.world.device if self.world is not None else select_device(recipe.run.device)

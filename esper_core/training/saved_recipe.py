@@ -1,0 +1,68 @@
+"""A run's recipe as it ran: its saved ``recipe.yaml`` plus the overrides its resumes applied.
+
+A run writes its resolved recipe once, as ``recipe.yaml`` (with ``recipe.sha256``), and never rewrites
+it: the audit binds that file's hash to the run's first event. ``esper resume RUN trainer.max_steps=N``
+(and the other overrides allowed at resume) makes the run's recipe ``recipe.yaml`` plus those
+overrides, so each checkpoint and ``final/manifest.json`` record what rebuilding it takes:
+
+- ``recipe_sha256``: the hash of the recipe in effect (the one ``run_start``/``run_resume`` name);
+- ``recipe_file_sha256``: the hash of ``recipe.yaml`` itself;
+- ``recipe_overrides``: every override applied at a resume so far, in order;
+- ``recipe_dir``: the directory of the recipe the run was trained from, which relative paths in it
+  (``data.path``, ``seeds.blueprint_dirs``) resolve against.
+
+Before, a checkpoint written after a resume with an override recorded only the hash of the recipe in
+effect, which ``recipe.yaml`` alone no longer had: the run could not be resumed again, nor exported.
+Records written before these fields existed are read as they were meant (no overrides, the file's hash
+is the recipe's, relative paths from the run directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from esper_core.errors import CheckpointError, Problem
+from esper_core.recipe.load import LoadedRecipe, load_recipe
+
+
+def recipe_record(file_sha256: str, overrides: Sequence[str], base_dir: Path) -> dict[str, Any]:
+    """What a checkpoint's state or ``final/manifest.json`` records, beside the ``recipe_sha256`` of
+    the recipe in effect that each already holds, to rebuild the run's recipe."""
+    return {"recipe_file_sha256": file_sha256, "recipe_overrides": list(overrides), "recipe_dir": str(base_dir)}
+
+
+def load_saved_recipe(run_dir: Path, record: Mapping[str, Any], where: str, overrides: Sequence[str] = (),
+                      allow_factories: bool | None = None, check_data: bool = True) -> tuple[LoadedRecipe, list[str]]:
+    """The recipe ``record`` (a checkpoint's or ``final/``'s, read from ``where``) says the run ran,
+    with ``overrides`` applied on top; returns it and every override now in effect. Raises
+    :class:`CheckpointError` when ``recipe.yaml`` is missing or is not the file the run wrote."""
+    saved = run_dir / "recipe.yaml"
+    in_effect = record.get("recipe_overrides") or []
+    if not isinstance(in_effect, list) or not all(isinstance(o, str) for o in in_effect):
+        raise CheckpointError(Problem(where, "recipe_overrides is not a list of overrides"))
+    effective_hash = record.get("recipe_sha256")
+    # older records: the file is the recipe in effect; without any record, the hash the run wrote
+    file_hash = record.get("recipe_file_sha256") or effective_hash or _written_hash(run_dir)
+    if not saved.is_file() or (file_hash is not None and hashlib.sha256(saved.read_bytes()).hexdigest() != file_hash):
+        raise CheckpointError(Problem(str(saved), f"missing or does not match the recipe hash recorded in {where}"))
+    recipe_dir = record.get("recipe_dir")
+    base_dir = Path(recipe_dir) if isinstance(recipe_dir, str) else None
+    if in_effect and effective_hash is not None:
+        ran = load_recipe(saved, in_effect, allow_factories, base_dir, check_data=False)
+        if ran.sha256 != effective_hash:
+            raise CheckpointError(Problem(where, f"{saved.name} with the recorded overrides {in_effect} is not the "
+                                                 "recipe the run recorded"))
+    applied = [*in_effect, *overrides]
+    return load_recipe(saved, applied, allow_factories, base_dir, check_data), applied
+
+
+def _written_hash(run_dir: Path) -> str | None:
+    """``recipe.sha256`` as the run wrote it, for a record that names no hash."""
+    path = run_dir / "recipe.sha256"
+    try:
+        return path.read_text(encoding="ascii").strip() if path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
