@@ -200,6 +200,17 @@ def test_when_every_checkpoint_is_hostile_the_error_names_each(run_dir):
         str(run_dir / "checkpoints" / store.checkpoint_name(s) / store.STATE) for s in (20, 10)]
 
 
+def test_naming_a_checkpoint_that_is_gone_lists_the_ones_there_are(run_dir):
+    """`esper resume --checkpoint RUN/checkpoints/step-N` for a step retention pruned: one error that
+    says which checkpoints the run has (it was a warning that it skipped the step, then the same
+    problem again as the error)."""
+    warnings: list[str] = []
+    with pytest.raises(CheckpointError) as info:
+        store.find(run_dir / "checkpoints" / store.checkpoint_name(5), strict=False, warn=warnings.append)
+    assert not warnings and info.value.exit_code == 3
+    assert f"no such checkpoint (the run has: {store.checkpoint_name(10)}, {store.checkpoint_name(20)})" in str(info.value)
+
+
 @pytest.mark.parametrize("content", [os.urandom(64) + b"\xff\xfe", b"step-00000099\n", b"../../etc\n"],
                          ids=["random bytes", "names a regular file", "names a path outside"])
 def test_a_damaged_latest_pointer_falls_back_to_the_newest_checkpoint(run_dir, content):

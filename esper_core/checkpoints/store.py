@@ -309,6 +309,9 @@ def find(target: Path, strict: bool, warn: Callable[[str], None]) -> Checkpoint:
     ``strict``."""
     if _NAME.match(target.name) and target.parent.name == "checkpoints":
         directory, first = target.parent, target
+        if not target.exists():  # e.g. pruned by retention: say which ones there are
+            found = ", ".join(p.name for p in committed(directory)) or "none"
+            raise CheckpointError(Problem(str(target), f"no such checkpoint (the run has: {found})"))
     else:
         directory = target / "checkpoints"
         if not directory.is_dir():
