@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -20,21 +19,21 @@ from esper_core import Evaluation  # noqa: E402
 from esper_core.compiler.store import LocalKernelStore  # noqa: E402
 from esper_core.growth import optimizer as optim  # noqa: E402
 from esper_core.integrations.lightning import EsperGrowth  # noqa: E402
+from factories import TwoLinear  # noqa: E402
+from test_seed_rate import ACCURACIES, SWITCH_AT  # noqa: E402  (the scripted validation curve and its switch)
 
 DATA = torch.Generator().manual_seed(0)
 X, Y = torch.randn(320, 8, generator=DATA), torch.randint(0, 4, (320,), generator=DATA)
 HOST_LR, STEPS = 0.05, 120
-ACCURACIES = [0.40, 0.46, 0.51, 0.55, 0.58, 0.60, 0.61, 0.61, 0.60, 0.60, 0.59, 0.59]  # as in test_seed_rate
-SWITCH_AT = 100  # the first five-evaluation window whose trend is not positive
 
 
 class Net(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.host = TwoLinear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+        return self.host(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return F.cross_entropy(self(batch[0]), batch[1])
@@ -64,7 +63,7 @@ def test_lightning_seeds_switch_to_at_most_the_hosts_rate(tmp_path: Any) -> None
     scripted = iter(ACCURACIES)
     growth = EsperGrowth(example=X[:2], evaluate=lambda module: Evaluation(next(scripted), True, "accuracy", 1.0, None),
                          store=LocalKernelStore(tmp_path / "kernels"),
-                         seeds={"targets": ["fc1"], "blueprints": ["wide_mlp"]},
+                         seeds={"targets": ["host.fc1"], "blueprints": ["wide_mlp"]},
                          policy={"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 1.0], "max_seeds": 1})
     rates = StepRates()
     trainer = pl.Trainer(max_steps=STEPS, val_check_interval=10, check_val_every_n_epoch=None, limit_val_batches=1,

@@ -23,7 +23,6 @@ from esper_core.policy.arm_store import workspace_store
 from esper_core.telemetry.binding import artifact_digests, sign_head, summary_figures
 from esper_core.training.loaders import EvalBatches, resident
 from esper_core.training.models import count_parameters
-from esper_core.training.saved_recipe import recipe_record
 from esper_core.seeds.manager import SeedManager
 
 if TYPE_CHECKING:
@@ -46,7 +45,7 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     if not trainer.leader:
         return {"run_dir": str(trainer.run_dir), "steps": trainer.step, **last.figures()}
     info = {"recipe_sha256": trainer.loaded.sha256,
-            **recipe_record(trainer.recipe_file_sha256, trainer.recipe_overrides, trainer.base_dir),
+            **trainer.recipe_record.fields(),
             "host_model": host_model(trainer)}
     if best is None or best.step == trainer.step:
         write_final(trainer.run_dir, trainer.model.state_dict(), manager.topology(), {"step": trainer.step, **info})

@@ -24,7 +24,6 @@ from esper_core.telemetry.run import esper_version
 from esper_core.training import run_state
 from esper_core.training.finish import host_model
 from esper_core.training.recording import fresh_run_dir
-from esper_core.training.saved_recipe import recipe_record
 
 if TYPE_CHECKING:
     from esper_core.training.trainer import Trainer
@@ -101,8 +100,7 @@ def checkpoint_contents(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict
     """The tensors and the JSON state a checkpoint of the run holds now (``benchmarks/checkpoint.py``
     times saving exactly this)."""
     tensors, skeleton = split(run_state.capture(trainer, checkpoint=True))
-    return tensors, {"run": skeleton, **recipe_record(trainer.recipe_file_sha256, trainer.recipe_overrides,
-                                                      trainer.base_dir)}
+    return tensors, {"run": skeleton, **trainer.recipe_record.fields()}
 
 
 def save_checkpoint(trainer: Trainer) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,29 @@ from esper_core.errors import CheckpointError, Problem
 from esper_core.recipe.load import LoadedRecipe, load_recipe
 
 
-def recipe_record(file_sha256: str, overrides: Sequence[str], base_dir: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RecipeRecord:
     """What a checkpoint's state or ``final/manifest.json`` records, beside the ``recipe_sha256`` of
     the recipe in effect that each already holds, to rebuild the run's recipe."""
-    return {"recipe_file_sha256": file_sha256, "recipe_overrides": list(overrides), "recipe_dir": str(base_dir)}
+
+    file_sha256: str
+    overrides: tuple[str, ...]
+    base_dir: Path
+
+    @classmethod
+    def fresh(cls, loaded: LoadedRecipe) -> RecipeRecord:
+        """A new run's: it writes ``loaded`` as its ``recipe.yaml``, with no override on top."""
+        return cls(loaded.sha256, (), loaded.base_dir)
+
+    def fields(self) -> dict[str, Any]:
+        return {"recipe_file_sha256": self.file_sha256, "recipe_overrides": list(self.overrides),
+                "recipe_dir": str(self.base_dir)}
 
 
 def load_saved_recipe(run_dir: Path, record: Mapping[str, Any], where: str, overrides: Sequence[str] = (),
-                      allow_factories: bool | None = None, check_data: bool = True) -> tuple[LoadedRecipe, list[str]]:
+                      allow_factories: bool | None = None, check_data: bool = True) -> tuple[LoadedRecipe, RecipeRecord]:
     """The recipe ``record`` (a checkpoint's or ``final/``'s, read from ``where``) says the run ran,
-    with ``overrides`` applied on top; returns it and every override now in effect. Raises
+    with ``overrides`` applied on top, and what a record of it holds from now on. Raises
     :class:`CheckpointError` when ``recipe.yaml`` is missing or is not the file the run wrote."""
     saved = run_dir / "recipe.yaml"
     in_effect = record.get("recipe_overrides") or []
@@ -45,18 +59,18 @@ def load_saved_recipe(run_dir: Path, record: Mapping[str, Any], where: str, over
         raise CheckpointError(Problem(where, "recipe_overrides is not a list of overrides"))
     effective_hash = record.get("recipe_sha256")
     # older records: the file is the recipe in effect; without any record, the hash the run wrote
-    file_hash = record.get("recipe_file_sha256") or effective_hash or _written_hash(run_dir)
-    if not saved.is_file() or (file_hash is not None and hashlib.sha256(saved.read_bytes()).hexdigest() != file_hash):
+    expected = record.get("recipe_file_sha256") or effective_hash or _written_hash(run_dir)
+    digest = hashlib.sha256(saved.read_bytes()).hexdigest() if saved.is_file() else None
+    if digest is None or (expected is not None and digest != expected):
         raise CheckpointError(Problem(str(saved), f"missing or does not match the recipe hash recorded in {where}"))
     recipe_dir = record.get("recipe_dir")
     base_dir = Path(recipe_dir) if isinstance(recipe_dir, str) else None
-    if in_effect and effective_hash is not None:
-        ran = load_recipe(saved, in_effect, allow_factories, base_dir, check_data=False)
-        if ran.sha256 != effective_hash:
-            raise CheckpointError(Problem(where, f"{saved.name} with the recorded overrides {in_effect} is not the "
-                                                 "recipe the run recorded"))
-    applied = [*in_effect, *overrides]
-    return load_recipe(saved, applied, allow_factories, base_dir, check_data), applied
+    ran = load_recipe(saved, in_effect, allow_factories, base_dir, check_data)
+    if in_effect and effective_hash is not None and ran.sha256 != effective_hash:
+        raise CheckpointError(Problem(where, f"{saved.name} with the recorded overrides {in_effect} is not the "
+                                             "recipe the run recorded"))
+    loaded = load_recipe(saved, [*in_effect, *overrides], allow_factories, base_dir, check_data) if overrides else ran
+    return loaded, RecipeRecord(digest, (*in_effect, *overrides), loaded.base_dir)
 
 
 def _written_hash(run_dir: Path) -> str | None:

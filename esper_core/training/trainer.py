@@ -46,7 +46,7 @@ from esper_core.training.loaders import EvalBatches, TrainBatches, resident
 from esper_core.training.precision import Precision, kernel_dtype
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.recording import RunRecorder, progress_event
-from esper_core.training.saved_recipe import load_saved_recipe
+from esper_core.training.saved_recipe import RecipeRecord, load_saved_recipe
 from esper_core.training.setup import seed_everything, select_device
 from esper_core.training.tasks import Task
 
@@ -85,12 +85,11 @@ class Trainer:
         run_dir = checkpoint.path.parent.parent
         where = str(checkpoint.path / store.STATE)
         record = {**checkpoint.state, "recipe_sha256": checkpoint.manifest.get("recipe_sha256")}
-        loaded, in_effect = load_saved_recipe(run_dir, record, str(checkpoint.path), overrides, allow_factories)
+        loaded, recipe_record = load_saved_recipe(run_dir, record, str(checkpoint.path), overrides, allow_factories)
         check_world_size(checkpoint.manifest, str(checkpoint.path / store.MANIFEST))
         check_run_state(checkpoint.state.get("run"), run_dir, where)
         trainer = cls(loaded)
-        trainer.recipe_file_sha256 = record.get("recipe_file_sha256") or record["recipe_sha256"]
-        trainer.recipe_overrides = in_effect
+        trainer.recipe_record = recipe_record
         with refusing(where):
             run_state.restore(trainer, join(checkpoint.tensors, checkpoint.state["run"]))
         trainer.run_dir = run_dir
@@ -105,10 +104,8 @@ class Trainer:
 
     def __post_init__(self) -> None:
         recipe = self.loaded.recipe
-        # what rebuilds this run's recipe: the recipe.yaml it writes (or a resume found) and the
-        # overrides resumes applied on top of it (esper_core.training.saved_recipe)
-        self.recipe_file_sha256: str = self.loaded.sha256
-        self.recipe_overrides: list[str] = []
+        # what rebuilds this run's recipe (esper_core.training.saved_recipe); a resume replaces it
+        self.recipe_record = RecipeRecord.fresh(self.loaded)
         check_device(self.loaded, torch.cuda.is_available())
         self.world = distributed.join(select_device(recipe.run.device))
         self.device = self.world.device if self.world is not None else select_device(recipe.run.device)
