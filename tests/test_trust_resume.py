@@ -97,7 +97,11 @@ def _rename_layer(state: dict[str, Any], path: Path) -> None:
     (_set("run", "controller", "topology", "step", value=-50), "the step must be a non-negative integer"),
     (_set("run", "data", "epoch", value=True), "data position"),
     (_set("run", "logs", "events_bytes", value=10**12), "points past the end of events.jsonl"),
-], ids=["foreign-tensors", "wrong-topology", "no-optimizer", "negative-step", "bool-epoch", "huge-log-cursor"])
+    (_set("recipe_overrides", value={"trainer.max_steps": 90}), "recipe_overrides is not a list of overrides"),
+    (_set("recipe_overrides", value=["trainer.max_steps=90"]), "with the recorded overrides"),
+    (_set("recipe_file_sha256", value="0" * 64), "does not match the recipe hash"),
+], ids=["foreign-tensors", "wrong-topology", "no-optimizer", "negative-step", "bool-epoch", "huge-log-cursor",
+        "overrides-not-a-list", "overrides-not-the-runs", "wrong-recipe-file-hash"])
 def test_rehashed_but_wrong_checkpoint_content_is_refused_with_exit_3(finished: Path, tmp_path: Path,
                                                                      edit: Any, message: str) -> None:
     run = _tampered(finished, tmp_path, edit)
