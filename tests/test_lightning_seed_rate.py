@@ -81,3 +81,33 @@ def test_lightning_seeds_switch_to_at_most_the_hosts_rate(tmp_path: Any) -> None
     after = [(host, seed) for step, host, seed in live if step >= SWITCH_AT]
     assert before and all(seed == pytest.approx(2 * HOST_LR) for seed in before)
     assert after and all(seed <= host and seed == pytest.approx(host) for host, seed in after), after[:3]
+
+
+class LambdaNet(Net):
+    """A module whose ``configure_optimizers`` returns a scheduler keeping one function per group."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=HOST_LR)
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.99 ** step)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+def test_lightning_schedulers_and_accumulation_keep_working_as_seeds_arrive(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    growth = EsperGrowth(example=X[:2], evaluate=lambda module: Evaluation(0.5, True, "accuracy", 1.0, None),
+                         store=LocalKernelStore(tmp_path / "kernels"),
+                         seeds={"targets": ["host.fc1"], "blueprints": ["wide_mlp"]},
+                         policy={"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 1.0]})
+    trainer = pl.Trainer(max_steps=60, val_check_interval=20, check_val_every_n_epoch=None, limit_val_batches=1,
+                         num_sanity_val_steps=0, callbacks=[growth], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=tmp_path, accumulate_grad_batches=2)
+    data = DataLoader(TensorDataset(X, Y), batch_size=16, shuffle=False)
+    trainer.fit(LambdaNet(), data, DataLoader(TensorDataset(X[:32], Y[:32]), batch_size=32))
+
+    assert growth.growth is not None and trainer.global_step == 60
+    assert "germinate" in {e["event"] for e in growth.growth.recorder.events}
+    optimizer, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+    assert len(scheduler.lr_lambdas) == len(scheduler.base_lrs) == len(optimizer.param_groups) == 2
+    # Lightning divides each micro-batch's loss by accumulate_grad_batches: the pull is divided alike
+    assert all(layer.eta == 2 * growth.growth.seeds_config.eta for layer in growth.growth.manager.layers.values())

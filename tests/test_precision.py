@@ -55,7 +55,8 @@ def test_the_fp16_loss_scale_does_not_change_what_an_incubating_seed_learns() ->
         manager.start_incubation(ref, seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         precision = Precision("fp16" if scaled else "fp32", torch.device("cpu"))
-        precision.backward(F.mse_loss(model(x), target), list(manager.layers.values()))
+        manager.layers["2"].grad_scaler = precision.scaler  # what the growth controller does with its scaler
+        precision.backward(F.mse_loss(model(x), target))  # the scaler's first step: the scale is made in it
         precision.unscale(optimizer)
         grads.append([p.grad.clone() for p in manager.seed_parameters(ref)])
     assert precision.scaler.get_scale() > 1.0  # the loss really was scaled

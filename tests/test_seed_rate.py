@@ -37,6 +37,7 @@ def build(tmp_path: Path, schedule: str, max_seeds: int = 1) -> tuple[nn.Module,
     optimizer = torch.optim.AdamW(model.parameters(), lr=HOST_LR)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=200)  # the user's, on the host
     growth = GrowthController(model, optimizer, example=X[:2], max_steps=200, store=LocalKernelStore(tmp_path / "k"),
+                              schedulers=[scheduler],
                               seeds={"targets": ["fc1"], "blueprints": ["wide_mlp"], "lr_schedule": schedule},
                               policy={"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 1.0],
                                       "max_seeds": max_seeds})

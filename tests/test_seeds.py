@@ -215,7 +215,7 @@ def test_culled_seed_is_gone_from_module_state_dict_and_optimizer():
     assert manager.state(ref) == SeedState.CULLED
     assert "0" not in manager.layers["2"].seeds
     assert not any(".seeds." in k for k in model.state_dict())
-    assert [g["name"] for g in opt.param_groups] == ["host"]
+    assert [(g["name"], len(g["params"])) for g in opt.param_groups] == [("host", 6), ("seeds", 0)]
     assert not any(p in opt.state for p in seed_params)
     model_params = {id(p) for p in model.parameters()}
     assert all(id(p) in model_params for g in opt.param_groups for p in g["params"])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -92,6 +93,18 @@ class StepOutcome:
     rolled_back: bool
 
 
+def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
+    """Refuse an optimizer growth cannot work with, before anything is changed."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None, bound later), not {type(optimizer).__name__}")
+    ours = {id(p) for p in model.parameters()}
+    strays = sum(id(p) not in ours for g in optimizer.param_groups for p in g["params"])
+    if strays:
+        raise ValueError(f"the optimizer holds {strays} parameter(s) that are not the model's: growth saves and restores "
+                         "optimizer state by the model's parameter names, so every parameter it trains must be "
+                         "registered on the model (e.g. a learnable loss weight as an nn.Parameter attribute of it)")
+
+
 def _config(cls: type, value: Any) -> Any:
     return value if isinstance(value, cls) else cls.model_validate(value or {})
 
@@ -107,7 +120,12 @@ class GrowthController:
     times ``seeds.lr_scale``). ``run_state`` is a pair (capture, restore) of the whole run's state for
     the governor's snapshots; by default model, optimizer and controller. ``optimizer`` may be
     ``None`` and bound later with :meth:`bind_optimizer` (a framework that creates it after setup).
-    ``world`` (from :func:`esper_core.distributed.join`) makes every rank's controller take the same
+    Binding adds the seed group to the optimizer at once, so a learning-rate scheduler built after
+    the controller covers it; pass one built before as ``schedulers`` (it is extended to cover it).
+    ``scaler``: the ``torch.amp.GradScaler`` the loop scales its loss with (fp16), so an incubating
+    seed's pull is scaled like the gradient it joins. ``accumulate_steps``: micro-batches per
+    optimizer step when the loop divides each micro-batch's loss by their number (the pull is divided
+    the same way). ``world`` (from :func:`esper_core.distributed.join`) makes every rank's controller take the same
     decisions at the same steps: measurements and loss reads are reduced over the ranks, kernels are
     all ready before the first step, and ``evaluate`` must reduce over the ranks too (see
     :mod:`esper_core.distributed`).
@@ -121,8 +139,17 @@ class GrowthController:
                  recorder: Recorder | None = None, check_every: int = 10,
                  seed_lr: Callable[[int], float] | None = None, blueprint_dirs: Sequence[Path] = (),
                  deterministic: bool = True, start: bool = True, kernel_dtype: str | None = None,
-                 world: World | None = None) -> None:
+                 world: World | None = None, schedulers: Sequence[Any] = (),
+                 scaler: torch.amp.GradScaler | None = None, accumulate_steps: int = 1) -> None:
         refuse_during_worker_start()  # both front doors start here; see its docstring
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if optimizer is not None:
+            _check_optimizer(model, optimizer)  # before the model is wrapped: a refused call changes nothing
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive number of optimizer steps, not {max_steps!r}")
+        if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps must be a positive number of micro-batches, not {accumulate_steps!r}")
         self.model = model
         self.optimizer = optimizer
         self.max_steps = max_steps
@@ -136,6 +163,11 @@ class GrowthController:
         self.device = next(model.parameters()).device
         self.manager, self.catalog = SeedCatalog.of_model(model, self.seeds_config, example, blueprint_dirs,
                                                           self.device.type, kernel_dtype)
+        for layer in self.manager.layers.values():
+            # a loop that divides each micro-batch's loss by their number sums that many pulls: an
+            # eta as many times larger keeps the pull's minimiser where one full batch puts it
+            layer.eta = self.seeds_config.eta * accumulate_steps
+            layer.grad_scaler = scaler
         if store is None:
             from esper_core.storage import open_kernel_store
             store = open_kernel_store(StorageConfig())
@@ -165,8 +197,9 @@ class GrowthController:
         self._arming_restored = False  # a loaded state says whether the next pass is measured
         self.kernel_wait_s = 0.0
         self.started = False
+        self._warned_no_evaluate = False
         if optimizer is not None:
-            self.bind_optimizer(optimizer)
+            self.bind_optimizer(optimizer, schedulers)
         if start:
             self.start()
 
@@ -177,12 +210,19 @@ class GrowthController:
         """Optimizer steps taken (every lifecycle counter counts these)."""
         return self.manager.step_count
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Use ``optimizer`` from now on; seeds that already exist get their groups in it."""
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = ()) -> None:
+        """Use ``optimizer`` from now on: its seed group is added now (seeds that already exist join
+        it), and ``schedulers`` built on it before are extended to cover that group."""
+        _check_optimizer(self.model, optimizer)
+        if optim.has_scheduler(optimizer) and not schedulers:
+            warnings.warn("a learning-rate scheduler was built on this optimizer before the growth controller: pass it "
+                          "as schedulers=[...] (or build it after the controller) so it covers the seeds' parameter "
+                          "group; LambdaLR, OneCycleLR, CyclicLR and ReduceLROnPlateau fail without", stacklevel=2)
         self.optimizer = optimizer
         if self._seed_lr is None:  # constant: the user's scheduler owns the host's learning rate
             self._constant_seed_lr = float(optimizer.param_groups[0]["lr"]) * self.seeds_config.lr_scale
         self.executor.bind(optimizer)
+        optim.cover_schedulers(optimizer, schedulers)
         self.executor.set_lr(self.step)
 
     def _lr_of_seeds(self, step: int) -> float:
@@ -218,7 +258,9 @@ class GrowthController:
 
     def after_backward(self) -> None:
         """Call after ``loss.backward()`` and before ``optimizer.step()``: reads the host gradients
-        when this step was measured."""
+        when this step was measured. Sets the seed group's learning rate for the coming step (a user's
+        scheduler may have written its own value there)."""
+        self.executor.set_lr(self.step)
         if self._measuring:
             self.merit.observe(self.manager)  # DDP has averaged the gradients already
             if self.world is not None:
@@ -246,13 +288,21 @@ class GrowthController:
         for event in self.manager.step(self._gate_open):
             self._record(event)
         self._activate_ready()
-        if self.evaluate is not None:
-            due = self.manager.due_for_verdict()
-            if due:
-                judged = Counterfactuals(self.model, self.evaluate)
-                for ref in due:
-                    self._verdict(ref, judged)
+        due = self.manager.due_for_verdict()
+        if due and self.evaluate is not None:
+            judged = Counterfactuals(self.model, self.evaluate)
+            for ref in due:
+                self._verdict(ref, judged)
+        elif due and not self._warned_no_evaluate:
+            self._warned_no_evaluate = True
+            warnings.warn(f"{len(due)} seed(s) finished probation, but the growth controller has no evaluate "
+                          "function to judge them: they stay in probation (holding their slots) until one is given "
+                          "(GrowthController(evaluate=...) or after_validation(evaluate=...))", stacklevel=2)
         value, rolled_back = None, False
+        if loss is not None and not isinstance(loss, torch.Tensor):
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                raise TypeError(f"after_step(loss): the step's loss as a tensor (or a number), not {type(loss).__name__}")
+            loss = torch.tensor(float(loss))
         if loss is not None:
             self.governor.watch(loss)
             self._last_loss = loss.detach()
@@ -274,6 +324,9 @@ class GrowthController:
         becomes the function verdicts use. Takes the governor's known-good snapshot and, inside the
         growth window, carries out the policy's decisions. Returns whether the governor rolled back
         instead."""
+        if evaluation is not None and not isinstance(evaluation, Evaluation):
+            raise TypeError(f"after_validation(evaluation): an esper_core.Evaluation (or None), "
+                            f"not {type(evaluation).__name__}")
         if evaluate is not None:
             self.evaluate = evaluate
         if self.governor.enabled:

@@ -64,6 +64,7 @@ class SeedExecutor:
             group["params"] = [p for p in group["params"] if id(p) not in seed_params]
         self.optimizer = optimizer
         lr = self.seed_lr(self.manager.step_count)
+        optim.ensure_seed_group(optimizer, lr)  # from now on the number of groups never changes
         for params in self._members.values():
             optim.add_params(optimizer, params, lr)
 

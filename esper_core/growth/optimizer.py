@@ -3,7 +3,12 @@
 Seeds arrive and leave during training. All seeds share one parameter group (named ``seeds``), kept
 apart from the user's groups because the growth controller owns its learning rate: adding a seed
 appends its parameters to that group, removing one takes exactly those parameters and their state
-out (the group itself goes when its last seed does). One group rather than one per seed because a
+out. The group is added (empty) when the controller binds the optimizer and stays, empty or not, so
+the optimizer's number of groups never changes during training: PyTorch's learning-rate schedulers
+keep one value per group (``LambdaLR``, ``OneCycleLR``, ``CyclicLR``, ``ReduceLROnPlateau``) and fail
+when a group appears or goes after they were built. A scheduler built before the group existed is
+extended to cover it (:func:`cover_schedulers`); whatever it computes for the seed group, the
+controller sets that group's learning rate before each step. One group rather than one per seed because a
 ``foreach``/fused optimizer launches its kernels per group: on an H200 every extra group cost about
 0.4 ms a step, a fifth of a small CNN's step with eight seeds. This works on any ``torch.optim``
 optimizer the user built (their groups are left as they are). Optimizer state is exported keyed by
@@ -12,6 +17,7 @@ parameter name, because a position recorded before a cull points at a different 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,25 +42,33 @@ def host_group(optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None
     return next((g for g in optimizer.param_groups if not g.get(SEED_GROUP)), None)
 
 
+def ensure_seed_group(optimizer: torch.optim.Optimizer, lr: float) -> dict[str, Any]:
+    """The seed group, added (empty, at ``lr``) when the optimizer has none. Besides the optimizer's
+    defaults it carries every other key the host's group has (those a scheduler wrote there, such as
+    ``initial_lr`` or ``max_lr``), so a scheduler that reads them from each group finds them."""
+    group = seed_group(optimizer)
+    if group is not None:
+        return group
+    if any(g.get("name") == SEEDS for g in optimizer.param_groups):
+        raise ValueError(f"the optimizer already has a parameter group named {SEEDS!r}")
+    host = host_group(optimizer) or {}
+    extra = {k: v for k, v in host.items() if k not in optimizer.defaults and k not in ("params", "name", "lr")}
+    optimizer.add_param_group({**extra, "params": [], "name": SEEDS, SEED_GROUP: True, "lr": lr})
+    return optimizer.param_groups[-1]
+
+
 def add_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], lr: float) -> None:
-    """Append a new seed's parameters to the seed group (created with ``lr`` and the optimizer's
-    defaults for everything else when it is the first seed)."""
+    """Append a new seed's parameters to the seed group (added at ``lr`` if the optimizer has none)."""
     params = list(params)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if any(id(p) in held for p in params):
         raise ValueError("a seed parameter is already in the optimizer")
-    group = seed_group(optimizer)
-    if group is None:
-        if any(g.get("name") == SEEDS for g in optimizer.param_groups):
-            raise ValueError(f"the optimizer already has a parameter group named {SEEDS!r}")
-        optimizer.add_param_group({"params": params, "name": SEEDS, SEED_GROUP: True, "lr": lr})
-    else:
-        group["params"].extend(params)
+    ensure_seed_group(optimizer, lr)["params"].extend(params)
 
 
 def remove_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
     """Take a seed's parameters out of the seed group and forget their optimizer state (moments
-    would otherwise leak); the group goes with its last parameter."""
+    would otherwise leak); the group stays, empty or not (see the module docstring)."""
     gone = {id(p): p for p in params}
     group = seed_group(optimizer)
     if group is None or not gone.keys() <= {id(q) for q in group["params"]}:
@@ -62,8 +76,36 @@ def remove_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Paramete
     for p in gone.values():
         optimizer.state.pop(p, None)
     group["params"] = [p for p in group["params"] if id(p) not in gone]
-    if not group["params"]:  # by identity: comparing group dicts would compare tensors
-        del optimizer.param_groups[next(i for i, g in enumerate(optimizer.param_groups) if g is group)]
+
+
+def has_scheduler(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a ``torch.optim.lr_scheduler`` scheduler has been built on ``optimizer`` (PyTorch marks
+    the optimizer's ``step`` when one is)."""
+    return hasattr(optimizer.step, "_wrapped_by_lr_sched")
+
+
+_NOT_PER_GROUP = frozenset({"_milestones", "milestones", "_schedulers", "optimizer"})
+"""Scheduler attributes that are lists but not one entry per parameter group."""
+
+
+def cover_schedulers(optimizer: torch.optim.Optimizer, schedulers: Iterable[Any]) -> None:
+    """Extend schedulers built on ``optimizer`` before its seed group existed so they cover it: every
+    per-group list they keep (base and last learning rates, ``LambdaLR``'s functions, ``CyclicLR``'s
+    bounds, ``ReduceLROnPlateau``'s floors, ...) gets an entry for the seed group, copied from the
+    host's. A scheduler that already covers every group is left as it is; one that wraps others
+    (``SequentialLR``, ``ChainedScheduler``) is covered through them."""
+    groups = len(optimizer.param_groups)
+    index = next((i for i, g in enumerate(optimizer.param_groups) if g.get(SEED_GROUP)), None)
+    host = next((i for i, g in enumerate(optimizer.param_groups) if not g.get(SEED_GROUP)), None)
+    if index is None or host is None:
+        return
+    for scheduler in schedulers:
+        if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+            raise ValueError(f"{type(scheduler).__name__} schedules another optimizer than the one growth adds seeds to")
+        cover_schedulers(optimizer, getattr(scheduler, "_schedulers", ()))
+        for name, value in vars(scheduler).items():
+            if name not in _NOT_PER_GROUP and isinstance(value, list) and len(value) == groups - 1:
+                value.insert(index, copy.copy(value[host]))
 
 
 def group_name(group: dict[str, Any], index: int) -> str:
@@ -94,6 +136,10 @@ def import_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict
     holding the same parameters (the controller rebuilds seed groups before this runs)."""
     params = dict(model.named_parameters())
     current = [group_name(g, i) for i, g in enumerate(optimizer.param_groups)]
+    if SEEDS not in [g["name"] for g in saved["groups"]] and (group := seed_group(optimizer)) is not None \
+            and not group["params"]:  # saved before the seed group was added at bind: restore around it
+        saved = {**saved, "groups": [*saved["groups"], {"name": SEEDS, "settings": {k: v for k, v in group.items()
+                                                                                   if k != "params"}, "params": []}]}
     if [g["name"] for g in saved["groups"]] != current:
         raise ValueError(f"optimizer groups {current} do not match the saved {[g['name'] for g in saved['groups']]}")
     for group, entry in zip(optimizer.param_groups, saved["groups"]):

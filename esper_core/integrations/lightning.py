@@ -7,7 +7,10 @@
 The hooks map one to one onto the controller's three calls: ``on_after_backward`` ->
 ``after_backward``, the end of a batch whose optimizer step ran -> ``after_step(loss)``, the end of a
 validation epoch -> ``after_validation(evaluate(module))``. Seeds' parameters get a group of their own in
-the optimizer ``configure_optimizers`` returned (the first one).
+the optimizer ``configure_optimizers`` returned (the first one), and the learning-rate schedulers it
+returned for that optimizer are extended to cover it. The trainer's fp16 loss scaler and its
+``accumulate_grad_batches`` (Lightning divides each micro-batch's loss by it) reach the controller,
+so an incubating seed's pull is scaled and averaged like the gradient it joins.
 
 Checkpoints: the callback's state (tensors and JSON values) travels in Lightning's checkpoint. Lightning
 loads a module's weights before any callback hook runs, and a grown module has keys the freshly built
@@ -32,8 +35,9 @@ from esper_core.growth.evaluation import Evaluate
 class EsperGrowth(pl.Callback):
     """``example``: one input of the module's ``forward`` (as the training step passes it), to learn
     the shape each wrapped layer sees; ``evaluate(module)``: validation on fixed held-out samples
-    (returns an :class:`~esper_core.growth.evaluation.Evaluation`); ``max_steps``: defaults to the
-    trainer's (or its estimate of the optimizer steps); ``clip_grad_norm``: isolation-safe clipping.
+    (returns an :class:`~esper_core.growth.evaluation.Evaluation`; without it no seed leaves
+    probation); ``max_steps``: defaults to ``Trainer(max_steps=...)``, one of the two must be given;
+    ``clip_grad_norm``: isolation-safe clipping.
     Other keywords go to :class:`~esper_core.growth.controller.GrowthController`."""
 
     def __init__(self, *, example: Any, evaluate: Evaluate | None = None, max_steps: int | None = None,
@@ -53,8 +57,10 @@ class EsperGrowth(pl.Callback):
         max_steps = self.max_steps or (trainer.max_steps if trainer.max_steps > 0 else None)
         if max_steps is None:
             raise ValueError("EsperGrowth needs max_steps (give it, or Trainer(max_steps=...))")
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.growth = GrowthController(pl_module, None, example=self.example, max_steps=max_steps,
-                                       evaluate=self.evaluate, start=False, **self.options)
+                                       evaluate=self.evaluate, start=False, scaler=scaler,
+                                       accumulate_steps=trainer.accumulate_grad_batches, **self.options)
         # A resumed fit loads the weights before any callback hook: let that load pass, and load them
         # again (with the module's own strictness) once the seeds exist (on_load_checkpoint).
         self._strict, pl_module.strict_loading = pl_module.strict_loading, False
@@ -77,7 +83,9 @@ class EsperGrowth(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.growth is not None
         self._restore_strictness(pl_module)
-        self.growth.bind_optimizer(trainer.optimizers[0])
+        optimizer = trainer.optimizers[0]
+        self.growth.bind_optimizer(optimizer, [config.scheduler for config in trainer.lr_scheduler_configs
+                                               if getattr(config.scheduler, "optimizer", None) is optimizer])
         self.growth.start()
         self._steps_seen = trainer.global_step
 

@@ -15,7 +15,7 @@ import sys
 import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel
@@ -76,6 +76,8 @@ def field_type(field: FieldInfo) -> str:
 
 def _annotation(annotation: Any) -> str:
     origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:  # a constrained item (e.g. a strict float inside a tuple): its type, in words
+        return _annotation(args[0])
     if origin is Literal:
         return "one of " + ", ".join(f"`{value}`" for value in args)
     if origin in (Union, types.UnionType):

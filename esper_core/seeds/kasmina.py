@@ -18,6 +18,7 @@ this layer's output, so its hidden units widen the feeder's layer.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,24 +38,28 @@ class _Incubate(torch.autograd.Function):
     ``<g, dL/dy> + ||g||^2 / (2 eta B)``, whose minimiser is ``g = -eta * B * dL/dy``: the seed regresses
     onto the part of the functional gradient the host is missing (straight-through incubation with a
     proximal pull). Because the loss is mean-reduced, ``B * dL/dy`` is a per-sample gradient, so
-    ``eta`` is in per-sample units. ``scale`` is the loss scale of fp16 training (the pull must be
-    scaled like the gradient it joins). The seed's input is detached, so nothing reaches the host
-    through it.
+    ``eta`` is in per-sample units. ``scaler`` is fp16 training's ``GradScaler``: the pull must be
+    scaled like the gradient it joins, by the scale the loss was multiplied with for this backward
+    pass (read then, as the device tensor: no host-device sync, and right on the first step after a
+    resume, before which the scaler has no scale tensor yet). The seed's input is detached, so
+    nothing reaches the host through it.
     """
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, out: torch.Tensor, eta: float,  # type: ignore[override]
-                scale: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(out, *(() if scale is None else (scale,)))
-        ctx.eta = eta
+                scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+        ctx.save_for_backward(out)
+        ctx.eta, ctx.scaler = eta, scaler
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        out, *scale = ctx.saved_tensors
+        out, = ctx.saved_tensors
         pull = 1.0 / (ctx.eta * out.shape[0])
-        to_seed = grad.add(out, alpha=pull) if not scale else torch.addcmul(grad, out, scale[0] * pull)
-        return grad, to_seed, None, None
+        scaler = ctx.scaler
+        if scaler is None or not scaler.is_enabled() or scaler._scale is None:
+            return grad, grad.add(out, alpha=pull), None, None
+        return grad, torch.addcmul(grad, out, scaler._scale.to(out.dtype) * pull), None, None
 
 
 FIXED, INCUBATING, BLENDED = "fixed", "incubating", "blended"
@@ -80,7 +85,7 @@ def _seed_path(layer: KasminaLayer, x: torch.Tensor, y: torch.Tensor) -> torch.T
         if mode == FIXED:
             y = y + seed(source)
         elif mode == INCUBATING:
-            y = _Incubate.apply(y, seed(source.detach()), layer.eta, layer.grad_scale)
+            y = _Incubate.apply(y, seed(source.detach()), layer.eta, layer.grad_scaler)
         else:
             y = y + seed(source) * layer.alpha[index]
     if layer.probe is not None and torch.is_grad_enabled():
@@ -155,7 +160,20 @@ class KasminaLayer(nn.Module):
         self.probe: Callable[[KasminaLayer, torch.Tensor, torch.Tensor], None] | None = None
         """Set by the growth controller for the one forward pass it measures (health signals); one
         attribute check per forward otherwise, so a dormant layer costs (almost) nothing."""
-        self.grad_scale: torch.Tensor | None = None  # fp16's loss scale, set by the trainer each step
+        self.grad_scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler, given to the growth controller
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KasminaLayer:
+        """A copy (an EMA or best-model snapshot, an export) holds the layer's modules, seeds and state,
+        not the hooks of the run that drives it: no measurement probe (a bound method of the growth
+        controller, which holds locks and must not be fed by a copy) and the same loss scaler."""
+        if self.probe is not None:
+            memo.setdefault(id(self.probe), None)
+        if self.grad_scaler is not None:
+            memo.setdefault(id(self.grad_scaler), self.grad_scaler)
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__setstate__({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.host(x)

@@ -3,8 +3,8 @@
 ``trainer.precision: bf16`` runs forward passes (training, validation, verdicts) under autocast in
 bfloat16; parameters, optimizer state and gradients stay float32. ``fp16`` does the same in float16
 and scales the loss (``torch.amp.GradScaler``) so small gradients survive; the gradients are
-unscaled before anything reads them (health measurement, clipping), and the scale is handed to the
-Kasmina layers so an incubating seed's proximal pull is scaled like the gradient it joins. The
+unscaled before anything reads them (health measurement, clipping), and the scaler is handed to the
+growth controller so an incubating seed's proximal pull is scaled like the gradient it joins. The
 scaler's state is part of the run's state (checkpoints, rollbacks).
 """
 
@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from esper_core.seeds.kasmina import KasminaLayer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,14 +45,8 @@ class Precision:
         with torch.autocast(self.device.type, dtype=self.dtype):
             yield
 
-    def backward(self, loss: torch.Tensor, layers: list[KasminaLayer]) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` (scaled for fp16; gradients accumulate until :meth:`unscale`)."""
-        if not self.scaler.is_enabled():
-            loss.backward()
-            return
-        scale = self.scaler._scale  # the current scale as a device tensor: no host-device sync
-        for layer in layers:
-            layer.grad_scale = scale
         self.scaler.scale(loss).backward()
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:

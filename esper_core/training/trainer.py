@@ -133,6 +133,7 @@ class Trainer:
             self.recorder = RunRecorder(recipe.telemetry, self.kernel_store, lambda: self.controller.step,
                                         lambda: self.controller.manager.counts(), writes=self.leader,
                                         rank=world.rank if world else None, local_rank=world.local_rank if world else 0)
+            self.precision = Precision(recipe.trainer.precision, self.device)
             self.controller = GrowthController(
                 self.model, self.optimizer, example=self.data.example(2), max_steps=recipe.trainer.max_steps,
                 seeds=recipe.seeds, policy=recipe.policy, governor=recipe.trainer.governor, store=self.kernel_store,
@@ -141,11 +142,10 @@ class Trainer:
                 seed_lr=lambda step: optim.seed_lr(step, recipe.trainer, recipe.seeds, recipe.policy.growth_window[1]),
                 blueprint_dirs=[self.base_dir / d for d in recipe.seeds.blueprint_dirs],
                 deterministic=recipe.run.deterministic, start=False,
-                kernel_dtype=kernel_dtype(recipe.trainer.precision), world=world)
+                kernel_dtype=kernel_dtype(recipe.trainer.precision), world=world, scaler=self.precision.scaler)
         self.controller.run_state = (lambda: cpu_copy(run_state.capture(self, checkpoint=False)),
                                      lambda state: run_state.restore(self, state))
         self.manager = self.controller.manager
-        self.precision = Precision(recipe.trainer.precision, self.device)
         compiled = recipe.trainer.compile != "none"  # training steps only: evaluation stays eager
         # One device: steps whose topology is settled and compiled run the model compiled as one
         # graph (WholeGraph), the others run it eagerly. Not the seed-path variant (a graph break at
@@ -265,7 +265,6 @@ class Trainer:
         cfg = self.loaded.recipe
         morph = self.recorder.telemetry.morph
         count = cfg.trainer.accumulate_steps
-        layers = list(self.manager.layers.values())
         self.optimizer.zero_grad(set_to_none=True)
         batches = micro_batches(self.sampler.next(), count)
         whole = self.whole_graph.model_for(batches[0], self.step) if self.whole_graph is not None else None
@@ -273,7 +272,7 @@ class Trainer:
         losses = []
         for index, batch in enumerate(batches):
             losses.append(self._training_pass(model, batch))
-            self.precision.backward(losses[-1], layers)
+            self.precision.backward(losses[-1])
             if index == 0 and count > 1:
                 with morph:  # health is measured on the first micro-batch (fp16: its gradients still scaled)
                     self.controller.after_backward()

@@ -1,0 +1,196 @@
+"""The growth controller among the tools of a user's own loop: PyTorch's learning-rate schedulers, an
+fp16 ``GradScaler``, gradient accumulation, model copies taken between steps, and the mistakes a user
+makes wiring it up (each gets a clear message instead of a failure many steps later)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esper_core import Evaluation, GrowthController
+from esper_core.compiler.store import LocalKernelStore
+from esper_core.growth import optimizer as optim
+from esper_core.seeds.lifecycle import SeedState
+from factories import TwoLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
+
+DATA = torch.Generator().manual_seed(0)
+X, Y = torch.randn(512, 8, generator=DATA), torch.randint(0, 4, (512,), generator=DATA)
+SEEDS = {"targets": ["fc1"], "blueprints": ["wide_mlp"], "incubation_steps": 20, "blend_steps": 20,
+         "probation_steps": 10}
+POLICY = {"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 0.8]}
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> LocalKernelStore:
+    return LocalKernelStore(tmp_path_factory.mktemp("kernels"))
+
+
+def evaluate(model: nn.Module) -> Evaluation:
+    with torch.no_grad():
+        out = model(X[:256])
+    correct = (out.argmax(1) == Y[:256]).double()
+    return Evaluation(float(correct.mean()), True, "accuracy", float(F.cross_entropy(out, Y[:256])), correct)
+
+
+def controller(model: nn.Module, optimizer: torch.optim.Optimizer, kernels: LocalKernelStore, **options) -> GrowthController:
+    return GrowthController(model, optimizer, example=X[:2], max_steps=120, store=kernels, seeds=SEEDS,
+                            policy=POLICY, **options)
+
+
+def one_step(model: nn.Module, optimizer: torch.optim.Optimizer, growth: GrowthController, rows: slice,
+             before_update: Callable[[], None] = lambda: None,
+             scheduler_step: Callable[[float], None] = lambda loss: None) -> None:
+    """One step of the user's loop (their scheduler stepped after the optimizer), validating every ten."""
+    loss = F.cross_entropy(model(X[rows]), Y[rows])
+    optimizer.zero_grad()
+    loss.backward()
+    growth.after_backward()
+    before_update()
+    optimizer.step()
+    scheduler_step(float(loss.detach()))
+    growth.after_step(loss)
+    if growth.step % 10 == 0:
+        growth.after_validation(evaluate(model))
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, growth: GrowthController,
+          scheduler_step: Callable[[float], None], steps: int = 120) -> list[tuple[float, float]]:
+    """The user's loop; at every optimizer step, the seed group's learning rate and the one the
+    controller's schedule gives for that step."""
+    seed_lrs: list[tuple[float, float]] = []
+
+    def seen() -> None:
+        seed_lrs.append((optim.seed_group(optimizer)["lr"], growth._lr_of_seeds(growth.step)))
+    for step in range(steps):
+        one_step(model, optimizer, growth, slice((step * 32) % 512, (step * 32) % 512 + 32), seen, scheduler_step)
+    return seed_lrs
+
+
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], object]] = {
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda k: 0.99 ** k),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=200),
+    "CyclicLR": lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.001, 0.05, step_size_up=20),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=2),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=20), torch.optim.lr_scheduler.ExponentialLR(o, 0.99)],
+        milestones=[20]),
+}
+
+
+@pytest.mark.parametrize("built", ["before", "after"])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_schedulers_keep_working_as_seeds_come_and_go(name: str, built: str, kernels: LocalKernelStore) -> None:
+    torch.manual_seed(0)
+    model = TwoLinear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)  # CyclicLR cycles the momentum too
+    if built == "before":  # a scheduler made with the optimizer is handed over; one made after covers the group
+        scheduler = SCHEDULERS[name](optimizer)
+        growth = controller(model, optimizer, kernels, evaluate=evaluate, schedulers=[scheduler])
+    else:
+        growth = controller(model, optimizer, kernels, evaluate=evaluate)
+        scheduler = SCHEDULERS[name](optimizer)
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    seed_lrs = train(model, optimizer, growth, lambda loss: scheduler.step(loss) if plateau else scheduler.step())
+    kinds = {e["event"] for e in growth.recorder.events}
+    assert {"germinate", "blend"} <= kinds and kinds & {"fossilize", "cull"}, kinds
+    # the seed group's rate is the controller's at every step, whatever the scheduler wrote there
+    assert all(used == pytest.approx(own) for used, own in seed_lrs)
+    assert [g.get("name") for g in optimizer.param_groups][-1] == "seeds"
+
+
+def test_a_scheduler_built_before_and_not_handed_over_is_named_in_a_warning(kernels: LocalKernelStore) -> None:
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    with pytest.warns(UserWarning, match="schedulers=\\[...\\]"):
+        controller(model, optimizer, kernels, evaluate=evaluate)
+
+
+def _incubating(model: nn.Module, kernels: LocalKernelStore, **options) -> tuple[GrowthController, torch.optim.Optimizer]:
+    """A controller whose seed on ``fc1`` is incubating (germinated at step 10, its kernel ready)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing moves: every pass sees the same weights
+    growth = controller(model, optimizer, kernels, evaluate=evaluate, **options)
+    for _ in range(12):
+        one_step(model, optimizer, growth, slice(0, 32))
+    assert [ref for ref, layer in growth.manager.slots() if layer.slots[ref.index].state == SeedState.TRAINING]
+    return growth, optimizer
+
+
+def _seed_grads(growth: GrowthController) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in optim.seed_group(growth.optimizer)["params"]]
+
+
+def test_an_fp16_grad_scaler_and_accumulation_leave_the_incubation_pull_as_one_full_batch_gives(
+        kernels: LocalKernelStore) -> None:
+    torch.manual_seed(0)
+    base = TwoLinear()
+    models = [copy.deepcopy(base) for _ in range(3)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    plain, _ = _incubating(models[0], kernels)
+    scaled, scaled_opt = _incubating(models[1], kernels, scaler=scaler)
+    accumulated, accumulated_opt = _incubating(models[2], kernels, accumulate_steps=4)
+
+    for growth in (plain, scaled, accumulated):
+        growth.optimizer.zero_grad()
+    F.cross_entropy(models[0](X[:32]), Y[:32]).backward()
+    scaler.scale(F.cross_entropy(models[1](X[:32]), Y[:32])).backward()
+    scaler.unscale_(scaled_opt)
+    for part in range(4):  # the loop divides each micro-batch's loss by their number
+        rows = slice(8 * part, 8 * part + 8)
+        (F.cross_entropy(models[2](X[rows]), Y[rows]) / 4).backward()
+    assert scaler.get_scale() == 2.0 ** 16  # the loss really was scaled
+    reference = _seed_grads(plain)
+    for other in (scaled, accumulated):
+        for a, b in zip(reference, _seed_grads(other), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_the_model_can_be_copied_between_any_two_steps(kernels: LocalKernelStore) -> None:
+    torch.manual_seed(0)
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    growth = controller(model, optimizer, kernels, evaluate=evaluate)
+    for _ in range(60):  # measurements every few steps arm a probe between after_step and after_backward
+        one_step(model, optimizer, growth, slice(0, 32))
+        snapshot = copy.deepcopy(model)  # an EMA or best-model snapshot
+        assert all(layer.probe is None for layer in snapshot.modules() if hasattr(layer, "probe"))
+        with torch.no_grad():
+            assert torch.equal(snapshot(X[:8]), model(X[:8]))
+    assert any(e["event"] == "germinate" for e in growth.recorder.events)
+
+
+def test_seeds_that_cannot_be_judged_are_named_in_one_warning(kernels: LocalKernelStore) -> None:
+    torch.manual_seed(0)
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    growth = controller(model, optimizer, kernels)  # no evaluate: verdicts cannot run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, optimizer, growth, lambda loss: None)
+    said = [str(w.message) for w in caught if "no evaluate function" in str(w.message)]
+    assert len(said) == 1 and "stay in probation" in said[0]
+
+
+def test_wiring_mistakes_are_refused_at_once_with_what_to_do(kernels: LocalKernelStore) -> None:
+    model = TwoLinear()
+    temperature = nn.Parameter(torch.ones(()))  # a learnable loss weight kept outside the model
+    with pytest.raises(ValueError, match="not the model's.*registered on the model"):
+        controller(model, torch.optim.AdamW([*model.parameters(), temperature]), kernels)
+    with pytest.raises(ValueError, match="not the model's"):
+        controller(model, torch.optim.AdamW(TwoLinear().parameters()), kernels)  # another model's optimizer
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        controller(model, [*model.parameters()], kernels)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_steps"):
+        GrowthController(TwoLinear(), None, example=X[:2], max_steps=0, store=kernels)
+    growth = controller(TwoLinear(), None, kernels)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Evaluation"):
+        growth.after_validation(0.5)  # type: ignore[arg-type]
+    assert growth.after_step(1.25).rolled_back is False  # a loss read with .item() is fine
