@@ -270,3 +270,24 @@ def test_onnx_without_its_extra_is_one_line_and_exit_2(runs: dict[str, Trainer],
     assert done.exit_code == 2
     assert done.stderr.strip() == ("error: --format onnx: ONNX export need the optional package onnxscript: "
                                    "pip install 'esper-morph[onnx]'")
+
+
+def test_out_never_deletes_what_an_export_did_not_write(runs: dict[str, Trainer], tmp_path: Path) -> None:
+    run_dir = runs["mlp"].run_dir
+    mine = tmp_path / "important"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious", encoding="utf-8")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    for out, said in ((mine, "notes.txt"), (run_dir, "events.jsonl"), (mine / "notes.txt", "is a file"),
+                      (mine / "notes.txt" / "sub", "cannot create")):
+        done = esper("export", run_dir, "--format", "pt2", "--out", out)
+        assert done.exit_code == 2, done.output
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --out") and said in lines[0], lines
+    assert (mine / "notes.txt").read_text(encoding="utf-8") == "precious"
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    fresh = tmp_path / "fresh"
+    for _ in range(2):  # an earlier export's directory is reused: its files are replaced
+        done = esper("export", run_dir, "--format", "pt2", "--out", fresh)
+        assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in fresh.iterdir()) == ["export.json", "model.pt2"]

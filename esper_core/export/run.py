@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,10 +52,7 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
                  f" exported as a branch scaled by its current alpha {outcome.alpha:g}")
     base = run.base_model()
     original_keys = _shapes(plain) == _shapes(base)
-    directory = out or run.run_dir / "exports" / (fmt if merge else f"{fmt}-unmerged")
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    directory = prepare_out(out or run.run_dir / "exports" / (fmt if merge else f"{fmt}-unmerged"))
     dtype = next(run.model.parameters()).dtype
     with torch.no_grad():
         reference = _prediction(call_model(run.model, inputs))
@@ -92,6 +88,32 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
 
     result["uploaded"] = publish_files(run.run_dir, [*files, directory / "export.json"], run.loaded.recipe.storage)
     return result
+
+
+EXPORT_FILES = frozenset({"export.json", "model.pt2", "model.safetensors", formats.ARCHITECTURE, "model.onnx",
+                          "model.onnx.data"})
+"""Every file an export writes into its directory (ONNX may keep large weights beside the model)."""
+
+
+def prepare_out(directory: Path) -> Path:
+    """The export's directory, created, or emptied of an earlier export's files. Anything else in it
+    (a file of the user's, a run, a subdirectory) makes it refused, so an export never deletes what
+    it did not write; so is a path that cannot be a directory."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(Problem("--out", f"{directory} is a file, not a directory"))
+    if directory.is_dir():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ConfigError(Problem("--out", f"{directory} holds files an export did not write ({shown}); "
+                                      "choose a new or empty directory (an earlier export's directory is reused)"))
+        for earlier in directory.iterdir():
+            earlier.unlink()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(Problem("--out", f"cannot create {directory}: {error.strerror or error}")) from None
+    return directory
 
 
 def held_out_inputs(run: LoadedRun, samples: int) -> Any:
