@@ -299,3 +299,26 @@ def test_a_second_process_cannot_take_a_held_run_and_is_told_who_holds_it(tmp_pa
         holder.wait()
     with RunLock(tmp_path):  # a killed holder's lock is gone with it
         pass
+
+
+def test_when_every_checkpoint_is_hostile_each_is_said_once(run_dir):
+    """Skipped checkpoints are warned about only when an older one is used; when none is, the error
+    alone names each (it said every problem twice: as warnings, then as the error)."""
+    for step in (10, 20):
+        fifo_state(run_dir / "checkpoints" / store.checkpoint_name(step))
+    warnings: list[str] = []
+    with pytest.raises(CheckpointError) as info:
+        run_with_timeout(lambda: store.find(run_dir, strict=False, warn=warnings.append))
+    assert warnings == [] and len(info.value.problems) == 2
+
+
+def test_damage_where_the_next_save_writes_gives_way_to_the_new_checkpoint(run_dir):
+    """A file where the next checkpoint's directory goes and a directory where LATEST goes (a broken
+    disk, a stray copy): the save replaces both instead of failing with a traceback."""
+    directory = run_dir / "checkpoints"
+    (directory / store.checkpoint_name(30)).write_text("not a checkpoint")
+    (directory / store.LATEST).unlink()
+    (directory / store.LATEST).mkdir()
+    save(directory, 30, 3.0)
+    found = store.find(run_dir, strict=True, warn=lambda message: None)
+    assert found.path.name == store.checkpoint_name(30) and value_of(found) == 3.0

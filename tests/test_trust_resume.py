@@ -100,8 +100,9 @@ def _rename_layer(state: dict[str, Any], path: Path) -> None:
     (_set("recipe_overrides", value={"trainer.max_steps": 90}), "recipe_overrides is not a list of overrides"),
     (_set("recipe_overrides", value=["trainer.max_steps=90"]), "with the recorded overrides"),
     (_set("recipe_file_sha256", value="0" * 64), "does not match the recipe hash"),
+    (_set("run", "trainer", "last_val", value="0.9"), "trainer.last_val must map metric names to numbers"),
 ], ids=["foreign-tensors", "wrong-topology", "no-optimizer", "negative-step", "bool-epoch", "huge-log-cursor",
-        "overrides-not-a-list", "overrides-not-the-runs", "wrong-recipe-file-hash"])
+        "overrides-not-a-list", "overrides-not-the-runs", "wrong-recipe-file-hash", "last-val-not-a-mapping"])
 def test_rehashed_but_wrong_checkpoint_content_is_refused_with_exit_3(finished: Path, tmp_path: Path,
                                                                      edit: Any, message: str) -> None:
     run = _tampered(finished, tmp_path, edit)

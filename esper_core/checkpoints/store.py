@@ -103,8 +103,7 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
     name = checkpoint_name(step)
     final = directory / name
     temp = directory / f"{TEMP_PREFIX}{name}-{os.getpid()}"
-    if temp.exists():
-        shutil.rmtree(temp)
+    _remove(temp)
     temp.mkdir()
     state_bytes = json.dumps(state, sort_keys=True).encode("utf-8")
     pool, latest = _workers(), None
@@ -127,17 +126,18 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
         for sync in syncs:
             sync.result()  # an fsync that failed fails the save before anything is renamed
         old = None
-        if final.exists():  # a checkpoint of this step already exists: replace it, never leaving neither
+        if final.exists() or final.is_symlink():  # this step's name is taken: replace it, never leaving neither
             old = directory / f"{OLD_PREFIX}{name}-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
+            _remove(old)
             os.rename(final, old)
         os.rename(temp, final)
+        if (directory / LATEST).is_dir() and not (directory / LATEST).is_symlink():
+            shutil.rmtree(directory / LATEST)  # a damaged pointer (a directory in its place) gives way to the real one
         os.replace(latest, directory / LATEST)
         latest = None
         fsync_dir(directory)
         if old is not None:
-            shutil.rmtree(old)
+            _remove(old)
     finally:
         for handle in handles:  # a failure before the syncs were issued: close what was opened
             handle.close()
@@ -145,6 +145,14 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
         if latest is not None:
             latest.unlink(missing_ok=True)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at ``path`` (a checkpoint directory, or anything damage left in its place)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -329,15 +337,19 @@ def find(target: Path, strict: bool, warn: Callable[[str], None]) -> Checkpoint:
     if not candidates:
         raise CheckpointError(Problem(str(directory), NO_CHECKPOINT_YET if _looks_like_run(directory.parent)
                                       else "holds no committed checkpoint"))
-    failures = []
+    failures, skipped = [], []
     for candidate in candidates:
         try:
-            return load(candidate)
+            found = load(candidate)
         except CheckpointError as exc:
             if strict:
                 raise
             failures.extend(exc.problems)
-            warn(f"warning: skipping checkpoint {candidate.name}: {exc.problems[0]}")
+            skipped.append(f"warning: skipping checkpoint {candidate.name}: {exc.problems[0]}")
+            continue
+        for message in skipped:  # said only when an older one is used: if none is, the error names each
+            warn(message)
+        return found
     raise CheckpointError(failures)
 
 

@@ -50,6 +50,10 @@ def check_run_state(state: Any, run_dir: Path, where: str) -> None:
                        f"({max(size, 0)} bytes)")
     if not _integer(logs.get("events_seq")) or not isinstance(logs.get("events_prev"), str):
         raise fail("state.json: the event log cursor is malformed")
+    last_val = state["trainer"].get("last_val")
+    if last_val is not None and not (isinstance(last_val, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in last_val.items())):
+        raise fail("state.json: trainer.last_val must map metric names to numbers")
 
 
 @contextmanager
@@ -60,7 +64,8 @@ def refusing(where: str) -> Iterator[None]:
     except CheckpointError:
         raise
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = " ".join(lines)[:400] if lines else type(exc).__name__  # torch's load errors put the detail on later lines
         raise CheckpointError(Problem(where, f"does not fit this run's model and recipe: {message}")) from None
 
 

@@ -115,7 +115,11 @@ def save_checkpoint(trainer: Trainer) -> Path:
             "world_size": trainer.world.size if trainer.world is not None else 1,
             "esper": esper_version(), "val_loss": val["loss"] if val else None, "host_model": host_model(trainer)}
     directory = trainer.run_dir / "checkpoints"
-    path = store.save(directory, trainer.step, tensors, state, info)
+    try:
+        path = store.save(directory, trainer.step, tensors, state, info)
+    except OSError as error:  # a full disk, a read-only directory: the run stops with what it last committed
+        raise CheckpointError(Problem(str(directory), f"cannot write checkpoint {store.checkpoint_name(trainer.step)}: "
+                                      f"{error.strerror or error}")) from None
     store.retain(directory, trainer.loaded.recipe.checkpoint.keep, lambda m: m.get("val_loss"))
     publish_checkpoint(trainer.run_dir, path, trainer.loaded.recipe.storage)
     trainer.checkpoints.restart()
