@@ -17,6 +17,7 @@ import torch
 from esper_core.artifacts.publish import publish_checkpoint
 from esper_core.checkpoints import store
 from esper_core.checkpoints.lock import RunLock
+from esper_core.errors import CheckpointError, Problem
 from esper_core.growth.state import split
 from esper_core.recipe.checks import check_output_dir
 from esper_core.recipe.schema import CheckpointConfig
