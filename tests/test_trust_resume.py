@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,9 +34,10 @@ telemetry: {progress: none}
 """
 
 
-def esper(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def esper(*args: str, cwd: Path | None = None, key: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ESPER_SIGNING_KEY"} | ({"ESPER_SIGNING_KEY": key} if key else {})
     return subprocess.run([sys.executable, "-m", "esper_cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+                          cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +182,35 @@ def test_a_relative_data_path_resolves_against_the_recipe_it_was_trained_from(tm
     assert resumed.returncode == 0, resumed.stderr
     exported = esper("export", str(run), "--json", cwd=elsewhere)
     assert exported.returncode == 0, exported.stderr
+
+
+def test_a_resume_cannot_shorten_a_run(finished: Path, tmp_path: Path) -> None:
+    """It re-finished the run at its old step and rewrote final/ and summary.json, saying nothing."""
+    run = tmp_path / finished.name
+    shutil.copytree(finished, run)
+    before = {p.name: p.read_bytes() for p in (run / "summary.json", run / "events.jsonl")}
+    result = esper("resume", "--checkpoint", str(run), "trainer.max_steps=40")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: <command line>: trainer.max_steps: 40 is below the checkpoint's step 60; a resume continues a run "
+        "and cannot shorten it (a larger value extends it)"]
+    assert {p.name: p.read_bytes() for p in (run / "summary.json", run / "events.jsonl")} == before
+
+
+def test_a_signed_run_resumes_only_with_its_key(tmp_path: Path) -> None:
+    """Resumed without the key, a signed run lost its signature silently, and the audit with the key
+    then called it tampered with."""
+    key, other = "secret-key-one-1234", "secret-key-two-5678"
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    trained = esper("train", str(tmp_path / "recipe.yaml"), f"run.output_dir={tmp_path / 'runs'}",
+                    f"storage.workspace={tmp_path / 'ws'}", "trainer.max_steps=30", key=key)
+    assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "runs" / "tiny"
+    events = (run / "events.jsonl").read_bytes()
+    for wrong, said in ((None, "is signed, but ESPER_SIGNING_KEY is not set"), (other, "signed with another key")):
+        refused = esper("resume", "--checkpoint", str(run), "trainer.max_steps=40", key=wrong)
+        assert refused.returncode == 2 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert (run / "events.jsonl").read_bytes() == events
+    assert esper("resume", "--checkpoint", str(run), "trainer.max_steps=40", key=key).returncode == 0
+    verified = esper("report", "--verify", str(run), "--out", str(tmp_path / "report"), cwd=tmp_path, key=key)
+    assert verified.returncode == 0, verified.stdout + verified.stderr

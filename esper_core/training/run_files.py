@@ -21,6 +21,7 @@ from esper_core.errors import CheckpointError, Problem
 from esper_core.growth.state import split
 from esper_core.recipe.checks import check_output_dir
 from esper_core.recipe.schema import CheckpointConfig
+from esper_core.storage.settings import signing_key
 from esper_core.telemetry.run import esper_version
 from esper_core.training import run_state
 from esper_core.training.finish import host_model
@@ -88,7 +89,7 @@ def open_run(trainer: Trainer, resumed_from: store.Checkpoint | None, overrides:
     if trainer.world is not None:
         identity["world_size"] = trainer.world.size
     if resumed_from is None:
-        recorder.record({"event": "run_start", "step": 0, "run_id": run_id,
+        recorder.record({"event": "run_start", "step": 0, "run_id": run_id, "signed": signing_key() is not None,
                          "recipe_sha256": loaded.sha256, "device": str(trainer.device),
                          "params": trainer.params_initial, "layers": list(trainer.manager.layers), **identity})
     else:

@@ -36,6 +36,7 @@ from esper_core.storage import open_kernel_store
 from esper_core.training import optim, run_files, run_state
 from esper_core.training.accumulation import average_gradients, micro_batches
 from esper_core.training.best import BestModel
+from esper_core.telemetry.binding import check_resume_key
 from esper_core.training.checkpoint_state import check_run_state, check_world_size, refusing
 from esper_core.training.compiled import WholeGraph, compile_model
 from esper_core.training.data import build_data, import_factory
@@ -83,11 +84,17 @@ class Trainer:
             target = fetch_run(str(target), "checkpoint")
         checkpoint = store.find(Path(target), strict, warn)
         run_dir = checkpoint.path.parent.parent
+        check_resume_key(run_dir)
         where = str(checkpoint.path / store.STATE)
         record = {**checkpoint.state, "recipe_sha256": checkpoint.manifest.get("recipe_sha256")}
         loaded, recipe_record = load_saved_recipe(run_dir, record, str(checkpoint.path), overrides, allow_factories)
         check_world_size(checkpoint.manifest, str(checkpoint.path / store.MANIFEST))
         check_run_state(checkpoint.state.get("run"), run_dir, where)
+        step = checkpoint.state["run"]["controller"]["topology"]["step"]
+        if loaded.recipe.trainer.max_steps < step:
+            raise ConfigError(Problem(COMMAND_LINE, f"{loaded.recipe.trainer.max_steps} is below the checkpoint's step "
+                                      f"{step}; a resume continues a run and cannot shorten it (a larger value "
+                                      "extends it)", field="trainer.max_steps"))
         trainer = cls(loaded)
         trainer.recipe_record = recipe_record
         with refusing(where):
