@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import torch
 from typer.testing import Result
 
 from esper_core.telemetry.jsonl import verify_chain
+from esper_core.training.interrupts import Interrupted
+from esper_core.training.trainer import Trainer
 from run_helpers import esper_report, finished_run
 
 RECIPE = """\
@@ -167,3 +170,48 @@ def test_a_malformed_summary_is_a_located_audit_failure(run: Path) -> None:
     assert result.exit_code == 4, result.output
     assert f"error: {run / 'summary.json'}:3: not valid JSON" in result.stderr
     assert "Traceback" not in result.output
+
+
+def _interrupted(trainer: Trainer, at: int) -> None:
+    """Fit ``trainer`` and stop it as SIGTERM does once step ``at`` is logged (checkpoint, ``interrupted``)."""
+    def listen(event: dict) -> None:
+        if event.get("event") == "progress" and event["step"] >= at:
+            trainer.signals.received = signal.SIGTERM
+    with pytest.raises(Interrupted):
+        trainer.fit(on_event=listen)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finished_run(tmp_path_factory.mktemp("checkpointed"), RECIPE + "checkpoint: {every_steps: 60}\n")
+
+
+def test_an_interrupted_run_verifies_as_unfinished_not_as_tampered(tmp_path: Path) -> None:
+    """`esper report` on a run stopped by Ctrl-C said 'AUDIT FAILED' (exit 4): its log has no summary
+    to anchor its tail yet, which is what an unfinished run is."""
+    (tmp_path / "recipe.yaml").write_text(RECIPE, encoding="utf-8")
+    trainer = Trainer.from_recipe(tmp_path / "recipe.yaml", [f"run.output_dir={tmp_path / 'runs'}"])
+    _interrupted(trainer, 40)
+    result = esper_report("--verify", trainer.run_dir)
+    assert result.exit_code == 0, result.output
+    assert "the run has not finished, so no summary anchors its last record yet" in result.output
+    assert esper_report(trainer.run_dir, "--out", tmp_path / "report").exit_code == 0
+    title = (tmp_path / "report" / "report.md").read_text(encoding="utf-8").splitlines()[0]
+    assert "unfinished" in title and "audit passed" in title, title
+    rewrite(trainer.run_dir, lambda ls: ls[:MIDDLE] + [edited(ls[MIDDLE], reason="forged")] + ls[MIDDLE + 1:])
+    assert esper_report("--verify", trainer.run_dir).exit_code == 4
+
+
+def test_a_finished_run_extended_by_an_interrupted_resume_still_verifies(checkpointed: Path, tmp_path: Path) -> None:
+    """The resume cuts the log back to its checkpoint, before the run_end the old summary.json
+    anchored: that summary no longer describes the run and goes, and the run verifies as unfinished
+    (the stale summary made the audit call the recipe edited, exit 4) until the extension finishes."""
+    run = Path(shutil.copytree(checkpointed, tmp_path / "run"))
+    _interrupted(Trainer.resume(run, ["trainer.max_steps=200", "telemetry.progress=none"]), 130)
+    assert not (run / "summary.json").exists()
+    result = esper_report("--verify", run)
+    assert result.exit_code == 0, result.output
+    assert "the run has not finished" in result.output
+    Trainer.resume(run, ["telemetry.progress=none"]).fit()
+    assert esper_report("--verify", run).exit_code == 0
+    assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["steps"] == 200

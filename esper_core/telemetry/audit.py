@@ -8,9 +8,12 @@ stored); the run's ``summary.json`` stores ``events_head``, the sha256 of the la
   to ``events_head``): the edit is detected at the edited record, not only at the next one;
 - a deleted last record leaves a log whose head no longer equals ``events_head``.
 
-The first problem is reported as ``FILE:LINE: record seq N: what is wrong``. A log without an
-anchor (no ``summary.json``: the run did not finish, or the file was removed) cannot prove its
-tail and fails too, saying so.
+The first problem is reported as ``FILE:LINE: record seq N: what is wrong``. A run that has not
+finished (interrupted, still training, or being extended by a resume, which cuts the log back before
+its ``run_end`` and removes its summary) has no ``summary.json`` to anchor its log: its chain passes
+as *unfinished*, saying that its tail is not anchored yet, when the log has no ``run_end``. A log with
+a ``run_end`` but no summary (the summary was removed) fails, saying so. The asset repository's copy
+of the log (:mod:`.mirror_check`) still checks an unfinished run's records.
 
 :func:`verify_run` is the whole ``esper report --verify``: this chain walk, the recipe's hashes
 (original in ``run_start``, effective after resume overrides in the last ``run_resume``), the
@@ -55,6 +58,8 @@ class AuditResult:
     head: str
     anchor: str | None
     first_break: ChainBreak | None
+    unfinished: bool = False
+    """The run has not finished: no summary anchors the log's last record yet."""
 
     @property
     def ok(self) -> bool:
@@ -63,11 +68,14 @@ class AuditResult:
     def describe(self) -> str:
         if self.first_break is not None:
             return str(self.first_break.problem(self.name))
+        if self.unfinished:
+            return (f"{self.name}: {self.records} records, chain intact; the run has not finished, so no summary "
+                    "anchors its last record yet")
         return f"{self.name}: {self.records} records, chain intact, head {self.head} matches summary.json"
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "records": self.records, "head": self.head, "anchor": self.anchor,
-                "detail": self.describe()}
+                "unfinished": self.unfinished, "detail": self.describe()}
 
 
 def audit(source: EventSource) -> AuditResult:
@@ -84,12 +92,20 @@ def _walk(source: EventSource, stored: list[StoredEvent]) -> tuple[AuditResult, 
     decoded = [s.decode() for s in stored]
     records = [record for record, _ in decoded]
     head = hashes[-1] if hashes else GENESIS
-    broken = _first_break(stored, records, [why for _, why in decoded], hashes, anchor)
-    return AuditResult(source.name, len(stored), head, anchor, broken), records
+    unfinished = _unfinished(records, anchor)
+    broken = _first_break(stored, records, [why for _, why in decoded], hashes, anchor, unfinished)
+    return AuditResult(source.name, len(stored), head, anchor, broken, unfinished and broken is None), records
+
+
+def _unfinished(records: list[dict[str, Any] | None], anchor: str | None) -> bool:
+    """Whether the run has not finished: no summary anchors the log, and no ``run_end`` is in it (an
+    interrupted run, one still training, or a finished one being extended, whose resume cut the log
+    back before its ``run_end`` and removed its summary). Otherwise the log must end at the anchor."""
+    return bool(records) and anchor is None and not any(r is not None and r.get("event") == "run_end" for r in records)
 
 
 def _first_break(stored: list[StoredEvent], records: list[dict[str, Any] | None], defects: list[str | None],
-                 hashes: list[str], anchor: str | None) -> ChainBreak | None:
+                 hashes: list[str], anchor: str | None, unfinished: bool) -> ChainBreak | None:
     n = len(stored)
 
     def link_broken(i: int) -> bool:
@@ -117,6 +133,8 @@ def _first_break(stored: list[StoredEvent], records: list[dict[str, Any] | None]
                               "record no longer matches the hash stored after it: this record was edited")
         return ChainBreak(stored[i - 1].where, i - 1, f"content does not match the hash stored in the next record "
                           f"(seq {i}): this record was edited")
+    if unfinished:
+        return None  # no summary can anchor the log of a run that has not finished (see _unfinished)
     if anchor is None:
         where = stored[-1].where if stored else 1
         return ChainBreak(where, max(n - 1, 0), "summary.json has no events_head to check the last record "
@@ -141,8 +159,12 @@ def recipe_problem(run_dir: Path, records: list[dict[str, Any] | None]) -> Probl
         return Problem(str(path), "missing: the run's recipe cannot be checked")
     except (UnsafeInput, OSError) as exc:
         return Problem(str(path), f"{exc}: the run's recipe cannot be checked")
-    starts = [r for r in records if r is not None and r.get("event") in ("run_start", "run_resume")]
-    first = next((r for r in starts if r.get("event") == "run_start"), {})
+    known = [r for r in records if r is not None]
+    last_end = max((i for i, r in enumerate(known) if r.get("event") == "run_end"), default=len(known))
+    starts = [r for r in known[:last_end] if r.get("event") in ("run_start", "run_resume")]
+    first = next((r for r in known if r.get("event") == "run_start"), {})
+    # summary.json is written by the segment that recorded the last run_end (an extension that has not
+    # finished yet has not replaced it): its recipe is the one of the last start before that run_end
     effective = next((r["recipe_sha256"] for r in reversed(starts) if "recipe_sha256" in r), actual)
     hash_file = run_dir / "recipe.sha256"
     try:

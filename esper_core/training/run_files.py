@@ -82,6 +82,10 @@ def open_run(trainer: Trainer, resumed_from: store.Checkpoint | None, overrides:
         cursor = resumed_from.state["run"]["logs"]
         if trainer.leader:
             store.remove_leftovers(run_dir / "checkpoints")
+            # A finished run being extended is unfinished again: the log is cut back to the checkpoint,
+            # before the run_end its summary anchors, so that summary no longer describes the run (the
+            # audit would call it tampered with until the extension finishes and writes the next one).
+            (run_dir / "summary.json").unlink(missing_ok=True)
     run_id = uuid.uuid4().hex  # this segment of the run in the asset repository
     recorder.open(run_dir, cursor, run_id, loaded.recipe.model_dump(mode="json"))
     recorder.mirror(lambda repo: repo.start_run(run_id, run_dir.name, loaded.sha256))
