@@ -177,6 +177,25 @@ def test_records_deleted_from_the_end_and_rechained_are_caught_by_the_repository
     assert "in the asset repository's copy" in result.stderr and "but not in the log: it was deleted" in result.stderr
 
 
+def test_the_run_s_own_repository_is_checked_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    """With a relative storage.workspace, verify looked for the repository under the directory it was
+    run from: elsewhere it found none, checked nothing and passed a consistently rewritten log."""
+    monkeypatch.delenv("ESPER_SIGNING_KEY", raising=False)
+    monkeypatch.delenv("ESPER_DATABASE_URL", raising=False)
+    trained_in = tmp_path / "project"
+    trained_in.mkdir()
+    monkeypatch.chdir(trained_in)
+    run = finished_run(trained_in, RECIPE.format(workspace="ws").replace("max_steps: 60", "max_steps: 20"))
+    monkeypatch.chdir(tmp_path)
+    records = records_of(run)
+    records[2]["reason"] = "forged"
+    rechain(run, records)
+    finish_per_contract(run)
+    result = verify(run)
+    assert result.exit_code == 4 and "record seq 2: differs from the asset repository's copy" in result.stderr, \
+        result.output
+
+
 def test_an_unreachable_repository_is_said_not_checked(mirrored: Path, monkeypatch) -> None:
     monkeypatch.setenv("ESPER_DATABASE_URL", "postgresql://esper@127.0.0.1:1/none")
     result = verify(mirrored)

@@ -34,7 +34,8 @@ def repository_problems(run_dir: Path, stored: list[StoredEvent], records: list[
     from esper_core.storage.guard import describe
     from esper_core.storage.repository import AssetRepository
 
-    url, why_not = _repository_url(run_dir)
+    workspace = next((r.get("workspace") for r in records if r.get("event") == "run_start"), None)
+    url, why_not = _repository_url(run_dir, workspace if isinstance(workspace, str) else None)
     if url is None:
         return [], [f"asset repository not checked: {why_not}"]
     shown = normalise_url(url).render_as_string(hide_password=True)
@@ -81,20 +82,21 @@ def _compare(repository: Any, stored: list[StoredEvent], records: list[dict[str,
     return problems, notes
 
 
-def _repository_url(run_dir: Path) -> tuple[str | None, str]:
-    """The URL of the repository the run mirrored into (its recipe's storage section, the environment
-    winning as at training time), or ``None`` and why it cannot be consulted."""
+def _repository_url(run_dir: Path, workspace: str | None) -> tuple[str | None, str]:
+    """The URL of the repository the run mirrored into (its recipe's storage section, with the
+    workspace its ``run_start`` recorded, resolved where it was trained; the environment winning as at
+    training time), or ``None`` and why it cannot be consulted."""
     from esper_core.storage.db import normalise_url
     from esper_core.storage.settings import StorageSettings
 
     try:
         document = parse_yaml(read_regular(run_dir / "recipe.yaml", 1 << 20).decode("utf-8"), "recipe.yaml")
         section = document.data.get("storage") if isinstance(document.data, dict) else None
-        url = StorageSettings.resolve(StorageConfig.model_validate(section or {})).database_url
+        section = {**(section if isinstance(section, dict) else {}), **({"workspace": workspace} if workspace else {})}
+        url = StorageSettings.resolve(StorageConfig.model_validate(section)).database_url
         parsed = normalise_url(url)
     except (OSError, ValueError, EsperError) as exc:
         return None, f"the run's storage settings cannot be read ({exc})"
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
-        return None, f"no SQLite repository at {parsed.database} (the run's storage.workspace, relative to the " \
-                     "directory it was trained in)"
+        return None, f"no SQLite repository at {parsed.database} (the run's storage.workspace)"
     return url, ""

@@ -94,6 +94,9 @@ def open_run(trainer: Trainer, resumed_from: store.Checkpoint | None, overrides:
         identity["world_size"] = trainer.world.size
     if resumed_from is None:
         recorder.record({"event": "run_start", "step": 0, "run_id": run_id, "signed": signing_key() is not None,
+                         # where the asset repository is when the workspace is relative: `report --verify`
+                         # finds the run's copy of the events from any directory
+                         "workspace": str(Path(loaded.recipe.storage.workspace).resolve()),
                          "recipe_sha256": loaded.sha256, "device": str(trainer.device),
                          "params": trainer.params_initial, "layers": list(trainer.manager.layers), **identity})
     else:
