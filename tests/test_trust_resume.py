@@ -214,3 +214,11 @@ def test_a_signed_run_resumes_only_with_its_key(tmp_path: Path) -> None:
     assert esper("resume", "--checkpoint", str(run), "trainer.max_steps=40", key=key).returncode == 0
     verified = esper("report", "--verify", str(run), "--out", str(tmp_path / "report"), cwd=tmp_path, key=key)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_the_summary_s_wall_time_counts_every_segment(finished: Path, tmp_path: Path) -> None:
+    """A resumed run's summary counted only its last segment (a run resumed for its last steps said
+    it trained for a second or two)."""
+    run = _tampered(finished, tmp_path, lambda state, path: state["run"]["trainer"].update(wall_time_s=1000.0))
+    summary = Trainer.resume(run, ["telemetry.progress=none"]).fit()
+    assert 1000.0 < summary["wall_time_s"] < 1000.0 + 120

@@ -50,6 +50,9 @@ def check_run_state(state: Any, run_dir: Path, where: str) -> None:
                        f"({max(size, 0)} bytes)")
     if not _integer(logs.get("events_seq")) or not isinstance(logs.get("events_prev"), str):
         raise fail("state.json: the event log cursor is malformed")
+    wall = state["trainer"].get("wall_time_s", 0.0)
+    if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not 0 <= wall < 1e10:
+        raise fail("state.json: trainer.wall_time_s must be a non-negative number of seconds")
     last_val = state["trainer"].get("last_val")
     if last_val is not None and not (isinstance(last_val, dict) and all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in last_val.items())):

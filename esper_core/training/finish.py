@@ -9,7 +9,6 @@ are reported beside them.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +56,7 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     val, test = final.val, final.test
     summary = {
         "run_dir": str(trainer.run_dir), "recipe_sha256": trainer.loaded.sha256, "device": str(trainer.device),
-        "steps": trainer.step, "wall_time_s": round(time.perf_counter() - trainer.started, 3),
+        "steps": trainer.step, "wall_time_s": round(trainer.wall_time_s(), 3),
         "task": task.kind, "metric": task.metric, "higher_is_better": task.higher_is_better,
         **final.figures(),
         "params_initial": trainer.params_initial,

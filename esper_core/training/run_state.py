@@ -32,6 +32,7 @@ def capture(trainer: Trainer, checkpoint: bool) -> State:
         "trainer": {"last_val": trainer.last_val, "scaler": trainer.precision.state_dict()},
     }
     if checkpoint:
+        state["trainer"]["wall_time_s"] = trainer.wall_time_s()  # a resume's summary adds its own to it
         state["data"] = trainer.sampler.position()
         state["logs"] = trainer.recorder.cursor()
         state["early_stopping"] = trainer.stopping.state_dict()
@@ -49,6 +50,7 @@ def restore(trainer: Trainer, state: State) -> None:
     trainer.last_val = state["trainer"]["last_val"]
     trainer.precision.load_state_dict(state["trainer"].get("scaler") or {})
     if "data" in state:
+        trainer.earlier_wall_time_s = float(state["trainer"].get("wall_time_s") or 0.0)
         trainer.sampler.seek(**state["data"])
         trainer.stopping.load_state_dict(state.get("early_stopping") or {"best": None, "best_step": None, "wait": 0})
         trainer.best.load_state_dict(state.get("best") or {})

@@ -104,6 +104,11 @@ class Trainer:
         trainer._resume_overrides = list(overrides)
         return trainer
 
+    def wall_time_s(self) -> float:
+        """Seconds this run has trained: this segment's, plus those of the earlier segments up to the
+        checkpoint it resumed from."""
+        return self.earlier_wall_time_s + time.perf_counter() - self.started
+
     @property
     def base_dir(self) -> Path:
         """The directory relative recipe paths resolve against (:attr:`LoadedRecipe.base_dir`)."""
@@ -184,6 +189,8 @@ class Trainer:
         self.verdict_batches = self.eval_batches(val, limit=recipe.seeds.eval_batches)
         self.last_val: dict[str, float] | None = None
         self.stopped_early: dict[str, Any] | None = None
+        self.started = time.perf_counter()
+        self.earlier_wall_time_s = 0.0  # training time of the segments before the checkpoint resumed from
         self.run_dir: Path | None = None
         self._resumed_from: store.Checkpoint | None = None
         self._resume_overrides: list[str] = []
