@@ -222,3 +222,26 @@ def test_the_summary_s_wall_time_counts_every_segment(finished: Path, tmp_path: 
     run = _tampered(finished, tmp_path, lambda state, path: state["run"]["trainer"].update(wall_time_s=1000.0))
     summary = Trainer.resume(run, ["telemetry.progress=none"]).fit()
     assert 1000.0 < summary["wall_time_s"] < 1000.0 + 120
+
+
+def test_a_resume_on_changed_data_is_refused(tmp_path: Path) -> None:
+    """The data file was overwritten with other values of the same shape: the resume carried on, exit
+    0, no longer the run it continued."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "table.npz"
+    np.savez(data, x=rng.normal(size=(300, 8)).astype("float32"), y=rng.integers(0, 3, 300))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("{source: digits, layout: flat, batch_size: 32}",
+                                     "{source: file, path: table.npz, batch_size: 32}"))
+    trained = esper("train", str(recipe), f"run.output_dir={tmp_path / 'runs'}", f"storage.workspace={tmp_path / 'ws'}")
+    assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "runs" / "tiny"
+    assert esper("resume", "--checkpoint", str(run), "trainer.max_steps=70").returncode == 0  # the same data: fine
+    np.savez(data, x=rng.normal(size=(300, 8)).astype("float32"), y=rng.integers(0, 3, 300))
+    events = (run / "events.jsonl").read_bytes()
+    refused = esper("resume", "--checkpoint", str(run), "trainer.max_steps=80")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"{data}: data.path: changed since" in refused.stderr
+    assert (run / "events.jsonl").read_bytes() == events

@@ -122,7 +122,8 @@ def save_checkpoint(trainer: Trainer) -> Path:
     val = trainer.last_val
     info = {"recipe_sha256": trainer.loaded.sha256, "device": str(trainer.device), "epoch": trainer.sampler.epoch,
             "world_size": trainer.world.size if trainer.world is not None else 1,
-            "esper": esper_version(), "val_loss": val["loss"] if val else None, "host_model": host_model(trainer)}
+            "esper": esper_version(), "val_loss": val["loss"] if val else None, "host_model": host_model(trainer),
+            "data_sha256": trainer.data.fingerprint}
     directory = trainer.run_dir / "checkpoints"
     try:
         path = store.save(directory, trainer.step, tensors, state, info)

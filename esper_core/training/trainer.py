@@ -96,6 +96,14 @@ class Trainer:
                                       f"{step}; a resume continues a run and cannot shorten it (a larger value "
                                       "extends it)", field="trainer.max_steps"))
         trainer = cls(loaded)
+        recorded = checkpoint.manifest.get("data_sha256")
+        if recorded is not None and recorded != trainer.data.fingerprint:
+            data = loaded.recipe.data
+            raise ConfigError(Problem(str(trainer.base_dir / str(data.path)), f"changed since {checkpoint.path.name} "
+                                      f"was written (sha256 {str(recorded)[:12]}… then, "
+                                      f"{str(trainer.data.fingerprint)[:12]}… now): resuming on other data would not "
+                                      "continue the same run; restore the file, or train a new run on it",
+                                      field="data.path"))
         trainer.recipe_record = recipe_record
         with refusing(where):
             run_state.restore(trainer, join(checkpoint.tensors, checkpoint.state["run"]))

@@ -11,6 +11,8 @@ split and one for the generators, so changing the split fractions never changes 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ def build_data(cfg: DataConfig, seed: int, base_dir: Path, kind: str = "classifi
     if cfg.source == "factory":
         return from_factory(cfg, split_rng, kind, target_key)
     if cfg.source == "text":
-        return read_text(base_dir / str(cfg.path), cfg)
+        return _fingerprinted(read_text(base_dir / str(cfg.path), cfg), base_dir / str(cfg.path))
     if cfg.layout == "image" and cfg.source in _TABULAR:
         raise ConfigError(Problem(RECIPE_FIELD, f"source '{cfg.source}' is tabular and has no image layout; "
                                   "use `layout: flat`", field="data.layout"))
@@ -58,6 +60,13 @@ def build_data(cfg: DataConfig, seed: int, base_dir: Path, kind: str = "classifi
         arrays = mnist1d(cfg.mnist1d, synth_rng)
     elif cfg.source == "file":
         arrays = read_table(base_dir / str(cfg.path), cfg.label_column, cfg.layout, classification)
+        return _fingerprinted(split_arrays(arrays, cfg, split_rng), base_dir / str(cfg.path))
     else:
         arrays = bundled(cfg.source, cfg.layout)
     return split_arrays(arrays, cfg, split_rng)
+
+
+def _fingerprinted(splits: DataSplits, path: Path) -> DataSplits:
+    """``splits`` with the sha256 of the file they were read from (read once more, streamed)."""
+    with path.open("rb") as handle:
+        return dataclasses.replace(splits, fingerprint=hashlib.file_digest(handle, "sha256").hexdigest())

@@ -33,6 +33,9 @@ class DataSplits:
     num_classes: int
     name: str
     target_key: str = "labels"  # of dict samples
+    fingerprint: str | None = None
+    """sha256 of the user's file the splits were read from (``source: file`` or ``text``), so a resume
+    can tell that the data changed under the run; ``None`` for data Esper bundles or generates."""
 
     def example(self, n: int) -> Any:
         """The model inputs of the first ``n`` training samples: what probes the layers' input shapes."""
