@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -198,7 +199,13 @@ def test_promtool_accepts_the_exposition(scraped: dict[str, Any]) -> None:
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
 
 
-def test_a_taken_port_is_a_clear_error() -> None:
+def test_a_taken_port_is_a_recipe_error_before_any_run_directory_exists(tmp_path: Path) -> None:
+    """It was exit 1 naming "recipe" without the file, and left a run directory holding only its lock,
+    so the next run of that name was given another directory."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("run: {name: taken, device: cpu}\ndata: {source: digits, layout: flat}\n"
+                      "model: {arch: mlp, widths: [8]}\ntrainer: {max_steps: 5}\n"
+                      "telemetry:\n  progress: none\n  metrics_port: 9\n", encoding="utf-8")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -206,6 +213,14 @@ def test_a_taken_port_is_a_clear_error() -> None:
         telemetry = RunTelemetry(TelemetryConfig(metrics_port=port), lambda event: None, dict)
         with pytest.raises(EsperError, match=rf"telemetry.metrics_port: cannot serve metrics on 127.0.0.1:{port}"):
             telemetry.start()
+        recipe.write_text(recipe.read_text(encoding="utf-8").replace("metrics_port: 9", f"metrics_port: {port}"),
+                          encoding="utf-8")
+        done = subprocess.run([sys.executable, "-m", "esper_cli", "train", str(recipe), f"run.output_dir={tmp_path / 'runs'}",
+                               f"storage.workspace={tmp_path / 'ws'}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"error: {recipe}:7: telemetry.metrics_port: cannot serve metrics on "
+                                   f"127.0.0.1:{port}: Address already in use")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_metrics_off_serves_nothing() -> None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from esper_core.errors import EsperError, Problem
+from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.schema import TelemetryConfig
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.telemetry.anomaly import AnomalyDetector, AnomalyThresholds, resident_memory_bytes
@@ -124,8 +124,8 @@ class RunTelemetry:
             try:
                 self.server = MetricsServer(self.metrics.registry, bind, port)
             except OSError as exc:  # port taken, address not local, permission...
-                raise EsperError(Problem("recipe", f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}",
-                                         field="telemetry.metrics_port")) from None
+                raise ConfigError(Problem(RECIPE_FIELD, f"cannot serve metrics on {bind}:{port}: "
+                                          f"{exc.strerror or exc}", field="telemetry.metrics_port")) from None
             if not is_loopback(bind):
                 log.warning("warning: the metrics endpoint %s is exposed beyond this machine (telemetry.metrics_bind="
                             "%s): anyone who can reach it can read this run's metrics; bind 127.0.0.1 unless that is "

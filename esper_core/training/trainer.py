@@ -229,8 +229,9 @@ class Trainer:
         telemetry = self.recorder.telemetry
         lock: RunLock | None = None
         try:
+            with self.loaded.located():  # a port in use is refused before a run directory is made
+                metrics_url = telemetry.start()
             lock = run_files.claim_run_dir(self)
-            metrics_url = telemetry.start()
             run_files.open_run(self, self._resumed_from, self._resume_overrides)
             if metrics_url:
                 self.recorder.notify({"event": "metrics_endpoint", "url": metrics_url})
