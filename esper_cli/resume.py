@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 
 from esper_cli import launching
 from esper_cli.errors import reported
@@ -36,6 +35,4 @@ def resume(
 
     trainer = Trainer.resume(checkpoint, overrides or [], strict=strict,
                              allow_factories=False if no_factories else None)
-    if trainer.leader:
-        Console(stderr=as_json).print(f"resuming {trainer.run_dir} at step {trainer.step}", soft_wrap=True)
-    fit_and_summarise(trainer, as_json)
+    fit_and_summarise(trainer, as_json, announce=f"resuming {trainer.run_dir} at step {trainer.step}")

@@ -62,14 +62,23 @@ def train(
     fit_and_summarise(trainer, as_json)
 
 
-def fit_and_summarise(trainer: "Trainer", as_json: bool) -> None:
+def fit_and_summarise(trainer: "Trainer", as_json: bool, announce: str | None = None) -> None:
     """Train with the recipe's progress display, then print the summary: a table, or with ``as_json``
     one JSON object on stdout while progress goes to stderr (train and resume); under torchrun only
-    rank 0 shows either."""
+    rank 0 shows either. ``announce`` is printed once the run is really under way (its directory
+    claimed, its first event recorded), not before a refusal such as a run held by another process."""
     console = Console(stderr=as_json)
     progress = make_progress(trainer.loaded.recipe.telemetry.progress, console) if trainer.leader else None
+
+    def listen(event: dict) -> None:
+        nonlocal announce
+        if announce is not None and event.get("event") in ("run_start", "run_resume"):
+            console.print(announce, soft_wrap=True)
+            announce = None
+        if progress is not None:
+            progress(event)
     try:
-        summary = trainer.fit(progress)
+        summary = trainer.fit(listen if trainer.leader else None)
     finally:
         if progress is not None:
             progress.close()
@@ -78,11 +87,12 @@ def fit_and_summarise(trainer: "Trainer", as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
+        console.print(f"Run {summary['run_dir']}", soft_wrap=True)  # a path is never wrapped inside a word
         console.print(summary_table(summary))
 
 
 def summary_table(summary: dict) -> Table:
-    table = Table(title=f"Run {summary['run_dir']}", show_header=False)
+    table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
     metric = summary["metric"]

@@ -122,6 +122,9 @@ def test_resuming_a_run_without_checkpoints_says_none_was_written_and_how_to_ena
     (run / "checkpoints" / ".tmp-step-00000005-1").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint was written yet"):
         store.find(run, strict=False, warn=pytest.fail)
+    (run / "summary.json").write_text("{}")  # it finished: checkpoints were off, it did not stop early
+    with pytest.raises(CheckpointError, match="the run finished with checkpoints off"):
+        store.find(run, strict=False, warn=pytest.fail)
 
 
 def test_esper_resume_of_a_run_without_checkpoints_exits_3_without_traceback(tmp_path):

@@ -258,3 +258,15 @@ def test_governor_rolls_back_an_injected_nan_and_the_run_completes(recipe, tmp_p
     assert layer.slots[rollback["slot"]].state == SeedState.ROLLED_BACK
     assert summary["rollbacks"] == 1 and summary["steps"] == 150
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_resuming_a_held_run_says_only_that_it_is_held(recipe, tmp_path):
+    """It printed 'resuming RUN at step N' before refusing the run another process holds."""
+    from esper_core.checkpoints.lock import RunLock
+
+    run_dir = _two_checkpoints(recipe, tmp_path)
+    with RunLock(run_dir):  # flock: held against another process
+        held = subprocess.run(esper("resume", "--checkpoint", str(run_dir), "trainer.max_steps=90"),
+                              capture_output=True, text=True)
+    assert held.returncode == 3 and "run is in use by pid" in held.stderr, held.stderr
+    assert f"resuming {run_dir}" not in held.stdout + held.stderr

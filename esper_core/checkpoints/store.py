@@ -55,6 +55,14 @@ _NAME = re.compile(r"^step-(\d{8})$")
 NO_CHECKPOINT_YET = ("no checkpoint was written yet: the run stopped before its first checkpoint, so there is "
                      "nothing to resume; start it again with `esper train`, and enable checkpoints with "
                      "checkpoint.every_steps=N or checkpoint.every_minutes=M")
+FINISHED_WITHOUT_CHECKPOINTS = ("no checkpoint was written: the run finished with checkpoints off (they are, unless "
+                                "checkpoint.every_steps=N or checkpoint.every_minutes=M is set), so it cannot be "
+                                "continued; train it again with checkpoints on to extend it later")
+
+
+def _no_checkpoint(run_dir: Path) -> str:
+    """Why a run has nothing to resume: it finished with checkpoints off, or stopped before its first."""
+    return FINISHED_WITHOUT_CHECKPOINTS if (run_dir / "summary.json").is_file() else NO_CHECKPOINT_YET
 
 
 @dataclass(frozen=True)
@@ -323,7 +331,7 @@ def find(target: Path, strict: bool, warn: Callable[[str], None]) -> Checkpoint:
     else:
         directory = target / "checkpoints"
         if not directory.is_dir():
-            message = NO_CHECKPOINT_YET if _looks_like_run(target) else \
+            message = _no_checkpoint(target) if _looks_like_run(target) else \
                 "no checkpoints directory: not a run directory or checkpoint"
             raise CheckpointError(Problem(str(target), message))
         recover(directory)
@@ -335,7 +343,7 @@ def find(target: Path, strict: bool, warn: Callable[[str], None]) -> Checkpoint:
             candidates.append(first)
     candidates.sort(key=lambda p: p.name, reverse=True)
     if not candidates:
-        raise CheckpointError(Problem(str(directory), NO_CHECKPOINT_YET if _looks_like_run(directory.parent)
+        raise CheckpointError(Problem(str(directory), _no_checkpoint(directory.parent) if _looks_like_run(directory.parent)
                                       else "holds no committed checkpoint"))
     failures, skipped = [], []
     for candidate in candidates:
