@@ -84,10 +84,9 @@ def test_huge_width_is_refused_before_allocation(tmp_path):
 def test_unresolvable_dim_names_its_line(tmp_path):
     path = _write(tmp_path, "name: x\nhost: linear\ndims:\n  hidden: depth * 2\nops:\n"
                             "  - {op: linear, in: in, out: out}\n")
-    loaded = load_blueprint(path)
-    with pytest.raises(ResolveError) as info:
-        resolve(loaded.blueprint, HostSpec.of(nn.Linear(4, 4)), rank=2)
-    assert str(loaded.problem(info.value)).startswith(f"{path}:4: dims.hidden: unknown dimension 'depth'")
+    with pytest.raises(ConfigError) as info:  # no host could resolve it: refused when the file is loaded
+        load_blueprint(path)
+    assert str(info.value.problems[0]).startswith(f"{path}:4: dims.hidden: unknown dimension 'depth'")
 
 
 def test_channel_chain_and_output_size_are_checked(tmp_path):

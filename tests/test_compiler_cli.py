@@ -83,6 +83,25 @@ def test_blueprints_that_do_not_load_exit_2_and_count_as_failed(tmp_path: Path) 
     assert report["exit_code"] == 2 and report["counts"] == {"compiled": 1, "cached": 0, "checked": 0, "failed": 2}
 
 
+def test_dimension_expressions_no_host_could_resolve_are_invalid_input(tmp_path: Path) -> None:
+    """An unknown dimension name or unsupported syntax is a defect of the file whatever the host: exit
+    2 like any blueprint that does not validate (it was exit 1, a failed compile), located at the field."""
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("name: unknown\nhost: linear\nops:\n  - {op: linear, in: in, out: hidden}\n"
+                       "  - {op: linear, in: hidden, out: out, init: zeros}\n")
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("name: syntax\nhost: linear\ndims:\n  hidden: rank ** 2\nops:\n"
+                      "  - {op: linear, in: in, out: hidden}\n  - {op: linear, in: hidden, out: out, init: zeros}\n")
+    result = run(unknown, syntax, "--linear", "16:8", "--check")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {unknown}:4: ops.0.out: unknown dimension 'hidden' in 'hidden' (known: in, out, rank)",
+        f"error: {unknown}:5: ops.1.in: unknown dimension 'hidden' in 'hidden' (known: in, out, rank)",
+        f"error: {syntax}:4: dims.hidden: unsupported syntax in 'rank ** 2': only integers, names, + - * //, "
+        "min() and max() are allowed"]
+
+
 def test_check_fails_for_a_blueprint_with_no_target_of_its_kind_unless_skips_are_allowed(tmp_path: Path) -> None:
     """Issue 11 item 16: `--check` that checked nothing for a blueprint is not a pass."""
     result = run(BUILTIN_DIR / "se_gate.yaml", BUILTIN_DIR / "lowrank_adapter.yaml", "--linear", "8:4", "--check")

@@ -42,6 +42,16 @@ def evaluate(expr: int | str, env: Mapping[str, int]) -> int:
     return _eval(tree.body, env, expr)
 
 
+def check(expr: int | str, names: set[str]) -> None:
+    """Raise :class:`DimError` for what no host could make evaluate: bad syntax, an unknown name.
+    (It evaluates with every name at 1; only a division by zero can depend on the real sizes.)"""
+    try:
+        evaluate(expr, dict.fromkeys(names, 1))
+    except DimError as exc:
+        if not str(exc).startswith("division by zero"):
+            raise
+
+
 def _eval(node: ast.AST, env: Mapping[str, int], expr: str) -> int:
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return node.value

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from esper_core.blueprints.resolve import ResolveError
+from esper_core.blueprints.resolve import ResolveError, expression_errors
 from esper_core.blueprints.ir import OP_NAMES, Blueprint
 from esper_core.errors import ConfigError, Problem
 from esper_core.recipe.diagnostics import Locator, validation_problems
@@ -44,7 +44,11 @@ def load_blueprint(path: str | Path) -> BlueprintFile:
         blueprint = Blueprint.model_validate(document.data)
     except ValidationError as exc:
         raise ConfigError(validation_problems(exc, Locator(source, document.lines, ()), Blueprint, OP_NAMES)) from None
-    return BlueprintFile(blueprint, resolved, source, document.lines)
+    loaded = BlueprintFile(blueprint, resolved, source, document.lines)
+    errors = expression_errors(blueprint)
+    if errors:  # a defect of the file whatever the host: it does not validate (exit 2), it is not a failed compile
+        raise ConfigError([loaded.problem(error) for error in errors])
+    return loaded
 
 
 @dataclass

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from esper_core.blueprints.dims import DimError, evaluate
+from esper_core.blueprints.dims import DimError, check, evaluate
 from esper_core.blueprints.host import Grid, HostSpec, Padding
-from esper_core.blueprints.ir import (ActivationOp, AvgPoolOp, Blueprint, Conv1dOp, Conv2dOp, DropoutOp, LinearOp,
-                                      SEGateOp)
+from esper_core.blueprints.ir import (ActivationOp, AvgPoolOp, Blueprint, Conv1dOp, Conv2dOp, Dim, DropoutOp,
+                                      LinearOp, SEGateOp)
 
 MAX_DIM = 2**20
 MAX_PARAMS = 10**9
@@ -29,6 +29,29 @@ class ResolveError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+def expression_errors(blueprint: Blueprint) -> list[ResolveError]:
+    """Every dim expression that no host could resolve (bad syntax, a name that is not ``in``,
+    ``out``, ``rank`` or an earlier dim): a defect of the blueprint itself, found when it is loaded
+    rather than when it is first applied to a host."""
+    names, errors = {"in", "out", "rank"}, []
+    for name, expr in blueprint.dims.items():
+        try:
+            check(expr, names)
+        except DimError as exc:
+            errors.append(ResolveError(f"dims.{name}", str(exc)))
+        names.add(name)
+    for i, op in enumerate(blueprint.ops):
+        for attribute, info in type(op).model_fields.items():
+            value = getattr(op, attribute)
+            if info.annotation != Dim or not isinstance(value, str):
+                continue
+            try:
+                check(value, names)
+            except DimError as exc:
+                errors.append(ResolveError(f"ops.{i}.{info.alias or attribute}", str(exc)))
+    return errors
 
 
 @dataclass(frozen=True)
