@@ -47,6 +47,9 @@ CASES = [
          [f"{{f}}:3: trainer.epochs: unknown key (allowed: {TRAINER_KEYS})"]),
     Case("string for int", "trainer:\n  max_steps: ten\n",
          ["{f}:2: trainer.max_steps: must be an integer (got 'ten', a string)"]),
+    Case("number YAML reads as text", "run:\n  seed: 1e3\n",
+         ["{f}:2: run.seed: must be an integer (got '1e3', a string: if it is meant as a number, write it without "
+          "quotes and in plain digits (YAML reads forms such as 1e3 as text))"]),
     Case("bad enum value", "run:\n  name: demo\n  device: tpu\n",
          ["{f}:3: run.device: must be one of 'auto', 'cpu', 'cuda' (got 'tpu')"]),
     Case("negative batch size", "data:\n  batch_size: -1\n",

@@ -107,7 +107,8 @@ def _kind_of(value: Any) -> str:
     if isinstance(value, float):
         return "a number with a fraction"
     if isinstance(value, str):
-        return "a string: remove the quotes if it is meant as a number" if _looks_numeric(value) else "a string"
+        return ("a string: if it is meant as a number, write it without quotes and in plain digits (YAML reads "
+                "forms such as 1e3 as text)") if _looks_numeric(value) else "a string"
     return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else type(value).__name__
 
 
