@@ -41,8 +41,8 @@ def evaluate(model: nn.Module) -> Evaluation:
 
 
 def controller(model: nn.Module, optimizer: torch.optim.Optimizer, kernels: LocalKernelStore, **options) -> GrowthController:
-    return GrowthController(model, optimizer, example=X[:2], max_steps=120, store=kernels, seeds=SEEDS,
-                            policy=POLICY, **options)
+    options.setdefault("policy", POLICY)
+    return GrowthController(model, optimizer, example=X[:2], max_steps=120, store=kernels, seeds=SEEDS, **options)
 
 
 def one_step(model: nn.Module, optimizer: torch.optim.Optimizer, growth: GrowthController, rows: slice,
@@ -193,4 +193,29 @@ def test_wiring_mistakes_are_refused_at_once_with_what_to_do(kernels: LocalKerne
     growth = controller(TwoLinear(), None, kernels)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Evaluation"):
         growth.after_validation(0.5)  # type: ignore[arg-type]
-    assert growth.after_step(1.25).rolled_back is False  # a loss read with .item() is fine
+    with pytest.warns(UserWarning, match="after_backward"):  # no pass ran, so the armed measurement saw none
+        assert growth.after_step(1.25).rolled_back is False  # a loss read with .item() is fine
+
+
+@pytest.mark.parametrize("mistake, said", [
+    ("never called", "after_backward() was not called between loss.backward() and optimizer.step()"),
+    ("after zero_grad", "after_backward() found no gradients on the wrapped layers"),
+])
+def test_a_misplaced_after_backward_is_named_in_one_warning(mistake: str, said: str, kernels: LocalKernelStore) -> None:
+    """Placement read merit 0.0 for every layer and grew by a tie, silently."""
+    torch.manual_seed(0)
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    growth = controller(model, optimizer, kernels, evaluate=evaluate, policy={**POLICY, "placement": "merit"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(30):
+            loss = F.cross_entropy(model(X[:32]), Y[:32])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if mistake == "after zero_grad":
+                growth.after_backward()
+            growth.after_step(loss)
+    assert [str(w.message) for w in caught if said in str(w.message)] == [next(
+        str(w.message) for w in caught if said in str(w.message))], [str(w.message) for w in caught]

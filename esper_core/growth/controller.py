@@ -197,7 +197,7 @@ class GrowthController:
         self._arming_restored = False  # a loaded state says whether the next pass is measured
         self.kernel_wait_s = 0.0
         self.started = False
-        self._warned_no_evaluate = False
+        self._warned: set[str] = set()  # misuses of the own-loop calls already warned about (once each)
         if optimizer is not None:
             self.bind_optimizer(optimizer, schedulers)
         if start:
@@ -224,6 +224,12 @@ class GrowthController:
         self.executor.bind(optimizer)
         optim.cover_schedulers(optimizer, schedulers)
         self.executor.set_lr(self.step)
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        """A wiring mistake in the user's loop that growth can see, said once (a UserWarning)."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, stacklevel=3)
 
     def _lr_of_seeds(self, step: int) -> float:
         own = self._seed_lr(step) if self._seed_lr is not None else self._constant_seed_lr
@@ -262,6 +268,10 @@ class GrowthController:
         scheduler may have written its own value there)."""
         self.executor.set_lr(self.step)
         if self._measuring:
+            if not any(layer.host.weight.grad is not None for layer in self.manager.layers.values()):
+                self._warn_once("no_grads", "after_backward() found no gradients on the wrapped layers: call it after "
+                                "loss.backward() and before optimizer.zero_grad(), or placement by gradient merit "
+                                "sees nothing")
             self.merit.observe(self.manager)  # DDP has averaged the gradients already
             if self.world is not None:
                 self.policy.layers.flush()  # the collective fold, on every rank at this same point
@@ -285,6 +295,9 @@ class GrowthController:
         """Call after ``optimizer.step()`` with the step's loss (a tensor; read only every
         ``check_every`` steps). Advances every seed's clock, starts seeds whose kernel arrived, judges
         seeds whose probation is over, and lets the governor roll back a bad loss."""
+        if self._measuring:  # armed for the pass of this step, and nothing read its gradients
+            self._warn_once("no_after_backward", "after_backward() was not called between loss.backward() and "
+                            "optimizer.step() on a step growth measures: the layers' health goes unmeasured")
         for event in self.manager.step(self._gate_open):
             self._record(event)
         self._activate_ready()
@@ -293,11 +306,10 @@ class GrowthController:
             judged = Counterfactuals(self.model, self.evaluate)
             for ref in due:
                 self._verdict(ref, judged)
-        elif due and not self._warned_no_evaluate:
-            self._warned_no_evaluate = True
-            warnings.warn(f"{len(due)} seed(s) finished probation, but the growth controller has no evaluate "
-                          "function to judge them: they stay in probation (holding their slots) until one is given "
-                          "(GrowthController(evaluate=...) or after_validation(evaluate=...))", stacklevel=2)
+        elif due:
+            self._warn_once("no_evaluate", f"{len(due)} seed(s) finished probation, but the growth controller has "
+                            "no evaluate function to judge them: they stay in probation (holding their slots) until "
+                            "one is given (GrowthController(evaluate=...) or after_validation(evaluate=...))")
         value, rolled_back = None, False
         if loss is not None and not isinstance(loss, torch.Tensor):
             if isinstance(loss, bool) or not isinstance(loss, (int, float)):
