@@ -219,3 +219,17 @@ def test_a_misplaced_after_backward_is_named_in_one_warning(mistake: str, said: 
             growth.after_step(loss)
     assert [str(w.message) for w in caught if said in str(w.message)] == [next(
         str(w.message) for w in caught if said in str(w.message))], [str(w.message) for w in caught]
+
+
+def test_a_kernel_that_cannot_be_compiled_is_a_warning_in_an_own_loop(tmp_path) -> None:
+    """The failure was only an event in recorder.events: a script whose every kernel failed trained
+    without ever growing and exited 0, saying nothing."""
+    blueprints = tmp_path / "blueprints"
+    blueprints.mkdir()
+    (blueprints / "broken.yaml").write_text(  # resolves, then fails the compiler's checks: a non-zero output at init
+        "name: broken\nhost: linear\nops:\n  - {op: linear, in: in, out: rank}\n  - {op: linear, in: rank, out: out}\n")
+    model = TwoLinear()
+    with pytest.warns(UserWarning, match="kernel broken for layer fc1 cannot be compiled.*zero_at_init"):
+        GrowthController(model, torch.optim.AdamW(model.parameters()), example=X[:2], max_steps=120,
+                         store=LocalKernelStore(tmp_path / "kernels"), blueprint_dirs=[blueprints],
+                         seeds={**SEEDS, "blueprints": ["broken"]}, policy=POLICY)

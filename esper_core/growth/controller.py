@@ -68,7 +68,10 @@ class Recorder(Protocol):
 
 
 class MemoryRecorder:
-    """The default recorder of a controller used from a user's own loop: events kept in a list."""
+    """The default recorder of a controller used from a user's own loop: events kept in a list. A loop
+    has no display, so a kernel that cannot be compiled (its blueprint will never grow on that layer)
+    is also a warning: a script whose every kernel failed would otherwise train without ever growing,
+    and exit 0."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
@@ -76,6 +79,10 @@ class MemoryRecorder:
 
     def record(self, event: Event) -> None:
         self.events.append(event)
+        if event.get("event") == "kernel_failed":
+            problems = event.get("problems") or ["no reason given"]
+            warnings.warn(f"kernel {event.get('blueprint')} for layer {event.get('layer')} cannot be compiled; that "
+                          f"blueprint will not grow there: {problems[0]}", stacklevel=2)
 
     def notify(self, event: Event) -> None:
         """Notices (not events): nobody listens in a user's own loop."""
