@@ -15,7 +15,9 @@ from torch import nn
 
 from esper_core import Evaluation, GrowthController
 from esper_core.compiler.store import LocalKernelStore
+from esper_core.errors import ConfigError
 from esper_core.growth import optimizer as optim
+from esper_core.recipe.schema import PolicyConfig
 from esper_core.seeds.lifecycle import SeedState
 from factories import TwoLinear
 
@@ -233,3 +235,12 @@ def test_a_kernel_that_cannot_be_compiled_is_a_warning_in_an_own_loop(tmp_path) 
         GrowthController(model, torch.optim.AdamW(model.parameters()), example=X[:2], max_steps=120,
                          store=LocalKernelStore(tmp_path / "kernels"), blueprint_dirs=[blueprints],
                          seeds={**SEEDS, "blueprints": ["broken"]}, policy=POLICY)
+
+
+def test_a_mistyped_setting_names_the_argument_and_field(kernels: LocalKernelStore) -> None:
+    """It was pydantic's raw ValidationError."""
+    with pytest.raises(ConfigError) as refused:
+        controller(TwoLinear(), None, kernels, policy={**POLICY, "period_step": 10})
+    assert [str(p) for p in refused.value.problems] == [
+        "GrowthController: policy.period_step: unknown key, did you mean 'period_steps'? (allowed: "
+        + ", ".join(PolicyConfig.model_fields) + ")"]

@@ -29,17 +29,18 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from esper_core.compiler.store import KernelStore
 from esper_core.compiler.worker_start import refuse_during_worker_start
 from esper_core.distributed.world import World
-from esper_core.errors import EsperError
+from esper_core.errors import ConfigError, EsperError
 from esper_core.growth import optimizer as optim
 from esper_core.growth.catalog import SeedCatalog
 from esper_core.growth.evaluation import Evaluate, Evaluation
@@ -51,6 +52,7 @@ from esper_core.growth.state import State, cpu_copy
 from esper_core.growth.verdicts import Counterfactuals, judge
 from esper_core.policy.growth import Decisions, GrowthPolicy
 from esper_core.policy.merit import GradientMerit
+from esper_core.recipe.diagnostics import Locator, validation_problems
 from esper_core.recipe.schema import GovernorConfig, PolicyConfig, SeedsConfig, StorageConfig
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
@@ -112,8 +114,16 @@ def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
                          "registered on the model (e.g. a learnable loss weight as an nn.Parameter attribute of it)")
 
 
-def _config(cls: type, value: Any) -> Any:
-    return value if isinstance(value, cls) else cls.model_validate(value or {})
+def _config(cls: type[BaseModel], value: Any, argument: str) -> Any:
+    """A recipe section given as the model or as a dict; a dict's mistakes are one ConfigError naming
+    each field as ``argument.field`` (as a recipe's would be), not pydantic's raw report."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls.model_validate(value or {})
+    except ValidationError as exc:
+        problems = validation_problems(exc, Locator("GrowthController", {}, ()), cls)
+        raise ConfigError([replace(p, field=f"{argument}.{p.field}" if p.field else argument) for p in problems]) from None
 
 
 class GrowthController:
@@ -160,8 +170,8 @@ class GrowthController:
         self.model = model
         self.optimizer = optimizer
         self.max_steps = max_steps
-        self.seeds_config: SeedsConfig = _config(SeedsConfig, seeds)
-        self.policy_config: PolicyConfig = _config(PolicyConfig, policy)
+        self.seeds_config: SeedsConfig = _config(SeedsConfig, seeds, "seeds")
+        self.policy_config: PolicyConfig = _config(PolicyConfig, policy, "policy")
         self.evaluate = evaluate
         self.recorder: Recorder = recorder or MemoryRecorder()
         self.check_every = check_every
@@ -187,7 +197,7 @@ class GrowthController:
                                    latency_of=lambda bp, layer: self.kernels.latency_ms(self.catalog.spec(bp, layer)))
         if world is not None:
             self.policy.layers.share(world.mean)
-        self.governor = Governor(_config(GovernorConfig, governor), self.device)
+        self.governor = Governor(_config(GovernorConfig, governor, "governor"), self.device)
         self._seed_lr = seed_lr
         # a run that can never grow has no seeds to slow down: no switch, no `seed_lr` event
         self.seed_rate = SeedRate(self.seeds_config.lr_schedule == "adaptive" and self.policy_config.max_seeds > 0,
