@@ -244,3 +244,14 @@ def test_a_mistyped_setting_names_the_argument_and_field(kernels: LocalKernelSto
     assert [str(p) for p in refused.value.problems] == [
         "GrowthController: policy.period_step: unknown key, did you mean 'period_steps'? (allowed: "
         + ", ".join(PolicyConfig.model_fields) + ")"]
+
+
+def test_a_task_from_a_dict_evaluates_on_the_model_s_device() -> None:
+    """``Task({...})`` raised AttributeError on a dict and evaluate() needed an undocumented device."""
+    from esper_core import Task
+
+    task = Task({"kind": "classification"})
+    result = task.evaluate(TwoLinear(), [(X[:64], Y[:64])])
+    assert result.name == "accuracy" and result.higher_is_better and result.scores.shape == (64,)
+    with pytest.raises(ConfigError, match="Task: kind: must be one of"):
+        Task({"kind": "clasification"})

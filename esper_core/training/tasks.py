@@ -19,10 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from esper_core.distributed.world import World
 from esper_core.growth.evaluation import Evaluation
+from esper_core.errors import ConfigError
+from esper_core.recipe.diagnostics import Locator, validation_problems
 from esper_core.recipe.schema import TaskConfig
 from esper_core.seeds.probe import call_model, to_device
 
@@ -83,9 +86,16 @@ def _reduced(sums: _Sums, world: World) -> _Sums:
 
 
 class Task:
-    """One recipe ``task`` section made executable. ``function`` is the custom loss, when any."""
+    """One recipe ``task`` section made executable (the section, or a dict of its keys, such as
+    ``Task({"kind": "regression"})`` in a user's own loop). ``function`` is the custom loss, when any."""
 
-    def __init__(self, config: TaskConfig, function: Callable[[Any, torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, config: TaskConfig | Mapping[str, Any],
+                 function: Callable[[Any, torch.Tensor], torch.Tensor] | None = None) -> None:
+        if not isinstance(config, TaskConfig):
+            try:
+                config = TaskConfig.model_validate(dict(config))
+            except ValidationError as exc:
+                raise ConfigError(validation_problems(exc, Locator("Task", {}, ()), TaskConfig)) from None
         self.config = config
         self.kind = config.kind
         self.metric = config.metric or _DEFAULT_METRIC[config.kind]
@@ -130,11 +140,14 @@ class Task:
     # --- evaluation -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device,
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device | None = None,
                  world: World | None = None) -> Evaluation:
-        """The task's metrics over ``batches`` in eval mode (one host-device sync at the end). Under
-        torchrun each rank passes its shard's batches and ``world``: the sums are added over the ranks
-        and the per-sample scores gathered in rank order, so every rank gets the whole set's figures."""
+        """The task's metrics over ``batches`` in eval mode (one host-device sync at the end), on
+        ``device`` (default: where the model's parameters are). Under torchrun each rank passes its
+        shard's batches and ``world``: the sums are added over the ranks and the per-sample scores
+        gathered in rank order, so every rank gets the whole set's figures."""
+        if device is None:
+            device = next(model.parameters()).device
         was_training = model.training
         model.eval()
         sums = _Sums(torch.zeros((), device=device, dtype=torch.float64))
