@@ -128,3 +128,19 @@ def test_a_bias_before_a_padded_conv_is_not_merged_and_a_foreign_geometry_is_not
     other_geometry = _seed([{"op": "conv2d", "in": "in", "out": "out", "geometry": "same", "kernel": 1}], host)
     assert linear_delta(other_geometry, HostSpec.of(host)) is None  # a 1x1 seed beside a 3x3 host
     assert linear_delta(nn.Sequential(nn.Dropout(0.1)), HostSpec.of(nn.Linear(3, 3))) is None
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (8, 24), (24, 8)], ids=["square", "widening", "narrowing"])
+def test_the_lowrank_adapter_merges_into_a_gpt2_conv1d_of_any_shape(shape: tuple[int, int]) -> None:
+    """transformers' Conv1D stores its weight (in, out): a square one got the delta untransposed (a
+    silently wrong model after export or `unwrap`), and a non-square one was refused (and dropped
+    unmerged at fossilization)."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    n_in, n_out = shape
+    host = conv1d(n_out, n_in)  # Conv1D(nf=out, nx=in)
+    with torch.no_grad():
+        host.bias.normal_()
+    seed = _randomised(build(resolve(BlueprintLibrary.discover().get("lowrank_adapter").blueprint,
+                                     HostSpec.of(host), 4)))
+    _check_merge(host, seed, torch.randn(64, n_in), 0.6)

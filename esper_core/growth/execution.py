@@ -128,11 +128,10 @@ class SeedExecutor:
         layer = self.manager.layers[ref.layer]
         slot, seed = layer.slots[ref.index], layer.seed_module(ref.index)
         alpha = float(layer.alpha[ref.index])
-        merged = self.merge_linear and slot.source is None and linear_delta(seed, layer.spec) is not None
+        mergeable = self.merge_linear and slot.source is None and linear_delta(seed, layer.spec) is not None
         event = self.manager.fossilize(ref, **evidence)
-        if merged:
-            bias_before = getattr(layer.host, "bias", None)
-            merge_into(layer.host, seed, alpha)
+        bias_before = getattr(layer.host, "bias", None)
+        if mergeable and merge_into(layer.host, seed, alpha):  # else it stays a branch, never dropped unmerged
             layer.release_merged(ref.index)
             self._drop(ref.key)
             if bias_before is None and getattr(layer.host, "bias", None) is not None:  # the fold created one

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from esper_core.blueprints.host import HostSpec
+from esper_core.blueprints.host import HostSpec, is_transformers_conv1d
 
 Delta = tuple[torch.Tensor, torch.Tensor | None]
 """(weight, bias) of the single layer a mergeable seed equals; bias ``None`` when it has none."""
@@ -58,16 +58,20 @@ def linear_delta(seed: nn.Module, host: HostSpec) -> Delta | None:
 
 def fold(host: nn.Module, delta: Delta, alpha: float = 1.0) -> bool:
     """Add ``alpha * delta`` to ``host``'s weight (and bias) in place; returns whether a bias had to be
-    created (the host had none and the delta has one, so the layer gains ``out`` parameters)."""
+    created (the host had none and the delta has one, so the layer gains ``out`` parameters). The
+    delta's weight is (out, in), as ``nn.Linear`` stores it; transformers' ``Conv1D`` stores (in, out),
+    so it gets the transpose (added as it is, a square Conv1D would silently compute another map)."""
     weight, bias = delta
     target = host.weight
+    if is_transformers_conv1d(host):
+        weight = weight.T
     created = False
     with torch.no_grad():
         merged = _cpu64(target) + alpha * _cpu64(weight)
         target.copy_(merged.to(target.device, target.dtype))
         if bias is not None and bool(torch.any(bias != 0)):
             if host.bias is None:
-                host.bias = nn.Parameter(torch.zeros(target.shape[0], device=target.device, dtype=target.dtype))
+                host.bias = nn.Parameter(torch.zeros(bias.shape[0], device=target.device, dtype=target.dtype))
                 created = True
             host.bias.copy_((_cpu64(host.bias) + alpha * _cpu64(bias)).to(target.device, target.dtype))
     return created
@@ -77,7 +81,8 @@ def merge_into(host: nn.Module, seed: nn.Module, alpha: float = 1.0) -> bool:
     """Fold ``seed`` into ``host`` when it is mergeable; returns whether it was (the host is unchanged
     otherwise)."""
     delta = linear_delta(seed, HostSpec.of(host))
-    if delta is None or delta[0].shape != host.weight.shape:  # e.g. a grouped host conv
+    stored = host.weight.shape[::-1] if is_transformers_conv1d(host) else host.weight.shape
+    if delta is None or delta[0].shape != stored:  # e.g. a grouped host conv
         return False
     fold(host, delta, alpha)
     return True
