@@ -255,3 +255,25 @@ def test_a_task_from_a_dict_evaluates_on_the_model_s_device() -> None:
     assert result.name == "accuracy" and result.higher_is_better and result.scores.shape == (64,)
     with pytest.raises(ConfigError, match="Task: kind: must be one of"):
         Task({"kind": "clasification"})
+
+
+def test_perplexity_is_the_plain_likelihood_s_under_label_smoothing() -> None:
+    """With task.label_smoothing the reported perplexity (and validation loss) was exp of the smoothed
+    loss: 45.7 for a model whose true perplexity was 33.9."""
+    from esper_core import Task
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 16, 11) * 3
+    tokens = torch.randint(0, 11, (4, 16))
+
+    class Fixed(nn.Module):  # a "language model" whose next-token logits are fixed
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return logits * self.scale
+
+    result = Task({"kind": "language_model", "label_smoothing": 0.2}).evaluate(Fixed(), [(tokens, tokens)])
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, 11), tokens[:, 1:].reshape(-1))
+    assert result.name == "perplexity" and result.metric == pytest.approx(float(nll.exp()), rel=1e-6)

@@ -188,7 +188,9 @@ class TaskConfig(Section):
     metric: Literal["accuracy", "rmse", "r2", "perplexity", "token_accuracy", "loss"] | None = Field(
         None, description="The metric verdicts, plateau detection and the summary use (default: accuracy, rmse, "
         "perplexity, token_accuracy, loss for the kinds above).")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy losses.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the training "
+                                   "cross-entropy (evaluation, perplexity and verdicts use the plain negative "
+                                   "log-likelihood).")
     huber_delta: float = Field(1.0, gt=0.0, le=1e6, description="Threshold of the Huber loss.")
     ignore_index: int = Field(-100, ge=-(2**31), le=2**31 - 1, description="Target value the token losses and "
                               "metrics skip (padding).")

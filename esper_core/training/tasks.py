@@ -179,9 +179,9 @@ class Task:
             sums.add("y", y.sum(dim=0).double())
             sums.add("y2", (y.double() ** 2).sum(dim=0))
             return
-        smoothing = self.config.label_smoothing
-        per_item = F.cross_entropy(pred, y, ignore_index=self.config.ignore_index, reduction="none",
-                                   label_smoothing=smoothing).double()
+        # the plain negative log-likelihood: label smoothing shapes training only, and a smoothed
+        # loss would make "perplexity" (and every verdict and plateau read from it) another number
+        per_item = F.cross_entropy(pred, y, ignore_index=self.config.ignore_index, reduction="none").double()
         valid = y != self.config.ignore_index
         correct = (pred.argmax(dim=-1) == y) & valid
         if self.kind == "classification":
