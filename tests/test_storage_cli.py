@@ -59,6 +59,16 @@ def test_unreachable_tier_is_reported_not_fatal(filled: Path) -> None:
     assert redis_tier["name"] == "redis" and not redis_tier["reachable"] and "refused" in redis_tier["error"]
 
 
+def test_passwords_in_urls_are_never_shown(filled: Path) -> None:
+    """A password in a query parameter (accepted by libpq and redis-py) was printed as given."""
+    env = {"ESPER_REDIS_URL": "redis://127.0.0.1:1/0?password=rdSECRET",
+           "ESPER_DATABASE_URL": "postgresql://esper:pgSECRET@127.0.0.1:1/none?sslpassword=sslSECRET"}
+    for args in (("--json",), ()):
+        result = run("--workspace", filled, *args, env=env)
+        assert "SECRET" not in result.output, result.output
+        assert "password=***" in result.output and "esper:***@" in result.output
+
+
 def test_verify_finds_corruption_and_exits_4(filled: Path, storage_kernels: list[Kernel]) -> None:
     assert run("--workspace", filled, "--verify").exit_code == 0
     address = storage_kernels[1].address

@@ -15,6 +15,7 @@ from typing import Any
 
 from esper_core.compiler.kernels import KernelSpec
 from esper_core.compiler.store import default_store_root
+from esper_core.redact import redacted_url
 from esper_core.errors import EsperError, Problem
 from esper_core.storage.cache import build_tiers
 from esper_core.storage.guard import TierUnavailable
@@ -234,17 +235,9 @@ def _prune(tiers: list[Tier], records: dict[str, KernelRecord], older_than_days:
 
 def _where(settings: StorageSettings, tier: str) -> str:
     if tier == "redis":
-        return _redacted(settings.redis_url or "")
+        return redacted_url(settings.redis_url or "")
     if tier == "sql":
-        return _redacted(settings.database_url)
+        return redacted_url(settings.database_url)
     return str(default_store_root(settings.workspace))
 
 
-def _redacted(url: str) -> str:
-    """A URL without its password (for display)."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url

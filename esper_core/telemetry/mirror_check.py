@@ -19,6 +19,7 @@ from typing import Any
 
 from esper_core.errors import EsperError, Problem
 from esper_core.recipe.schema import StorageConfig
+from esper_core.redact import redacted_url
 from esper_core.recipe.yaml_source import parse_yaml
 from esper_core.safe_read import read_regular
 from esper_core.telemetry.events import StoredEvent
@@ -38,7 +39,7 @@ def repository_problems(run_dir: Path, stored: list[StoredEvent], records: list[
     url, why_not = _repository_url(run_dir, workspace if isinstance(workspace, str) else None)
     if url is None:
         return [], [f"asset repository not checked: {why_not}"]
-    shown = normalise_url(url).render_as_string(hide_password=True)
+    shown = redacted_url(normalise_url(url).render_as_string(hide_password=False))
     repository = AssetRepository(url, TIMEOUT_S, migrate=False)
     try:
         return _compare(repository, stored, records, log_name, shown)
