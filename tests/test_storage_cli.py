@@ -115,3 +115,15 @@ def test_bad_database_url_is_a_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.stderr.strip() == ("error: ESPER_DATABASE_URL: unsupported database 'oracle' "
                                      "(use sqlite or postgresql)")
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis://:pw@127.0.0.1:notaport/0", "redis://:***@127.0.0.1:notaport/0: the port must be a number from 0 to 65535"),
+    ("redis://127.0.0.1:6379/abc", "redis://127.0.0.1:6379/abc: the database ('abc') must be a number"),
+])
+def test_a_malformed_redis_url_is_a_clear_error(url: str, message: str, tmp_path: Path) -> None:
+    """A port that is not a number was a ValueError traceback; a database that is not a number was read
+    as database 0 (another tenant's, perhaps)."""
+    result = run("--workspace", tmp_path, env={"ESPER_REDIS_URL": url})
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: ESPER_REDIS_URL: {message}" \
+        + ("" if "port" in message else ", as in redis://HOST:PORT/0"), result.output

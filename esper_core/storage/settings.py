@@ -61,6 +61,7 @@ class StorageSettings:
                                        "not a Redis URL (expected redis://HOST:PORT[/DB], rediss:// or unix://)"))
         if redis_url is not None:
             _require(redis_from, "storage.redis_url", "redis", f"{redis_url.split('://')[0]}:// URLs")
+            _check_redis(redis_url, redis_from)
         if cfg.artifacts_url:  # checked before the run starts, not at its first checkpoint
             _require("storage.artifacts_url", "storage.artifacts_url", "s3", "s3:// URLs")
         return cls(workspace=workspace, database_url=database or sqlite_url(workspace), redis_url=redis_url,
@@ -99,6 +100,28 @@ def _check_database(url: str, source: str) -> None:
         raise ConfigError(_problem(source, "storage.database_url", str(exc))) from None
     if parsed.drivername == "postgresql+psycopg":  # the driver plain postgresql:// URLs get
         _require(source, "storage.database_url", "postgres", "postgresql:// URLs")
+
+
+def _check_redis(url: str, source: str) -> None:
+    """A port and database number redis-py can use: it raised a bare ValueError for a port that is
+    not a number at the first connection, and read a database that is not one as database 0 (another
+    tenant's, perhaps)."""
+    from urllib.parse import urlsplit
+
+    from esper_core.redact import redacted_url
+
+    if not url.startswith(("redis://", "rediss://")):
+        return  # unix:// names a socket path
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError when it is not a number in 0..65535)
+    except ValueError:
+        raise ConfigError(_problem(source, "storage.redis_url", f"{redacted_url(url)}: the port must be a number "
+                                   "from 0 to 65535")) from None
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        raise ConfigError(_problem(source, "storage.redis_url", f"{redacted_url(url)}: the database "
+                                   f"({database!r}) must be a number, as in redis://HOST:PORT/0"))
 
 
 def _require(source: str, field: str, extra: str, feature: str) -> None:
