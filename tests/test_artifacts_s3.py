@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import free_port
+from esper_core.checkpoints import store
 from esper_core import load_run
 from esper_core.export.load import open_run
 from esper_core.export.run import held_out_inputs
@@ -145,6 +146,18 @@ def test_export_from_s3_gives_the_original_models_keys(server: Server, uploaded:
     x = held_out_inputs(open_run(uploaded.run_dir), 64)
     with torch.no_grad():
         assert (original.eval()(x) - uploaded.model.eval()(x)).abs().max() <= result["tolerance"]
+
+
+def test_export_of_an_s3_checkpoint_with_an_endpoint_url(server: Server, uploaded: Trainer, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--checkpoint was appended after the URL's ?endpoint_url=..., inside the endpoint: NoSuchBucket."""
+    monkeypatch.chdir(tmp_path)
+    name = store.checkpoint_name(50)
+    url = server.url("esper-runs", f"runs/{uploaded.run_dir.name}")
+    done = esper("export", url, "--format", "pt2", "--checkpoint", name, "--out", tmp_path / "out", "--json")
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert result["step"] == 50 and result["within_tolerance"]
 
 
 def test_resume_from_s3_continues_bit_exactly(server: Server, uploaded: Trainer, tmp_path: Path,

@@ -71,11 +71,13 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
     if str(target).startswith("s3://"):
         from esper_core.artifacts.fetch import fetch_run
 
-        remote = str(target).rstrip("/")
+        remote, query = (str(target).split("?", 1) + [""])[:2]  # ?endpoint_url=... stays at the end
+        remote, query = remote.rstrip("/"), f"?{query}" if query else ""
         if checkpoint is not None:
-            target = fetch_run(f"{remote}/checkpoints/{Path(str(checkpoint)).name}", "checkpoint").parent.parent
+            url = f"{remote}/checkpoints/{Path(str(checkpoint)).name}{query}"
+            target = fetch_run(url, "checkpoint").parent.parent
         else:
-            target = fetch_run(remote, "final")
+            target = fetch_run(remote + query, "final")
     run_dir = Path(target)
     if not (run_dir / "recipe.yaml").is_file():
         raise CheckpointError(Problem(str(run_dir), "not a run directory (no recipe.yaml)"))
