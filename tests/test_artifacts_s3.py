@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import free_port
-from esper_core.checkpoints import store
 from esper_core import load_run
+from esper_core.checkpoints import store
 from esper_core.export.load import open_run
 from esper_core.export.run import held_out_inputs
 from esper_core.training.models import build_model
