@@ -291,3 +291,13 @@ def test_out_never_deletes_what_an_export_did_not_write(runs: dict[str, Trainer]
         done = esper("export", run_dir, "--format", "pt2", "--out", fresh)
         assert done.exit_code == 0, done.output
     assert sorted(p.name for p in fresh.iterdir()) == ["export.json", "model.pt2"]
+
+
+def test_one_held_out_sample_is_enough_to_export_and_check(runs: dict[str, Trainer], tmp_path: Path) -> None:
+    """A batch of one was traced as the constant 1 and the dynamic batch dimension failed to export
+    (a traceback, exit 1): with --samples 1, or a validation split of one sample."""
+    done = esper("export", runs["mlp"].run_dir, "--format", "pt2", "--samples", "1", "--out", tmp_path / "one",
+                 "--json")
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert result["samples"] == 1 and result["within_tolerance"]

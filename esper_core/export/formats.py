@@ -39,7 +39,7 @@ def _args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 def export_program(plain: nn.Module, inputs: Any) -> torch.export.ExportedProgram:
     """``torch.export`` of ``plain`` (eval mode) with the batch dimension of every input dynamic."""
-    args, kwargs = _args(inputs)
+    args, kwargs = _args(_two_or_more(inputs))
     batch = torch.export.Dim("batch", min=1)
 
     def dynamic(value: Any) -> Any:
@@ -51,6 +51,22 @@ def export_program(plain: nn.Module, inputs: Any) -> torch.export.ExportedProgra
         # passed within one forward pass, not state, so it is deliberately not a buffer.
         warnings.filterwarnings("ignore", message=r"The tensor attribute .*\.kept was assigned during export")
         return torch.export.export(plain.eval(), args, kwargs or None, dynamic_shapes=shapes)
+
+
+def _two_or_more(inputs: Any) -> Any:
+    """``inputs`` with a batch of at least two (a batch of one is traced as the constant 1, and the
+    dynamic batch dimension then fails to export): a single sample is repeated."""
+    def twice(value: Any) -> Any:
+        return torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+    if isinstance(inputs, torch.Tensor):
+        return twice(inputs) if inputs.dim() > 0 and inputs.shape[0] < 2 else inputs
+    if isinstance(inputs, dict):
+        small = any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] < 2 for v in inputs.values())
+        return {k: twice(v) for k, v in inputs.items()} if small else inputs
+    if isinstance(inputs, (tuple, list)):
+        small = any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] < 2 for v in inputs)
+        return type(inputs)(twice(v) for v in inputs) if small else inputs
+    return inputs
 
 
 def write_pt2(program: torch.export.ExportedProgram, out: Path) -> list[Path]:
