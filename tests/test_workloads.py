@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from esper_core.training.trainer import Trainer
-from run_helpers import copy_at
+from run_helpers import copy_at, esper
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -84,6 +84,13 @@ trainer: {{max_steps: 120, lr: 0.003}}
     assert summary["metric"] == ("accuracy" if kind == "classification" else "perplexity")
     if kind == "language_model":  # counting sequences are easy: far below the 32-token vocabulary
         assert summary["test_perplexity"] < 16
+        # GPT-2 ties lm_head to wte (shared memory, which safetensors refuses), and returns its cache
+        # unless built with use_cache=False: the first exports, the second is one line (both were tracebacks)
+        weights = esper("export", summary["run_dir"], "--format", "safetensors", "--json")
+        assert weights.exit_code == 0 and json.loads(weights.stdout)["within_tolerance"], weights.output
+        program = esper("export", summary["run_dir"], "--format", "pt2")
+        assert program.exit_code == 1 and "Traceback" not in program.output
+        assert program.stderr.strip().splitlines()[-1].endswith("build it with config.use_cache = False to export it)")
 
 
 @pytest.mark.usefixtures("factories_on_path")

@@ -77,7 +77,13 @@ def write_pt2(program: torch.export.ExportedProgram, out: Path) -> list[Path]:
 
 def write_safetensors(plain: nn.Module, description: dict[str, Any], out: Path) -> list[Path]:
     weights, arch = out / "model.safetensors", out / ARCHITECTURE
-    save_file({k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}, str(weights))
+    tensors, seen = {}, set()
+    for key, value in plain.state_dict().items():  # tied weights (a GPT-2's lm_head and wte) share memory,
+        value = value.detach().cpu().contiguous()   # which safetensors refuses: later copies are stored apart
+        pointer = (value.untyped_storage().data_ptr(), value.storage_offset())
+        tensors[key] = value.clone() if pointer in seen else value
+        seen.add(pointer)
+    save_file(tensors, str(weights))
     arch.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return [weights, arch]
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper_core.errors import ConfigError, Problem
+from esper_core.errors import ConfigError, EsperError, Problem
 from esper_core.export import formats
 from esper_core.export.load import LoadedRun, open_run
 from esper_core.export.plain import TOLERANCE, unwrap
@@ -64,7 +64,7 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
         with torch.no_grad():
             exported = _prediction(call_model(formats.load_safetensors_into(fresh, files[0]), inputs))
     else:
-        program = formats.export_program(plain, inputs)
+        program = _traced(plain, inputs)
         if fmt == "pt2":
             files = formats.write_pt2(program, directory)
             exported = _prediction(formats.run_program(program, inputs))
@@ -114,6 +114,18 @@ def prepare_out(directory: Path) -> Path:
     except OSError as error:
         raise ConfigError(Problem("--out", f"cannot create {directory}: {error.strerror or error}")) from None
     return directory
+
+
+def _traced(plain: nn.Module, inputs: Any) -> torch.export.ExportedProgram:
+    """``torch.export`` of the plain model, or one error saying why it cannot be traced (exit 1)."""
+    try:
+        return formats.export_program(plain, inputs)
+    except Exception as error:  # torch.export's many failure types: one line, never a traceback
+        text = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {text[0].split('. ')[0] if text else 'no message'}"  # its first sentence
+        hint = " (a transformers model returns its cache: build it with config.use_cache = False to export it)" \
+            if "Cache" in reason else ""
+        raise EsperError(Problem("--format", f"torch.export cannot trace the trained model: {reason}{hint}")) from None
 
 
 def held_out_inputs(run: LoadedRun, samples: int) -> Any:
