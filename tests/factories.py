@@ -146,3 +146,18 @@ class TwoLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+def smooth_l1_logits_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A custom loss (``task.kind: custom``): cross-entropy plus a small penalty on the logits' size."""
+    return torch.nn.functional.cross_entropy(output, targets) + 1e-3 * output.pow(2).mean()
+
+
+def per_sample_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A user's mistake: one loss per sample instead of the mean."""
+    return torch.nn.functional.cross_entropy(output, targets, reduction="none")
+
+
+def one_argument_loss(output: torch.Tensor) -> torch.Tensor:
+    """A user's mistake: the targets are not taken."""
+    return output.mean()

@@ -110,3 +110,35 @@ def test_esper_train_refuses_a_factory_recipe_before_running_it(tmp_path: Path) 
     assert result.returncode == 2, result.stderr
     assert "data.factory: names user code" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "PWNED").exists()
+
+
+LM_RECIPE = """\
+run: {name: lm, seed: 0, device: cpu}
+task: {kind: language_model}
+data: {source: text, path: DATA, text: {seq_len: 32}, batch_size: 16}
+model: {arch: transformer, d_model: 32, n_layers: 1, n_heads: 2}
+seeds: {targets: ["blocks.*.mlp.*"], blueprints: [wide_mlp]}
+trainer: {max_steps: 5}
+telemetry: {progress: none}
+"""
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["task.kind=classification"], "RuntimeError: Expected target size"),
+    (["task.kind=regression"], "is invalid for input of size"),
+    (["model={arch: mlp, widths: [16]}", "seeds.targets=[layers.0]"], "must have the same dtype"),
+], ids=["classification-on-tokens", "regression-on-tokens", "mlp-on-token-ids"])
+def test_a_model_task_and_data_that_do_not_fit_are_a_recipe_error(tmp_path: Path, overrides: list[str],
+                                                                  says: str) -> None:
+    """They were tracebacks at the first step (exit 1, a half-made run directory left behind), and
+    --dry-run passed them with exit 0."""
+    path = tmp_path / "lm.yaml"
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "design-notes.txt"
+    path.write_text(LM_RECIPE.replace("DATA", str(data)), encoding="utf-8")
+    for mode in (["--dry-run"], [f"run.output_dir={tmp_path / 'runs'}"]):
+        done = subprocess.run([sys.executable, "-m", "esper_cli", "train", str(path), *mode, *overrides],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "task.kind: " in lines[0] and "do not fit together" in lines[0] and says in lines[0]
+    assert not (tmp_path / "runs").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from esper_core.errors import ConfigError
 from esper_core.training.trainer import Trainer
 from run_helpers import copy_at, esper
 
@@ -112,3 +113,22 @@ checkpoint: {every_steps: 50, keep: 5}
     b = load_file(str(copy / "final" / "model.safetensors"))
     assert any(".seeds." in k for k in a) and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.usefixtures("factories_on_path")
+def test_a_custom_loss_trains_and_a_bad_one_is_a_recipe_error(tmp_path: Path) -> None:
+    """`task.kind: custom`: the function's loss is what trains and what the metric reports; one that
+    returns a loss per sample or takes one argument was a traceback at the first step."""
+    recipe = tmp_path / "custom.yaml"
+    recipe.write_text("run: {name: custom, seed: 0, device: cpu}\n"
+                      "task: {kind: custom, function: 'factories:smooth_l1_logits_loss'}\n"
+                      "data: {source: digits, layout: flat, batch_size: 32}\nmodel: {arch: mlp, widths: [16]}\n"
+                      "trainer: {max_steps: 60, eval_every: 20}\npolicy: {max_seeds: 0}\n")
+    _, summary = _fit(recipe, tmp_path)
+    assert summary["task"] == "custom" and summary["metric"] == "loss" and summary["test_loss"] < 2.3
+    for function, says in (("per_sample_loss", "the loss must be one scalar tensor (got (2,))"),
+                           ("one_argument_loss", "TypeError: one_argument_loss() takes 1 positional argument")):
+        with pytest.raises(ConfigError) as refused:
+            _fit(recipe, tmp_path, f"task.function=factories:{function}")
+        (problem,) = refused.value.problems
+        assert problem.field == "task.function" and says in problem.message, problem

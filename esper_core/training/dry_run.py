@@ -23,6 +23,7 @@ from esper_core.recipe.load import load_recipe
 from esper_core.telemetry.trackers import check_trackers
 from esper_core.training.data import build_data, import_factory
 from esper_core.training.early_stop import EarlyStopping
+from esper_core.training.loaders import first_batch
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.precision import kernel_dtype
 from esper_core.training.setup import seed_everything, select_device
@@ -47,6 +48,7 @@ def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bo
         EarlyStopping(recipe.trainer.early_stopping, task.kind, task.metric)  # its metric must fit the task
         data = build_data(recipe.data, recipe.run.seed, base_dir, recipe.task.kind, recipe.task.target_key)
         model = build_model(recipe.model, data.input_shape, data.num_classes)
+        task.check_fit(model, first_batch(data.train, 2))
         params = count_parameters(model)
         manager, catalog = SeedCatalog.of_model(model, recipe.seeds, data.example(2),
                                                 [base_dir / d for d in recipe.seeds.blueprint_dirs], device.type,

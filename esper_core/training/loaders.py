@@ -56,11 +56,18 @@ def resident(dataset: Dataset, device: torch.device) -> Dataset:
     return TensorDataset(*(t.to(device) for t in dataset.tensors))
 
 
+def first_batch(dataset: Dataset, n: int) -> Any:
+    """The first ``n`` samples collated like a training batch, targets included."""
+    if isinstance(dataset, TensorDataset):
+        return _take(dataset, torch.arange(min(n, len(dataset))))
+    return next(iter(DataLoader(dataset, batch_size=n, generator=torch.Generator().manual_seed(0))))
+
+
 def first_inputs(dataset: Dataset, n: int, target_key: str) -> Any:
     """The model inputs of the first ``n`` samples (collated like a batch; a dict batch without its target)."""
+    batch = first_batch(dataset, n)
     if isinstance(dataset, TensorDataset):
-        return _take(dataset, torch.arange(min(n, len(dataset))))[0]
-    batch = next(iter(DataLoader(dataset, batch_size=n, generator=torch.Generator().manual_seed(0))))
+        return batch[0]
     if isinstance(batch, dict):
         return {k: v for k, v in batch.items() if k != target_key}
     return batch[0]

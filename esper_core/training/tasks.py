@@ -24,7 +24,7 @@ from torch import nn
 
 from esper_core.distributed.world import World
 from esper_core.growth.evaluation import Evaluation
-from esper_core.errors import ConfigError
+from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.diagnostics import Locator, validation_problems
 from esper_core.recipe.schema import TaskConfig
 from esper_core.seeds.probe import call_model, to_device
@@ -119,6 +119,30 @@ class Task:
             return self._regression_loss(pred, y).mean()
         return F.cross_entropy(pred, y, ignore_index=self.config.ignore_index,
                                label_smoothing=self.config.label_smoothing)
+
+    def check_fit(self, model: nn.Module, batch: Any) -> None:
+        """One forward pass and loss on ``batch`` (a few training samples), in eval mode without
+        gradients, before anything is wrapped or written: a model, task and data that do not fit
+        together (token ids into an MLP, sequences for a classification loss, a custom loss that is
+        not a scalar) are one located recipe error (exit 2), from ``esper train`` and ``--dry-run``
+        alike, instead of a traceback at the first step."""
+        field = "task.function" if self.kind == "custom" else "task.kind"
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                output, targets = self.forward(model, batch, next(model.parameters()).device)
+                loss = self.loss(output, targets)
+        except Exception as error:  # whatever the model's or the loss's own code raises
+            text = str(error).strip().splitlines()
+            raise ConfigError(Problem(RECIPE_FIELD, f"the model, task '{self.kind}' and data do not fit together: "
+                                      f"{type(error).__name__}: {text[0] if text else 'no message'}",
+                                      field=field)) from None
+        finally:
+            model.train(was_training)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(Problem(RECIPE_FIELD, f"the loss must be one scalar tensor (got {shape})", field=field))
 
     def _aligned(self, pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions and targets as the loss wants them: (N, C) logits and (N,) classes, or (N, D) values."""

@@ -43,7 +43,7 @@ from esper_core.training.data import build_data, import_factory
 from esper_core.training.early_stop import EarlyStopping, growth_ends
 from esper_core.training.finish import finish_run
 from esper_core.training.interrupts import StopSignals, stop
-from esper_core.training.loaders import EvalBatches, TrainBatches, resident
+from esper_core.training.loaders import EvalBatches, TrainBatches, first_batch, resident
 from esper_core.training.precision import Precision, kernel_dtype
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.recording import RunRecorder, progress_event
@@ -145,6 +145,7 @@ class Trainer:
             self.data = build_data(recipe.data, recipe.run.seed, self.base_dir, recipe.task.kind,
                                    recipe.task.target_key)
             self.model = build_model(recipe.model, self.data.input_shape, self.data.num_classes)
+            self.task.check_fit(self.model, first_batch(self.data.train, 2))
             self.params_initial = count_parameters(self.model)
             self.model.to(self.device)
             self.kernel_store = open_kernel_store(recipe.storage)
