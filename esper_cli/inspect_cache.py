@@ -76,7 +76,11 @@ def _show(report: CacheReport, as_json: bool) -> None:
         freed = sum(size for _, _, size in report.pruned)
         console.print(f"pruned {len(report.pruned)} entries ({_size(freed)})")
     if report.corrupt is not None:
-        console.print(f"verified: {len(report.corrupt)} corrupt" if report.corrupt else "verified: all entries intact")
+        checked = ", ".join(t.name for t in report.tiers if t.reachable)
+        skipped = ", ".join(f"{t.name} ({t.error or 'unreachable'})" for t in report.tiers if not t.reachable)
+        found = f"{len(report.corrupt)} corrupt" if report.corrupt else "all entries intact"
+        console.print(f"verified: {found} in {checked or 'no tier'}" + (f"; not verified: {skipped}" if skipped else ""),
+                      soft_wrap=True)
 
 
 WHERE = 7

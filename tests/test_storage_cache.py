@@ -309,3 +309,22 @@ def test_a_lease_whose_holder_died_expires(tmp_path: Path, storage_kernels: list
         lease = other.lease(kernel.address, wait_s=10, ttl_s=5)
         assert lease.locked and lease.kernel is None and 0.4 < time.monotonic() - started < 5
         lease.release()
+
+
+def test_a_key_of_another_type_in_redis_is_a_bad_entry_not_an_outage(tmp_path: Path, redis_url: str,
+                                                                      redis_namespace: str,
+                                                                      storage_kernels: list[Kernel]) -> None:
+    """A hash where a kernel's string belongs made the whole Redis tier 'unreachable' (WRONGTYPE), so
+    its entries went unchecked and `inspect-cache --verify` said 'all entries intact', exit 0."""
+    from esper_core.storage.inspection import CorruptEntries, inspect_cache
+
+    config = settings(tmp_path, redis_url=redis_url, namespace=redis_namespace)
+    with PersistentKernelCache.open(config) as cache:
+        cache.put(storage_kernels[0])
+    stray = "b" * 64
+    redis.Redis.from_url(redis_url).hset(f"{redis_namespace}:kernel:{stray}", "f", "v")
+    with pytest.raises(CorruptEntries) as found:
+        inspect_cache(config, verify=True)
+    report = found.value.report  # type: ignore[attr-defined]
+    assert [(t.name, t.reachable, t.entries) for t in report.tiers if t.name == "redis"] == [("redis", True, 1)]
+    assert [(tier, address) for tier, address, _ in report.corrupt] == [("redis", stray)]

@@ -78,15 +78,23 @@ class RedisTier(EnvelopeTier):
         for address in addresses:
             pipe.strlen(self._key_of("kernel", address))
             pipe.object("idletime", self._key_of("kernel", address))
-        replies = pipe.execute()
+        replies = pipe.execute(raise_on_error=False)  # a key of another type is not an entry, not an outage
         now = time.time()
         for address, size, idle in zip(addresses, replies[::2], replies[1::2], strict=True):
-            if size:
+            if isinstance(size, int) and size and not isinstance(idle, Exception):
                 yield Entry(address, int(size), None, None if idle is None else now - int(idle))
 
-    def blobs(self) -> Iterator[tuple[str, bytes]]:
+    def blobs(self) -> Iterator[tuple[str, bytes | None]]:
+        """Each stored envelope; ``None`` for a key of another type at a kernel's address (which
+        ``verify`` reports as a bad entry, where reading it failed the whole tier)."""
+        from redis.exceptions import ResponseError
+
         for address in self.addresses():
-            blob = self.fetch(address)
+            try:
+                blob = self.fetch(address)
+            except ResponseError:  # WRONGTYPE
+                yield address, None
+                continue
             if blob is not None:
                 yield address, blob
 

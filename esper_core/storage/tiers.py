@@ -92,7 +92,7 @@ class EnvelopeTier:
     def quarantine(self, address: str, blob: bytes, reason: str) -> None:
         raise NotImplementedError
 
-    def blobs(self) -> Iterator[tuple[str, bytes]]:
+    def blobs(self) -> Iterator[tuple[str, bytes | None]]:
         raise NotImplementedError
 
     def load(self, address: str) -> Kernel | None:
@@ -109,6 +109,9 @@ class EnvelopeTier:
     def verify(self) -> Iterator[tuple[str, str]]:
         """(address, reason) of every stored entry that fails verification (nothing is moved)."""
         for address, blob in self.blobs():
+            if blob is None:
+                yield address, "not a kernel entry: the key at its address holds another type of value"
+                continue
             try:
                 open_envelope(blob, address, self.key)
             except CorruptKernel as exc:
