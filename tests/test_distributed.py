@@ -200,3 +200,26 @@ def test_ranks_stay_identical_with_bf16_autocast_and_torch_compile(tmp_path: Pat
     assert a.keys() == b.keys() and any(".seeds." in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "rank0.json").read_text()) == json.loads((tmp_path / "rank1.json").read_text())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopping_the_launcher_stops_every_rank_with_a_checkpoint_and_exit_128_plus_n(tmp_path: Path,
+                                                                                      signum: int) -> None:
+    """Ctrl-C or SIGTERM to `esper train --nproc-per-node 2` was torch-elastic's SignalException
+    traceback and exit 1, although the ranks had written their checkpoint."""
+    (tmp_path / "recipe.yaml").write_text(RECIPE.replace("max_steps: 60", "max_steps: 100000"))
+    out = tmp_path / "runs"
+    launcher = subprocess.Popen(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                       f"run.output_dir={out}"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    marker = out / "dd" / "checkpoints" / store.checkpoint_name(20)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    launcher.send_signal(signum)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err and f"{signal.Signals(signum).name} received" in err
+    events = [json.loads(line) for line in (out / "dd" / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "interrupted" and events[-1]["signal"] == signal.Signals(signum).name

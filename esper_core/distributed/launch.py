@@ -50,6 +50,7 @@ class Launch:
 def launch(spec: Launch, command: list[str]) -> int:
     """Run ``python -m esper_cli COMMAND`` on ``spec.nproc_per_node`` ranks of this node and wait;
     returns the exit code (see the module docstring)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -61,4 +62,6 @@ def launch(spec: Launch, command: list[str]) -> int:
         _, failure = failed.get_first_failure()
         code = failure.exitcode
         return code if code > 0 else 128 + (-code or signal.SIGTERM)
+    except SignalException as stopped:  # Ctrl-C or SIGTERM to this launcher: the ranks got it passed on,
+        return 128 + int(stopped.sigval)  # wrote their checkpoint and said so; no launcher traceback
     return 0

@@ -75,9 +75,13 @@ class World:
 
     def any(self, flag: bool | torch.Tensor) -> bool:
         """Whether ``flag`` is true on any rank."""
-        value = torch.as_tensor(flag).detach().to(self._comm, dtype=torch.int32).reshape(())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value)
+        return bool(self.largest(int(torch.as_tensor(flag))))
+
+    def largest(self, value: int) -> int:
+        """The largest of each rank's ``value`` (a small integer)."""
+        work = torch.tensor(value, dtype=torch.int32, device=self._comm)
+        dist.all_reduce(work, op=dist.ReduceOp.MAX)
+        return int(work)
 
     def any_tensor(self, flag: torch.Tensor) -> torch.Tensor:
         """``flag`` (a boolean tensor) OR-ed over the ranks, on its own device, without a host read."""

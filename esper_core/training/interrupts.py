@@ -54,14 +54,17 @@ class StopSignals:
             return self.received is not None
         if step % log_every:
             return False
-        return world.any(self.received is not None)
+        signum = world.largest(int(self.received or 0))
+        if signum and self.received is None:
+            self.received = signum  # another rank's: say (and exit with) the signal that was sent
+        return bool(signum)
 
 
 def stop(trainer: Trainer) -> NoReturn:
     """Write the checkpoint (rank 0), record the ``interrupted`` event and raise :class:`Interrupted`,
     whose message tells the user how to continue."""
     signals = trainer.signals
-    signals.received = signals.received or signal.SIGTERM  # another rank's signal
+    signals.received = signals.received or signal.SIGTERM  # another rank's, when it was not passed on
     if not trainer.leader:
         interrupted = Interrupted(f"stopped at step {trainer.step} with rank 0, which wrote the checkpoint")
         interrupted.exit_code = 128 + int(signals.received)
