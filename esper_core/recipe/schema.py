@@ -243,10 +243,12 @@ class SeedsConfig(Section):
     eta: float = Field(1.0, gt=0.0, le=1e6, description="Incubation step size in per-sample units: the seed "
                        "regresses onto `-eta * dL/dy` (proximal term `||g||^2 / (2 eta)`).")
     fossilize_margin: float = Field(0.0, ge=-1e6, le=1e6,
-                                    description="Counterfactual verdict, in the task's metric (oriented so that "
-                                    "positive helps): a seed is culled when the upper confidence bound of its "
-                                    "metric gain (seed on vs. muted, on the same held-out samples) is below this. "
-                                    "0 culls only seeds that clearly hurt.")
+                                    description="Counterfactual verdict, in the per-sample scores of the task's "
+                                    "metric (oriented so that positive helps: correct or not for accuracy, minus the "
+                                    "squared error for RMSE, the log-likelihood per token for perplexity): a seed is "
+                                    "culled when the upper confidence bound of its mean score gain (seed on vs. "
+                                    "muted, on the same held-out samples) is below this. 0 culls only seeds that "
+                                    "clearly hurt.")
     verdict_confidence: float = Field(0.95, ge=0.5, le=0.9999, description="One-sided confidence of the verdict's "
                                       "bound: the gain's paired standard error is widened by the normal quantile "
                                       "of this.")
