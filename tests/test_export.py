@@ -301,3 +301,19 @@ def test_one_held_out_sample_is_enough_to_export_and_check(runs: dict[str, Train
     assert done.exit_code == 0, done.output
     result = json.loads(done.stdout)
     assert result["samples"] == 1 and result["within_tolerance"]
+
+
+def test_the_export_says_how_inputs_were_standardised(runs: dict[str, Trainer], tmp_path: Path) -> None:
+    """Inputs are standardised with the training split's statistics (data.standardize, the default),
+    which nothing exported recorded: a user feeding raw features got wrong answers without a word."""
+    from esper_core.training.data import build_data
+
+    done = esper("export", runs["mlp"].run_dir, "--format", "pt2", "--out", tmp_path / "out", "--json")
+    stats = json.loads(done.stdout)["input_standardization"]
+    assert stats["formula"] == "(x - mean) / std" and stats["shape"] == [64] and len(stats["std"]) == 64
+    recipe = runs["mlp"].loaded.recipe
+    raw = build_data(recipe.data.model_copy(update={"standardize": False}), recipe.run.seed, Path("."))
+    x = raw.val.tensors[0][:8]
+    expected = runs["mlp"].data.val.tensors[0][:8]
+    mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
+    assert torch.allclose((x - mean) / std, expected, atol=1e-5)

@@ -44,7 +44,7 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
             warn(message)
 
     run = open_run(target, checkpoint, warn=note)
-    inputs = held_out_inputs(run, samples)
+    inputs, stats = _held_out(run, samples)
     plain, outcomes = unwrap(run.model, merge, example=inputs)
     for outcome in outcomes:
         if outcome.action == "branch" and outcome.state != "FOSSILIZED":
@@ -82,6 +82,10 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
         "original_keys": original_keys, "samples": int(reference.shape[0]) if reference.dim() else 1,
         "dtype": str(dtype).removeprefix("torch."), "max_abs_diff": diff, "tolerance": allowed,
         "within_tolerance": diff <= allowed, "warnings": warnings,
+        # the model was trained on (x - mean) / std (data.standardize): a user feeding raw features needs these
+        "input_standardization": None if stats is None else {
+            "mean": stats[0].reshape(-1).tolist(), "std": stats[1].reshape(-1).tolist(),
+            "shape": list(stats[0].shape), "formula": "(x - mean) / std"},
     }
     (directory / "export.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     from esper_core.artifacts.publish import publish_files
@@ -130,6 +134,11 @@ def _traced(plain: nn.Module, inputs: Any) -> torch.export.ExportedProgram:
 
 def held_out_inputs(run: LoadedRun, samples: int) -> Any:
     """Model inputs of the first ``samples`` validation samples, rebuilt from the run's recipe."""
+    return _held_out(run, samples)[0]
+
+
+def _held_out(run: LoadedRun, samples: int) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`held_out_inputs`, and the (mean, std) the run's inputs were standardised with, if any."""
     from esper_core.training.data import build_data
     from esper_core.training.loaders import first_inputs
 
@@ -138,7 +147,7 @@ def held_out_inputs(run: LoadedRun, samples: int) -> Any:
     inputs = first_inputs(data.val, samples, recipe.task.target_key)
     if isinstance(inputs, dict):
         inputs = {k: v for k, v in inputs.items() if k != recipe.task.target_key}
-    return inputs
+    return inputs, data.input_stats
 
 
 def _prediction(output: Any) -> torch.Tensor:

@@ -88,13 +88,14 @@ def from_factory(cfg: DataConfig, rng: np.random.Generator, kind: str, target_ke
         target = _target(_first(splits[0], fail), target_key)
         outputs = int(np.prod(target.shape)) if isinstance(target, torch.Tensor) and target.dim() else 1
     first = _first(splits[0], fail)
+    stats = None
     if (cfg.standardize and not isinstance(splits[0], IterableDataset) and not isinstance(first, Mapping)
             and first[0].is_floating_point()):
-        mean, std = feature_stats(x for x, _ in DataLoader(splits[0], batch_size=_STATS_BATCH))
-        splits = [_standardized(ds, mean, std) for ds in splits]
+        stats = feature_stats(x for x, _ in DataLoader(splits[0], batch_size=_STATS_BATCH))
+        splits = [_standardized(ds, *stats) for ds in splits]
     train, val, test = splits
     return DataSplits(train, val, test, input_shape=shapes.pop(), num_classes=outputs, name=spec,
-                      target_key=target_key)
+                      target_key=target_key, input_stats=stats)
 
 
 def _is_dataset(obj: object) -> bool:

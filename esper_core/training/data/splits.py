@@ -33,6 +33,9 @@ class DataSplits:
     num_classes: int
     name: str
     target_key: str = "labels"  # of dict samples
+    input_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(mean, std) the inputs were standardised with (``data.standardize``: statistics of the training
+    split), ``None`` when they were not: a model trained here expects ``(x - mean) / std``."""
     fingerprint: str | None = None
     """sha256 of the user's file the splits were read from (``source: file`` or ``text``), so a resume
     can tell that the data changed under the run; ``None`` for data Esper bundles or generates."""
@@ -84,12 +87,13 @@ def _evenly_spaced(n: int, k: int) -> np.ndarray:
 def split_arrays(arrays: Arrays, cfg: DataConfig, rng: np.random.Generator) -> DataSplits:
     train_idx, val_idx, test_idx = split_indices(arrays.y, cfg.val_fraction, cfg.test_fraction, rng)
     x, y = torch.from_numpy(arrays.x), torch.from_numpy(arrays.y)
+    stats = None
     if cfg.standardize and x.is_floating_point():
-        mean, std = feature_stats([x[train_idx]])
-        x = (x - mean) / std
+        stats = feature_stats([x[train_idx]])
+        x = (x - stats[0]) / stats[1]
     return DataSplits(TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx]),
                       TensorDataset(x[test_idx], y[test_idx]), tuple(arrays.x.shape[1:]), arrays.num_classes,
-                      arrays.name)
+                      arrays.name, input_stats=stats)
 
 
 def feature_stats(batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
