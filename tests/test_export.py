@@ -317,3 +317,17 @@ def test_the_export_says_how_inputs_were_standardised(runs: dict[str, Trainer], 
     expected = runs["mlp"].data.val.tensors[0][:8]
     mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
     assert torch.allclose((x - mean) / std, expected, atol=1e-5)
+
+
+def test_a_checkpoint_s_export_never_replaces_the_final_model_s(runs: dict[str, Trainer]) -> None:
+    """Both went to RUN/exports/FORMAT, the second silently replacing the first; a negative tolerance
+    was accepted and failed every export."""
+    run_dir = runs["mlp"].run_dir
+    name = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))[0]
+    final = esper("export", run_dir, "--format", "pt2", "--json")
+    early = esper("export", run_dir, "--format", "pt2", "--checkpoint", name, "--json")
+    assert final.exit_code == early.exit_code == 0, early.output
+    assert json.loads(early.stdout)["out"] == str(run_dir / "exports" / f"pt2-{name}")
+    assert (run_dir / "exports" / "pt2" / "model.pt2").is_file() and json.loads(final.stdout)["out"] == str(
+        run_dir / "exports" / "pt2")
+    assert esper("export", run_dir, "--tolerance", "-1").exit_code == 2

@@ -2,7 +2,7 @@
 
 Steps: rebuild the trained model (:func:`~esper_core.export.load.open_run`), make it plain
 (:func:`~esper_core.export.plain.unwrap`, merging by default), write the format into ``--out``
-(default ``RUN/exports/<format>`` or ``<format>-unmerged``), then run what was written on held-out
+(default ``RUN/exports/<format>`` or ``<format>-unmerged``, a checkpoint's with ``-<its name>``), then run what was written on held-out
 data (the run's validation split, rebuilt from its recipe) and compare its outputs with the trained
 model's. The result says parameters before and after, file sizes and the largest absolute
 difference; it fails (exit 1) when that difference exceeds the tolerance for the model's dtype,
@@ -52,7 +52,8 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
                  f" exported as a branch scaled by its current alpha {outcome.alpha:g}")
     base = run.base_model()
     original_keys = _shapes(plain) == _shapes(base)
-    directory = prepare_out(out or run.run_dir / "exports" / (fmt if merge else f"{fmt}-unmerged"))
+    default = (fmt if merge else f"{fmt}-unmerged") + ("" if checkpoint is None else f"-{run.source.name}")
+    directory = prepare_out(out or run.run_dir / "exports" / default)  # a checkpoint's never replaces final/'s
     dtype = next(run.model.parameters()).dtype
     with torch.no_grad():
         reference = _prediction(call_model(run.model, inputs))

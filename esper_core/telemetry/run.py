@@ -14,6 +14,7 @@ every ``log_every`` steps): telemetry never adds a synchronisation to measure mo
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import sys
@@ -123,11 +124,13 @@ class RunTelemetry:
             port = port + self.local_rank if port else port
             try:
                 self.server = MetricsServer(self.metrics.registry, bind, port)
-            except OSError as exc:  # port taken, address not local, permission...
+            except OSError as exc:  # port taken or not allowed; an address that is not this machine's
+                at_fault = "telemetry.metrics_port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) \
+                    else "telemetry.metrics_bind"
                 raise ConfigError(Problem(RECIPE_FIELD, f"cannot serve metrics on {bind}:{port}: "
-                                          f"{exc.strerror or exc}", field="telemetry.metrics_port")) from None
+                                          f"{exc.strerror or exc}", field=at_fault)) from None
             if not is_loopback(bind):
-                log.warning("warning: the metrics endpoint %s is exposed beyond this machine (telemetry.metrics_bind="
+                log.warning("the metrics endpoint %s is exposed beyond this machine (telemetry.metrics_bind="
                             "%s): anyone who can reach it can read this run's metrics; bind 127.0.0.1 unless that is "
                             "intended", self.server.url, bind)
         if self.config.pushgateway_url is not None:
