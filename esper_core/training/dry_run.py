@@ -11,6 +11,7 @@ machine (its GPU, its disk) or its data changing.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bo
         EarlyStopping(recipe.trainer.early_stopping, task.kind, task.metric)  # its metric must fit the task
         data = build_data(recipe.data, recipe.run.seed, base_dir, recipe.task.kind, recipe.task.target_key)
         model = build_model(recipe.model, data.input_shape, data.num_classes)
-        task.check_fit(model, first_batch(data.train, 2))
+        # on the device training would use (a model may run only there), on a copy: the plan stays on the CPU
+        task.check_fit(model if device.type == "cpu" else copy.deepcopy(model).to(device), first_batch(data.train, 2))
         params = count_parameters(model)
         manager, catalog = SeedCatalog.of_model(model, recipe.seeds, data.example(2),
                                                 [base_dir / d for d in recipe.seeds.blueprint_dirs], device.type,

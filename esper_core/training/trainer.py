@@ -145,9 +145,9 @@ class Trainer:
             self.data = build_data(recipe.data, recipe.run.seed, self.base_dir, recipe.task.kind,
                                    recipe.task.target_key)
             self.model = build_model(recipe.model, self.data.input_shape, self.data.num_classes)
-            self.task.check_fit(self.model, first_batch(self.data.train, 2))
             self.params_initial = count_parameters(self.model)
             self.model.to(self.device)
+            self.task.check_fit(self.model, first_batch(self.data.train, 2))  # on the device it trains on
             self.kernel_store = open_kernel_store(recipe.storage)
             self.optimizer = optim.build_optimizer(self.model, recipe.trainer)
             world = self.world
