@@ -101,6 +101,8 @@ def summary_table(summary: dict) -> Table:
         ("device", summary["device"]),
         (f"val {metric}", f"{summary[f'val_{metric}']:.4f}"),
         (f"test {metric}", f"{summary[f'test_{metric}']:.4f}"),
+        *[(f"test {extra}", f"{summary[f'test_{extra}']:.4f}") for extra in ("r2",)  # a regression's other figure
+          if extra != metric and isinstance(summary.get(f"test_{extra}"), (int, float))],
         *_muted_rows(summary, metric),
         ("params initial", f"{summary['params_initial']:,}"),
         ("params final", f"{summary['params_final']:,}"),

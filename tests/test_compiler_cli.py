@@ -107,6 +107,9 @@ def test_check_fails_for_a_blueprint_with_no_target_of_its_kind_unless_skips_are
     result = run(BUILTIN_DIR / "se_gate.yaml", BUILTIN_DIR / "lowrank_adapter.yaml", "--linear", "8:4", "--check")
     assert result.exit_code == 2, result.output
     assert f"error: {BUILTIN_DIR / 'se_gate.yaml'}: no conv2d target: --check checked nothing" in result.stderr
+    report = json.loads(run(BUILTIN_DIR / "se_gate.yaml", BUILTIN_DIR / "lowrank_adapter.yaml", "--linear", "8:4",
+                            "--check", "--json").stdout)
+    assert [(b["name"], b["ok"]) for b in report["blueprints"]] == [("se_gate", False), ("lowrank_adapter", True)]
     allowed = run(BUILTIN_DIR / "se_gate.yaml", BUILTIN_DIR / "lowrank_adapter.yaml", "--linear", "8:4", "--check",
                   "--allow-skip")
     assert allowed.exit_code == 0, allowed.output

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
+from esper_cli.train import summary_table
 from esper_core.errors import ConfigError
 from esper_core.training.trainer import Trainer
 from run_helpers import copy_at, esper
@@ -45,6 +47,9 @@ def test_the_regression_recipe_reports_rmse_and_r2(tmp_path: Path) -> None:
     _, summary = _fit(ROOT / "recipes" / "regression.yaml", tmp_path, "trainer.max_steps=300", *FAST_SEEDS)
     assert summary["task"] == "regression" and summary["metric"] == "rmse" and not summary["higher_is_better"]
     assert 30 < summary["test_rmse"] < 100 and summary["test_r2"] > -0.5  # targets have std 77
+    console = Console(width=100, record=True)
+    console.print(summary_table(summary))  # R² beside RMSE in the summary table (it showed RMSE alone)
+    assert any("test r2" in line and f"{summary['test_r2']:.4f}" in line for line in console.export_text().splitlines())
     verdicts = [e for e in _events(Path(summary["run_dir"])) if e["event"] in ("fossilize", "cull")]
     assert verdicts and all(e["metric"] == "rmse" and e["samples"] > 0 for e in verdicts)
 

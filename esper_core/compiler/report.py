@@ -121,6 +121,7 @@ class CompileReport:
         return counts
 
     def to_json(self) -> dict[str, Any]:
+        unchecked = {id(b) for b in self.unchecked()}  # skipped under --check: what makes the exit 2, not ok
         return {
             "report_version": REPORT_VERSION,
             "ok": self.ok,
@@ -130,5 +131,5 @@ class CompileReport:
             "recipe": self.recipe,
             "torch": torch.__version__,
             "counts": self.counts(),
-            "blueprints": [b.to_json() for b in self.blueprints],
+            "blueprints": [b.to_json() | ({"ok": False} if id(b) in unchecked else {}) for b in self.blueprints],
         }
