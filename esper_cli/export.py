@@ -23,13 +23,13 @@ def export(
                             "+ architecture.json) or onnx."),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="Fold fossilized seeds that are exact linear maps "
                                "into their hosts."),
-    out: Path = typer.Option(None, "--out", help="Output directory [default: RUN/exports/FORMAT, with --checkpoint RUN/exports/FORMAT-step-N].",
-                             show_default=False),
+    out: Path = typer.Option(None, "--out", help="Output directory [default: RUN/exports/FORMAT, with --checkpoint "
+                             "RUN/exports/FORMAT-step-N].", show_default=False),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Export this checkpoint (name or directory) instead "
                                    "of final/.", show_default=False),
     samples: int = typer.Option(512, "--samples", min=1, help="Held-out samples the outputs are compared on."),
-    tolerance: float = typer.Option(None, "--tolerance", min=0.0, help="Accepted max |difference| per unit of output scale "
-                                    "[default: 1e-5 for float32, 2e-2 for bfloat16].", show_default=False),
+    tolerance: float = typer.Option(None, "--tolerance", min=0.0, help="Accepted max |difference| per unit of "
+                                    "output scale [default: 1e-5 for float32, 2e-2 for bfloat16].", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a run's trained model (merged weights, torch.export program or ONNX) and check its outputs."""

@@ -79,8 +79,8 @@ def _show(report: CacheReport, as_json: bool) -> None:
         checked = ", ".join(t.name for t in report.tiers if t.reachable)
         skipped = ", ".join(f"{t.name} ({t.error or 'unreachable'})" for t in report.tiers if not t.reachable)
         found = f"{len(report.corrupt)} corrupt" if report.corrupt else "all entries intact"
-        console.print(f"verified: {found} in {checked or 'no tier'}" + (f"; not verified: {skipped}" if skipped else ""),
-                      soft_wrap=True)
+        unverified = f"; not verified: {skipped}" if skipped else ""
+        console.print(f"verified: {found} in {checked or 'no tier'}{unverified}", soft_wrap=True)
 
 
 WHERE = 7

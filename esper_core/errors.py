@@ -16,6 +16,13 @@ RECIPE_FIELD = "<recipe>"
 trainer re-locates such problems to the field's line (see ``LoadedRecipe.locate``)."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message (library errors such as
+    torch's run to many lines; a user sees one)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 @dataclass(frozen=True)
 class Problem:
     """One mistake, located as precisely as the input allows."""

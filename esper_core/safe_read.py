@@ -51,6 +51,16 @@ def read_regular(path: Path, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def read_head(path: Path, limit: int) -> bytes:
+    """At most the first ``limit`` bytes of ``path``, a regular file (a FIFO would block a plain
+    ``open``); ``FileNotFoundError`` passes through."""
+    descriptor = _open_regular(path)
+    try:
+        return os.read(descriptor, limit)
+    finally:
+        os.close(descriptor)
+
+
 def nesting_depth(data: bytes) -> int:
     """The deepest nesting of arrays and objects in JSON text (brackets inside strings do not count)."""
     depth = deepest = 0

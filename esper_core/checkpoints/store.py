@@ -343,7 +343,8 @@ def find(target: Path, strict: bool, warn: Callable[[str], None]) -> Checkpoint:
             candidates.append(first)
     candidates.sort(key=lambda p: p.name, reverse=True)
     if not candidates:
-        raise CheckpointError(Problem(str(directory), _no_checkpoint(directory.parent) if _looks_like_run(directory.parent)
+        run = directory.parent
+        raise CheckpointError(Problem(str(directory), _no_checkpoint(run) if _looks_like_run(run)
                                       else "holds no committed checkpoint"))
     failures, skipped = [], []
     for candidate in candidates:

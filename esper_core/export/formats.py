@@ -38,8 +38,12 @@ def _args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def export_program(plain: nn.Module, inputs: Any) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``plain`` (eval mode) with the batch dimension of every input dynamic."""
-    args, kwargs = _args(_two_or_more(inputs))
+    """``torch.export`` of ``plain`` (eval mode) with the batch dimension of every input dynamic. A
+    batch of one is traced as the constant 1 and the dynamic dimension then fails to export, so a
+    single sample is traced twice over."""
+    args, kwargs = _args(inputs)
+    if any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] < 2 for v in (*args, *kwargs.values())):
+        args, kwargs = tuple(_twice(a) for a in args), {k: _twice(v) for k, v in kwargs.items()}
     batch = torch.export.Dim("batch", min=1)
 
     def dynamic(value: Any) -> Any:
@@ -53,20 +57,9 @@ def export_program(plain: nn.Module, inputs: Any) -> torch.export.ExportedProgra
         return torch.export.export(plain.eval(), args, kwargs or None, dynamic_shapes=shapes)
 
 
-def _two_or_more(inputs: Any) -> Any:
-    """``inputs`` with a batch of at least two (a batch of one is traced as the constant 1, and the
-    dynamic batch dimension then fails to export): a single sample is repeated."""
-    def twice(value: Any) -> Any:
-        return torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
-    if isinstance(inputs, torch.Tensor):
-        return twice(inputs) if inputs.dim() > 0 and inputs.shape[0] < 2 else inputs
-    if isinstance(inputs, dict):
-        small = any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] < 2 for v in inputs.values())
-        return {k: twice(v) for k, v in inputs.items()} if small else inputs
-    if isinstance(inputs, (tuple, list)):
-        small = any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] < 2 for v in inputs)
-        return type(inputs)(twice(v) for v in inputs) if small else inputs
-    return inputs
+def _twice(value: Any) -> Any:
+    """A batched input with its samples repeated (anything else as it is)."""
+    return torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
 
 
 def write_pt2(program: torch.export.ExportedProgram, out: Path) -> list[Path]:

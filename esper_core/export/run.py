@@ -2,11 +2,12 @@
 
 Steps: rebuild the trained model (:func:`~esper_core.export.load.open_run`), make it plain
 (:func:`~esper_core.export.plain.unwrap`, merging by default), write the format into ``--out``
-(default ``RUN/exports/<format>`` or ``<format>-unmerged``, a checkpoint's with ``-<its name>``), then run what was written on held-out
-data (the run's validation split, rebuilt from its recipe) and compare its outputs with the trained
-model's. The result says parameters before and after, file sizes and the largest absolute
-difference; it fails (exit 1) when that difference exceeds the tolerance for the model's dtype,
-scaled by the outputs' magnitude when it exceeds 1 (:data:`TOLERANCE`).
+(default ``RUN/exports/<format>`` or ``<format>-unmerged``, a checkpoint's with ``-<its name>``),
+then run what was written on held-out data (the run's validation split, rebuilt from its recipe)
+and compare its outputs with the trained model's. The result says parameters before and after,
+file sizes and the largest absolute difference; it fails (exit 1) when that difference exceeds
+the tolerance for the model's dtype, scaled by the outputs' magnitude when it exceeds 1
+(:data:`TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper_core.errors import ConfigError, EsperError, Problem
+from esper_core.errors import ConfigError, EsperError, Problem, one_line
 from esper_core.export import formats
 from esper_core.export.load import LoadedRun, open_run
 from esper_core.export.plain import TOLERANCE, unwrap
@@ -126,8 +127,7 @@ def _traced(plain: nn.Module, inputs: Any) -> torch.export.ExportedProgram:
     try:
         return formats.export_program(plain, inputs)
     except Exception as error:  # torch.export's many failure types: one line, never a traceback
-        text = str(error).strip().splitlines()
-        reason = f"{type(error).__name__}: {text[0].split('. ')[0] if text else 'no message'}"  # its first sentence
+        reason = one_line(error).split(". ")[0]  # its first sentence
         hint = " (a transformers model returns its cache: build it with config.use_cache = False to export it)" \
             if "Cache" in reason else ""
         raise EsperError(Problem("--format", f"torch.export cannot trace the trained model: {reason}{hint}")) from None

@@ -105,13 +105,15 @@ class StepOutcome:
 def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
     """Refuse an optimizer growth cannot work with, before anything is changed."""
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None, bound later), not {type(optimizer).__name__}")
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None, bound later), "
+                        f"not {type(optimizer).__name__}")
     ours = {id(p) for p in model.parameters()}
     strays = sum(id(p) not in ours for g in optimizer.param_groups for p in g["params"])
     if strays:
-        raise ValueError(f"the optimizer holds {strays} parameter(s) that are not the model's: growth saves and restores "
-                         "optimizer state by the model's parameter names, so every parameter it trains must be "
-                         "registered on the model (e.g. a learnable loss weight as an nn.Parameter attribute of it)")
+        raise ValueError(f"the optimizer holds {strays} parameter(s) that are not the model's: growth saves and "
+                         "restores optimizer state by the model's parameter names, so every parameter it trains "
+                         "must be registered on the model (e.g. a learnable loss weight as an nn.Parameter attribute "
+                         "of it)")
 
 
 def _config(cls: type[BaseModel], value: Any, argument: str) -> Any:
@@ -123,7 +125,8 @@ def _config(cls: type[BaseModel], value: Any, argument: str) -> Any:
         return cls.model_validate(value or {})
     except ValidationError as exc:
         problems = validation_problems(exc, Locator("GrowthController", {}, ()), cls)
-        raise ConfigError([replace(p, field=f"{argument}.{p.field}" if p.field else argument) for p in problems]) from None
+        raise ConfigError([replace(p, field=f"{argument}.{p.field}" if p.field else argument)
+                           for p in problems]) from None
 
 
 class GrowthController:
@@ -142,8 +145,8 @@ class GrowthController:
     ``scaler``: the ``torch.amp.GradScaler`` the loop scales its loss with (fp16), so an incubating
     seed's pull is scaled like the gradient it joins. ``accumulate_steps``: micro-batches per
     optimizer step when the loop divides each micro-batch's loss by their number (the pull is divided
-    the same way). ``world`` (from :func:`esper_core.distributed.join`) makes every rank's controller take the same
-    decisions at the same steps: measurements and loss reads are reduced over the ranks, kernels are
+    the same way). ``world`` (from :func:`esper_core.distributed.join`) makes every rank's controller
+    take the same decisions at the same steps: measurements and loss reads are reduced over the ranks, kernels are
     all ready before the first step, and ``evaluate`` must reduce over the ranks too (see
     :mod:`esper_core.distributed`).
     """
@@ -330,7 +333,8 @@ class GrowthController:
         value, rolled_back = None, False
         if loss is not None and not isinstance(loss, torch.Tensor):
             if isinstance(loss, bool) or not isinstance(loss, (int, float)):
-                raise TypeError(f"after_step(loss): the step's loss as a tensor (or a number), not {type(loss).__name__}")
+                raise TypeError(f"after_step(loss): the step's loss as a tensor (or a number), "
+                                f"not {type(loss).__name__}")
             loss = torch.tensor(float(loss))
         if loss is not None:
             self.governor.watch(loss)

@@ -8,8 +8,8 @@ the optimizer's number of groups never changes during training: PyTorch's learni
 keep one value per group (``LambdaLR``, ``OneCycleLR``, ``CyclicLR``, ``ReduceLROnPlateau``) and fail
 when a group appears or goes after they were built. A scheduler built before the group existed is
 extended to cover it (:func:`cover_schedulers`); whatever it computes for the seed group, the
-controller sets that group's learning rate before each step. One group rather than one per seed because a
-``foreach``/fused optimizer launches its kernels per group: on an H200 every extra group cost about
+controller sets that group's learning rate before each step. One group rather than one per seed
+because a ``foreach``/fused optimizer launches its kernels per group: on an H200 every extra group cost about
 0.4 ms a step, a fifth of a small CNN's step with eight seeds. This works on any ``torch.optim``
 optimizer the user built (their groups are left as they are). Optimizer state is exported keyed by
 parameter name, because a position recorded before a cull points at a different parameter after it.
@@ -101,7 +101,8 @@ def cover_schedulers(optimizer: torch.optim.Optimizer, schedulers: Iterable[Any]
         return
     for scheduler in schedulers:
         if getattr(scheduler, "optimizer", optimizer) is not optimizer:
-            raise ValueError(f"{type(scheduler).__name__} schedules another optimizer than the one growth adds seeds to")
+            raise ValueError(f"{type(scheduler).__name__} schedules another optimizer than the one growth adds "
+                             "seeds to")
         cover_schedulers(optimizer, getattr(scheduler, "_schedulers", ()))
         for name, value in vars(scheduler).items():
             if name not in _NOT_PER_GROUP and isinstance(value, list) and len(value) == groups - 1:

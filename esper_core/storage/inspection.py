@@ -15,8 +15,8 @@ from typing import Any
 
 from esper_core.compiler.kernels import KernelSpec
 from esper_core.compiler.store import default_store_root
-from esper_core.redact import redacted_url
 from esper_core.errors import EsperError, Problem
+from esper_core.redact import redacted_url
 from esper_core.storage.cache import build_tiers
 from esper_core.storage.guard import TierUnavailable
 from esper_core.storage.records import KernelRecord, TierCount

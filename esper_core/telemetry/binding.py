@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from esper_core.errors import ConfigError, Problem
-from esper_core.safe_read import UnsafeInput, sha256_regular
+from esper_core.safe_read import UnsafeInput, read_head, sha256_regular
 from esper_core.signing import keyed_digest, same
 from esper_core.storage.settings import SIGNING_KEY_ENV, signing_key
+from esper_core.telemetry.events import RunDirError, read_json
 
 ARTIFACTS = ("final/model.safetensors", "final/topology.json", "final/manifest.json", "metrics.jsonl", "recipe.yaml")
 """Run files that are final when ``run_end`` is recorded (``summary.json`` is bound by its figures)."""
@@ -62,28 +63,24 @@ def check_resume_key(run_dir: Path) -> None:
     tampered with. A run is signed when its ``run_start`` says so or its summary has a signature; a
     summary signed by another key than the one set is refused too (the extended run would verify
     with neither)."""
-    signed, summary_signature, head = False, None, None
     try:
-        with open(run_dir / "events.jsonl", encoding="utf-8") as events:
-            first = json.loads(events.readline(65536) or "{}")
+        first = json.loads(read_head(run_dir / "events.jsonl", 1 << 16).split(b"\n", 1)[0] or b"{}")
         signed = isinstance(first, dict) and first.get("signed") is True
-    except (OSError, ValueError):
-        pass  # a damaged log is the audit's to report; the resume's checks of the checkpoint still run
+    except (OSError, UnsafeInput, ValueError):
+        signed = False  # a damaged log is the audit's to report; the resume's checks of the checkpoint still run
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        if isinstance(summary, dict):
-            summary_signature, head = summary.get("events_head_signature"), summary.get("events_head")
-    except (OSError, ValueError):
-        pass
+        summary = read_json(run_dir / "summary.json") or {}
+    except RunDirError:
+        summary = {}
     key = signing_key()
-    if (signed or summary_signature is not None) and key is None:
+    if (signed or summary.get("events_head_signature") is not None) and key is None:
         raise ConfigError(Problem(SIGNING_KEY_ENV, f"{run_dir} is signed, but {SIGNING_KEY_ENV} is not set: set the "
                                   "key it was trained with to resume it (without it the run's audit trail would lose "
                                   "its signature)"))
-    if key is not None and isinstance(summary_signature, str) and isinstance(head, str) and head.isascii():
-        if not same(summary_signature.encode(), (sign_head(head, key) or "").encode()):
-            raise ConfigError(Problem(SIGNING_KEY_ENV, f"{run_dir} was signed with another key than "
-                                      f"{SIGNING_KEY_ENV}: resume it with the key it was trained with"))
+    if key is not None and summary.get("events_head_signature") is not None \
+            and _signature_check(run_dir / "summary.json", summary)[0] is not None:
+        raise ConfigError(Problem(SIGNING_KEY_ENV, f"{run_dir} was signed with another key than "
+                                  f"{SIGNING_KEY_ENV}: resume it with the key it was trained with"))
 
 
 def binding_problems(run_dir: Path, records: list[Located], summary: dict[str, Any] | None,

@@ -19,8 +19,8 @@ from typing import Any
 
 from esper_core.errors import EsperError, Problem
 from esper_core.recipe.schema import StorageConfig
-from esper_core.redact import redacted_url
 from esper_core.recipe.yaml_source import parse_yaml
+from esper_core.redact import redacted_url
 from esper_core.safe_read import read_regular
 from esper_core.telemetry.events import StoredEvent
 

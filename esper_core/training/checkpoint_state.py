@@ -55,7 +55,8 @@ def check_run_state(state: Any, run_dir: Path, where: str) -> None:
         raise fail("state.json: trainer.wall_time_s must be a non-negative number of seconds")
     last_val = state["trainer"].get("last_val")
     if last_val is not None and not (isinstance(last_val, dict) and all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in last_val.items())):
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in last_val.items())):
         raise fail("state.json: trainer.last_val must map metric names to numbers")
 
 
@@ -68,7 +69,8 @@ def refusing(where: str) -> Iterator[None]:
         raise
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        message = " ".join(lines)[:400] if lines else type(exc).__name__  # torch's load errors put the detail on later lines
+        # torch's load errors put their detail on the lines after the first
+        message = " ".join(lines)[:400] if lines else type(exc).__name__
         raise CheckpointError(Problem(where, f"does not fit this run's model and recipe: {message}")) from None
 
 

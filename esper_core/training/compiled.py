@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from esper_core.errors import one_line
+
 
 def compile_model(model: nn.Module, mode: str, wrapped_layers: int, backend: Any = "inductor") -> nn.Module:
     """``torch.compile(model, mode=mode)`` with static shapes and room for ``wrapped_layers`` variants
@@ -156,10 +158,7 @@ class _Compile:
 
 def _describe(error: BaseException) -> str:
     """One line for a failed compile: the error and, when dynamo wraps it, the cause it wraps."""
-    def line(e: BaseException) -> str:
-        text = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
     cause = error
     while (inner := cause.__cause__ or getattr(cause, "inner_exception", None)) is not None:
         cause = inner
-    return line(error) if cause is error else f"{line(error)} ({line(cause)})"
+    return one_line(error) if cause is error else f"{one_line(error)} ({one_line(cause)})"

@@ -66,8 +66,6 @@ def first_batch(dataset: Dataset, n: int) -> Any:
 def first_inputs(dataset: Dataset, n: int, target_key: str) -> Any:
     """The model inputs of the first ``n`` samples (collated like a batch; a dict batch without its target)."""
     batch = first_batch(dataset, n)
-    if isinstance(dataset, TensorDataset):
-        return batch[0]
     if isinstance(batch, dict):
         return {k: v for k, v in batch.items() if k != target_key}
     return batch[0]

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from esper_core.distributed.world import World
+from esper_core.errors import RECIPE_FIELD, ConfigError, Problem, one_line
 from esper_core.growth.evaluation import Evaluation
-from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.diagnostics import Locator, validation_problems
 from esper_core.recipe.schema import TaskConfig
 from esper_core.seeds.probe import call_model, to_device
@@ -134,10 +134,8 @@ class Task:
                 output, targets = self.forward(model, batch, next(model.parameters()).device)
                 loss = self.loss(output, targets)
         except Exception as error:  # whatever the model's or the loss's own code raises
-            text = str(error).strip().splitlines()
             raise ConfigError(Problem(RECIPE_FIELD, f"the model, task '{self.kind}' and data do not fit together: "
-                                      f"{type(error).__name__}: {text[0] if text else 'no message'}",
-                                      field=field)) from None
+                                      f"{one_line(error)}", field=field)) from None
         finally:
             model.train(was_training)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

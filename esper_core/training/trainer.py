@@ -33,10 +33,10 @@ from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.overrides import COMMAND_LINE
 from esper_core.seeds.kasmina import compile_whole_graph
 from esper_core.storage import open_kernel_store
+from esper_core.telemetry.binding import check_resume_key
 from esper_core.training import optim, run_files, run_state
 from esper_core.training.accumulation import average_gradients, micro_batches
 from esper_core.training.best import BestModel
-from esper_core.telemetry.binding import check_resume_key
 from esper_core.training.checkpoint_state import check_run_state, check_world_size, refusing
 from esper_core.training.compiled import WholeGraph, compile_model
 from esper_core.training.data import build_data, import_factory
