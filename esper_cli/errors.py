@@ -5,14 +5,39 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import NoReturn, ParamSpec, TypeVar
 
 import typer
 
-from esper_core.errors import EsperError
+from esper_core.errors import ConfigError, EsperError, Problem
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def exit_with(error: EsperError) -> NoReturn:
+    """Print ``error``'s problems, one ``error: ...`` line each, on stderr and exit with its code: how every
+    command ends on a user error, whether its own code or the command-line parser found it."""
+    for problem in error.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    raise typer.Exit(error.exit_code) from None
+
+
+def option_error(error: typer.BadParameter) -> ConfigError:
+    """An option or argument value the parser refused (out of range, not a number) as the ConfigError the
+    commands raise for their own checks of the command line (``error: command line: --rank: ...``, exit 2):
+    the parser's own report is a usage block, not the one line every other bad input gets."""
+    param = error.param
+    if isinstance(error.param_hint, str):
+        field = error.param_hint
+    elif error.param_hint is not None:
+        field = "/".join(error.param_hint)
+    elif param is not None and param.param_type_name == "option":
+        field = max(param.opts, key=len)  # --rank rather than -r
+    else:
+        field = (param.name or "value").upper() if param is not None else "value"
+    message = error.message[:1].lower() + error.message[1:]
+    return ConfigError(Problem("command line", message, field=field))
 
 
 def reported(command: Callable[P, R]) -> Callable[P, R]:
@@ -21,9 +46,7 @@ def reported(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except EsperError as exc:
-            for problem in exc.problems:
-                print(f"error: {problem}", file=sys.stderr)
-            raise typer.Exit(exc.exit_code) from None
+            exit_with(exc)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 NPROC = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this node under torchrun (DDP; gloo on "
                      "the CPU, NCCL on CUDA); plain `torchrun ... -m esper_cli train` works too.", show_default=False)
 NNODES = typer.Option("1", "--nnodes", help="Nodes taking part (torchrun's --nnodes); above 1 needs --rdzv-endpoint.")
-NODE_RANK = typer.Option(0, "--node-rank", help="This node's rank (torchrun's --node-rank).")
+NODE_RANK = typer.Option(0, "--node-rank", min=0, help="This node's rank (torchrun's --node-rank).")
 RDZV_BACKEND = typer.Option("c10d", "--rdzv-backend", help="torchrun's rendezvous backend.")
 RDZV_ENDPOINT = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, the same on every node.",
                              show_default=False)

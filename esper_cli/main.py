@@ -17,6 +17,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from esper_cli.errors import exit_with, option_error
 from esper_core import DISTRIBUTION, __version__
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -61,6 +62,17 @@ class LazyGroup(TyperGroup):
         if isinstance(command, _Listed):
             command = self.commands[name] = load_command(name)
         return name, command, rest
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; a value the parser refuses (``--rank -1``, ``--samples abc``) ends as every other
+        bad input does, one ``error:`` line and exit 2, not click's usage block. A missing argument (the
+        subclass MissingParameter) keeps the usage block: it shows what was left out."""
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as exc:
+            if type(exc) is not typer.BadParameter:
+                raise
+            exit_with(option_error(exc))
 
 
 def load_command(name: str) -> Any:

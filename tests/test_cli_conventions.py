@@ -122,6 +122,26 @@ def test_quiet_and_verbose_set_the_log_level(capsys: pytest.CaptureFixture[str])
     assert clash.returncode == 2 and "choose one of --quiet and --verbose" in clash.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ["compile", "--rank", "-1", "lowrank.yaml"], ["compile", "--rank", "two", "lowrank.yaml"],
+    ["compile", "--max-flops", "-1", "lowrank.yaml"], ["export", "runs/x", "--samples", "0"],
+    ["export", "runs/x", "--tolerance", "-0.5"], ["inspect-cache", "--prune", "--max-bytes", "-5"],
+    ["inspect-cache", "--prune", "--older-than", "nan"], ["blueprints", "show", "lowrank_adapter", "--rank", "0"],
+    ["train", "no-such-recipe.yaml", "--nproc-per-node", "2", "--node-rank", "-1"],
+], ids=" ".join)
+def test_a_refused_option_value_is_one_error_line_and_exit_2(args: list[str]) -> None:
+    # In-process: the parser refuses these before a command runs, and each would import torch in a subprocess.
+    from typer.testing import CliRunner
+
+    from esper_cli.main import app
+
+    done = CliRunner().invoke(app, args)
+    option = next(arg for arg in reversed(args) if arg.startswith("--"))
+    assert done.exit_code == 2, done.output
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stdout == "", done.output
+    assert done.stderr.startswith(f"error: command line: {option}: "), done.stderr
+
+
 def _on_a_terminal(args: list[str], env: dict[str, str]) -> str:
     """Run `esper ARGS` with a pseudo-terminal as stdout (so rich may use colour) and return its output."""
     leader, follower = pty.openpty()
