@@ -261,6 +261,19 @@ def test_a_damaged_or_missing_run_is_one_line_and_exit_3(runs: dict[str, Trainer
         load_run(damaged)
 
 
+def test_an_s3_url_in_an_error_is_the_whole_url_without_its_secrets() -> None:
+    # Each is refused before any request is made: no store is needed.
+    for url, code, said in (
+            ("s3://", 2, "error: s3://: 's3://' is not an s3://BUCKET/PREFIX URL"),
+            ("s3://AKIA:topsecret@bucket", 3, "error: s3://AKIA:***@bucket: names a bucket, not a run"),
+            ("s3://bucket/run?aws_secret_access_key=topsecret", 2,
+             "error: s3://bucket/run?aws_secret_access_key=***: unknown URL parameter(s) aws_secret_access_key")):
+        done = esper("export", url)
+        assert done.exit_code == code, done.output
+        assert done.stderr.startswith(said) and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "topsecret" not in done.output
+
+
 def test_onnx_without_its_extra_is_one_line_and_exit_2(runs: dict[str, Trainer], monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 

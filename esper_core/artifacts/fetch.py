@@ -18,6 +18,7 @@ from typing import Literal
 from esper_core.artifacts.objects import IntegrityError, Location, ObjectError, ObjectStore
 from esper_core.errors import CheckpointError, Problem
 from esper_core.recipe.schema import StorageConfig
+from esper_core.redact import redacted_url
 
 REMOTE_DIR = "remote"
 _CHECKPOINT = re.compile(r"^(?P<run>.+)/checkpoints/(?P<name>step-\d{8})$")
@@ -36,11 +37,12 @@ def fetch_run(url: str, part: Literal["final", "checkpoint"], cache: Path | None
     """Download what ``part`` needs of the run at ``url``; returns the local run directory (``final``)
     or checkpoint directory (``checkpoint``). Raises :class:`CheckpointError` (exit 3) when the store is
     unreachable, holds no such run, or an object fails its sha256."""
-    location = Location.parse(url, url)
+    shown = redacted_url(url)  # the URL as given, for messages: it may hold a secret (?aws_secret_access_key=)
+    location = Location.parse(url, shown)
     named = _CHECKPOINT.match(location.prefix)
     run_prefix = named.group("run") if named else location.prefix
     if not run_prefix:
-        raise CheckpointError(Problem(url, "names a bucket, not a run (s3://BUCKET/PREFIX/RUN)"))
+        raise CheckpointError(Problem(shown, "names a bucket, not a run (s3://BUCKET/PREFIX/RUN)"))
     run = Location(location.bucket, run_prefix, location.endpoint_url, location.region)
     store = ObjectStore(run, timeout_s=10.0, attempts=3)
     local = (cache or cache_dir()) / run.bucket / run_prefix

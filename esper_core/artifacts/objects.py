@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from esper_core.errors import ConfigError, Problem
 from esper_core.extras import require_extra
+from esper_core.redact import redacted_url
 
 SHA_KEY = "sha256"
 CHUNK = 1 << 20
@@ -49,7 +50,7 @@ class Location:
         """Raises a located :class:`ConfigError` for anything that is not an ``s3://`` URL with a bucket."""
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
-            raise ConfigError(Problem(source, f"{url!r} is not an s3://BUCKET/PREFIX URL", field=field))
+            raise ConfigError(Problem(source, f"{redacted_url(url)!r} is not an s3://BUCKET/PREFIX URL", field=field))
         query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
         unknown = sorted(set(query) - {"endpoint_url", "region"})
         if unknown:
@@ -65,9 +66,10 @@ class Location:
         return f"{self.prefix}/{relpath}" if self.prefix else relpath
 
     def url(self, relpath: str = "") -> str:
-        """The object's address for messages (the endpoint is left out: it may carry a host name)."""
+        """The object's address for messages (the endpoint is left out: it may carry a host name; a password
+        written into the bucket's place, ``s3://KEY:SECRET@bucket``, is shown as ``***``)."""
         key = self.key(relpath) if relpath else self.prefix
-        return f"s3://{self.bucket}/{key}".rstrip("/")
+        return redacted_url(f"s3://{self.bucket}/{key}".rstrip("/"))
 
 
 def sha256_file(path: Path) -> str:

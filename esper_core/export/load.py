@@ -71,8 +71,9 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
     if str(target).startswith("s3://"):
         from esper_core.artifacts.fetch import fetch_run
 
-        remote, query = (str(target).split("?", 1) + [""])[:2]  # ?endpoint_url=... stays at the end
-        remote, query = remote.rstrip("/"), f"?{query}" if query else ""
+        remote, _, query = str(target).partition("?")  # ?endpoint_url=... stays at the end
+        # a trailing slash goes, never the scheme's: "s3://".rstrip("/") would leave "s3:" for the error to name
+        remote, query = "s3://" + remote.removeprefix("s3://").rstrip("/"), f"?{query}" if query else ""
         if checkpoint is not None:
             url = f"{remote}/checkpoints/{Path(str(checkpoint)).name}{query}"
             target = fetch_run(url, "checkpoint").parent.parent
