@@ -33,6 +33,26 @@ def test_mlp_without_hidden_layers_is_a_linear_classifier() -> None:
     assert count_parameters(model) == 13 * 3 + 3
 
 
+def test_targets_an_mlp_without_hidden_layers_lacks_name_model_widths(tmp_path: Path) -> None:
+    # `esper train --dry-run` (in-process, opening no store): it, train and compile --for place the problem alike
+    from esper_core.training.dry_run import dry_run
+
+    recipe = tmp_path / "linear.yaml"
+    recipe.write_text(f"""\
+data: {{source: digits, layout: flat}}
+model: {{arch: mlp, widths: []}}
+seeds:
+  targets: ["layers.*", head]
+run: {{output_dir: "{tmp_path / 'runs'}"}}
+""", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        dry_run(recipe, [])
+    problem, = info.value.problems
+    assert (problem.line, problem.field) == (4, "seeds.targets.0")
+    assert problem.message.endswith("matchable: head (model.widths is empty: an MLP without hidden layers has only "
+                                    "its head to grow)"), problem.message
+
+
 @pytest.mark.parametrize("channels", [[16, 32], [8, 8, 16]])
 def test_cnn_output_shape_on_digit_images(channels: list[int]) -> None:
     model = build_model(ModelConfig(arch="cnn", channels=channels, dropout=0.2), (1, 8, 8), 10)

@@ -53,12 +53,18 @@ class LoadedRecipe:
     @contextmanager
     def located(self) -> Iterator[None]:
         """Re-raise the recipe-field problems code without the file found (``RECIPE_FIELD`` source)
-        at their line in this recipe; other problems pass unchanged."""
+        at their line in this recipe; other problems pass unchanged. A problem with the growth targets
+        also says what of the model explains it (:meth:`ModelConfig.growth_note`): the code that matched
+        the patterns saw modules, not the recipe that made them."""
         try:
             yield
         except ConfigError as exc:
-            raise ConfigError([self.locate(p.field, p.message) if p.source == RECIPE_FIELD and p.field else p
-                               for p in exc.problems]) from None
+            raise ConfigError([self.locate(p.field, self._with_growth_note(p.field, p.message))
+                               if p.source == RECIPE_FIELD and p.field else p for p in exc.problems]) from None
+
+    def _with_growth_note(self, field_path: str, message: str) -> str:
+        note = self.recipe.model.growth_note() if field_path.startswith(("seeds.targets", "seeds.exclude")) else None
+        return f"{message} ({note})" if note else message
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), allow_factories: bool | None = None,

@@ -168,6 +168,16 @@ class ModelConfig(Section):
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
         return self
 
+    def growth_note(self) -> str | None:
+        """What a problem with ``seeds.targets`` or ``seeds.exclude`` should add about this model, if anything.
+
+        An MLP with no hidden widths is a legitimate (linear) model, but its head is the only layer that can
+        grow: a target naming hidden layers then matches nothing because of ``model.widths``, not a typo in
+        the pattern, and the error has to say so."""
+        if self.arch == "mlp" and not self.widths:
+            return "model.widths is empty: an MLP without hidden layers has only its head to grow"
+        return None
+
 
 METRICS_OF_KIND: dict[str, frozenset[str]] = {
     "classification": frozenset({"accuracy", "loss"}), "regression": frozenset({"rmse", "r2", "loss"}),
