@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esper_core import Evaluation, GrowthController
+from esper_core import Evaluation, GrowthController, KasminaLayer
 from esper_core.compiler.store import LocalKernelStore
 from esper_core.errors import ConfigError
 from esper_core.growth import optimizer as optim
@@ -244,6 +244,18 @@ def test_a_mistyped_setting_names_the_argument_and_field(kernels: LocalKernelSto
     assert [str(p) for p in refused.value.problems] == [
         "GrowthController: policy.period_step: unknown key, did you mean 'period_steps'? (allowed: "
         + ", ".join(PolicyConfig.model_fields) + ")"]
+
+
+def test_an_example_the_model_cannot_run_is_a_config_error_naming_it(kernels: LocalKernelStore) -> None:
+    """It was torch's traceback from inside the wrapped model, and the model stayed wrapped."""
+    model = TwoLinear()
+    with pytest.raises(ConfigError) as refused:
+        GrowthController(model, None, example=torch.randn(2, 5), max_steps=120, store=kernels, seeds=SEEDS)
+    assert [str(p) for p in refused.value.problems] == [
+        "GrowthController: example: the model cannot run an example of shape (2, 5): RuntimeError: mat1 and mat2 "
+        "shapes cannot be multiplied (2x5 and 8x16)"]
+    assert isinstance(refused.value.__cause__, RuntimeError)  # the model's own error, for a debugger
+    assert not any(isinstance(m, KasminaLayer) for m in model.modules()) and model.training  # nothing changed
 
 
 def test_a_task_from_a_dict_evaluates_on_the_model_s_device() -> None:

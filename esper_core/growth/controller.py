@@ -40,7 +40,7 @@ from torch import nn
 from esper_core.compiler.store import KernelStore
 from esper_core.compiler.worker_start import refuse_during_worker_start
 from esper_core.distributed.world import World
-from esper_core.errors import ConfigError, EsperError
+from esper_core.errors import ConfigError, EsperError, Problem, one_line
 from esper_core.growth import optimizer as optim
 from esper_core.growth.catalog import SeedCatalog
 from esper_core.growth.evaluation import Evaluate, Evaluation
@@ -57,6 +57,7 @@ from esper_core.recipe.schema import GovernorConfig, PolicyConfig, SeedsConfig, 
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.manager import Event, SlotRef
+from esper_core.seeds.probe import call_model, to_device
 
 
 class Recorder(Protocol):
@@ -100,6 +101,34 @@ class StepOutcome:
 
     loss: float | None
     rolled_back: bool
+
+
+def _check_example(model: nn.Module, example: Any) -> None:
+    """One eval-mode, no-grad forward pass of ``example``, before anything is wrapped. The controller
+    learns each layer's input shape from it; an example that does not fit the model (a wrong feature
+    count, an image for an MLP) otherwise failed inside the wrapped model as torch's own traceback,
+    and left the model wrapped, so a second try with the right example was refused as well."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, to_device(example, next(model.parameters()).device))
+    except Exception as error:  # whatever the model's own code raises; kept as the cause
+        raise ConfigError(Problem("GrowthController", f"the model cannot run an example of shape "
+                                  f"{_shapes(example)}: {one_line(error)}", field="example")) from error
+    finally:
+        model.train(was_training)
+
+
+def _shapes(value: Any) -> str:
+    """The shapes of the tensors in ``value`` (a tensor, or a tuple, list or dict of them) for a message."""
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key!r}: {_shapes(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_shapes(item) for item in value) + ")"
+    return type(value).__name__
 
 
 def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
@@ -181,6 +210,7 @@ class GrowthController:
         self.deterministic = deterministic
         self.world = world
         self.device = next(model.parameters()).device
+        _check_example(model, example)
         self.manager, self.catalog = SeedCatalog.of_model(model, self.seeds_config, example, blueprint_dirs,
                                                           self.device.type, kernel_dtype)
         for layer in self.manager.layers.values():
