@@ -334,6 +334,31 @@ def test_no_marker_of_the_real_run_hides_another(reported: dict[str, Any]) -> No
             assert all(abs(x1 - x2) >= MARKER_SIZE or abs(y1 - y2) >= MARKER_SIZE for x2, y2 in boxes[i + 1:])
 
 
+CUSTOM_RECIPE = """\
+run: {{name: custom, seed: 0, device: cpu}}
+task: {{kind: custom, function: 'factories:smooth_l1_logits_loss'}}
+data: {{source: digits, layout: flat, batch_size: 32}}
+model: {{arch: mlp, widths: [16]}}
+policy: {{max_seeds: 0}}
+trainer: {{max_steps: 20, eval_every: 10}}
+telemetry: {{progress: none}}
+storage: {{workspace: "{workspace}"}}
+"""
+
+
+def test_a_custom_task_s_loss_is_listed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A custom task's metric is its loss: the final metrics (and a comparison's) listed val and test loss twice."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the loss function is in tests/factories.py
+    run = finished_run(tmp_path, CUSTOM_RECIPE.format(workspace=tmp_path / "ws"))
+    for runs, page in (([run], run / "report" / "report.md"),
+                       ([run, run], run / "report" / "vs-custom" / "comparison.md")):
+        result = esper_report(*runs, "--format", "md")
+        assert result.exit_code == 0, result.output
+        rows = [line.split("|")[1].strip() for line in page.read_text(encoding="utf-8").splitlines()
+                if line.startswith("| ")]
+        assert rows.count("val loss") == 1 and rows.count("test loss") == 1, rows
+
+
 # --- two runs side by side ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def _run(label: str, report: dict[str, Any]) -> dict[str, Any]:
 def _metrics(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     metric = reports[0]["final"]["metric"]
-    for key in (f"val_{metric}", f"test_{metric}", *FINAL_METRICS):
+    for key in dict.fromkeys((f"val_{metric}", f"test_{metric}", *FINAL_METRICS)):  # a custom task's metric: loss
         a, b = (r["final"].get(key) for r in reports)
         rows.append({"metric": key, "A": a, "B": b, "difference": _difference(a, b)})
     a, b = (r["run"]["wall_time_s"] for r in reports)

@@ -50,11 +50,13 @@ def sections(report: dict[str, Any]) -> list[Table]:
         ["metrics endpoint", fmt(run["metrics_url"])],
     ]
     metric = final["metric"]
-    results = [[k.replace("_", " "), fmt(final[k])] for k in (f"val_{metric}", f"test_{metric}")]
+    headline = (f"val_{metric}", f"test_{metric}")
+    results = [[k.replace("_", " "), fmt(final[k])] for k in headline]
     if final.get("seeds_muted"):  # what the grown seeds are worth: the same model with every seed silent
         results += [[f"{k.replace('_', ' ')} with every seed muted", fmt(v)] for k, v in final["seeds_muted"].items()]
-    results += [[k.replace("_", " "), fmt(final[k])] for k in ("val_loss", "test_loss", "params_initial", "params_final",
-                                                               "seeds")]
+    # a custom task's metric is the loss: its rows are already above
+    results += [[k.replace("_", " "), fmt(final[k])]
+                for k in ("val_loss", "test_loss", "params_initial", "params_final", "seeds") if k not in headline]
     budgets = [[b["key"], b["what"], fmt(b["limit"]), fmt(b["used"]),
                 "-" if b["within"] is None else ("within" if b["within"] else "EXCEEDED")] for b in report["budgets"]]
     changes = [[fmt(c.get("seq")), fmt(c.get("step")), fmt(c.get("event")) + (f" ({c['kind']})" if "kind" in c else ""),
