@@ -361,10 +361,15 @@ def test_a_custom_task_s_loss_is_listed_once(tmp_path: Path, monkeypatch: pytest
 
 # --- two runs side by side ----------------------------------------------------------------------------
 
+PUSH_SECRET = "hunter2-report"
+
+
 @pytest.fixture(scope="module")
 def second(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second run of the same recipe with another seed and learning rate."""
-    changed = RECIPE.replace("seed: 0", "seed: 1").replace("lr: 0.01", "lr: 0.02")
+    """A second run of the same recipe with another seed and learning rate, pushing its metrics to a
+    Pushgateway URL with a password (nothing listens there: a failed push never fails the run)."""
+    changed = RECIPE.replace("seed: 0", "seed: 1").replace("lr: 0.01", "lr: 0.02").replace(
+        "progress: none,", f"progress: none, pushgateway_url: 'http://esper:{PUSH_SECRET}@127.0.0.1:9',")
     return finished_run(tmp_path_factory.mktemp("second"), changed)
 
 
@@ -401,6 +406,11 @@ def test_comparison_puts_metrics_seeds_and_settings_side_by_side(finished: Path,
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
         assert data["series"][label]["loss"] == [[r["step"], r["loss"]] for r in rows if "loss" in r]
     assert "trainer.lr" in compared["md"] and f"B ({second.name})" in compared["md"].splitlines()[0]
+    # a setting that holds a secret is listed as differing, but the secret is in no part of the comparison
+    assert differences["telemetry.pushgateway_url"] == (None, "http://esper:***@127.0.0.1:9")
+    assert PUSH_SECRET in (second / "recipe.yaml").read_text(encoding="utf-8")
+    assert not any(PUSH_SECRET in text for text in (json.dumps(data), compared["html"], compared["md"],
+                                                    compared["result"].output))
 
 
 def test_comparison_overlays_both_runs_curves_inline(compared: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from esper_core.redact import redacted_url
 from esper_core.telemetry.report.content import build
 from esper_core.telemetry.report.load import RunFiles
 from esper_core.telemetry.report.tables import Table, fmt
@@ -88,9 +89,17 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_differences(recipe_a: dict[str, Any], recipe_b: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every recipe key (dotted) whose value differs between the two resolved recipes."""
+    """Every recipe key (dotted) whose value differs between the two resolved recipes. A URL is shown
+    without its password or secret query parameters (``storage.database_url``,
+    ``telemetry.pushgateway_url``): the comparison is a document to hand on, the recipe's secret is not;
+    a key whose two values differ only there is still listed."""
     a, b = flatten(recipe_a), flatten(recipe_b)
-    return [{"key": key, "A": a.get(key), "B": b.get(key)} for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return [{"key": key, "A": _shown(a.get(key)), "B": _shown(b.get(key))}
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def _shown(value: Any) -> Any:
+    return redacted_url(value) if isinstance(value, str) and "://" in value else value
 
 
 def comparison_title(comparison: dict[str, Any]) -> str:
