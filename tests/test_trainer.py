@@ -19,6 +19,8 @@ depend on what a seed happened to learn.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,8 @@ import torch
 from safetensors.torch import load_file
 
 from esper_cli.progress import describe
+from esper_core.errors import ConfigError, EsperError
 from esper_core.training.trainer import Trainer
-from esper_core.errors import EsperError
 
 TINY_RECIPE = """\
 run:
@@ -236,6 +238,53 @@ def test_cuda_without_a_gpu_is_a_clear_user_error(recipe: Path, tmp_path: Path) 
     message = str(info.value)
     assert "run.device" in message and "cuda" in message.lower() and "no CUDA device" in message
     assert not output.exists(), "a run that cannot start must not leave a run directory behind"
+
+
+def _threads_started_since(before: set[threading.Thread], within_s: float = 5.0) -> list[str]:
+    """The threads alive now that were not in ``before``, after waiting up to ``within_s`` for
+    threads told to stop to finish."""
+    deadline = time.monotonic() + within_s
+    while True:
+        extra = [t.name for t in threading.enumerate() if t not in before]
+        if not extra or time.monotonic() > deadline:
+            return extra
+        time.sleep(0.05)
+
+
+def test_a_construction_that_fails_part_way_closes_what_it_opened(recipe: Path, tmp_path: Path) -> None:
+    """A pattern that matches nothing fails inside the growth controller, after the kernel store (its
+    SQLite connection and threads) and the recorder were opened: they stayed open, and a later run in
+    the same process crashed in SQLite about one time in three. The error is the same as before, nothing
+    is left running, and the next run in this process trains."""
+    workspace = [f"storage.workspace={tmp_path / 'ws'}", f"run.output_dir={tmp_path / 'runs'}"]
+    before = set(threading.enumerate())
+    with pytest.raises(ConfigError) as info:
+        Trainer.from_recipe(recipe, [*workspace, "seeds.targets=[nothing.*]"])
+    assert "pattern 'nothing.*' matches no module that can host seeds" in str(info.value)
+    assert _threads_started_since(before) == []
+    for _ in range(3):
+        summary = Trainer.from_recipe(recipe, [*workspace, "trainer.max_steps=20"]).fit()
+        assert summary["steps"] == 20
+
+
+def test_a_resume_refused_after_the_trainer_was_built_closes_what_it_opened(tmp_path: Path) -> None:
+    """The data changed since the checkpoint: the refusal comes once the trainer is built, and it
+    left the trainer's kernel store and recorder open as a failed construction did."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "table.npz"
+    np.savez(data, x=rng.normal(size=(300, 8)).astype("float32"), y=rng.integers(0, 3, 300))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE.replace("source: digits\n  layout: flat", "source: file\n  path: table.npz"))
+    settings = [f"storage.workspace={tmp_path / 'ws'}", f"run.output_dir={tmp_path / 'runs'}"]
+    run = Path(Trainer.from_recipe(recipe, [*settings, "trainer.max_steps=20", "checkpoint.every_steps=10"])
+               .fit()["run_dir"])
+    np.savez(data, x=rng.normal(size=(300, 8)).astype("float32"), y=rng.integers(0, 3, 300))
+    before = set(threading.enumerate())
+    with pytest.raises(ConfigError, match="data.path: changed since"):
+        Trainer.resume(run, ["trainer.max_steps=30"])
+    assert _threads_started_since(before) == []
 
 
 def test_a_fossilized_linear_seed_is_merged_into_its_host_and_adds_no_parameter(fit: Callable[..., Run]) -> None:

@@ -96,21 +96,30 @@ class Trainer:
                                       f"{step}; a resume continues a run and cannot shorten it (a larger value "
                                       "extends it)", field="trainer.max_steps"))
         trainer = cls(loaded)
+        try:
+            return trainer._continue_from(checkpoint, recipe_record, overrides)
+        except BaseException:
+            trainer._release()
+            raise
+
+    def _continue_from(self, checkpoint: store.Checkpoint, recipe_record: RecipeRecord,
+                       overrides: Sequence[str]) -> "Trainer":
+        """The rest of :meth:`resume` once this trainer is built: check the data, restore the state."""
         recorded = checkpoint.manifest.get("data_sha256")
-        if recorded is not None and recorded != trainer.data.fingerprint:
-            data = loaded.recipe.data
-            raise ConfigError(Problem(str(trainer.base_dir / str(data.path)), f"changed since {checkpoint.path.name} "
+        if recorded is not None and recorded != self.data.fingerprint:
+            data = self.loaded.recipe.data
+            raise ConfigError(Problem(str(self.base_dir / str(data.path)), f"changed since {checkpoint.path.name} "
                                       f"was written (sha256 {str(recorded)[:12]}… then, "
-                                      f"{str(trainer.data.fingerprint)[:12]}… now): resuming on other data would not "
+                                      f"{str(self.data.fingerprint)[:12]}… now): resuming on other data would not "
                                       "continue the same run; restore the file, or train a new run on it",
                                       field="data.path"))
-        trainer.recipe_record = recipe_record
-        with refusing(where):
-            run_state.restore(trainer, join(checkpoint.tensors, checkpoint.state["run"]))
-        trainer.run_dir = run_dir
-        trainer._resumed_from = checkpoint
-        trainer._resume_overrides = list(overrides)
-        return trainer
+        self.recipe_record = recipe_record
+        with refusing(str(checkpoint.path / store.STATE)):
+            run_state.restore(self, join(checkpoint.tensors, checkpoint.state["run"]))
+        self.run_dir = checkpoint.path.parent.parent
+        self._resumed_from = checkpoint
+        self._resume_overrides = list(overrides)
+        return self
 
     def wall_time_s(self) -> float:
         """Seconds this run has trained: this segment's, plus those of the earlier segments up to the
@@ -123,6 +132,29 @@ class Trainer:
         return self.loaded.base_dir
 
     def __post_init__(self) -> None:
+        try:
+            self._build()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        """Close what a construction that failed part-way (or a resume refused after it) had opened,
+        newest first: the process group, the kernel store's database connection and threads, the
+        recorder's, the compile workers. Left open, they outlived the failure, and a later run in the
+        same process (a library user retrying) crashed in SQLite. A part that fails to close is one
+        warning line, so the error that stopped construction is the one that propagates."""
+        opened = vars(self)
+        for name in ("replica", "whole_graph", "controller", "recorder", "kernel_store", "world"):
+            part = opened.get(name)
+            if part is None:
+                continue
+            try:
+                part.close()
+            except Exception as exc:  # the construction's own error is the one to report
+                print(f"warning: {name} did not close after a failed start ({type(exc).__name__})", file=sys.stderr)
+
+    def _build(self) -> None:
         recipe = self.loaded.recipe
         # what rebuilds this run's recipe (esper_core.training.saved_recipe); a resume replaces it
         self.recipe_record = RecipeRecord.fresh(self.loaded)
