@@ -223,3 +223,33 @@ def test_an_outage_mid_run_warns_once_and_sync_uploads_what_is_missing(
         assert again["uploaded"] == []
     finally:
         back.stop()
+
+
+def test_a_password_in_the_endpoint_url_is_shown_as_stars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``?endpoint_url=http://user:pw@host`` is a URL inside a URL: its password went out as typed,
+    in botocore's "Could not connect to the endpoint URL" text and in every message quoting the s3://
+    URL. Each command fails here for real (nothing listens on the port), and shows the endpoint's host
+    and port with the password as ``***``."""
+    monkeypatch.chdir(tmp_path)
+    port = free_port()  # nothing listens there: every request is refused at once
+    endpoint = f"http://esper:topsecret@127.0.0.1:{port}"
+    url = f"s3://esper-runs/runs/gone?endpoint_url={endpoint}"
+    run = tmp_path / "runs" / "local"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(RECIPE.format(name="local", steps=10, workspace=tmp_path / "ws", url=url),
+                                     encoding="utf-8")
+    (run / "summary.json").write_text("{}", encoding="utf-8")
+    shown = f"esper:***@127.0.0.1:{port}"
+    for args, code, said in (
+            (("export", url), 3, f"cannot list the run in the artifact store (EndpointConnectionError: Could not "
+                                 f'connect to the endpoint URL: "http://{shown}/'),
+            (("resume", "--checkpoint", url), 3, f'"http://{shown}/'),
+            (("sync", run), 1, f'unreachable (EndpointConnectionError: Could not connect to the endpoint URL: '
+                               f'"http://{shown}/'),
+            (("export", f"{url}&colour=red"), 2, f"?endpoint_url=http://{shown}&colour=red: unknown URL parameter"),
+            (("train", run / "recipe.yaml", f"storage.artifacts_url=s3:/esper-runs?endpoint_url={endpoint}"), 2,
+             f"override 'storage.artifacts_url=s3:/esper-runs?endpoint_url=http://{shown}'")):
+        done = esper(*args)
+        assert done.exit_code == code, done.output
+        assert len(done.stderr.strip().splitlines()) == 1 and said in done.stderr, done.stderr
+        assert "topsecret" not in done.stdout + done.stderr

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from esper_core.errors import ConfigError, Problem
 from esper_core.extras import require_extra
-from esper_core.redact import redacted_url
+from esper_core.redact import redacted_text, redacted_url
 
 SHA_KEY = "sha256"
 CHUNK = 1 << 20
@@ -161,6 +161,7 @@ class ObjectStore:
 
 
 def _describe(exc: BaseException) -> str:
-    """One line about a failure; botocore messages name the endpoint and the operation, never credentials."""
+    """One line about a failure. botocore messages name the operation and may quote the endpoint URL as
+    given, user info and all (``http://user:pw@host``): its password is shown as ``***``."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+    return f"{type(exc).__name__}: {redacted_text(lines[0]) if lines else 'no message'}"

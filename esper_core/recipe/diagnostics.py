@@ -18,6 +18,7 @@ from pydantic_core import ErrorDetails
 from esper_core.errors import Problem
 from esper_core.recipe.overrides import COMMAND_LINE, Override
 from esper_core.recipe.schema import Recipe
+from esper_core.redact import redacted_text
 
 Loc = tuple[str, ...]
 
@@ -34,7 +35,7 @@ class Locator:
         field = ".".join(loc) or None
         override = self._override_for(loc)
         if override is not None:
-            return Problem(COMMAND_LINE, f"override {override.text!r}: {message}", field=field)
+            return Problem(COMMAND_LINE, f"override {redacted_text(override.text)!r}: {message}", field=field)
         return Problem(self.source, message, line=self._line(loc), field=field)
 
     def _line(self, loc: Loc) -> int | None:
@@ -151,10 +152,11 @@ def _model_at(loc: Loc, root: type[BaseModel]) -> type[BaseModel] | None:
 
 
 def _show(value: Any, limit: int = 60) -> str:
-    """A value as the user would have written it in YAML, shortened."""
+    """A value as the user would have written it in YAML, shortened; a password in a URL in it is ``***``
+    (a mistyped ``storage.artifacts_url`` may carry one in its ``endpoint_url``)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = repr(value)
+    text = redacted_text(repr(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -13,6 +13,7 @@ from typing import Any
 
 from esper_core.errors import ConfigError, Problem
 from esper_core.recipe.yaml_source import parse_yaml
+from esper_core.redact import redacted_text
 
 COMMAND_LINE = "<command line>"
 
@@ -80,4 +81,5 @@ def _set(root: dict[str, Any], override: Override) -> None:
 
 
 def _malformed(text: str, why: str) -> ConfigError:
-    return ConfigError(Problem(COMMAND_LINE, f"override {text!r} {why}"))
+    """The override quoted as typed, but for a password in a URL in it (shown as ``***``)."""
+    return ConfigError(Problem(COMMAND_LINE, f"override {redacted_text(text)!r} {why}"))
