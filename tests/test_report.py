@@ -98,6 +98,29 @@ def test_final_metrics_show_the_metric_with_every_seed_muted_beside_it(finished:
         assert f"{split} accuracy with every seed muted" in reported["html"]
 
 
+NOTHING_KEPT = [("max_seeds: 4", "max_seeds: 0"), ("fossilize_margin: -1.0", "fossilize_margin: 1.0")]
+"""Recipe changes after which no seed contributes to the final model: a static run, every seed culled."""
+
+
+@pytest.mark.parametrize("change", NOTHING_KEPT, ids=["static", "every-seed-culled"])
+def test_a_run_no_seed_contributes_to_has_no_muted_rows(change: tuple[str, str], tmp_path: Path) -> None:
+    """A static run's summary still holds seeds_muted, the unmuted figures again (nothing to mute), and
+    the report listed them "with every seed muted" as if growth had been measured."""
+    recipe = RECIPE.replace(*change) + f'storage: {{workspace: "{tmp_path / "ws"}"}}\n'
+    run = finished_run(tmp_path, recipe)
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    assert summary["seeds_muted"]["test_accuracy"] == summary["test_accuracy"]
+    assert not any(summary["seeds"][state] for state in ("blending", "probation", "fossilized"))
+    assert (summary["seeds"]["culled"] > 0) == ("fossilize_margin" in change[0])  # that one grew, then culled
+    result = esper_report(run)
+    assert result.exit_code == 0, result.output
+    out = run / "report"
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["final"]["seeds_muted"] is None
+    for page in ("report.md", "report.html"):
+        text = (out / page).read_text(encoding="utf-8")
+        assert "test accuracy" in text and "muted" not in text, page
+
+
 def test_change_history_has_every_event_with_reasons_and_measured_effects(finished: Path,
                                                                           reported: dict[str, Any]) -> None:
     events = events_of(finished)

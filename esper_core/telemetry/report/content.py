@@ -42,7 +42,7 @@ def build(files: RunFiles) -> dict[str, Any]:
         "anomalies": [_plain(e) for e in files.events if e.get("event") == "anomaly"],
         "final": {"metric": metric, **{k: summary.get(k) for k in (
             f"val_{metric}", f"test_{metric}", "val_loss", "test_loss", "params_initial", "params_final", "seeds",
-            "fossilized")}, "seeds_muted": _muted(summary.get("seeds_muted"), metric)},
+            "fossilized")}, "seeds_muted": _muted(summary.get("seeds_muted"), summary.get("seeds"), metric)},
         "budgets": _budgets(files, lifecycle),
         "series": _series(files.metrics, metric),
         "lifecycle": lifecycle,
@@ -50,10 +50,20 @@ def build(files: RunFiles) -> dict[str, Any]:
     }
 
 
-def _muted(figures: Any, metric: str) -> dict[str, Any] | None:
+CONTRIBUTING = ("blending", "probation", "fossilized")
+"""Final seed states whose output the final model adds to its host's (an incubating seed's is exactly
+zero, a germinated one has none)."""
+
+
+def _muted(figures: Any, seeds: Any, metric: str) -> dict[str, Any] | None:
     """The task's metric on validation and test with every seed muted (what growth is worth), or
-    ``None`` for a run whose summary has no such figures (one from before they existed, or damaged)."""
+    ``None`` for a run whose summary has no such figures (one from before they existed, or damaged), and
+    for one where no seed contributes to the final model (a static run, ``policy.max_seeds=0``, or one
+    whose seeds were all culled): its summary still holds muted figures, the unmuted ones again, and
+    rows repeating them under "with every seed muted" suggested that growth had been measured."""
     if not isinstance(figures, dict):
+        return None
+    if isinstance(seeds, dict) and not any(seeds.get(state) for state in CONTRIBUTING):
         return None
     return {k: figures.get(k) for k in (f"val_{metric}", f"test_{metric}")}
 
