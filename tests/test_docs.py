@@ -72,3 +72,35 @@ def test_the_readme_lists_every_command() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name in COMMANDS:
         assert f"`esper {name}" in readme, name
+
+
+TARGETS_RECIPE = """\
+run: {name: docs, seed: 0, device: cpu}
+data: {source: digits, layout: flat, batch_size: 32}
+model: {arch: mlp, widths: [16]}
+seeds:
+  targets: ["layers.*", "features.*"]
+  blueprints: [lowrank_adapter]
+trainer: {max_steps: 10}
+telemetry: {progress: none}
+"""
+
+
+def test_troubleshooting_quotes_the_error_a_target_matching_nothing_gives(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page quoted an older wording ("matches no Linear or Conv2d module (matchable: ...)"): a user who
+    searched it for the line they got found nothing. Its quote, with ``...`` for the module list, is the line
+    a recipe whose second target matches nothing gets."""
+    from typer.testing import CliRunner
+
+    from esper_cli.main import app
+
+    page = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    (quoted,) = re.findall(r"\*\*`(error: recipe\.yaml:\d+: seeds\.targets\.1: [^`]*)`", page)
+    expected = re.escape(" ".join(quoted.split())).replace(r"\.\.\.", ".+")
+    expected = re.sub(r"recipe\\\.yaml:\d+", r"recipe\\.yaml:\\d+", expected)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(TARGETS_RECIPE, encoding="utf-8")
+    result = CliRunner().invoke(app, ["train", "recipe.yaml", f"storage.workspace={tmp_path / 'ws'}"])
+    assert result.exit_code == 2, result.output
+    assert re.fullmatch(expected, result.stderr.strip()), (quoted, result.stderr)
