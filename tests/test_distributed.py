@@ -223,3 +223,32 @@ def test_stopping_the_launcher_stops_every_rank_with_a_checkpoint_and_exit_128_p
     assert "Traceback" not in err and f"{signal.Signals(signum).name} received" in err
     events = [json.loads(line) for line in (out / "dd" / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "interrupted" and events[-1]["signal"] == signal.Signals(signum).name
+
+
+def test_kill_nine_of_one_rank_ends_with_one_line_naming_it_and_exit_137(tmp_path: Path) -> None:
+    """The surviving rank's next collective failed inside gloo: a RuntimeError traceback from DDP's
+    backward, then torch-elastic's own error line. Now the survivor says in one line that it lost
+    contact (and how to resume), and the launcher's last line names the rank that died, exit 128 + 9.
+    A static run (max_seeds 0): nothing to compile, so the two ranks are training within seconds."""
+    recipe = RECIPE.replace("max_steps: 60", "max_steps: 100000").replace("max_seeds: 2", "max_seeds: 0")
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    out = tmp_path / "runs"
+    launcher = subprocess.Popen(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                       f"run.output_dir={out}", f"storage.workspace={tmp_path / 'ws'}"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    marker = out / "dd" / "checkpoints" / store.checkpoint_name(20)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = _worker_pids(launcher.pid)
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert "Traceback" not in err and "gloo" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"error: distributed: rank 1 (pid {workers[1]}) was killed by SIGKILL"), err
+    # rank 0's own line, unless the launcher's SIGTERM ended it first (after it had closed everything)
+    survivor = "error: distributed: rank 0 lost contact with another rank ("
+    assert all(line.startswith(survivor) and f"esper resume --checkpoint {out / 'dd'} --nproc-per-node 2" in line
+               for line in lines[:-1]), err

@@ -28,6 +28,6 @@ it matters: before each DDP rebuild the ranks compare a digest of their seed top
 
 from esper_core.distributed.data import shard
 from esper_core.distributed.replica import Replica
-from esper_core.distributed.world import RanksDiverged, World, join, launched
+from esper_core.distributed.world import PeerLost, RanksDiverged, World, join, launched, peer_lost
 
-__all__ = ["RanksDiverged", "Replica", "World", "join", "launched", "shard"]
+__all__ = ["PeerLost", "RanksDiverged", "Replica", "World", "join", "launched", "peer_lost", "shard"]

@@ -9,8 +9,12 @@ on one node uses torchrun's ``--standalone`` (a free port, so runs never collide
 
 torchrun itself exits 1 whatever went wrong in a worker; here the exit code of the first worker
 that failed is passed on (2 for a recipe, 3 for a checkpoint, 128 + N for a signal), so scripts see
-the same codes as from a single-process run. Workers are not restarted (``--max-restarts 0``): a
-run resumes from its checkpoint with ``esper resume``, never from its first step.
+the same codes as from a single-process run. A worker that only lost contact with one that failed
+(:class:`~esper_core.distributed.world.PeerLost`, exit 6) is a consequence, not the cause: the cause
+is the worker that failed otherwise, and one killed by a signal (``kill -9``, the out-of-memory
+killer), which could not say so itself, is named here in one line. Workers are not restarted
+(``--max-restarts 0``): a run resumes from its checkpoint with ``esper resume``, never from its first
+step.
 """
 
 from __future__ import annotations
@@ -18,8 +22,18 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from esper_core.errors import ConfigError, Problem
+from esper_core.distributed.world import PeerLost
+from esper_core.errors import ConfigError, EsperError, Problem
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+
+class RankKilled(EsperError):
+    """A worker was killed by a signal the launcher did not send; exits 128 + the signal, as the
+    worker did."""
 
 
 @dataclass(frozen=True)
@@ -49,19 +63,43 @@ class Launch:
 
 def launch(spec: Launch, command: list[str]) -> int:
     """Run ``python -m esper_cli COMMAND`` on ``spec.nproc_per_node`` ranks of this node and wait;
-    returns the exit code (see the module docstring)."""
+    returns the exit code, or raises :class:`RankKilled` (see the module docstring)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args([*spec.argv(), "-m", "esper_cli", *command])
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # the workers report their own errors
+    # its "failed (exitcode: -9) local_rank: 1 (pid: ...) of binary: ..." line: RankKilled says it in Esper's words
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         run(args)
     except ChildFailedError as failed:
-        _, failure = failed.get_first_failure()
+        rank, failure = _cause(failed)
         code = failure.exitcode
-        return code if code > 0 else 128 + (-code or signal.SIGTERM)
+        if code > 0:
+            return code  # the worker said why itself
+        signum = -code or signal.SIGTERM
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        killed = RankKilled(Problem("distributed", f"rank {rank} (pid {failure.pid}) was killed by {name}"
+                                    + (" (kill -9, or the out-of-memory killer)" if signum == signal.SIGKILL else "")
+                                    + ", so every rank stopped; a run that wrote a checkpoint continues from it with "
+                                    "esper resume --checkpoint RUN_DIR and the same launch options"))
+        killed.exit_code = 128 + signum
+        raise killed from None
     except SignalException as stopped:  # Ctrl-C or SIGTERM to this launcher: the ranks got it passed on,
         return 128 + int(stopped.sigval)  # wrote their checkpoint and said so; no launcher traceback
     return 0
+
+
+def _cause(failed: ChildFailedError) -> tuple[int, ProcessFailure]:
+    """(global rank, failure) of the worker that failed first for a reason of its own: the others then
+    lose contact with it and stop with :class:`PeerLost`'s code, sometimes before torchrun notices it
+    (failures carry whole-second timestamps, so the order the agent saw them in breaks ties)."""
+    causes = {rank: failure for rank, failure in failed.failures.items() if failure.exitcode != PeerLost.exit_code}
+    pool = causes or failed.failures
+    rank = min(pool, key=lambda r: pool[r].timestamp)  # min keeps the first of equals: the agent's order
+    return rank, pool[rank]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,34 @@ TIMEOUT = timedelta(minutes=30)
 class RanksDiverged(EsperError):
     """Ranks disagree about something that must be identical everywhere (a bug, or a non-shared
     kernel store on several nodes): stopping beats training replicas that no longer match."""
+
+
+class PeerLost(EsperError):
+    """A collective failed because another rank is gone: its process died (``kill -9``, the out-of-memory
+    killer, a crash) or the connection to it broke. The run cannot go on with fewer ranks (the
+    reductions and the data split depend on the world size), so every surviving rank stops with this
+    exit code; ``esper --nproc-per-node`` then names the rank that died and exits with its code."""
+
+    exit_code = 6
+
+
+_TRANSPORT_FAILURES = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                       "NCCL communicator was aborted", "ncclRemoteError")
+"""What gloo's and NCCL's errors say when the other end of a collective is gone (they raise plain
+RuntimeErrors, so their text is all there is to go by)."""
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """Why a collective failed, in a few words (gloo's ``Read error [HOST]:PORT: Connection reset by
+    peer``), when ``error`` says a peer rank is gone; ``None`` for any other error."""
+    if not isinstance(error, RuntimeError):
+        return None
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if not isinstance(error, dist.DistError) and not any(marker in text for marker in _TRANSPORT_FAILURES):
+        return None
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's "[.../gloo/transport/tcp/pair.cc:537] " source location
+    return text.split(". ")[0].rstrip(".") or type(error).__name__
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ only every ``log_every`` steps (by the controller, which hands the value back).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -302,6 +303,11 @@ class Trainer:
             if self.world is not None:
                 self.world.barrier()  # on every rank, fit returns once rank 0 has written the run's results
             return summary
+        except RuntimeError as error:
+            reason = distributed.peer_lost(error) if self.world is not None else None
+            if reason is None:
+                raise
+            raise self._peer_lost(reason) from None
         finally:
             if self.whole_graph is not None:
                 self.whole_graph.close()
@@ -316,6 +322,21 @@ class Trainer:
                 lock.release()
             if self.world is not None:
                 self.world.close()
+
+    def _peer_lost(self, reason: str) -> distributed.PeerLost:
+        """The one line a rank ends with when a collective found another rank gone (gloo's or NCCL's
+        own error is a traceback from deep inside DDP or a collective, naming neither rank nor remedy)."""
+        assert self.world is not None
+        run, size = self.run_dir, self.world.size
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or size)  # torchrun's ranks on this node
+        if run is not None and (run / "checkpoints" / store.LATEST).is_file():
+            then = (f"continue from its last checkpoint with: esper resume --checkpoint {run} --nproc-per-node {local}"
+                    + ("" if local == size else " and the same --nnodes and rendezvous options"))
+        else:
+            then = "it had written no checkpoint to continue from"
+        return distributed.PeerLost(Problem("distributed", f"rank {self.world.rank} lost contact with another rank "
+                                            f"({reason}): that rank's process ended or the connection to it broke, "
+                                            f"so the run stops; {then}"))
 
     def _train_step(self) -> StepOutcome:
         cfg = self.loaded.recipe
