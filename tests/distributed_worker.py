@@ -20,8 +20,9 @@ def main() -> None:
     trainer.fit()
     rank = os.environ.get("RANK", "0")
     save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"topology": trainer.manager.topology(),
-                                                      "rebuilds": trainer.replica.rebuilds if trainer.replica else 0}))
+    held = {"topology": trainer.manager.topology(), "rebuilds": trainer.replica.rebuilds if trainer.replica else 0,
+            "compiled_here": trainer.controller.kernels.compiled_here}
+    (out / f"rank{rank}.json").write_text(json.dumps(held))
 
 
 if __name__ == "__main__":

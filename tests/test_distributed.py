@@ -71,11 +71,12 @@ def _comparable(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted two-rank run, with what each rank held at the end (``rank0``/``rank1`` files)."""
+    """An uninterrupted two-rank run in a fresh workspace, with what each rank held at the end
+    (``rank0``/``rank1`` files)."""
     root = tmp_path_factory.mktemp("ddp")
     (root / "recipe.yaml").write_text(RECIPE)
     result = subprocess.run(_torchrun(str(ROOT / "tests/distributed_worker.py"), str(root / "recipe.yaml"), str(root),
-                                      f"run.output_dir={root / 'runs'}"),
+                                      f"run.output_dir={root / 'runs'}", f"storage.workspace={root / 'ws'}"),
                             capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return root
@@ -89,6 +90,8 @@ def test_after_growth_every_rank_holds_the_same_model_and_topology(two_ranks: Pa
     ranks = [json.loads((two_ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["topology"] == ranks[1]["topology"]
     assert ranks[0]["rebuilds"] >= 2  # DDP built once, rebuilt when the seed started incubating
+    # in the fresh workspace rank 0 compiled the kernels; rank 1 found them in the shared store
+    assert ranks[0]["compiled_here"] > 0 and ranks[1]["compiled_here"] == 0, ranks
     run = two_ranks / "runs" / "dd"
     events = [json.loads(line)["event"] for line in (run / "events.jsonl").read_text().splitlines()]
     assert events.count("run_start") == 1 and "germinate" in events and "fossilize" in events  # rank 0 alone wrote

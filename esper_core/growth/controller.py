@@ -293,13 +293,20 @@ class GrowthController:
             return
         self.started = True
         specs = self.catalog.every_spec() if self.policy_config.max_seeds > 0 else {}
-        compiling = {spec.address() for spec in specs.values() if not self.kernels.request(spec).done()}
+
+        def request() -> set[str]:
+            """Ask for every kernel; returns the addresses not in the store (being compiled)."""
+            return {spec.address() for spec in specs.values() if not self.kernels.request(spec).done()}
+
         if (self.deterministic or self.world is not None) and specs:  # ranks must not wait for different seeds
             began = time.perf_counter()
-            if compiling:  # a notice, not an event: a first run's wait takes seconds and must not look like a hang
-                self.recorder.notify({"event": "kernels_compiling", "step": self.step, "kernels": len(compiling)})
+            # rank 0 requests and compiles alone; the others request once it is done, and find its kernels
+            # in the shared store (requested before, each rank compiled every kernel itself)
             with self.world.leader_first() if self.world is not None else nullcontext():
-                errors = self.kernels.wait(specs.values())  # rank 0 compiles; the others hit the cache
+                compiling = request()
+                if compiling:  # a notice, not an event: a first run's wait takes seconds, not a hang
+                    self.recorder.notify({"event": "kernels_compiling", "step": self.step, "kernels": len(compiling)})
+                errors = self.kernels.wait(specs.values())
             for (layer, blueprint), spec in specs.items():
                 error = errors[spec.address()]
                 if error is not None:
@@ -309,6 +316,8 @@ class GrowthController:
                           "kernels": len({s.address() for s in specs.values()}),
                           "unusable": sorted(f"{layer}:{bp}" for layer, bp in self._unusable),
                           "seconds": round(self.kernel_wait_s, 3)})
+        else:
+            request()  # in the background: a seed starts when its kernel has arrived
         if not self._arming_restored:
             self._arm_if_due()
 

@@ -34,6 +34,9 @@ class KernelSupply:
         self._started: dict[str, float] = {}  # address -> when its compile was requested
         self._finished: dict[str, float] = {}  # address -> when the worker delivered it
         self.blocked = 0  # times a caller had to wait on a compile after training started
+        # kernels sent to this process's own compile worker (store misses): under torchrun only rank 0
+        # should have any, the others finding its kernels in the shared store
+        self.compiled_here = 0
 
     def request(self, spec: KernelSpec) -> Future[Kernel]:
         """The kernel for ``spec``: from the store at once, else compiled by the background worker."""
@@ -48,6 +51,7 @@ class KernelSupply:
                 if self._compiler is None:
                     self._compiler = CompileService(self.store, warm=False)
                 self._started[address] = time.perf_counter()
+                self.compiled_here += 1
                 future = self._compiler.request(spec)
                 future.add_done_callback(lambda _: self._finished.setdefault(address, time.perf_counter()))
             self._futures[address] = future
