@@ -125,7 +125,9 @@ def summary_table(summary: dict) -> Table:
 def _muted_rows(summary: dict, metric: str) -> list[tuple[str, str]]:
     """The metric with every seed muted, beside the metric with them, when the run grew anything:
     the difference is what growth bought (for a static run the two are the same figure)."""
-    grown = any(summary["seeds"].get(state) for state in ("training", "blending", "probation", "fossilized"))
+    from esper_core.seeds.lifecycle import any_adding
+
+    grown = any_adding(summary["seeds"])
     muted = summary.get("seeds_muted") or {}
     return [(f"{split} {metric}, every seed muted", f"{muted[f'{split}_{metric}']:.4f}")
             for split in ("val", "test") if grown and f"{split}_{metric}" in muted]

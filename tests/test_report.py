@@ -483,3 +483,17 @@ def test_verify_json_reports_each_run_and_exits_4_on_tampering(finished: Path, s
     data = json.loads(bad.stdout)
     assert not data["ok"] and not data["runs"][0]["events"]["ok"]
     assert data["runs"][0]["problems"] and data["runs"][0]["problems"][0] in bad.stderr
+
+
+@pytest.mark.parametrize("seeds", [{"training": 2, "dormant": 2}, {"fossilized": 1}, {"blending": 1}, {"culled": 3},
+                                   {}])
+def test_the_terminal_summary_and_the_report_agree_when_growth_was_measured(seeds: dict[str, int]) -> None:
+    """"Every seed muted" is shown by `esper train`'s table and by the report for the same runs: those
+    ending with a seed whose output the model adds (an incubating seed adds exactly zero)."""
+    from esper_cli.train import _muted_rows
+    from esper_core.telemetry.report.content import _muted
+
+    summary = {"seeds": seeds, "seeds_muted": {"val_accuracy": 0.5, "test_accuracy": 0.4}}
+    adds = bool({"blending", "probation", "fossilized"} & {k for k, v in seeds.items() if v})
+    assert bool(_muted_rows(summary, "accuracy")) is adds
+    assert (_muted(summary["seeds_muted"], seeds, "accuracy") is not None) is adds

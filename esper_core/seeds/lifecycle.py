@@ -6,6 +6,7 @@ the checkpoint format and must never be renumbered.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
 
 
@@ -32,6 +33,14 @@ class SeedState(IntEnum):
 
 _LIVE = frozenset({SeedState.GERMINATED, SeedState.TRAINING, SeedState.BLENDING, SeedState.PROBATION})
 _IN_FORWARD = frozenset({SeedState.TRAINING, SeedState.BLENDING, SeedState.PROBATION, SeedState.FOSSILIZED})
+_ADDING = frozenset({SeedState.BLENDING, SeedState.PROBATION, SeedState.FOSSILIZED})
+
+
+def any_adding(counts: Mapping[str, object]) -> bool:
+    """Whether seed counts by state name (a summary's ``seeds``) hold a seed whose output the model adds
+    to its host's: blending, in probation or fossilized. An incubating seed runs in the forward pass but
+    adds exactly zero, so a run ending with one alone has no growth for "every seed muted" to measure."""
+    return any(counts.get(state.name.lower()) for state in _ADDING)
 
 TRANSITIONS: dict[SeedState, frozenset[SeedState]] = {
     SeedState.DORMANT: frozenset({SeedState.GERMINATED}),

@@ -10,6 +10,7 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
+from esper_core.seeds.lifecycle import any_adding
 from esper_core.telemetry.report.load import Record, RunFiles
 from esper_core.telemetry.run import build_info
 
@@ -50,11 +51,6 @@ def build(files: RunFiles) -> dict[str, Any]:
     }
 
 
-CONTRIBUTING = ("blending", "probation", "fossilized")
-"""Final seed states whose output the final model adds to its host's (an incubating seed's is exactly
-zero, a germinated one has none)."""
-
-
 def _muted(figures: Any, seeds: Any, metric: str) -> dict[str, Any] | None:
     """The task's metric on validation and test with every seed muted (what growth is worth), or
     ``None`` for a run whose summary has no such figures (one from before they existed, or damaged), and
@@ -63,7 +59,7 @@ def _muted(figures: Any, seeds: Any, metric: str) -> dict[str, Any] | None:
     rows repeating them under "with every seed muted" suggested that growth had been measured."""
     if not isinstance(figures, dict):
         return None
-    if isinstance(seeds, dict) and not any(seeds.get(state) for state in CONTRIBUTING):
+    if isinstance(seeds, dict) and not any_adding(seeds):
         return None
     return {k: figures.get(k) for k in (f"val_{metric}", f"test_{metric}")}
 
