@@ -2,17 +2,21 @@
 
 One MLP run (low-rank seeds only, so a merged export has the user's original key names) uploads to
 the module's server; the tests then check what arrived, resume from a checkpoint in the store
-(bit-exactly, as from a local one), export straight from an ``s3://`` URL, refuse a corrupted object,
-and survive the server going down in the middle of a second run (one warning, the run finishes,
-``esper sync`` uploads what is missing once a server is back).
+(bit-exactly, as from a local one), export straight from an ``s3://`` URL, refuse a corrupted object
+and a download that breaks mid-object (one line, exit 3), and survive the server going down in the
+middle of a second run (one warning, the run finishes, ``esper sync`` uploads what is missing once a
+server is back).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +71,50 @@ class Server:
 
     def url(self, bucket: str, path: str = "runs") -> str:
         return f"s3://{bucket}/{path}?endpoint_url={self.endpoint}"
+
+
+class CuttingProxy:
+    """A loopback HTTP proxy in front of ``upstream`` that passes every exchange through unchanged,
+    except that an object's GET response with a body over ``limit`` bytes stops halfway and the
+    connection closes: a download that breaks mid-object, as a flaky network or a restarted server does."""
+
+    def __init__(self, upstream: int, limit: int) -> None:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream_conn = http.client.HTTPConnection("127.0.0.1", upstream, timeout=10)
+                upstream_conn.request(self.command, self.path, body, dict(self.headers))
+                response = upstream_conn.getresponse()
+                data = response.read()
+                cut = self.command == "GET" and "?" not in self.path and len(data) > limit  # objects, not listings
+                proxy.cuts += cut
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:len(data) // 2] if cut else data)
+                self.wfile.flush()
+                self.close_connection = cut
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
+
+        self.cuts = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def sha256(path: Path) -> str:
@@ -189,6 +237,26 @@ def test_a_corrupted_object_is_refused_naming_it(server: Server, uploaded: Train
     assert "Traceback" not in done.output
     assert not (tmp_path / ".esper" / "remote" / "esper-runs" / "runs" / name / "checkpoints" / "step-00000075"
                 / "tensors.safetensors").exists()
+
+
+def test_a_download_that_breaks_mid_object_is_one_line_and_exit_3(server: Server, uploaded: Trainer, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every large object's body stops halfway (the run's listing and small files pass): the export
+    ends with one line naming the object, exit 3, and no partial file in the download cache."""
+    monkeypatch.chdir(tmp_path)
+    proxy = CuttingProxy(server.port, limit=4096)
+    try:
+        url = f"s3://esper-runs/runs/{uploaded.run_dir.name}?endpoint_url={proxy.endpoint}"
+        done = esper("export", url, "--format", "safetensors", "--out", tmp_path / "out")
+    finally:
+        proxy.stop()
+    assert proxy.cuts > 0
+    assert done.exit_code == 3, done.output
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot download" in lines[0] and f"runs/{uploaded.run_dir.name}/" in lines[0], lines
+    assert "Traceback" not in done.output
+    cache = tmp_path / ".esper" / "remote"
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".part")]
 
 
 def test_an_outage_mid_run_warns_once_and_sync_uploads_what_is_missing(

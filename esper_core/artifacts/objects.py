@@ -141,7 +141,7 @@ class ObjectStore:
         fd, temp = tempfile.mkstemp(prefix=f".{destination.name}-", suffix=".part", dir=destination.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                for block in response["Body"].iter_chunks(CHUNK):
+                for block in _chunks(response["Body"]):
                     digest.update(block)
                     handle.write(block)
             if digest.hexdigest() != recorded:
@@ -158,6 +158,16 @@ class ObjectStore:
             return getattr(self._client, method)(**kwargs)
         except Exception as exc:  # botocore's connection, timeout and client errors alike
             raise ObjectError(_describe(exc)) from None
+
+
+def _chunks(body: Any) -> Iterator[bytes]:
+    """An object's body in blocks. A connection that breaks mid-object (botocore's streaming and
+    read-timeout errors come out of the read, not the request) is an :class:`ObjectError` like one
+    that fails before the first byte."""
+    try:
+        yield from body.iter_chunks(CHUNK)
+    except Exception as exc:
+        raise ObjectError(_describe(exc)) from None
 
 
 def _describe(exc: BaseException) -> str:
