@@ -205,21 +205,29 @@ def test_ranks_stay_identical_with_bf16_autocast_and_torch_compile(tmp_path: Pat
     assert json.loads((tmp_path / "rank0.json").read_text()) == json.loads((tmp_path / "rank1.json").read_text())
 
 
+def _train_until_a_checkpoint(tmp_path: Path, recipe: str, within_s: float,
+                              *overrides: str) -> tuple[subprocess.Popen[str], Path]:
+    """`esper train --nproc-per-node 2` of ``recipe`` in the background, once its step-20 checkpoint exists;
+    returns the launcher (stderr piped) and the runs directory."""
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    out = tmp_path / "runs"
+    launcher = subprocess.Popen(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                       f"run.output_dir={out}", *overrides),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    marker = out / "dd" / "checkpoints" / store.checkpoint_name(20)
+    deadline = time.monotonic() + within_s
+    while not marker.exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    return launcher, out
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_stopping_the_launcher_stops_every_rank_with_a_checkpoint_and_exit_128_plus_n(tmp_path: Path,
                                                                                       signum: int) -> None:
     """Ctrl-C or SIGTERM to `esper train --nproc-per-node 2` was torch-elastic's SignalException
     traceback and exit 1, although the ranks had written their checkpoint."""
-    (tmp_path / "recipe.yaml").write_text(RECIPE.replace("max_steps: 60", "max_steps: 100000"))
-    out = tmp_path / "runs"
-    launcher = subprocess.Popen(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
-                                       f"run.output_dir={out}"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
-    marker = out / "dd" / "checkpoints" / store.checkpoint_name(20)
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert launcher.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    launcher, out = _train_until_a_checkpoint(tmp_path, RECIPE.replace("max_steps: 60", "max_steps: 100000"), 120)
     launcher.send_signal(signum)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 128 + signum, err[-3000:]
@@ -234,16 +242,7 @@ def test_kill_nine_of_one_rank_ends_with_one_line_naming_it_and_exit_137(tmp_pat
     contact (and how to resume), and the launcher's last line names the rank that died, exit 128 + 9.
     A static run (max_seeds 0): nothing to compile, so the two ranks are training within seconds."""
     recipe = RECIPE.replace("max_steps: 60", "max_steps: 100000").replace("max_seeds: 2", "max_seeds: 0")
-    (tmp_path / "recipe.yaml").write_text(recipe)
-    out = tmp_path / "runs"
-    launcher = subprocess.Popen(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
-                                       f"run.output_dir={out}", f"storage.workspace={tmp_path / 'ws'}"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
-    marker = out / "dd" / "checkpoints" / store.checkpoint_name(20)
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert launcher.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    launcher, out = _train_until_a_checkpoint(tmp_path, recipe, 60, f"storage.workspace={tmp_path / 'ws'}")
     workers = _worker_pids(launcher.pid)
     os.kill(workers[1], signal.SIGKILL)
     _, err = launcher.communicate(timeout=60)
