@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +168,32 @@ def test_the_database_refuses_truncate_and_lines_whose_sha256_is_not_theirs(back
             db.execute(text(statement))
     assert [e.seq for e in repository.events("run-1")] == [0, 1]
     repository.close()
+
+
+def test_close_does_not_wait_for_a_connection_to_a_server_that_never_answers() -> None:
+    """A PostgreSQL URL whose server accepts connections and never answers (a hung database): the
+    first use blocks in libpq's connect until its timeout (15 s here). close(), at the end of a run,
+    used to wait for it on the repository's lock; it now returns at once, and the attempt, when it
+    ends, keeps no engine."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nothing ever reads or answers
+    repository = AssetRepository(f"postgresql://esper@127.0.0.1:{silent.getsockname()[1]}/esper")
+    outcome: list[BaseException] = []
+
+    def first_use() -> None:
+        try:
+            repository.engine
+        except BaseException as exc:  # the outcome under test
+            outcome.append(exc)
+
+    attempt = threading.Thread(target=first_use, daemon=True)
+    attempt.start()
+    time.sleep(0.5)  # the attempt holds the repository's lock, connecting
+    assert attempt.is_alive()
+    started = time.monotonic()
+    repository.close()
+    assert time.monotonic() - started < 5.0  # not libpq's 15 s
+    silent.close()  # the attempt now fails (or, were it to connect, gives its engine up)
+    attempt.join(timeout=30)
+    assert not attempt.is_alive() and outcome and repository._engine is None

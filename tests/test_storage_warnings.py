@@ -5,6 +5,9 @@ loopback interface, a disk tier that cannot store, and "sql: deadline missed" on
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,3 +83,27 @@ def test_a_slow_first_connection_is_not_a_missed_deadline(tmp_path: Path, caplog
     assert sql.guard.counters.timeouts == 0 and sql.guard.counters.errors == 0
     assert sql.guard.notices == [] and not [r for r in caplog.records if "deadline" in r.getMessage()]
     assert repository.has_run("r")
+
+
+STUCK_CALL = """
+import sys, threading
+from esper_core.storage.guard import Breaker, Guard, TierUnavailable
+guard = Guard("sql", deadline_s=0.2, breaker=Breaker(failures=1, reset_s=30.0))
+try:
+    guard.call(threading.Event().wait)  # a call that never returns: a hung server's connect
+except TierUnavailable as exc:
+    print("abandoned:", exc, flush=True)
+guard.close()
+"""
+
+
+def test_a_call_stuck_in_a_hung_server_does_not_keep_the_process_alive() -> None:
+    """The guard abandons a call at its deadline; the call's thread must then not hold up the end of
+    the process (a pool that joins its threads at exit kept a finished run from returning to the
+    shell for as long as libpq's connect timeout, and here, forever)."""
+    root = Path(__file__).resolve().parents[1]
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", STUCK_CALL], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and "abandoned: sql: deadline missed" in done.stdout, done.stderr
+    assert time.monotonic() - started < 30

@@ -13,10 +13,11 @@ the breaker opens, and once more when the tier is back.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -111,6 +112,67 @@ create its schema: counting it against a one-second call deadline made every fre
 timeout, not this one."""
 
 
+class DaemonPool:
+    """The threads a remote tier's calls run on, which never hold up the end of the process.
+
+    A ``ThreadPoolExecutor`` joins its threads when the interpreter exits, so a call the guard had
+    abandoned, stuck in the connect of a server that accepts and never answers (libpq waits out its
+    connect timeout), kept a finished ``esper train`` from returning to the shell for about 15 s more.
+    An abandoned call's result is harmless whenever it lands (module docstring), so its thread may
+    simply end with the process: these are daemon threads."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._size, self._name = threads, name
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = \
+            queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._shut = False
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue ``fn(*args)``; raises ``RuntimeError`` after :meth:`shutdown`, as an executor does."""
+        future: Future[T] = Future()
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            if len(self._threads) < self._size:  # started as calls come, like an executor's
+                thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            self._queue.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():  # cancelled while queued
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # the call's outcome, whatever it is, belongs to its future
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+        """Stop taking calls; queued ones are cancelled (``cancel_futures``) or still run; ``wait``
+        joins the threads (a stuck call then holds this up, as it would an executor's)."""
+        with self._lock:
+            self._shut = True
+            threads = list(self._threads)
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
 class Guard:
     """Runs one tier's calls under its deadline and breaker, keeping its counters.
 
@@ -125,7 +187,7 @@ class Guard:
         self.counters = TierCounters()
         self.notices: list[str] = []
         self._lock = threading.Lock()
-        self._pool = None if deadline_s is None else ThreadPoolExecutor(threads, thread_name_prefix=f"esper-{name}")
+        self._pool = None if deadline_s is None else DaemonPool(threads, f"esper-{name}")
         self._opening: Future[Any] | None = None
 
     def open(self, fn: Callable[[], Any]) -> None:

@@ -43,6 +43,7 @@ class AssetRepository:
         self.migrate = migrate
         self._engine: Any = None
         self._lock = threading.Lock()
+        self._closes = 0  # close() calls so far: a connection attempt that overlapped one is given up
 
     @classmethod
     def for_workspace(cls, workspace: str | Path, timeout_s: float = 15.0) -> AssetRepository:
@@ -59,10 +60,13 @@ class AssetRepository:
         """The migrated engine (created and migrated on first access)."""
         with self._lock:
             if self._engine is None:
+                closes = self._closes
                 engine = make_engine(self.url, self.timeout_s)
                 try:
                     if self.migrate:
                         migrate(engine)
+                    if self._closes != closes:
+                        raise ConnectionError("the asset repository was closed while it connected")
                 except Exception:
                     engine.dispose()
                     raise
@@ -70,10 +74,18 @@ class AssetRepository:
             return self._engine
 
     def close(self) -> None:
-        with self._lock:
+        """Dispose of the engine. A first connection still being attempted is not waited for: a server
+        that accepts connections and never answers holds it until libpq's connect timeout (15 s), which
+        kept a finished run from returning; the attempt gives up its engine itself when it ends."""
+        self._closes += 1
+        if not self._lock.acquire(timeout=0.5):  # held for longer only by a connection attempt
+            return
+        try:
             if self._engine is not None:
                 self._engine.dispose()
                 self._engine = None
+        finally:
+            self._lock.release()
 
     # --- kernels -----------------------------------------------------------------------------------
 
