@@ -24,6 +24,7 @@ from esper_core.compiler.kernels import KernelSpec
 from esper_core.compiler.service import CompileService
 from esper_core.compiler.targets import Target
 from esper_core.errors import ConfigError
+from esper_core.growth.kernels import KernelSupply
 from esper_core.recipe.schema import StorageConfig
 from esper_core.storage import open_kernel_store
 from esper_core.storage.cache import PersistentKernelCache
@@ -328,3 +329,21 @@ def test_a_key_of_another_type_in_redis_is_a_bad_entry_not_an_outage(tmp_path: P
     report = found.value.report  # type: ignore[attr-defined]
     assert [(t.name, t.reachable, t.entries) for t in report.tiers if t.name == "redis"] == [("redis", True, 1)]
     assert [(tier, address) for tier, address, _ in report.corrupt] == [("redis", stray)]
+
+
+def test_a_kernel_compiled_for_a_run_is_one_lookup_and_one_miss_per_tier(tmp_path: Path) -> None:
+    """A run's kernel supply looks the kernel up, misses, and has it compiled: the cache counts that as
+    one lookup and one miss in each tier (the metrics' miss counters), not a second miss per tier from
+    the compile service looking again."""
+    cache = open_kernel_store(StorageConfig(workspace=str(tmp_path / "ws")), env={})
+    spec = KernelSpec(load_blueprint(BUILTIN_DIR / "lowrank_adapter.yaml").blueprint, HostSpec("linear", 20, 10), 3)
+    supply = KernelSupply(cache)
+    try:
+        assert supply.wait([spec]) == {spec.address(): None}
+    finally:
+        supply.close()
+    stats = cache.stats()
+    assert stats["lookups"] == 1 and stats["misses"] == 1, stats
+    assert stats["tiers"]["sql"]["misses"] == 1 and stats["tiers"]["disk"]["misses"] == 1, stats["tiers"]
+    assert cache.get(spec.address()) is not None  # compiled and stored
+    cache.close()

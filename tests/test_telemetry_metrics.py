@@ -48,10 +48,12 @@ policy: {trigger: periodic, period_steps: 30, growth_window: [0.05, 0.5], max_se
 trainer: {max_steps: 120, lr: 0.01, eval_every: 10, log_every: 10}
 checkpoint: {every_steps: 60}
 telemetry: {progress: none, metrics_port: 0}
+storage: {breaker_failures: 2}
 """
 """A seed germinates at step 10 and is fossilized, and a checkpoint written, at step 60, so a scrape
 at step 70 sees growth and a checkpoint in the counters. Expected counts are taken from the run's own
-event log, so the test does not depend on how many seeds the policy chose to grow."""
+event log, so the test does not depend on how many seeds the policy chose to grow. The run's one
+kernel costs each remote tier two calls (its lookup and its put): two failures open a breaker."""
 SCRAPE_STEP = 70
 SECRETS = {
     "ESPER_DATABASE_URL": "postgresql://esper:pg-pw-7f3a9c@db.internal:5432/esper",

@@ -78,8 +78,11 @@ class CompileService:
                 for _ in range(workers):
                     self._pool.submit(_warm_worker)
 
-    def request(self, spec: KernelSpec) -> Future[Kernel]:
-        """A future of the kernel for ``spec``: done at once on a store hit or a known failure."""
+    def request(self, spec: KernelSpec, missed: bool = False) -> Future[Kernel]:
+        """A future of the kernel for ``spec``: done at once on a store hit or a known failure.
+        ``missed``: the caller has just looked ``spec`` up in this service's store and missed (a run's
+        kernel supply does, so as to start no compile worker on a hit); looking again would count a
+        second miss in every tier of the cache's metrics."""
         address = spec.address()
         with self._lock:
             if address in self._unusable:
@@ -87,7 +90,7 @@ class CompileService:
             if address in self._pending:
                 self.stats.merged += 1
                 return self._pending[address]
-            kernel = self.store.get(address)
+            kernel = None if missed else self.store.get(address)
             if kernel is not None:
                 self.stats.hits += 1
                 return _done(result=kernel)

@@ -52,7 +52,7 @@ class KernelSupply:
                     self._compiler = CompileService(self.store, warm=False)
                 self._started[address] = time.perf_counter()
                 self.compiled_here += 1
-                future = self._compiler.request(spec)
+                future = self._compiler.request(spec, missed=True)
                 future.add_done_callback(lambda _: self._finished.setdefault(address, time.perf_counter()))
             self._futures[address] = future
         return future
