@@ -55,17 +55,30 @@ def _tables(path: str, description: str, model: type[BaseModel]) -> Iterator[str
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     nested: list[tuple[str, FieldInfo, type[BaseModel]]] = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            nested.append((f"{path}.{name}", field, annotation))
+        sub_model = section_model(field.annotation)
+        if sub_model is not None:
+            nested.append((f"{path}.{name}", field, sub_model))
+        if sub_model is not None and field.annotation is sub_model:
             default = f"see `{path}.{name}`"
-        else:
+        else:  # an optional section (`trainer.early_stopping`) is off by default: its default is null
             default = default_text(field.get_default(call_default_factory=True))
         cells = [f"`{name}`", field_type(field), default, field.description or ""]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     yield f"## `{path}`\n\n{description}\n\n" + "\n".join(rows) + "\n"
     for sub_path, field, sub_model in nested:
         yield from _tables(sub_path, field.description or "", sub_model)
+
+
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field typed ``Section`` or ``Section | None``, else ``None``. An optional
+    section still has keys a user must be able to look up, so it gets its own table like any other."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        models = [arg for arg in get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+    return None
 
 
 def field_type(field: FieldInfo) -> str:
