@@ -115,3 +115,28 @@ def test_canonical_ir_ignores_formatting(tmp_path):
     b = tmp_path / "b.yaml"
     b.write_text("# comment\nops:\n  - op: linear\n    out: out\n    in: in\n    bias: true\nhost: linear\nname: x\n")
     assert load_blueprint(a).blueprint.digest() == load_blueprint(b).blueprint.digest()
+
+
+@pytest.mark.parametrize("written, shown", [("true", "true, a boolean"), ("8.0", "8.0, a number with a fraction"),
+                                            ("[8]", "[8], a list")])
+def test_a_size_that_is_not_an_integer_or_expression_is_one_located_error(tmp_path, written, shown):
+    """`out: true` once resolved to a 1-wide layer (pydantic's lax int), and `8.5` gave two lines, one
+    per member of the int-or-expression union."""
+    path = _write(tmp_path, f"name: x\nhost: linear\ndims:\n  h: {written}\nops:\n"
+                            f"  - {{op: linear, in: in, out: {written}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_blueprint(path)
+    expected = f"must be an integer or an expression such as `rank * 2` (got {shown})"
+    assert [str(p) for p in info.value.problems] == [f"{path}:4: dims.h: {expected}",
+                                                     f"{path}:6: ops.0.out: {expected}"]
+
+
+def test_blueprint_types_are_strict(tmp_path):
+    """As in recipes: YAML decides a type by its spelling, so `bias: "no"` is an error, not `True`."""
+    path = _write(tmp_path, 'name: x\nversion: true\nhost: linear\nops:\n'
+                            '  - {op: linear, in: in, out: out, bias: "no"}\n')
+    with pytest.raises(ConfigError) as info:
+        load_blueprint(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:2: version: must be an integer (got true, a boolean)",
+        f"{path}:5: ops.0.bias: must be true or false (got 'no', a string)"]

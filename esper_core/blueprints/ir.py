@@ -12,37 +12,54 @@ import hashlib
 import json
 from typing import Annotated, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 Dim = Union[int, str]
 """A size: a literal integer or an expression over symbolic dims (see :mod:`.dims`)."""
+
+
+def _size_value(value: object) -> object:
+    """Refuse what YAML gives for a size that is neither an integer nor an expression before the union
+    sees it: pydantic's lax int would read `true` as 1 and `8.0` as 8 (a blueprint that silently grows a
+    1-wide layer), and a refused union reports one line per member (`out.int`, `out.str`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        kind = {bool: "a boolean", float: "a number with a fraction", list: "a list", dict: "a mapping"}.get(
+            type(value), "null" if value is None else type(value).__name__)
+        shown = json.dumps(value, default=str)  # as YAML spells it: `true`, `null`, `8.0`
+        raise ValueError(f"must be an integer or an expression such as `rank * 2` (got {shown}, {kind})")
+    return value
+
+
+StrictDim = Annotated[Dim, BeforeValidator(_size_value)]
+"""A :data:`Dim` field as blueprint files write it (its annotation in ``model_fields`` is still :data:`Dim`)."""
 
 Init = Literal["default", "zeros", "small"]
 
 
 class _Op(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict, as recipes are: `bias: "no"` or `bias: 1` is an error, not a guess
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class LinearOp(_Op):
     """A fully connected layer ``in -> out`` (parameters: in x out, plus out with a bias)."""
 
     op: Literal["linear"]
-    in_: Dim = Field(alias="in", description="Input features.")
-    out: Dim = Field(description="Output features.")
+    in_: StrictDim = Field(alias="in", description="Input features.")
+    out: StrictDim = Field(description="Output features.")
     bias: bool = Field(True, description="Add a bias.")
     init: Init = Field("default", description="`default` (PyTorch's), `zeros` (the usual last op: the seed starts "
                        "at zero output) or `small` (PyTorch's default scaled by 1e-3).")
 
 
 class _ConvOp(_Op):
-    in_: Dim = Field(alias="in", description="Input channels.")
-    out: Dim = Field(description="Output channels.")
+    in_: StrictDim = Field(alias="in", description="Input channels.")
+    out: StrictDim = Field(description="Output channels.")
     geometry: Literal["host", "same"] = Field(
         "same", description="`host` copies the host conv's kernel, stride, padding and dilation (so the "
         "seed's output grid matches the host's); `same` is a stride-1 conv that keeps the grid.")
-    kernel: Dim = Field(3, description="Kernel size for `geometry: same` (odd).")
-    groups: Dim = Field(1, description="Channel groups (`in` for a depthwise conv).")
+    kernel: StrictDim = Field(3, description="Kernel size for `geometry: same` (odd).")
+    groups: StrictDim = Field(1, description="Channel groups (`in` for a depthwise conv).")
     bias: bool = Field(True, description="Add a bias.")
     init: Init = Field("default", description="As for `linear`.")
 
@@ -85,8 +102,8 @@ class SEGateOp(_Op):
     """Squeeze-excitation: scale each channel by a gate computed from its global average."""
 
     op: Literal["se_gate"]
-    channels: Dim = Field(description="Channels gated (the channels the op receives).")
-    reduction: Dim = Field(4, description="The gate's hidden width is channels // reduction (at least 1).")
+    channels: StrictDim = Field(description="Channels gated (the channels the op receives).")
+    reduction: StrictDim = Field(4, description="The gate's hidden width is channels // reduction (at least 1).")
 
 
 _OP_TYPES = (LinearOp, Conv1dOp, Conv2dOp, ActivationOp, DropoutOp, AvgPoolOp, SEGateOp)
@@ -97,7 +114,7 @@ OP_NAMES = frozenset(name for cls in _OP_TYPES for name in get_args(cls.model_fi
 class Blueprint(BaseModel):
     """One blueprint file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64,
                       description="The name recipes use in `seeds.blueprints`.")
@@ -110,7 +127,7 @@ class Blueprint(BaseModel):
         "layers l, l+1 (reads l's input, adds to l+1's output; `in` is l's input size, `out` l+1's output "
         "size, and a conv span keeps l's geometry, so l+1 must keep the grid): exactly a wider layer l when "
         "only an elementwise activation sits between them, as in an MLP.")
-    dims: dict[str, Dim] = Field(default_factory=dict,
+    dims: dict[str, StrictDim] = Field(default_factory=dict,
                                  description="Named sizes, evaluated in order; may use in, out, rank and earlier dims.")
     ops: list[Op] = Field(min_length=1, max_length=64, description="The branch, applied in order to the host's "
                           "input; it must end with the host's output size (and grid, for conv2d).")
