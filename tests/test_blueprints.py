@@ -140,3 +140,18 @@ def test_blueprint_types_are_strict(tmp_path):
     assert [str(p) for p in info.value.problems] == [
         f"{path}:2: version: must be an integer (got true, a boolean)",
         f"{path}:5: ops.0.bias: must be true or false (got 'no', a string)"]
+
+
+def test_a_dim_may_not_redefine_in_out_or_rank_or_be_unusable(tmp_path):
+    """`dims: {rank: 3}` once silently replaced seeds.rank (and `in: 5` the host's width, reported later as a
+    chain mismatch); a dim named `my-dim` or `2x` could never be referred to."""
+    path = _write(tmp_path, "name: x\nhost: linear\ndims:\n  rank: 3\n  my-dim: 4\n  lambda: 2\n  h: rank * 2\n"
+                            "ops:\n  - {op: linear, in: in, out: h}\n  - {op: linear, in: h, out: out}\n")
+    with pytest.raises(ConfigError) as info:
+        load_blueprint(path)
+    lines = [str(p) for p in info.value.problems]
+    assert len(lines) == 3
+    assert lines[0] == (f"{path}:4: dims.rank: 'rank' is set by the host and the recipe (in, out, rank); "
+                        "give this dim another name")
+    assert lines[1].startswith(f"{path}:5: dims.my-dim: 'my-dim' is not a name an expression can use")
+    assert lines[2].startswith(f"{path}:6: dims.lambda: 'lambda' is not a name an expression can use")

@@ -128,7 +128,9 @@ class Blueprint(BaseModel):
         "size, and a conv span keeps l's geometry, so l+1 must keep the grid): exactly a wider layer l when "
         "only an elementwise activation sits between them, as in an MLP.")
     dims: dict[str, StrictDim] = Field(default_factory=dict,
-                                 description="Named sizes, evaluated in order; may use in, out, rank and earlier dims.")
+                                 description="Named sizes, evaluated in order; may use in, out, rank and earlier "
+                                 "dims. A name is a Python identifier other than in, out and rank (those come from "
+                                 "the host and the recipe).")
     ops: list[Op] = Field(min_length=1, max_length=64, description="The branch, applied in order to the host's "
                           "input; it must end with the host's output size (and grid, for conv2d).")
 

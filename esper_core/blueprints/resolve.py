@@ -6,6 +6,7 @@ and documenting blueprints stays fast). :mod:`.builder` turns resolved ops into 
 
 from __future__ import annotations
 
+import keyword
 from dataclasses import dataclass, field
 
 from esper_core.blueprints.dims import DimError, check, evaluate
@@ -13,6 +14,8 @@ from esper_core.blueprints.host import Grid, HostSpec, Padding
 from esper_core.blueprints.ir import (ActivationOp, AvgPoolOp, Blueprint, Conv1dOp, Conv2dOp, Dim, DropoutOp,
                                       LinearOp, SEGateOp)
 
+HOST_DIMS = ("in", "out", "rank")
+"""The names every expression may use, set by the host layer and ``seeds.rank``, not by the blueprint."""
 MAX_DIM = 2**20
 MAX_PARAMS = 10**9
 _PROBE_GRIDS = {"conv1d": ((8,), (13,), (32,)), "conv2d": ((8, 8), (13, 11), (32, 32))}
@@ -33,10 +36,19 @@ class ResolveError(ValueError):
 
 def expression_errors(blueprint: Blueprint) -> list[ResolveError]:
     """Every dim expression that no host could resolve (bad syntax, a name that is not ``in``,
-    ``out``, ``rank`` or an earlier dim): a defect of the blueprint itself, found when it is loaded
-    rather than when it is first applied to a host."""
-    names, errors = {"in", "out", "rank"}, []
+    ``out``, ``rank`` or an earlier dim), and every dim whose name redefines one of those or could
+    never be referred to: a defect of the blueprint itself, found when it is loaded rather than when
+    it is first applied to a host."""
+    names, errors = set(HOST_DIMS), []
     for name, expr in blueprint.dims.items():
+        if name in HOST_DIMS:  # else `rank: 3` silently overrides seeds.rank, `in: 5` the host's width
+            errors.append(ResolveError(f"dims.{name}", f"{name!r} is set by the host and the recipe "
+                                       f"({', '.join(HOST_DIMS)}); give this dim another name"))
+            continue
+        if not name.isidentifier() or keyword.iskeyword(name):  # an expression could never refer to it
+            errors.append(ResolveError(f"dims.{name}", f"{name!r} is not a name an expression can use "
+                                       "(letters, digits and _, not starting with a digit, not a Python keyword)"))
+            continue
         try:
             check(expr, names)
         except DimError as exc:
