@@ -102,6 +102,18 @@ def test_dimension_expressions_no_host_could_resolve_are_invalid_input(tmp_path:
         "min() and max() are allowed"]
 
 
+def test_an_op_the_host_kind_does_not_allow_is_invalid_input(tmp_path: Path) -> None:
+    """A conv2d op in a `host: linear` blueprint fails on every target: it was exit 1 (a failed compile,
+    once per target), and with no target of its kind it was not reported at all."""
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("name: wrong\nhost: linear\nops:\n  - {op: conv2d, in: in, out: out, init: zeros}\n")
+    result = run(wrong, "--linear", "16:8", "--linear", "8:4", "--check")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {wrong}:4: ops.0.op: op 'conv2d' cannot be used on a linear host "
+                      "(allowed: dropout, gelu, linear, relu, sigmoid, silu, tanh)"]
+
+
 def test_check_fails_for_a_blueprint_with_no_target_of_its_kind_unless_skips_are_allowed(tmp_path: Path) -> None:
     """Issue 11 item 16: `--check` that checked nothing for a blueprint is not a pass."""
     result = run(BUILTIN_DIR / "se_gate.yaml", BUILTIN_DIR / "lowrank_adapter.yaml", "--linear", "8:4", "--check")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import keyword
 from dataclasses import dataclass, field
+from typing import get_args
 
 from esper_core.blueprints.dims import DimError, check, evaluate
 from esper_core.blueprints.host import Grid, HostSpec, Padding
@@ -36,9 +37,9 @@ class ResolveError(ValueError):
 
 def expression_errors(blueprint: Blueprint) -> list[ResolveError]:
     """Every dim expression that no host could resolve (bad syntax, a name that is not ``in``,
-    ``out``, ``rank`` or an earlier dim), and every dim whose name redefines one of those or could
-    never be referred to: a defect of the blueprint itself, found when it is loaded rather than when
-    it is first applied to a host."""
+    ``out``, ``rank`` or an earlier dim), every dim whose name redefines one of those or could
+    never be referred to, and every op its host kind does not allow: a defect of the blueprint
+    itself, found when it is loaded rather than when it is first applied to a host."""
     names, errors = set(HOST_DIMS), []
     for name, expr in blueprint.dims.items():
         if name in HOST_DIMS:  # else `rank: 3` silently overrides seeds.rank, `in: 5` the host's width
@@ -55,6 +56,8 @@ def expression_errors(blueprint: Blueprint) -> list[ResolveError]:
             errors.append(ResolveError(f"dims.{name}", str(exc)))
         names.add(name)
     for i, op in enumerate(blueprint.ops):
+        if not isinstance(op, HOST_OPS[blueprint.host]):  # whatever the target: a file defect, not a failed compile
+            errors.append(ResolveError(f"ops.{i}.op", _wrong_host_op(op.op, blueprint.host)))
         for attribute, info in type(op).model_fields.items():
             value = getattr(op, attribute)
             if info.annotation != Dim or not isinstance(value, str):
@@ -64,6 +67,11 @@ def expression_errors(blueprint: Blueprint) -> list[ResolveError]:
             except DimError as exc:
                 errors.append(ResolveError(f"ops.{i}.{info.alias or attribute}", str(exc)))
     return errors
+
+
+def _wrong_host_op(op: str, host: str) -> str:
+    allowed = sorted(name for cls in HOST_OPS[host] for name in get_args(cls.model_fields["op"].annotation))
+    return f"op {op!r} cannot be used on a {host} host (allowed: {', '.join(allowed)})"
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,7 @@ def _size(expr: int | str, env: dict[str, int], where: str, minimum: int = 1) ->
 def _resolve_op(op: object, i: int, host: HostSpec, env: dict[str, int]) -> ResolvedOp:
     where = f"ops.{i}"
     if not isinstance(op, HOST_OPS[host.kind]):
-        raise ResolveError(f"{where}.op", f"op {op.op!r} cannot be used on a {host.kind} host")  # type: ignore[attr-defined]
+        raise ResolveError(f"{where}.op", _wrong_host_op(op.op, host.kind))  # type: ignore[attr-defined]
     if isinstance(op, LinearOp):
         return ResolvedOp("linear", _size(op.in_, env, f"{where}.in"), _size(op.out, env, f"{where}.out"),
                           bias=op.bias, init=op.init)
