@@ -155,3 +155,25 @@ def test_a_dim_may_not_redefine_in_out_or_rank_or_be_unusable(tmp_path):
                         "give this dim another name")
     assert lines[1].startswith(f"{path}:5: dims.my-dim: 'my-dim' is not a name an expression can use")
     assert lines[2].startswith(f"{path}:6: dims.lambda: 'lambda' is not a name an expression can use")
+
+
+def test_two_user_blueprints_of_one_name_are_an_error_naming_both(tmp_path):
+    """Which of two files named `samename` a recipe got once depended on file order, silently."""
+    first, second = tmp_path / "one", tmp_path / "two"
+    for directory in (first, second):
+        directory.mkdir()
+    text = "name: samename\nhost: linear\nops:\n  - {op: linear, in: in, out: out, init: zeros}\n"
+    (first / "a.yaml").write_text(text)
+    (first / "b.yaml").write_text(text)
+    (second / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        BlueprintLibrary.discover([first, second])
+    assert [str(p) for p in info.value.problems] == [
+        f"{first / 'b.yaml'}:1: name: blueprint 'samename' is also defined in {first / 'a.yaml'}; "
+        "give one of them another name",
+        f"{second / 'c.yaml'}:1: name: blueprint 'samename' is also defined in {first / 'b.yaml'}; "
+        "give one of them another name"]
+    # one directory named twice is not a duplicate, and a user file may still replace a builtin
+    assert BlueprintLibrary.discover([second, second]).get("samename").path == (second / "c.yaml").resolve()
+    (second / "c.yaml").write_text(text.replace("samename", "lowrank_adapter"))
+    assert BlueprintLibrary.discover([second]).get("lowrank_adapter").path == (second / "c.yaml").resolve()

@@ -53,19 +53,30 @@ def load_blueprint(path: str | Path) -> BlueprintFile:
 
 @dataclass
 class BlueprintLibrary:
-    """Blueprints by name: builtins first, then each extra directory (a later file of the same name wins)."""
+    """Blueprints by name: builtins first, then each extra directory. A user file may replace a builtin
+    of its name; two user files of one name are an error."""
 
     files: dict[str, BlueprintFile] = field(default_factory=dict)
 
     @classmethod
     def discover(cls, extra_dirs: Iterable[Path] = ()) -> "BlueprintLibrary":
-        library = cls()
+        """Load every ``*.yaml`` of the builtin library and of ``extra_dirs``. Two user files that claim
+        one ``name`` are refused rather than resolved by file order: a copied file whose name was not
+        changed would otherwise silently decide which blueprint a recipe's name means."""
+        library, duplicates = cls(), []
         for directory in (BUILTIN_DIR, *extra_dirs):
             if not directory.is_dir():
                 raise ConfigError(Problem(str(directory), "blueprint directory not found"))
             for path in sorted(directory.glob("*.yaml")):
                 loaded = load_blueprint(path)
+                earlier = library.files.get(loaded.blueprint.name)
+                if earlier is not None and earlier.path.parent != BUILTIN_DIR.resolve() and earlier.path != loaded.path:
+                    duplicates.append(loaded.problem(ResolveError(
+                        "name", f"blueprint {loaded.blueprint.name!r} is also defined in {earlier.source}; "
+                        "give one of them another name")))
                 library.files[loaded.blueprint.name] = loaded
+        if duplicates:
+            raise ConfigError(duplicates)
         return library
 
     def get(self, name: str) -> BlueprintFile:

@@ -39,7 +39,8 @@ symbolically and resolved against each host layer it is used on, so one blueprin
 any width. `esper blueprints list` shows the blueprints a recipe can name, `esper blueprints show
 NAME` one of them resolved on an example host, and `esper compile` builds and validates kernels
 from them ([compile.md](compile.md)). Recipes name blueprints in `seeds.blueprints` and add
-directories of their own with `seeds.blueprint_dirs`.
+directories of their own with `seeds.blueprint_dirs`. A file there whose `name` is a builtin's
+replaces that builtin; two files there with the same `name` are an error.
 
 ## File format
 
