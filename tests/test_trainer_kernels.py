@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from esper_core.training.dry_run import dry_run
 from esper_core.training.trainer import Trainer
 
 RECIPE = """\
@@ -86,3 +87,23 @@ def test_a_kernel_that_fails_to_compile_is_skipped_and_the_run_completes(tmp_pat
     germinated = [e["blueprint"] for e in events if e["event"] == "germinate"]
     assert germinated and set(germinated) == {"lowrank_adapter"}
     assert summary["steps"] == 120
+
+
+def test_a_blueprint_over_the_growth_budget_is_neither_compiled_nor_shown_usable(tmp_path):
+    """One wide_mlp seed (1,072+ parameters here) can never fit policy.max_added_params=1000, yet the run
+    compiled, and waited for, its kernels, and the dry run listed it as growable."""
+    recipe = _recipe(tmp_path, True, "[wide_mlp, lowrank_adapter]")
+    overrides = [f"run.output_dir={tmp_path}/runs", f"storage.workspace={tmp_path}/ws", "trainer.max_steps=20",
+                 "policy.max_added_params=1000"]
+    plan = dry_run(recipe, overrides)
+    assert plan["kernels"] == 2
+    for layer in plan["layers"]:
+        assert [bp["name"] for bp in layer["blueprints"]] == ["lowrank_adapter"]
+        assert layer["unusable"]["wide_mlp"].startswith("one seed adds ")
+        assert layer["unusable"]["wide_mlp"].endswith("parameters, more than policy.max_added_params (1,000)")
+    trainer = Trainer.from_recipe(recipe, overrides)
+    trainer.fit()
+    ready = next(e for e in _events(trainer.run_dir) if e["event"] == "kernels_ready")
+    assert ready["kernels"] == 2 and ready["unusable"] == []
+    stored = [json.loads(p.read_text())["ir"]["name"] for p in (tmp_path / "ws" / "kernels").rglob("manifest.json")]
+    assert sorted(stored) == ["lowrank_adapter", "lowrank_adapter"]

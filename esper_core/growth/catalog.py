@@ -23,7 +23,7 @@ from esper_core.compiler.flops import analytic_cost
 from esper_core.compiler.kernels import KernelSpec
 from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.policy.growth import SeedCost
-from esper_core.recipe.schema import SeedsConfig
+from esper_core.recipe.schema import PolicyConfig, SeedsConfig
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.manager import SeedManager, wrap
 from esper_core.seeds.probe import probe_layers
@@ -132,6 +132,24 @@ class SeedCatalog:
     def every_spec(self) -> dict[tuple[str, str], KernelSpec]:
         """(layer, blueprint) -> spec for every seed this model can grow."""
         return {(layer, bp): self.spec(bp, layer) for layer in self.layers for bp in self.blueprints_for(layer)}
+
+    def over_budget(self, blueprint: str, layer: str, policy: PolicyConfig) -> str | None:
+        """Why one seed of ``blueprint`` on ``layer`` would on its own exceed the growth budgets
+        (``policy.max_added_params``, ``max_added_flops``), or ``None``. Such a seed can never be chosen,
+        so its kernel is not worth compiling: a run would otherwise wait for a kernel it cannot use."""
+        cost = self.cost(blueprint, layer)
+        if cost.params > policy.max_added_params:
+            return (f"one seed adds {cost.params:,} parameters, more than policy.max_added_params "
+                    f"({policy.max_added_params:,})")
+        if policy.max_added_flops is not None and cost.flops > policy.max_added_flops:
+            return (f"one seed adds {cost.flops:,} forward FLOPs per sample, more than policy.max_added_flops "
+                    f"({policy.max_added_flops:,})")
+        return None
+
+    def affordable_specs(self, policy: PolicyConfig) -> dict[tuple[str, str], KernelSpec]:
+        """:meth:`every_spec` without the seeds no budget could ever admit (see :meth:`over_budget`)."""
+        return {(layer, bp): spec for (layer, bp), spec in self.every_spec().items()
+                if self.over_budget(bp, layer, policy) is None}
 
     def cost(self, blueprint: str, layer: str) -> SeedCost:
         """Parameters and analytic forward FLOPs per sample of ``blueprint`` on ``layer``."""

@@ -292,7 +292,7 @@ class GrowthController:
         if self.started:
             return
         self.started = True
-        specs = self.catalog.every_spec() if self.policy_config.max_seeds > 0 else {}
+        specs = self.catalog.affordable_specs(self.policy_config) if self.policy_config.max_seeds > 0 else {}
 
         def request() -> set[str]:
             """Ask for every kernel; returns the addresses not in the store (being compiled)."""

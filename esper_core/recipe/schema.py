@@ -335,9 +335,12 @@ class PolicyConfig(Section):
                                   "`ensemble` plan is taken whole, so with the defaults one decision fills one layer.")
     max_seeds: int = Field(8, ge=0, le=10_000, description="Most seeds alive (training, blending, probation "
                            "or fossilized) at once.")
-    max_added_params: int = Field(1_000_000, ge=0, description="Most parameters growth may add.")
+    max_added_params: int = Field(1_000_000, ge=0, description="Most parameters growth may add. A blueprint one "
+                                  "seed of which exceeds it on a layer is never grown there, and its kernel for "
+                                  "that layer is not compiled (`--dry-run` lists it as unusable).")
     max_added_flops: int | None = Field(None, ge=0, description="Most forward FLOPs per sample growth may add "
-                                        "(analytic; none: no limit).")
+                                        "(analytic; none: no limit); a single seed over it is treated as for "
+                                        "`max_added_params`.")
     max_latency_ms: float | None = Field(None, gt=0.0, description="Skip blueprints whose measured forward+backward "
                                          "latency on a layer exceeds this (measured once per blueprint and layer; "
                                          "none: no limit).")

@@ -57,14 +57,15 @@ def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bo
                                                 kernel_dtype(recipe.trainer.precision))
     layers = []
     for name, layer in manager.layers.items():
-        usable = catalog.blueprints_for(name)
+        usable = [bp for bp in catalog.blueprints_for(name) if catalog.over_budget(bp, name, recipe.policy) is None]
         layers.append({
             "layer": name, "host": layer.spec.kind, "in": layer.spec.in_features, "out": layer.spec.out_features,
             "input_shape": list(catalog.input_shapes[name]), "slots": len(layer.slots),
             "blueprints": [{"name": bp, "params": catalog.cost(bp, name).params,
                             "flops": catalog.cost(bp, name).flops, "reads": catalog.source(bp, name) or name}
                            for bp in usable],
-            "unusable": {bp: catalog.unusable(bp, name) for bp in catalog.names if bp not in usable},
+            "unusable": {bp: catalog.unusable(bp, name) or catalog.over_budget(bp, name, recipe.policy)
+                         for bp in catalog.names if bp not in usable},
         })
     policy, trainer = recipe.policy, recipe.trainer
     samples_per_step = recipe.data.batch_size * trainer.accumulate_steps
@@ -79,7 +80,8 @@ def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bo
                  "steps_per_epoch": max(1, train_size // samples_per_step) if train_size else None},
         "model": {"arch": recipe.model.arch, "params": params},
         "layers": layers,
-        "kernels": len({spec.address() for spec in catalog.every_spec().values()}) if policy.max_seeds else 0,
+        "kernels": len({spec.address() for spec in catalog.affordable_specs(policy).values()})
+        if policy.max_seeds else 0,
         "budgets": {"max_seeds": policy.max_seeds, "max_germinations": policy.max_germinations,
                     "max_added_params": policy.max_added_params, "max_added_flops": policy.max_added_flops,
                     "max_latency_ms": policy.max_latency_ms,
