@@ -104,3 +104,13 @@ def test_troubleshooting_quotes_the_error_a_target_matching_nothing_gives(tmp_pa
     result = CliRunner().invoke(app, ["train", "recipe.yaml", f"storage.workspace={tmp_path / 'ws'}"])
     assert result.exit_code == 2, result.output
     assert re.fullmatch(expected, result.stderr.strip()), (quoted, result.stderr)
+
+
+def test_the_readme_names_every_builtin_blueprint() -> None:
+    """The README's list of the builtin library once lacked span_linear and span_conv."""
+    from esper_core.blueprints.library import BlueprintLibrary
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    listed = readme.split("- **Blueprints** (`seeds.blueprints`)", 1)[1].split("\n\n", 1)[0]
+    for name in BlueprintLibrary.discover().names():
+        assert f"`{name}`" in listed, name
