@@ -177,3 +177,17 @@ def test_two_user_blueprints_of_one_name_are_an_error_naming_both(tmp_path):
     assert BlueprintLibrary.discover([second, second]).get("samename").path == (second / "c.yaml").resolve()
     (second / "c.yaml").write_text(text.replace("samename", "lowrank_adapter"))
     assert BlueprintLibrary.discover([second]).get("lowrank_adapter").path == (second / "c.yaml").resolve()
+
+
+def test_a_missing_key_or_an_empty_file_has_a_line(tmp_path):
+    """A missing top-level key was reported as `bp.yaml: name: Field required`, with no line; an empty file
+    as one such line per required key."""
+    path = _write(tmp_path, "# my adapter\n\nhost: linear\nops:\n  - {op: linear, in: in, out: out}\n")
+    with pytest.raises(ConfigError) as info:
+        load_blueprint(path)
+    assert [str(p) for p in info.value.problems] == [f"{path}:3: name: Field required"]
+    empty = _write(tmp_path, "# nothing yet\n")
+    with pytest.raises(ConfigError) as info:
+        load_blueprint(empty)
+    assert [str(p) for p in info.value.problems] == [
+        f"{empty}:1: the file is empty: a blueprint needs at least name, host and ops"]

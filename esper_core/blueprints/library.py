@@ -40,6 +40,8 @@ def load_blueprint(path: str | Path) -> BlueprintFile:
     source = str(path)
     resolved = Path(path).expanduser().resolve()
     document = read_yaml_file(resolved, source)
+    if not document.data:  # one line, not one "Field required" per required key
+        raise ConfigError(Problem(source, "the file is empty: a blueprint needs at least name, host and ops", line=1))
     try:
         blueprint = Blueprint.model_validate(document.data)
     except ValidationError as exc:

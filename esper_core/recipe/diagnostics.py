@@ -39,12 +39,13 @@ class Locator:
         return Problem(self.source, message, line=self._line(loc), field=field)
 
     def _line(self, loc: Loc) -> int | None:
-        """Line of the deepest part of ``loc`` written in the file (a missing key: its parent's)."""
+        """Line of the deepest part of ``loc`` written in the file (a missing key: its parent's; a missing
+        top-level key, such as a blueprint's ``name``: the top-level mapping's, so it has a line too)."""
         for end in range(len(loc), 0, -1):
             line = self.lines.get(".".join(loc[:end]))
             if line is not None:
                 return line
-        return None
+        return self.lines.get("") if loc else None
 
     def _override_for(self, loc: Loc) -> Override | None:
         """The last override that set ``loc`` or a mapping above it; failing that, when the file never
