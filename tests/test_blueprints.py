@@ -191,3 +191,16 @@ def test_a_missing_key_or_an_empty_file_has_a_line(tmp_path):
         load_blueprint(empty)
     assert [str(p) for p in info.value.problems] == [
         f"{empty}:1: the file is empty: a blueprint needs at least name, host and ops"]
+
+
+def test_a_misspelt_or_missing_op_names_the_op_key_and_the_closest_op(tmp_path):
+    """These were pydantic's "Input tag 'linaer' found using 'op' does not match any of the expected tags"
+    and "Unable to extract tag using discriminator 'op'", at `ops.N` rather than its `op` key."""
+    path = _write(tmp_path, "name: x\nhost: linear\nops:\n  - {op: linaer, in: in, out: rank}\n"
+                            "  - {in: rank, out: out}\n")
+    with pytest.raises(ConfigError) as info:
+        load_blueprint(path)
+    known = "avg_pool, conv1d, conv2d, dropout, gelu, linear, relu, se_gate, sigmoid, silu, tanh"
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:4: ops.0.op: unknown op 'linaer', did you mean 'linear'? (known: {known})",
+        f"{path}:5: ops.1.op: missing: every entry needs `op` (one of: {known})"]

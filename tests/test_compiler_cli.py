@@ -77,7 +77,8 @@ def test_blueprints_that_do_not_load_exit_2_and_count_as_failed(tmp_path: Path) 
     result = run(broken, missing, BUILTIN_DIR / "lowrank_adapter.yaml", "--linear", "8:4", "--json", "--store",
                  tmp_path / "kernels")
     assert result.exit_code == 2, result.output
-    assert f"error: {broken}:4: ops.0: " in result.stderr and f"error: {missing}: file not found" in result.stderr
+    assert f"error: {broken}:4: ops.0.op: unknown op 'fancy'" in result.stderr
+    assert f"error: {missing}: file not found" in result.stderr
     assert "Traceback" not in result.output
     report = json.loads(result.stdout)
     assert report["exit_code"] == 2 and report["counts"] == {"compiled": 1, "cached": 0, "checked": 0, "failed": 2}

@@ -178,7 +178,7 @@ def test_unknown_op_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_blueprint(path)
     (problem,) = caught.value.problems
-    assert_located(problem, path, 5, "ops.1", "'fancy'")
+    assert_located(problem, path, 5, "ops.1.op", "'fancy'")
 
 
 def test_unresolvable_dim_is_refused(tmp_path: Path) -> None:

@@ -73,8 +73,25 @@ def validation_problems(exc: ValidationError, locator: Locator, root: type[BaseM
         loc = tuple(str(part) for i, part in enumerate(error["loc"])
                     if not (isinstance(part, str) and ("[" in part or "(" in part))
                     and not (part in tags and i > 0 and isinstance(error["loc"][i - 1], int)))
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            # the fault is the discriminator key (`op: linaer`), not the whole entry: say so and where
+            discriminator = str(error.get("ctx", {}).get("discriminator", "")).strip("'")
+            loc = (*loc, discriminator) if discriminator else loc
+            problems.append(locator.problem(loc, _tag_message(error, discriminator, tags)))
+            continue
         problems.append(locator.problem(loc, _message(error, loc, root)))
     return problems
+
+
+def _tag_message(error: ErrorDetails, discriminator: str, tags: frozenset[str]) -> str:
+    """An unknown or missing tag of a tagged union (a blueprint op's ``op``), with the closest known one."""
+    known = ", ".join(sorted(tags)) if tags else str(error.get("ctx", {}).get("expected_tags", ""))
+    if error["type"] == "union_tag_not_found":
+        return f"missing: every entry needs `{discriminator}` (one of: {known})"
+    tag = str(error.get("ctx", {}).get("tag", ""))
+    close = difflib.get_close_matches(tag, sorted(tags), n=1)
+    hint = f", did you mean {close[0]!r}?" if close else ""
+    return f"unknown {discriminator} {tag!r}{hint} (known: {known})"
 
 
 def _message(error: ErrorDetails, loc: Loc, root: type[BaseModel]) -> str:
