@@ -114,6 +114,18 @@ def test_tabular_sources_have_no_image_layout(source: str) -> None:
         build(source=source, layout="image")
 
 
+def test_the_layout_reference_says_what_each_source_does(tmp_path: Path) -> None:
+    """It said only "`image` gives `digits` as 1x8x8 images ... Tabular sources are always flat": an image
+    `.npz` is flattened by the default `flat` (a CNN recipe needs `layout: image`), and `image` on a
+    tabular source is an error, not ignored."""
+    described = DataConfig.model_fields["layout"].description or ""
+    assert "`file`" in described and "`image` is an error" in described
+    np.savez(tmp_path / "img.npz", x=np.zeros((20, 2, 4, 4)), y=np.arange(20) % 2)
+    assert build(tmp_path, source="file", path="img.npz").input_shape == (32,)
+    with pytest.raises(ConfigError, match="no image layout"):
+        build(source="mnist1d", layout="image", mnist1d={"n_samples": 100})
+
+
 def test_synthetic_is_deterministic_in_the_seed() -> None:
     settings = {"n_samples": 300, "n_features": 5, "n_classes": 4}
     first, again, other = (build(seed=s, source="synthetic", synthetic=settings) for s in (1, 1, 2))

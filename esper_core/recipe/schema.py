@@ -90,8 +90,10 @@ class DataConfig(Section):
         "on which small hosts underfit, `mnist1d`: MNIST-1D-style signals), `text` (a UTF-8 file at `path`, as "
         "character sequences for language modelling), `file` (`.npz` or `.csv` at `path`) or `factory`.")
     layout: Literal["image", "flat"] = Field(
-        "flat", description="`image` gives `digits` as 1x8x8 images; `flat` gives feature vectors. "
-        "Tabular sources are always flat.")
+        "flat", description="`image` gives `digits` as 1x8x8 images and keeps a `file` source's `x` as images "
+        "(shape (N, C, H, W), or (N, H, W) read as one channel); `flat` (the default, also for an image file) "
+        "flattens every sample to a feature vector. The other built-in and generated sources have no image "
+        "layout (`image` is an error); `text` and `factory` ignore it.")
     path: str | None = Field(None, description="Data file for `source: file` or `text`; relative paths are "
                              "resolved against the recipe's directory. `.npz` needs arrays `x` and `y`; "
                              "`.csv` is numeric with a header row and the label in `label_column`.")
