@@ -205,6 +205,19 @@ def test_retention_keeps_the_last_k_and_the_best(recipe, tmp_path):
     assert all(m["step"] % 20 == 0 for m in manifests.values())
 
 
+def test_retention_keeps_the_newest_and_the_lowest_validation_loss_as_the_reference_says(tmp_path):
+    """checkpoint.keep was documented as "Checkpoints kept besides the best one", which left "best" to be
+    guessed (the task metric, as for keep_best?): it is the lowest validation loss recorded."""
+    from esper_core.recipe.schema import CheckpointConfig
+
+    assert "lowest validation loss" in (CheckpointConfig.model_fields["keep"].description or "")
+    directory = tmp_path / "checkpoints"
+    for step, val_loss in [(10, 0.5), (20, 0.1), (30, 0.9), (40, 0.8)]:
+        store.save(directory, step, {"w": torch.zeros(1)}, {}, {"val_loss": val_loss})
+        store.retain(directory, 2, lambda m: m.get("val_loss"))
+    assert [p.name for p in store.committed(directory)] == [store.checkpoint_name(s) for s in (20, 30, 40)]
+
+
 def test_leftover_temporary_directories_are_removed_on_resume(recipe, tmp_path):
     run_dir = _two_checkpoints(recipe, tmp_path)
     leftover = run_dir / "checkpoints" / ".tmp-step-00000099-123"

@@ -450,7 +450,9 @@ class TrainerConfig(Section):
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
     every_minutes: float | None = Field(None, gt=0.0, description="Write a checkpoint every N minutes.")
-    keep: int = Field(3, ge=1, le=1000, description="Checkpoints kept besides the best one.")
+    keep: int = Field(3, ge=1, le=1000, description="Newest checkpoints kept; the one with the lowest "
+                      "validation loss so far is kept as well (so at most `keep` + 1), whatever the task's metric "
+                      "and `keep_best` say.")
     keep_best: bool = Field(False, description="`final/` holds the model (weights and seed topology) of the "
                             "validation with the best task metric instead of the last step's; the summary names "
                             "that step and gives the last step's metrics too. The best model is kept in memory "
