@@ -204,3 +204,11 @@ def test_a_misspelt_or_missing_op_names_the_op_key_and_the_closest_op(tmp_path):
     assert [str(p) for p in info.value.problems] == [
         f"{path}:4: ops.0.op: unknown op 'linaer', did you mean 'linear'? (known: {known})",
         f"{path}:5: ops.1.op: missing: every entry needs `op` (one of: {known})"]
+
+
+def test_a_blueprint_directory_yields_yml_files_too(tmp_path):
+    """`esper compile mine.yml` accepted the file, yet a recipe's seeds.blueprint_dirs ignored it and called
+    the blueprint unknown: only `*.yaml` was read."""
+    (tmp_path / "mine.yml").write_text("name: mine\nhost: linear\nops:\n"
+                                       "  - {op: linear, in: in, out: out, init: zeros}\n")
+    assert BlueprintLibrary.discover([tmp_path]).get("mine").path == (tmp_path / "mine.yml").resolve()

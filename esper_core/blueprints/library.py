@@ -62,14 +62,15 @@ class BlueprintLibrary:
 
     @classmethod
     def discover(cls, extra_dirs: Iterable[Path] = ()) -> "BlueprintLibrary":
-        """Load every ``*.yaml`` of the builtin library and of ``extra_dirs``. Two user files that claim
+        """Load every ``*.yaml`` and ``*.yml`` of the builtin library and of ``extra_dirs``. Two user files that claim
         one ``name`` are refused rather than resolved by file order: a copied file whose name was not
         changed would otherwise silently decide which blueprint a recipe's name means."""
         library, duplicates = cls(), []
         for directory in (BUILTIN_DIR, *extra_dirs):
             if not directory.is_dir():
                 raise ConfigError(Problem(str(directory), "blueprint directory not found"))
-            for path in sorted(directory.glob("*.yaml")):
+            # `.yml` too: `esper compile my.yml` accepts one, so a recipe must find it as well
+            for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
                 loaded = load_blueprint(path)
                 earlier = library.files.get(loaded.blueprint.name)
                 if earlier is not None and earlier.path.parent != BUILTIN_DIR.resolve() and earlier.path != loaded.path:

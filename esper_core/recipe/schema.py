@@ -241,7 +241,8 @@ class SeedsConfig(Section):
                                   description="Blueprint names the policy may germinate (builtin or found "
                                   "in `blueprint_dirs`).")
     blueprint_dirs: list[str] = Field(default_factory=list,
-                                      description="Extra directories of blueprint YAML files, relative to the recipe.")
+                                      description="Extra directories of blueprint YAML files (`*.yaml`, `*.yml`), "
+                                      "relative to the recipe.")
     rank: int = Field(8, ge=1, le=4096, description="Default value of the symbolic dim `rank`.")
     incubation_steps: int = Field(100, ge=1, le=10_000_000,
                                   description="Optimizer steps a seed trains gradient-isolated before blending.")
