@@ -212,3 +212,17 @@ def test_a_blueprint_directory_yields_yml_files_too(tmp_path):
     (tmp_path / "mine.yml").write_text("name: mine\nhost: linear\nops:\n"
                                        "  - {op: linear, in: in, out: out, init: zeros}\n")
     assert BlueprintLibrary.discover([tmp_path]).get("mine").path == (tmp_path / "mine.yml").resolve()
+
+
+def test_an_unknown_key_of_an_op_lists_that_ops_keys(tmp_path):
+    """Unknown keys of a recipe list the allowed ones with a did-you-mean; those of a blueprint op said
+    only "unknown key", and a bad `init` was pydantic's own wording."""
+    path = _write(tmp_path, "name: x\nhost: linear\nops:\n"
+                            "  - {op: linear, in: in, out: out, init: zero, bais: false}\n"
+                            "  - {op: relu, inplace: true}\n")
+    with pytest.raises(ConfigError) as info:
+        load_blueprint(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:4: ops.0.init: must be one of 'default', 'zeros', 'small' (got 'zero')",
+        f"{path}:4: ops.0.bais: unknown key, did you mean 'bias'? (allowed: op, in, out, bias, init)",
+        f"{path}:5: ops.1.inplace: unknown key (allowed: op)"]

@@ -9,8 +9,9 @@ the allowed ones, enums list the choices) and keeps them otherwise.
 from __future__ import annotations
 
 import difflib
+import types
 from collections.abc import Sequence
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
@@ -79,7 +80,10 @@ def validation_problems(exc: ValidationError, locator: Locator, root: type[BaseM
             loc = (*loc, discriminator) if discriminator else loc
             problems.append(locator.problem(loc, _tag_message(error, discriminator, tags)))
             continue
-        problems.append(locator.problem(loc, _message(error, loc, root)))
+        # the loc with the chosen tag kept (`ops.0.linear.bais`): it leads to the model of that entry
+        model_loc = tuple(str(part) for part in error["loc"]
+                          if not (isinstance(part, str) and ("[" in part or "(" in part)))
+        problems.append(locator.problem(loc, _message(error, model_loc, root)))
     return problems
 
 
@@ -143,7 +147,7 @@ def _unknown_key(loc: Loc, root: type[BaseModel]) -> str:
     model = _model_at(loc[:-1], root)
     if model is None:
         return "unknown key"
-    allowed = list(model.model_fields)
+    allowed = [field.alias or name for name, field in model.model_fields.items()]  # `in`, as written, not `in_`
     close = difflib.get_close_matches(loc[-1], allowed, n=1)
     hint = f", did you mean {close[0]!r}?" if close else ""
     return f"unknown key{hint} (allowed: {', '.join(allowed)})"
@@ -158,15 +162,34 @@ def _literal_choices(loc: Loc, root: type[BaseModel]) -> tuple[Any, ...]:
 
 
 def _model_at(loc: Loc, root: type[BaseModel]) -> type[BaseModel] | None:
-    """The section model found by following ``loc`` from ``root`` (``None`` if it leaves the models)."""
-    model: type[BaseModel] = root
+    """The section model found by following ``loc`` from ``root`` (``None`` if it leaves the models).
+    A list index steps into the list's items, and a tag (as pydantic puts the chosen member of a
+    tagged union into the loc: ``ops.0.linear``) into that member, so blueprint ops list their keys too."""
+    current: Any = root
     for part in loc:
-        field = model.model_fields.get(part)
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if get_origin(current) is Annotated:
+            current = get_args(current)[0]
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) is list and part.isdigit():
+            current = get_args(current)[0]
+        elif get_origin(current) in (Union, types.UnionType):
+            current = next((member for member in get_args(current) if _tagged(member, part)), None)
+        else:
             return None
-        model = annotation
-    return model
+    if get_origin(current) is Annotated:
+        current = get_args(current)[0]
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _tagged(member: Any, tag: str) -> bool:
+    """Whether ``member`` is a model with a literal field (its discriminator) that allows ``tag``."""
+    return isinstance(member, type) and issubclass(member, BaseModel) and any(
+        get_origin(field.annotation) is Literal and tag in get_args(field.annotation)
+        for field in member.model_fields.values())
 
 
 def _show(value: Any, limit: int = 60) -> str:
