@@ -57,7 +57,7 @@ def list_blueprints(
 def show(
     name: str = typer.Argument(..., help="Blueprint name (see esper blueprints list).", show_default=False),
     in_size: int = typer.Option(None, "--in", min=1, help="Example host's input features/channels "
-                                "[default: 64 for linear, 16 for conv2d].", show_default=False),
+                                "[default: 64 for linear, 16 for conv1d and conv2d].", show_default=False),
     out_size: int = typer.Option(None, "--out", min=1, help="Example host's output features/channels "
                                  "[default: 32].", show_default=False),
     rank: int = typer.Option(DEFAULT_RANK, "--rank", min=1, help="Value of the symbolic dim `rank` (seeds.rank)."),

@@ -93,7 +93,7 @@ def test_option_help_shows_defaults() -> None:
     assert "[default: RUN/report; for two runs RUN/report/vs-NAME_B]" in report
     assert "[default: md,html,json]" in report and "[default: log]" in report
     show = _help("blueprints", "show")
-    assert "[default: 8; x>=1]" in show and "[default: 64 for linear, 16 for conv2d]" in show
+    assert "[default: 8; x>=1]" in show and "[default: 64 for linear, 16 for conv1d and conv2d]" in show
     assert "[default: print it on stdout]" in _help("schema")
     assert "(default .esper)" in _help("inspect-cache")
 
