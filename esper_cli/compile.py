@@ -1,4 +1,5 @@
-"""`esper compile BLUEPRINT... [--for RECIPE] [--linear IN:OUT] [--conv2d IN:OUT:K:S:P[:HxW]] [--check] [--json]`.
+"""`esper compile BLUEPRINT... [--for RECIPE] [--linear IN:OUT] [--conv1d IN:OUT:K:S:P[:L]]
+[--conv2d IN:OUT:K:S:P[:HxW]] [--check] [--json]`.
 
 Exit codes and the JSON report are documented in docs/compile.md.
 """
@@ -32,6 +33,9 @@ def compile_(
                                 "storage.workspace apply.", show_default=False),
     linear: list[str] = typer.Option(None, "--linear", help="A Linear target IN:OUT, e.g. 64:32 (repeatable).",
                                      show_default=False),
+    conv1d: list[str] = typer.Option(None, "--conv1d", help="A Conv1d target IN:OUT:KERNEL:STRIDE:PADDING[:LENGTH], "
+                                     "e.g. 16:32:3:1:1:40; the input length defaults to 16 (repeatable).",
+                                     show_default=False),
     conv2d: list[str] = typer.Option(None, "--conv2d", help="A Conv2d target IN:OUT:KERNEL:STRIDE:PADDING[:HxW], "
                                      "e.g. 16:32:3:2:1:8x8; the input grid defaults to 8x8 (repeatable).",
                                      show_default=False),
@@ -58,8 +62,9 @@ def compile_(
     """Build, export, validate, characterise and store kernels: one per blueprint and target."""
     from esper_core.training.targets import recipe_targets  # builds the recipe's data and model
 
-    plan = plan_compile(recipe=recipe, linear=linear or [], conv2d=conv2d or [], rank=rank, dtype=dtype,
-                        device=device, max_params=max_params, max_flops=max_flops, store=store, check=check,
+    plan = plan_compile(recipe=recipe, linear=linear or [], conv1d=conv1d or [], conv2d=conv2d or [], rank=rank,
+                        dtype=dtype, device=device, max_params=max_params, max_flops=max_flops, store=store,
+                        check=check,
                         targets_of=recipe_targets, allow_factories=False if no_factories else None)
     if plan.storage is not None:  # the recipe's (or the default) tiered cache: shared with the team
         kernel_store = open_kernel_store(plan.storage)

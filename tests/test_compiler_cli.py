@@ -115,6 +115,21 @@ def test_an_op_the_host_kind_does_not_allow_is_invalid_input(tmp_path: Path) -> 
                       "(allowed: dropout, gelu, linear, relu, sigmoid, silu, tanh)"]
 
 
+def test_a_conv1d_blueprint_checks_against_a_conv1d_target_from_the_command_line(tmp_path: Path) -> None:
+    """There was no --conv1d: a Conv1d blueprint could be checked only with --for a recipe, and --check
+    without one said to give a target of its kind, which no option could express."""
+    result = run(BUILTIN_DIR / "residual_conv1d.yaml", "--conv1d", "8:16:5:2:2:40", "--conv1d", "4:4:3:1:1",
+                 "--check", "--json")
+    assert result.exit_code == 0, result.output
+    (blueprint,) = json.loads(result.stdout)["blueprints"]
+    assert [k["target_label"] for k in blueprint["kernels"]] == ["conv1d 8->16 k5 s2 p2 d1 @ 8x40 rank 8",
+                                                                 "conv1d 4->4 k3 s1 p1 d1 @ 4x16 rank 8"]
+    assert all(k["status"] == "checked" for k in blueprint["kernels"])
+    bad = run(BUILTIN_DIR / "residual_conv1d.yaml", "--conv1d", "8:16:5", "--check")
+    assert bad.exit_code == 2
+    assert "--conv1d: '8:16:5' is not IN:OUT:KERNEL:STRIDE:PADDING[:LENGTH]" in bad.stderr
+
+
 def test_check_fails_for_a_blueprint_with_no_target_of_its_kind_unless_skips_are_allowed(tmp_path: Path) -> None:
     """Issue 11 item 16: `--check` that checked nothing for a blueprint is not a pass."""
     result = run(BUILTIN_DIR / "se_gate.yaml", BUILTIN_DIR / "lowrank_adapter.yaml", "--linear", "8:4", "--check")

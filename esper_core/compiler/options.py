@@ -16,7 +16,8 @@ from pathlib import Path
 from esper_core.compiler.budget import Budget
 from esper_core.compiler.kernels import DEVICE_CLASSES, DTYPES
 from esper_core.compiler.store import default_store_root
-from esper_core.compiler.targets import COMMAND_LINE, Target, parse_conv2d, parse_linear, with_options
+from esper_core.compiler.targets import (COMMAND_LINE, Target, parse_conv1d, parse_conv2d, parse_linear,
+                                        with_options)
 from esper_core.errors import ConfigError, Problem
 from esper_core.recipe.load import LoadedRecipe, load_recipe
 from esper_core.recipe.schema import StorageConfig
@@ -33,16 +34,17 @@ class CompilePlan:
 
 
 def plan_compile(*, recipe: str | Path | None = None, linear: Sequence[str] = (), conv2d: Sequence[str] = (),
-                 rank: int | None = None, dtype: str | None = None, device: str | None = None,
-                 max_params: int | None = None, max_flops: int | None = None, store: str | Path | None = None,
-                 check: bool = False, allow_factories: bool | None = None,
+                 conv1d: Sequence[str] = (), rank: int | None = None, dtype: str | None = None,
+                 device: str | None = None, max_params: int | None = None, max_flops: int | None = None,
+                 store: str | Path | None = None, check: bool = False, allow_factories: bool | None = None,
                  targets_of: Callable[[LoadedRecipe], list[Target]] | None = None) -> CompilePlan:
     """Raise ``ConfigError`` (exit 2) for anything wrong with the options or the recipe.
     ``targets_of(loaded)`` lists a recipe's targets (required with ``recipe``)."""
     _check_choice("--dtype", dtype, DTYPES)
     _check_choice("--device", device, DEVICE_CLASSES)
     loaded = load_recipe(recipe, allow_factories=allow_factories) if recipe is not None else None
-    given = [*(parse_linear(text) for text in linear), *(parse_conv2d(text) for text in conv2d)]
+    given = [*(parse_linear(text) for text in linear), *(parse_conv1d(text) for text in conv1d),
+             *(parse_conv2d(text) for text in conv2d)]
     if loaded is not None:
         given = [with_options(t, rank=loaded.recipe.seeds.rank) for t in given]
         if targets_of is None:
@@ -52,8 +54,8 @@ def plan_compile(*, recipe: str | Path | None = None, linear: Sequence[str] = ()
         found = []
     targets = [with_options(t, rank, dtype, device) for t in [*found, *given]]
     if not targets:
-        raise ConfigError(Problem(COMMAND_LINE, "nothing to compile for: give --for RECIPE, --linear IN:OUT or "
-                                  "--conv2d IN:OUT:K:S:P[:HxW]"))
+        raise ConfigError(Problem(COMMAND_LINE, "nothing to compile for: give --for RECIPE, --linear IN:OUT, "
+                                  "--conv1d IN:OUT:K:S:P[:L] or --conv2d IN:OUT:K:S:P[:HxW]"))
     budget = Budget(max_params, max_flops)
     if max_params is None and loaded is not None:
         budget = Budget(loaded.recipe.policy.max_added_params, max_flops, params_from="policy.max_added_params")

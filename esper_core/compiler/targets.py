@@ -3,7 +3,7 @@
 A :class:`Target` is everything of a :class:`KernelSpec` except the blueprint. Targets come from a
 recipe (every distinct host layer the recipe's seeds can grow on, with the input shape that layer
 really sees: :func:`esper_core.training.targets.recipe_targets`) or from the command line
-(``--linear IN:OUT``, ``--conv2d IN:OUT:K:S:P[:HxW]``).
+(``--linear IN:OUT``, ``--conv1d IN:OUT:K:S:P[:L]``, ``--conv2d IN:OUT:K:S:P[:HxW]``).
 Blueprint files cannot carry targets: the IR forbids unknown keys, and the IR is hashed into every
 address, so a target list inside it would change the kernels it describes.
 """
@@ -46,6 +46,9 @@ class Target:
 _INT = r"([1-9]\d*)"
 _LINEAR = re.compile(rf"^{_INT}:{_INT}$")
 _CONV = re.compile(rf"^{_INT}:{_INT}:{_INT}:{_INT}:(0|{_INT})(?::{_INT}x{_INT})?$")
+_CONV1D = re.compile(rf"^{_INT}:{_INT}:{_INT}:{_INT}:(0|{_INT})(?::{_INT})?$")
+DEFAULT_LENGTH = 16
+"""Input length of a ``--conv1d`` target that gives none (the example length of ``esper blueprints show``)."""
 
 
 def parse_linear(text: str, option: str = "--linear") -> Target:
@@ -70,6 +73,23 @@ def parse_conv2d(text: str, option: str = "--conv2d") -> Target:
         raise ConfigError(Problem(COMMAND_LINE, f"{text!r}: a {grid[0]}x{grid[1]} input gives an empty output",
                                   field=option))
     return Target(host, (n_in, *grid))
+
+
+def parse_conv1d(text: str, option: str = "--conv1d") -> Target:
+    """``IN:OUT:K:S:P[:LENGTH]`` -> a Conv1d target (default input length 16). Without it a Conv1d
+    blueprint could be compiled only with ``--for`` a recipe, and ``--check`` told its author to give a
+    target of its kind that no option could express."""
+    match = _CONV1D.match(text.strip())
+    if match is None:
+        raise ConfigError(Problem(COMMAND_LINE, f"{text!r} is not IN:OUT:KERNEL:STRIDE:PADDING[:LENGTH] "
+                                  "(e.g. 16:32:3:1:1:40)", field=option))
+    n_in, n_out, k, s, p = (int(match[i]) for i in (1, 2, 3, 4, 5))
+    length = int(match[7]) if match[7] else DEFAULT_LENGTH
+    host = HostSpec("conv1d", n_in, n_out, (k,), (s,), (p,), (1,))
+    if min(host.output_size(length)) < 1:
+        raise ConfigError(Problem(COMMAND_LINE, f"{text!r}: an input of length {length} gives an empty output",
+                              field=option))
+    return Target(host, (n_in, length))
 
 
 def with_options(target: Target, rank: int | None = None, dtype: str | None = None,
