@@ -226,3 +226,13 @@ def test_an_unknown_key_of_an_op_lists_that_ops_keys(tmp_path):
         f"{path}:4: ops.0.init: must be one of 'default', 'zeros', 'small' (got 'zero')",
         f"{path}:4: ops.0.bais: unknown key, did you mean 'bias'? (allowed: op, in, out, bias, init)",
         f"{path}:5: ops.1.inplace: unknown key (allowed: op)"]
+
+
+def test_every_broken_file_of_a_blueprint_directory_is_reported(tmp_path):
+    """Discovery stopped at the first file that did not load, so a directory was fixed one error per run."""
+    (tmp_path / "a.yaml").write_text("name: a\nhost: linear\nops:\n  - {op: linaer}\n")
+    (tmp_path / "b.yaml").write_text("name: b\nhost: linera\nops:\n  - {op: relu}\n")
+    with pytest.raises(ConfigError) as info:
+        BlueprintLibrary.discover([tmp_path])
+    assert [(p.source, p.line, p.field) for p in info.value.problems] == [
+        (str(tmp_path / "a.yaml"), 4, "ops.0.op"), (str(tmp_path / "b.yaml"), 2, "host")]

@@ -64,22 +64,27 @@ class BlueprintLibrary:
     def discover(cls, extra_dirs: Iterable[Path] = ()) -> "BlueprintLibrary":
         """Load every ``*.yaml`` and ``*.yml`` of the builtin library and of ``extra_dirs``. Two user files that claim
         one ``name`` are refused rather than resolved by file order: a copied file whose name was not
-        changed would otherwise silently decide which blueprint a recipe's name means."""
-        library, duplicates = cls(), []
+        changed would otherwise silently decide which blueprint a recipe's name means. Every file that
+        does not load is reported, not only the first, so a directory is fixed in one pass."""
+        library, problems = cls(), []
         for directory in (BUILTIN_DIR, *extra_dirs):
             if not directory.is_dir():
                 raise ConfigError(Problem(str(directory), "blueprint directory not found"))
             # `.yml` too: `esper compile my.yml` accepts one, so a recipe must find it as well
             for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
-                loaded = load_blueprint(path)
+                try:
+                    loaded = load_blueprint(path)
+                except ConfigError as exc:
+                    problems.extend(exc.problems)
+                    continue
                 earlier = library.files.get(loaded.blueprint.name)
                 if earlier is not None and earlier.path.parent != BUILTIN_DIR.resolve() and earlier.path != loaded.path:
-                    duplicates.append(loaded.problem(ResolveError(
+                    problems.append(loaded.problem(ResolveError(
                         "name", f"blueprint {loaded.blueprint.name!r} is also defined in {earlier.source}; "
                         "give one of them another name")))
                 library.files[loaded.blueprint.name] = loaded
-        if duplicates:
-            raise ConfigError(duplicates)
+        if problems:
+            raise ConfigError(problems)
         return library
 
     def get(self, name: str) -> BlueprintFile:
