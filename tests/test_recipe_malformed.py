@@ -60,6 +60,8 @@ CASES = [
          ["{f}:2: data.val_fraction: Input should be less than 0.5 (got 0.7)"]),
     Case("growth window out of order", "policy:\n  trigger: periodic\n  growth_window: [0.8, 0.2]\n",
          ["{f}:3: policy.growth_window: must satisfy 0 <= start < end <= 1 (got [0.8, 0.2])"]),
+    Case("a blueprint named twice", "seeds:\n  blueprints: [wide_mlp, lowrank_adapter, wide_mlp]\n",
+         ["{f}:2: seeds.blueprints: 'wide_mlp' listed more than once; name each blueprint once"]),
     Case("growth window too short", "policy:\n  growth_window:\n    - 0.5\n",
          ["{f}:2: policy.growth_window.1: Field required"]),
     Case("missing data file", "data:\n  source: file\n  path: nope.npz\n",

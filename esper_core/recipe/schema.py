@@ -284,6 +284,16 @@ class SeedsConfig(Section):
         "rate: new capacity that learns fast on a run that has begun to overfit only overfits faster (a run "
         "that cannot grow, `policy.max_seeds: 0`, never switches).")
 
+    @field_validator("blueprints")
+    @classmethod
+    def _blueprints_once(cls, blueprints: list[str]) -> list[str]:
+        """A name listed twice would be offered twice: the `policy.random` baseline would draw it twice as
+        often, and the dry run would list it twice on every layer."""
+        repeated = sorted({name for name in blueprints if blueprints.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(map(repr, repeated))} listed more than once; name each blueprint once")
+        return blueprints
+
 
 class SelectorConfig(Section):
     strategy: Literal["ucb1", "thompson", "epsilon_greedy", "greedy"] = Field(
