@@ -60,6 +60,9 @@ CASES = [
          ["{f}:2: data.val_fraction: Input should be less than 0.5 (got 0.7)"]),
     Case("growth window out of order", "policy:\n  trigger: periodic\n  growth_window: [0.8, 0.2]\n",
          ["{f}:3: policy.growth_window: must satisfy 0 <= start < end <= 1 (got [0.8, 0.2])"]),
+    Case("a warm-up as long as the run", "trainer:\n  max_steps: 3000\n  warmup_steps: 5000\n",
+         ["{f}:1: trainer: `warmup_steps` (5000) must be below `max_steps` (3000): the learning rate would never "
+          "reach `lr`"]),
     Case("a blueprint named twice", "seeds:\n  blueprints: [wide_mlp, lowrank_adapter, wide_mlp]\n",
          ["{f}:2: seeds.blueprints: 'wide_mlp' listed more than once; name each blueprint once"]),
     Case("growth window too short", "policy:\n  growth_window:\n    - 0.5\n",

@@ -422,8 +422,8 @@ class TrainerConfig(Section):
         "cosine", description="Learning-rate schedule over `max_steps`, after the warm-up: `constant`; `cosine` and "
         "`linear` decay to 0 at `max_steps`; `step` multiplies by `gamma` every `step_size` steps; `one_cycle` is "
         "PyTorch's OneCycleLR (from `lr`/25 up to `lr` during the warm-up, then cosine down to `lr`/25e4).")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (for `one_cycle`: the rise, by default "
-                              "30% of `max_steps`).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, fewer than `max_steps` (for `one_cycle`: "
+                              "the rise, by default 30% of `max_steps`).")
     step_size: int | None = Field(None, ge=1, description="`step` schedule: optimizer steps between decays.")
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="`step` schedule: the factor of each decay.")
     accumulate_steps: int = Field(1, ge=1, le=4096, description="Micro-batches of `data.batch_size` per optimizer "
@@ -455,6 +455,9 @@ class TrainerConfig(Section):
     def _schedule_needs(self) -> "TrainerConfig":
         if self.schedule == "step" and self.step_size is None:
             raise ValueError("`step_size` is required when schedule is 'step'")
+        if self.warmup_steps >= self.max_steps:  # a typo (5000 for 500) would otherwise train a whole run warming up
+            raise ValueError(f"`warmup_steps` ({self.warmup_steps}) must be below `max_steps` ({self.max_steps}): "
+                             "the learning rate would never reach `lr`")
         return self
 
 
