@@ -32,24 +32,40 @@ def list_blueprints(
     dirs: list[Path] = _DIRS,
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
 ) -> None:
-    """List the blueprints a recipe can name, with the parameters each adds on the example host."""
+    """List the blueprints a recipe can name, with the parameters each adds on the example host. A
+    blueprint that does not resolve there (``h: rank - 10`` at the example's rank 8) is listed with the
+    reason: it may well resolve at the ``seeds.rank`` and on the layers a recipe gives it."""
+    from esper_core.blueprints.resolve import ResolveError
+
     library = _library(dirs)
     rows = []
     for name in library.names():
         loaded = library.get(name)
-        example = _resolve(loaded, None, None, DEFAULT_RANK)
-        rows.append({"name": name, "host": loaded.blueprint.host, "version": loaded.blueprint.version,
-                     "description": loaded.blueprint.description, "file": str(loaded.path),
-                     "example_host": example.host_label, "example_params": example.params})
+        row = {"name": name, "host": loaded.blueprint.host, "version": loaded.blueprint.version,
+               "description": loaded.blueprint.description, "file": str(loaded.path)}
+        try:
+            example = resolve_example(loaded.blueprint, None, None, DEFAULT_RANK)
+        except ResolveError as exc:
+            rows.append(row | {"example_host": None, "example_params": None, "example_error": str(loaded.problem(exc))})
+            continue
+        rows.append(row | {"example_host": example.host_label, "example_params": example.params, "example_error": None})
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     console = make_console()
     table, _ = fitted_table("Blueprints", [Col("name"), Col("host"), Col("params", "right"), Col("description")],
-                            [[r["name"], r["host"], f"{r['example_params']:,}", r["description"] or "-"] for r in rows],
+                            [[r["name"], r["host"], "-" if r["example_params"] is None else f"{r['example_params']:,}",
+                              _described(r)] for r in rows],
                             console.width, caption=f"params: added on the example host at rank {DEFAULT_RANK}; "
-                            "esper blueprints show NAME for details")
+                            "esper blueprints show NAME [--rank N] for details")
     console.print(table)
+
+
+def _described(row: dict[str, Any]) -> str:
+    """A row's description, or why its example did not resolve."""
+    if row["example_error"] is not None:
+        return f"does not resolve on the example host ({row['example_error']})"
+    return row["description"] or "-"
 
 
 @app.command("show")

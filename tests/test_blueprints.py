@@ -236,3 +236,26 @@ def test_every_broken_file_of_a_blueprint_directory_is_reported(tmp_path):
         BlueprintLibrary.discover([tmp_path])
     assert [(p.source, p.line, p.field) for p in info.value.problems] == [
         (str(tmp_path / "a.yaml"), 4, "ops.0.op"), (str(tmp_path / "b.yaml"), 2, "host")]
+
+
+def test_blueprints_list_shows_a_blueprint_the_example_host_cannot_resolve_with_the_reason(tmp_path) -> None:
+    """`h: rank - 10` is valid at seeds.rank 16 but not at the listing's example rank 8: the list used to
+    stop at exit 2 and list nothing; it now lists every blueprint, that one with why, and exits 0."""
+    import json
+
+    from run_helpers import esper
+
+    (tmp_path / "narrow.yaml").write_text("name: narrow\nhost: linear\ndims:\n  h: rank - 10\nops:\n"
+                                          "  - {op: linear, in: in, out: h}\n"
+                                          "  - {op: linear, in: h, out: out, init: zeros}\n", encoding="utf-8")
+    listed = esper("blueprints", "list", "--dir", tmp_path, "--json")
+    assert listed.exit_code == 0, listed.output
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert set(BlueprintLibrary.discover([]).names()) < set(rows)
+    assert rows["narrow"]["example_params"] is None
+    assert rows["narrow"]["example_error"] == \
+        f"{tmp_path / 'narrow.yaml'}:4: dims.h: resolves to -2, outside 1..1048576"
+    assert all(row["example_error"] is None and row["example_params"] > 0
+               for name, row in rows.items() if name != "narrow")
+    shown = esper("blueprints", "show", "narrow", "--dir", tmp_path, "--rank", "16", "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["example"]["dims"]["h"] == 6
