@@ -57,7 +57,7 @@ from esper_core.recipe.schema import GovernorConfig, PolicyConfig, SeedsConfig, 
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.manager import Event, SlotRef
-from esper_core.seeds.probe import call_model, to_device
+from esper_core.seeds.probe import call_model, eval_mode, to_device
 
 
 class Recorder(Protocol):
@@ -108,16 +108,12 @@ def _check_example(model: nn.Module, example: Any) -> None:
     learns each layer's input shape from it; an example that does not fit the model (a wrong feature
     count, an image for an MLP) otherwise failed inside the wrapped model as torch's own traceback,
     and left the model wrapped, so a second try with the right example was refused as well."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             call_model(model, to_device(example, next(model.parameters()).device))
     except Exception as error:  # whatever the model's own code raises; kept as the cause
         raise ConfigError(Problem("GrowthController", f"the model cannot run an example of shape "
                                   f"{_shapes(example)}: {one_line(error)}", field="example")) from error
-    finally:
-        model.train(was_training)
 
 
 def _shapes(value: Any) -> str:

@@ -8,7 +8,8 @@ embedding as integers and dict inputs reach the model as keyword arguments.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,18 @@ def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> A
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(v, device, non_blocking) for v in value)
     return value
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block (batch norm reads its running statistics, dropout is off),
+    and back in the mode it was in afterwards, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass(frozen=True)
@@ -66,13 +79,10 @@ def probe_layers(model: nn.Module, names: Sequence[str], example: Any) -> LayerS
 
     device = next(model.parameters()).device
     hooks = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in names]
-    was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             call_model(model, to_device(example, device))
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     order = list(inputs)

@@ -27,7 +27,7 @@ from esper_core.errors import RECIPE_FIELD, ConfigError, Problem, one_line
 from esper_core.growth.evaluation import Evaluation
 from esper_core.recipe.diagnostics import Locator, validation_problems
 from esper_core.recipe.schema import TaskConfig
-from esper_core.seeds.probe import call_model, to_device
+from esper_core.seeds.probe import call_model, eval_mode, to_device
 
 _DEFAULT_METRIC = {"classification": "accuracy", "regression": "rmse", "language_model": "perplexity",
                    "token_classification": "token_accuracy", "custom": "loss"}
@@ -127,17 +127,13 @@ class Task:
         not a scalar) are one located recipe error (exit 2), from ``esper train`` and ``--dry-run``
         alike, instead of a traceback at the first step."""
         field = "task.function" if self.kind == "custom" else "task.kind"
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 output, targets = self.forward(model, batch, next(model.parameters()).device)
                 loss = self.loss(output, targets)
         except Exception as error:  # whatever the model's or the loss's own code raises
             raise ConfigError(Problem(RECIPE_FIELD, f"the model, task '{self.kind}' and data do not fit together: "
                                       f"{one_line(error)}", field=field)) from None
-        finally:
-            model.train(was_training)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ConfigError(Problem(RECIPE_FIELD, f"the loss must be one scalar tensor (got {shape})", field=field))
@@ -170,15 +166,11 @@ class Task:
         gathered in rank order, so every rank gets the whole set's figures."""
         if device is None:
             device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         sums = _Sums(torch.zeros((), device=device, dtype=torch.float64))
-        try:
+        with eval_mode(model):
             for batch in batches:
                 output, targets = self.forward(model, batch, device)
                 self._accumulate(sums, output, targets)
-        finally:
-            model.train(was_training)
         if world is not None:
             sums = _reduced(sums, world)
         return self._finish(sums)
