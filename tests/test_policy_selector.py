@@ -206,3 +206,20 @@ def test_growth_waits_for_a_busy_bottleneck_but_not_for_a_full_one() -> None:
     manager.germinate(SlotRef("b", 1), "small", "k", 100)
     decisions = growth.decide(200, manager.view(), merit={})
     assert {d.slot.layer for d in decisions.germinations} == {"a"}
+
+
+def test_a_spent_seed_budget_skips_growth_without_reading_layer_health() -> None:
+    """Once ``max_seeds`` seeds exist a fired trigger can only be skipped, so the decision must not read
+    the layers' health first (a pseudo-inverse per layer: on the H200 CNN about a fifth of a
+    validation's host time, at every validation left in the growth window)."""
+    growth, manager = _policy(trigger="periodic", max_seeds=2)
+    reads: list[int] = []
+    real_read = growth.layers.read
+    growth.layers.read = lambda: reads.append(1) or real_read()
+    manager.germinate(SlotRef("a", 0), "small", "k", 100)
+    decisions = growth.decide(100, manager.view(), merit={})
+    assert len(decisions.germinations) == 1 and len(reads) == 1
+    manager.germinate(SlotRef("b", 0), "small", "k", 100)
+    decisions = growth.decide(200, manager.view(), merit={})
+    assert decisions.germinations == [] and "seed budget is spent (2 of 2)" in decisions.skipped["reason"]
+    assert decisions.skipped["inputs"]["budget"] and len(reads) == 1

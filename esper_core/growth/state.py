@@ -24,12 +24,13 @@ def _escape(key: str) -> str:
 
 
 def split(tree: State) -> tuple[dict[str, torch.Tensor], State]:
-    """(tensors by path, JSON skeleton) of a state tree; tensors are detached CPU copies."""
+    """(tensors by path, JSON skeleton) of a state tree; tensors are detached CPU copies (made by
+    :func:`cpu_copy`)."""
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
-            tensors[path] = value.detach().to("cpu", copy=True)
+            tensors[path] = value
             return {_REF: path}
         if isinstance(value, dict):
             out = {}
@@ -44,7 +45,7 @@ def split(tree: State) -> tuple[dict[str, torch.Tensor], State]:
             return value
         raise TypeError(f"state value at {path or '/'} is a {type(value).__name__}: only tensors and JSON values")
 
-    return tensors, walk(tree, "")
+    return tensors, walk(cpu_copy(tree), "")
 
 
 def join(tensors: dict[str, torch.Tensor], skeleton: State) -> State:
@@ -65,28 +66,68 @@ def join(tensors: dict[str, torch.Tensor], skeleton: State) -> State:
     return walk(skeleton)
 
 
+_GATHER_BELOW = 1 << 20
+"""GPU tensors smaller than this many bytes reach the CPU gathered with others (see :func:`cpu_copy`)."""
+_GATHER_UP_TO = 64 << 20
+"""The most bytes one gathered transfer holds: the extra GPU memory a copy takes while it runs."""
+
+
 def cpu_copy(tree: Any) -> Any:
     """The same tree with every tensor detached and copied to the CPU: a snapshot that later training
-    cannot change. Copies from a GPU are queued without waiting, then awaited once (a blocking copy
-    per tensor would stall the GPU hundreds of times per snapshot)."""
+    cannot change. Copies from a GPU are queued without waiting, then awaited once. The small ones
+    (most of a run's tensors by count: biases, norms, step counters, per-layer signals) are first
+    gathered per device and dtype into flat buffers of at most 64 MiB and each buffer crosses in one
+    transfer: on an H200 a growing CNN's run state (263 tensors, 20 MB) took 9.5 ms of host time to
+    copy one transfer per tensor, at every validation (the governor's snapshot)."""
+    gathered: dict[tuple[torch.device, torch.dtype], list[tuple[Any, Any, torch.Tensor]]] = {}
     devices: set[torch.device] = set()
 
-    def walk(value: Any) -> Any:
+    def copy(value: Any, into: Any, key: Any) -> None:
         if isinstance(value, torch.Tensor):
-            if value.device.type == "cuda":
-                devices.add(value.device)
-                return value.detach().to("cpu", copy=True, non_blocking=True)
-            return value.detach().to("cpu", copy=True)
-        if isinstance(value, dict):
-            return {key: walk(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [walk(item) for item in value]
-        return value
+            value = value.detach()
+            if value.device.type != "cuda":
+                into[key] = value.to("cpu", copy=True)
+                return
+            devices.add(value.device)
+            if value.numel() * value.element_size() < _GATHER_BELOW:
+                gathered.setdefault((value.device, value.dtype), []).append((into, key, value))
+            else:
+                into[key] = value.to("cpu", copy=True, non_blocking=True)
+        elif isinstance(value, dict):
+            into[key] = {}
+            for name, item in value.items():
+                copy(item, into[key], name)
+        elif isinstance(value, (list, tuple)):
+            into[key] = [None] * len(value)
+            for index, item in enumerate(value):
+                copy(item, into[key], index)
+        else:
+            into[key] = value
 
-    copied = walk(tree)
+    root: list[Any] = [None]
+    copy(tree, root, 0)
+    for group in gathered.values():
+        for chunk in _chunks(group):
+            flat = torch.cat([tensor.reshape(-1) for *_, tensor in chunk]).to("cpu", non_blocking=True)
+            for (into, key, tensor), part in zip(chunk, flat.split([tensor.numel() for *_, tensor in chunk])):
+                into[key] = part.view(tensor.shape)
     for device in devices:
         torch.cuda.current_stream(device).synchronize()  # the copies are complete before anyone reads them
-    return copied
+    return root[0]
+
+
+def _chunks(group: list[tuple[Any, Any, torch.Tensor]]) -> list[list[tuple[Any, Any, torch.Tensor]]]:
+    """Consecutive runs of ``group`` holding at most ``_GATHER_UP_TO`` bytes each."""
+    chunks: list[list[tuple[Any, Any, torch.Tensor]]] = [[]]
+    size = 0
+    for entry in group:
+        nbytes = entry[2].numel() * entry[2].element_size()
+        if chunks[-1] and size + nbytes > _GATHER_UP_TO:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(entry)
+        size += nbytes
+    return chunks
 
 
 def rng_state() -> State:

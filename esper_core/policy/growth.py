@@ -172,24 +172,23 @@ class GrowthPolicy:
         why = self._triggered(step)
         if why is None or not self.in_window(step) or out.germinations:  # a released slot is this round's growth
             return out
+        order = list(self._rng.permutation(len(seeds))) if self.config.random else None
+        inputs = {"trigger": why, "global": self.signals.to_json(), "strategy": self.strategy.name,
+                  "placement": "random" if self.config.random else self.config.placement, "budget": self._budget()}
+        if self._seeds_used() >= self.config.max_seeds:  # before the health read: a pseudo-inverse per layer
+            return self._skip(out, "seeds", f"{why}; but the seed budget is spent "
+                              f"({self._seeds_used()} of {self.config.max_seeds})", inputs)
         self._health = self.layers.read()
-        if self.config.random:  # the baseline: a random order of the layers, every one eligible
-            order = list(self._rng.permutation(len(seeds)))
+        if order is not None:  # the baseline: a random order of the layers, every one eligible
             ranked = [(0.0, name) for _, name in sorted(zip(order, seeds))]
         else:
             ranked = sorted(((self._placement_score(name, merit), name) for name in seeds), reverse=True)
         # the bar is set by the layers that could take a seed: a full one (or one no blueprint fits)
         # must not keep every other layer below ``merit_ratio`` of its score for good
         best = max((score for score, name in ranked if self._has_room(name)), default=0.0)
-        inputs = {"trigger": why, "global": self.signals.to_json(), "strategy": self.strategy.name,
-                  "placement": "random" if self.config.random else self.config.placement,
-                  "layers": {name: {"score": round(score, 6), "merit": round(merit.get(name, 0.0), 6), "rank": rank,
-                                    **(self._health[name].to_json() if name in self._health else {})}
-                             for rank, (score, name) in enumerate(ranked, start=1)},
-                  "budget": self._budget()}
-        if self._seeds_used() >= self.config.max_seeds:
-            return self._skip(out, "seeds", f"{why}; but the seed budget is spent "
-                              f"({self._seeds_used()} of {self.config.max_seeds})", inputs)
+        inputs["layers"] = {name: {"score": round(score, 6), "merit": round(merit.get(name, 0.0), 6), "rank": rank,
+                                   **(self._health[name].to_json() if name in self._health else {})}
+                            for rank, (score, name) in enumerate(ranked, start=1)}
         self._pending = []
         what = "random order" if self.config.random else self.config.placement
         for rank, (score, name) in enumerate(ranked, start=1):

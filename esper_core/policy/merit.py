@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from esper_core.growth.state import cpu_copy
 from esper_core.policy.signals import StatBank
 from esper_core.seeds.manager import SeedManager
 
@@ -80,10 +81,12 @@ class GradientMerit:
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """JSON: per layer the running merit, its counters and the persistent vector (float32 values
-        written as exact decimal floats, so a resume continues bit for bit)."""
+        written as exact decimal floats, so a resume continues bit for bit). Read from one CPU copy of
+        the bank: a read per value from a GPU was a host-device sync each, five per layer, at every
+        snapshot the governor takes."""
         return {name: {"merit": state["merit"].item(), "folds": int(state["folds"]),
                        "measured": int(state["measured"]), "ok": bool(state["ok"]), "vector": state["vector"].tolist()}
-                for name, state in self._bank.state_dict().items()}
+                for name, state in cpu_copy(self._bank.state_dict()).items()}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         """Restore from :meth:`state_dict`; ``ValueError`` naming the layer and field when malformed."""
