@@ -289,3 +289,19 @@ def test_perplexity_is_the_plain_likelihood_s_under_label_smoothing() -> None:
     result = Task({"kind": "language_model", "label_smoothing": 0.2}).evaluate(Fixed(), [(tokens, tokens)])
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, 11), tokens[:, 1:].reshape(-1))
     assert result.name == "perplexity" and result.metric == pytest.approx(float(nll.exp()), rel=1e-6)
+
+
+@pytest.mark.parametrize("mistake, said", [
+    ({"seeds": {**SEEDS, "blueprints": ["wide_mpl"]}}, "seeds.blueprints.0: unknown blueprint"),
+    ({"seeds": {**SEEDS, "blueprints": ["span_linear"]}}, "seeds.blueprints.0: blueprint 'span_linear' grows on a pair"),
+    ({"seeds": SEEDS, "governor": {"window": 0}}, "governor.window"),
+])
+def test_a_refused_controller_leaves_the_model_unwrapped_so_the_corrected_call_works(
+        mistake: dict, said: str, kernels: LocalKernelStore) -> None:
+    """Blueprints and the governor's settings were checked after the layers were wrapped: the model
+    stayed wrapped, and the corrected call was refused too ("the model is already wrapped")."""
+    model = TwoLinear()
+    with pytest.raises(ConfigError, match=said):
+        GrowthController(model, None, example=X[:2], max_steps=120, store=kernels, **mistake)
+    assert not any(isinstance(m, KasminaLayer) for m in model.modules())
+    assert list(controller(model, None, kernels).manager.layers) == ["fc1"]

@@ -35,13 +35,14 @@ class SeedCatalog:
                  device_class: str, kernel_dtype: str | None = None) -> tuple[SeedManager, SeedCatalog]:
         """Wrap ``model``'s target layers, learn the shapes they see from one ``example`` input, and
         check that every named blueprint grows somewhere (the growth controller's setup, and what
-        ``esper train --dry-run`` shows)."""
+        ``esper train --dry-run`` shows). Refused, the model is left unwrapped."""
         manager = wrap(model, config=config)
-        shapes = probe_layers(model, list(manager.layers), example)
-        feeders = manager.pair_spans(shapes.order, shapes.inputs, shapes.outputs)
-        catalog = cls(BlueprintLibrary.discover(blueprint_dirs), config.blueprints, manager.layers, feeders,
-                      shapes.inputs, config.rank, device_class, kernel_dtype)
-        catalog.check()
+        with manager.unwrapped_on_failure():
+            shapes = probe_layers(model, list(manager.layers), example)
+            feeders = manager.pair_spans(shapes.order, shapes.inputs, shapes.outputs)
+            catalog = cls(BlueprintLibrary.discover(blueprint_dirs), config.blueprints, manager.layers, feeders,
+                          shapes.inputs, config.rank, device_class, kernel_dtype)
+            catalog.check()
         return manager, catalog
 
     def __init__(self, library: BlueprintLibrary, names: Sequence[str], layers: dict[str, KasminaLayer],

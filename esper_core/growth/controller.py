@@ -200,6 +200,7 @@ class GrowthController:
         self.max_steps = max_steps
         self.seeds_config: SeedsConfig = _config(SeedsConfig, seeds, "seeds")
         self.policy_config: PolicyConfig = _config(PolicyConfig, policy, "policy")
+        governor_config: GovernorConfig = _config(GovernorConfig, governor, "governor")
         self.evaluate = evaluate
         self.recorder: Recorder = recorder or MemoryRecorder()
         self.check_every = check_every
@@ -226,7 +227,7 @@ class GrowthController:
                                    latency_of=lambda bp, layer: self.kernels.latency_ms(self.catalog.spec(bp, layer)))
         if world is not None:
             self.policy.layers.share(world.mean)
-        self.governor = Governor(_config(GovernorConfig, governor, "governor"), self.device)
+        self.governor = Governor(governor_config, self.device)
         self._seed_lr = seed_lr
         # a run that can never grow has no seeds to slow down: no switch, no `seed_lr` event
         self.seed_rate = SeedRate(self.seeds_config.lr_schedule == "adaptive" and self.policy_config.max_seeds > 0,
@@ -244,10 +245,11 @@ class GrowthController:
         self.kernel_wait_s = 0.0
         self.started = False
         self._warned: set[str] = set()  # misuses of the own-loop calls already warned about (once each)
-        if optimizer is not None:
-            self.bind_optimizer(optimizer, schedulers)
-        if start:
-            self.start()
+        with self.manager.unwrapped_on_failure():  # a refused optimizer or scheduler changes nothing either
+            if optimizer is not None:
+                self.bind_optimizer(optimizer, schedulers)
+            if start:
+                self.start()
 
     # --- the public surface -----------------------------------------------------------------------
 

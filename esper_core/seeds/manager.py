@@ -57,6 +57,20 @@ class SeedManager:
         self.feeders: dict[str, str] = {}  # span pairs: dest layer -> feeder layer
         self.probed = False  # whether pair_spans ran (a model loaded for export is never probed)
 
+    @contextlib.contextmanager
+    def unwrapped_on_failure(self) -> Iterator[None]:
+        """Put every host back where its Kasmina layer stands if the block raises: a setup refused
+        after :func:`wrap` (a misspelt blueprint, an example without a batch dimension) must leave the
+        user's model as it was, or the corrected call is refused as \"already wrapped\". Only for
+        setup, before any seed exists."""
+        try:
+            yield
+        except BaseException:
+            for name, layer in self.layers.items():
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name), child, layer.host)
+            raise
+
     # --- queries ----------------------------------------------------------------------------------
 
     def slots(self) -> Iterator[tuple[SlotRef, KasminaLayer]]:
