@@ -15,6 +15,12 @@ RECIPE_FIELD = "<recipe>"
 """Source of a problem with a recipe field found by code that does not know the recipe's file; the
 trainer re-locates such problems to the field's line (see ``LoadedRecipe.locate``)."""
 
+CONTROLLER_FIELD = "GrowthController"
+"""Source of a problem with an argument of the growth controller. In a user's own loop there is no
+recipe, and ``<recipe>`` would send them looking for one; its ``seeds``, ``policy`` and ``governor``
+are the recipe sections of the same names, so where a recipe made them (``esper train``) the trainer
+re-locates these problems to the field's line as it does ``RECIPE_FIELD``'s."""
+
 
 def one_line(error: BaseException) -> str:
     """An exception in one line: its type and the first line of its message (library errors such as

@@ -293,7 +293,7 @@ def test_perplexity_is_the_plain_likelihood_s_under_label_smoothing() -> None:
 
 @pytest.mark.parametrize("mistake, said", [
     ({"seeds": {**SEEDS, "blueprints": ["wide_mpl"]}}, "seeds.blueprints.0: unknown blueprint"),
-    ({"seeds": {**SEEDS, "blueprints": ["span_linear"]}}, "seeds.blueprints.0: blueprint 'span_linear' grows on a pair"),
+    ({"seeds": {**SEEDS, "blueprints": ["span_linear"]}}, "blueprints.0: blueprint 'span_linear' grows on a pair"),
     ({"seeds": SEEDS, "governor": {"window": 0}}, "governor.window"),
 ])
 def test_a_refused_controller_leaves_the_model_unwrapped_so_the_corrected_call_works(
@@ -305,3 +305,13 @@ def test_a_refused_controller_leaves_the_model_unwrapped_so_the_corrected_call_w
         GrowthController(model, None, example=X[:2], max_steps=120, store=kernels, **mistake)
     assert not any(isinstance(m, KasminaLayer) for m in model.modules())
     assert list(controller(model, None, kernels).manager.layers) == ["fc1"]
+
+
+def test_a_setting_the_model_refuses_is_named_as_the_controller_s_argument(kernels: LocalKernelStore) -> None:
+    """An own loop has no recipe, yet these read ``<recipe>: seeds.targets.0: ...``."""
+    with pytest.raises(ConfigError) as refused:
+        GrowthController(TwoLinear(), None, example=X[:2], max_steps=120, store=kernels,
+                         seeds={**SEEDS, "targets": ["fc3"]})
+    assert [str(p) for p in refused.value.problems] == [
+        "GrowthController: seeds.targets.0: pattern 'fc3' matches no module that can host seeds (Linear, Conv1d, "
+        "Conv2d, transformers' Conv1D); matchable: fc1, fc2"]

@@ -260,7 +260,8 @@ def test_a_construction_that_fails_part_way_closes_what_it_opened(recipe: Path, 
     before = set(threading.enumerate())
     with pytest.raises(ConfigError) as info:
         Trainer.from_recipe(recipe, [*workspace, "seeds.targets=[nothing.*]"])
-    assert "pattern 'nothing.*' matches no module that can host seeds" in str(info.value)
+    assert str(info.value).startswith("<command line>: seeds.targets.0: override 'seeds.targets=[nothing.*]': "
+                                      "pattern 'nothing.*' matches no module that can host seeds")  # located
     assert _threads_started_since(before) == []
     for _ in range(3):
         summary = Trainer.from_recipe(recipe, [*workspace, "trainer.max_steps=20"]).fit()

@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +40,7 @@ from torch import nn
 from esper_core.compiler.store import KernelStore
 from esper_core.compiler.worker_start import refuse_during_worker_start
 from esper_core.distributed.world import World
-from esper_core.errors import ConfigError, EsperError, Problem, one_line
+from esper_core.errors import CONTROLLER_FIELD, RECIPE_FIELD, ConfigError, EsperError, Problem, one_line
 from esper_core.growth import optimizer as optim
 from esper_core.growth.catalog import SeedCatalog
 from esper_core.growth.evaluation import Evaluate, Evaluation
@@ -94,6 +94,17 @@ class MemoryRecorder:
         self.compiles.append((seconds, ok))
 
 
+@contextmanager
+def _as_arguments() -> Iterator[None]:
+    """Problems the shared setup code reports against recipe fields (``<recipe>: seeds.targets.0``)
+    re-sourced to the controller's arguments of the same names (see ``CONTROLLER_FIELD``)."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError([replace(p, source=CONTROLLER_FIELD) if p.source == RECIPE_FIELD else p
+                           for p in error.problems]) from error.__cause__
+
+
 @dataclass(frozen=True)
 class StepOutcome:
     """What :meth:`GrowthController.after_step` did: the loss value it read (on check steps, else
@@ -112,7 +123,7 @@ def _check_example(model: nn.Module, example: Any) -> None:
         with torch.no_grad(), eval_mode(model):
             call_model(model, to_device(example, next(model.parameters()).device))
     except Exception as error:  # whatever the model's own code raises; kept as the cause
-        raise ConfigError(Problem("GrowthController", f"the model cannot run an example of shape "
+        raise ConfigError(Problem(CONTROLLER_FIELD, f"the model cannot run an example of shape "
                                   f"{_shapes(example)}: {one_line(error)}", field="example")) from error
 
 
@@ -149,7 +160,7 @@ def _config(cls: type[BaseModel], value: Any, argument: str) -> Any:
     try:
         return cls.model_validate(value or {})
     except ValidationError as exc:
-        problems = validation_problems(exc, Locator("GrowthController", {}, ()), cls)
+        problems = validation_problems(exc, Locator(CONTROLLER_FIELD, {}, ()), cls)
         raise ConfigError([replace(p, field=f"{argument}.{p.field}" if p.field else argument)
                            for p in problems]) from None
 
@@ -208,8 +219,9 @@ class GrowthController:
         self.world = world
         self.device = next(model.parameters()).device
         _check_example(model, example)
-        self.manager, self.catalog = SeedCatalog.of_model(model, self.seeds_config, example, blueprint_dirs,
-                                                          self.device.type, kernel_dtype)
+        with _as_arguments():
+            self.manager, self.catalog = SeedCatalog.of_model(model, self.seeds_config, example, blueprint_dirs,
+                                                              self.device.type, kernel_dtype)
         for layer in self.manager.layers.values():
             # a loop that divides each micro-batch's loss by their number sums that many pulls: an
             # eta as many times larger keeps the pull's minimiser where one full batch puts it

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
+from esper_core.errors import CONTROLLER_FIELD, RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.diagnostics import Locator, validation_problems
 from esper_core.recipe.overrides import COMMAND_LINE, apply_overrides
 from esper_core.recipe.schema import Recipe
@@ -52,15 +52,17 @@ class LoadedRecipe:
 
     @contextmanager
     def located(self) -> Iterator[None]:
-        """Re-raise the recipe-field problems code without the file found (``RECIPE_FIELD`` source)
-        at their line in this recipe; other problems pass unchanged. A problem with the growth targets
-        also says what of the model explains it (:meth:`ModelConfig.growth_note`): the code that matched
-        the patterns saw modules, not the recipe that made them."""
+        """Re-raise the recipe-field problems code without the file found (``RECIPE_FIELD`` source, or
+        the growth controller's ``CONTROLLER_FIELD``) at their line in this recipe; other problems pass
+        unchanged. A problem with the growth targets also says what of the model explains it
+        (:meth:`ModelConfig.growth_note`): the code that matched the patterns saw modules, not the
+        recipe that made them."""
         try:
             yield
         except ConfigError as exc:
             raise ConfigError([self.locate(p.field, self._with_growth_note(p.field, p.message))
-                               if p.source == RECIPE_FIELD and p.field else p for p in exc.problems]) from None
+                               if p.source in (RECIPE_FIELD, CONTROLLER_FIELD) and p.field else p
+                               for p in exc.problems]) from None
 
     def _with_growth_note(self, field_path: str, message: str) -> str:
         note = self.recipe.model.growth_note() if field_path.startswith(("seeds.targets", "seeds.exclude")) else None
