@@ -315,3 +315,16 @@ def test_a_setting_the_model_refuses_is_named_as_the_controller_s_argument(kerne
     assert [str(p) for p in refused.value.problems] == [
         "GrowthController: seeds.targets.0: pattern 'fc3' matches no module that can host seeds (Linear, Conv1d, "
         "Conv2d, transformers' Conv1D); matchable: fc1, fc2"]
+
+
+def test_an_example_without_a_batch_dimension_is_a_config_error_naming_it(kernels: LocalKernelStore) -> None:
+    """``example=x[0]`` (one sample) runs through a Linear, so the model accepted it; then the kernel spec
+    raised ``ValueError: a linear host with 8 inputs cannot take samples of shape ()`` from the compiler's
+    internals, and the model stayed wrapped."""
+    model = TwoLinear()
+    with pytest.raises(ConfigError) as refused:
+        GrowthController(model, None, example=X[0], max_steps=120, store=kernels, seeds=SEEDS)
+    assert [str(p) for p in refused.value.problems] == [
+        "GrowthController: example: layer fc1: a linear host with 8 inputs cannot take samples of shape (): the "
+        "example must be a batch of inputs as the training loop passes them (e.g. x[:2], not x[0])"]
+    assert not any(isinstance(m, KasminaLayer) for m in model.modules())

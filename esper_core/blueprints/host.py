@@ -63,6 +63,14 @@ class HostSpec:
         """Spatial dimensions of the host's input: 0 (linear), 1 or 2."""
         return {"linear": 0, "conv1d": 1, "conv2d": 2}[self.kind]
 
+    def sample_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why one sample of ``shape`` (no batch dimension) cannot be this host's input, or ``None``."""
+        if self.kind == "linear" and (not shape or shape[-1] != self.in_features):
+            return f"a linear host with {self.in_features} inputs cannot take samples of shape {shape}"
+        if self.kind != "linear" and (len(shape) != 1 + self.spatial or shape[0] != self.in_features):
+            return f"a {self.kind} host with {self.in_features} channels cannot take samples of shape {shape}"
+        return None
+
     def pads(self) -> tuple[tuple[int, int], ...]:
         """(before, after) zero padding per spatial dimension (``same`` puts the odd one after)."""
         if self.padding == "same":

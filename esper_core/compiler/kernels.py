@@ -47,11 +47,10 @@ class KernelSpec:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.device not in DEVICE_CLASSES:
             raise ValueError(f"device class must be one of {', '.join(DEVICE_CLASSES)}, not {self.device!r}")
-        shape, width = self.sample_shape, self.host.in_features
-        if self.host.kind == "linear" and (not shape or shape[-1] != width):
-            raise ValueError(f"a linear host with {width} inputs cannot take samples of shape {shape}")
-        if self.host.kind != "linear" and (len(shape) != 1 + self.host.spatial or shape[0] != width):
-            raise ValueError(f"a {self.host.kind} host with {width} channels cannot take samples of shape {shape}")
+        shape = self.sample_shape
+        misfit = self.host.sample_problem(shape)
+        if misfit is not None:
+            raise ValueError(misfit)
         if any(size < 1 for size in shape):
             raise ValueError(f"input shape {shape} has an empty dimension")
 

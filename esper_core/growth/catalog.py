@@ -39,6 +39,12 @@ class SeedCatalog:
         manager = wrap(model, config=config)
         with manager.unwrapped_on_failure():
             shapes = probe_layers(model, list(manager.layers), example)
+            misfits = [Problem(RECIPE_FIELD, f"layer {name}: {why}: the example must be a batch of inputs as the "
+                               "training loop passes them (e.g. x[:2], not x[0])", field="example")
+                       for name in shapes.order
+                       if (why := manager.layers[name].spec.sample_problem(shapes.inputs[name])) is not None]
+            if misfits:
+                raise ConfigError(misfits)
             feeders = manager.pair_spans(shapes.order, shapes.inputs, shapes.outputs)
             catalog = cls(BlueprintLibrary.discover(blueprint_dirs), config.blueprints, manager.layers, feeders,
                           shapes.inputs, config.rank, device_class, kernel_dtype)
