@@ -328,3 +328,40 @@ def test_an_example_without_a_batch_dimension_is_a_config_error_naming_it(kernel
         "GrowthController: example: layer fc1: a linear host with 8 inputs cannot take samples of shape (): the "
         "example must be a batch of inputs as the training loop passes them (e.g. x[:2], not x[0])"]
     assert not any(isinstance(m, KasminaLayer) for m in model.modules())
+
+
+def test_an_evaluate_that_does_not_return_an_evaluation_is_named_at_its_first_call(kernels: LocalKernelStore) -> None:
+    """``evaluate=lambda m: accuracy(m)`` (a float) got as far as the first verdict, then failed inside
+    Esper as ``AttributeError: 'float' object has no attribute 'scores'``."""
+    torch.manual_seed(0)
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    growth = controller(model, optimizer, kernels, evaluate=lambda m: evaluate(m).metric)
+    with pytest.raises(TypeError, match=r"^evaluate\(model\) must return an esper_core.Evaluation.*, not float$"):
+        train(model, optimizer, growth, lambda loss: None)
+
+
+def test_an_evaluation_takes_tensors_and_lists_and_refuses_what_is_not_a_number(kernels: LocalKernelStore) -> None:
+    """Scores given as a list failed at the first verdict (``'list' object has no attribute 'numel'``),
+    and a metric given as a string was compared as one."""
+    made = Evaluation(torch.tensor(0.75), True, "accuracy", loss=torch.tensor(0.5), scores=[1, 0, 1, 1])
+    assert (made.metric, made.loss) == (0.75, 0.5) and type(made.metric) is float and type(made.loss) is float
+    assert made.scores.dtype == torch.float64 and made.scores.tolist() == [1.0, 0.0, 1.0, 1.0]
+    with pytest.raises(TypeError, match=r"^Evaluation\(metric=...\): one number.*, not str$"):
+        Evaluation("0.75", True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Evaluation\(higher_is_better=...\): True or False, not str$"):
+        Evaluation(0.75, "max")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Evaluation\(scores=...\): one number per held-out sample"):
+        Evaluation(0.75, True, scores="all")  # type: ignore[arg-type]
+
+    def listed(model: nn.Module) -> Evaluation:  # a user's evaluation that builds its scores in Python
+        found = evaluate(model)
+        return Evaluation(found.metric, True, "accuracy", found.loss, found.scores.tolist())
+
+    torch.manual_seed(0)
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    growth = controller(model, optimizer, kernels, evaluate=listed)
+    train(model, optimizer, growth, lambda loss: None)
+    judged = [e for e in growth.recorder.events if e["event"] in ("fossilize", "cull")]
+    assert judged and all(e["samples"] == 256 for e in judged)  # paired per sample, from the list

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
-import torch
 from torch import nn
 
 from esper_core.growth.evaluation import Evaluate, Evaluation
@@ -65,10 +64,18 @@ class Counterfactuals:
 
     def of(self, layer: KasminaLayer, index: int) -> Counterfactual:
         if self._with_seeds is None:
-            self._with_seeds = self.evaluate(self.model)
+            self._with_seeds = self._evaluation()
         with layer.muted(index):
-            without_seed = self.evaluate(self.model)
+            without_seed = self._evaluation()
         return Counterfactual(self._with_seeds, without_seed)
+
+    def _evaluation(self) -> Evaluation:
+        """The user's ``evaluate(model)``, checked: what it returns is read far from where it was made."""
+        found = self.evaluate(self.model)
+        if not isinstance(found, Evaluation):
+            raise TypeError("evaluate(model) must return an esper_core.Evaluation(metric, higher_is_better, name, "
+                            f"loss, scores), not {type(found).__name__}")
+        return found
 
     def changed(self) -> None:
         """The model's function changed (a seed left it): the next counterfactual evaluates it anew."""
@@ -102,7 +109,3 @@ def judge(result: Counterfactual, margin: float, confidence: float, loss_guard: 
                 "loss_gain": result.loss_gain, "loss_guard": loss_guard, "blew_up": blew_up}
     return not (harmful or blew_up), evidence
 
-
-def scores_of(correct: torch.Tensor) -> torch.Tensor:
-    """Per-sample scores as verdicts want them: a 1-D float tensor on the CPU."""
-    return correct.detach().flatten().double().cpu()
