@@ -365,3 +365,21 @@ def test_an_evaluation_takes_tensors_and_lists_and_refuses_what_is_not_a_number(
     train(model, optimizer, growth, lambda loss: None)
     judged = [e for e in growth.recorder.events if e["event"] in ("fossilize", "cull")]
     assert judged and all(e["samples"] == 256 for e in judged)  # paired per sample, from the list
+
+
+def test_a_loss_of_many_values_is_refused_naming_its_shape(kernels: LocalKernelStore) -> None:
+    """Per-sample losses (``reduction="none"``) passed to after_step failed inside the governor as
+    ``RuntimeError: output with shape [] doesn't match the broadcast shape [32]``."""
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    growth = controller(model, optimizer, kernels, evaluate=evaluate)
+    per_sample = F.cross_entropy(model(X[:32]), Y[:32], reduction="none")
+    optimizer.zero_grad()
+    per_sample.mean().backward()
+    growth.after_backward()
+    optimizer.step()
+    said = r"^after_step\(loss\): the step's loss is one number, not a tensor of shape \(32,\) \(pass the value"
+    with pytest.raises(ValueError, match=said):
+        growth.after_step(per_sample)
+    assert growth.step == 0  # refused before anything moved: the corrected call counts the step
+    assert growth.after_step(per_sample.mean()).rolled_back is False and growth.step == 1

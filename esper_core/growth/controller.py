@@ -364,6 +364,7 @@ class GrowthController:
         """Call after ``optimizer.step()`` with the step's loss (a tensor; read only every
         ``check_every`` steps). Advances every seed's clock, starts seeds whose kernel arrived, judges
         seeds whose probation is over, and lets the governor roll back a bad loss."""
+        loss = _step_loss(loss)  # checked before the clock moves: a refused call changes nothing
         if self._measuring:  # armed for the pass of this step, and nothing read its gradients
             self._warn_once("no_after_backward", "after_backward() was not called between loss.backward() and "
                             "optimizer.step() on a step growth measures: the layers' health goes unmeasured")
@@ -380,11 +381,6 @@ class GrowthController:
                             "no evaluate function to judge them: they stay in probation (holding their slots) until "
                             "one is given (GrowthController(evaluate=...) or after_validation(evaluate=...))")
         value, rolled_back = None, False
-        if loss is not None and not isinstance(loss, torch.Tensor):
-            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
-                raise TypeError(f"after_step(loss): the step's loss as a tensor (or a number), "
-                                f"not {type(loss).__name__}")
-            loss = torch.tensor(float(loss))
         if loss is not None:
             self.governor.watch(loss)
             self._last_loss = loss.detach()
@@ -625,6 +621,20 @@ class GrowthController:
                 removed = True
         if not removed:
             self._record({"event": "rollback", "step": self.step, **evidence})
+
+
+def _step_loss(loss: torch.Tensor | float | None) -> torch.Tensor | None:
+    """The loss given to ``after_step`` as a one-element tensor (the governor adds it up on the device)."""
+    if loss is None:
+        return None
+    if not isinstance(loss, torch.Tensor):
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise TypeError(f"after_step(loss): the step's loss as a tensor (or a number), not {type(loss).__name__}")
+        return torch.tensor(float(loss))
+    if loss.numel() != 1:
+        raise ValueError(f"after_step(loss): the step's loss is one number, not a tensor of shape {tuple(loss.shape)} "
+                         "(pass the value you called backward on, e.g. loss.mean())")
+    return loss.reshape(())
 
 
 def _non_finite(evaluation: Evaluation | None) -> str | None:
