@@ -5,6 +5,7 @@ makes wiring it up (each gets a clear message instead of a failure many steps la
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Callable
 
@@ -383,3 +384,31 @@ def test_a_loss_of_many_values_is_refused_naming_its_shape(kernels: LocalKernelS
         growth.after_step(per_sample)
     assert growth.step == 0  # refused before anything moved: the corrected call counts the step
     assert growth.after_step(per_sample.mean()).rolled_back is False and growth.step == 1
+
+
+@pytest.mark.parametrize("argument, value, said", [
+    ("check_every", 0, "check_every must be a positive number of steps, not 0"),  # was a ZeroDivisionError at step 1
+    ("seed", 1.5, "seed must be an integer, not 1.5"),  # was numpy's "TypeError: seed must be integer"
+    ("evaluate", 0.5, "evaluate must be a function of the model that returns an esper_core.Evaluation, not float"),
+    ("schedulers", "one", "schedulers must be a list of the learning-rate schedulers built on the optimizer before "
+     "the controller (schedulers=[scheduler]), not StepLR"),  # was "TypeError: 'StepLR' object is not iterable"
+])
+def test_a_mistyped_argument_is_refused_at_once_naming_it(argument: str, value: object, said: str,
+                                                         kernels: LocalKernelStore) -> None:
+    """Each was accepted and failed later, inside Esper or NumPy, or as another library's message."""
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    if argument == "schedulers":
+        value = torch.optim.lr_scheduler.StepLR(optimizer, 10)  # one scheduler, not a list of them
+    with pytest.raises((TypeError, ValueError), match=f"^{re.escape(said)}$"):
+        controller(model, optimizer, kernels, **{argument: value})
+    assert not any(isinstance(m, KasminaLayer) for m in model.modules())
+    growth = controller(model, torch.optim.AdamW(model.parameters(), lr=0.01), kernels, evaluate=evaluate)
+    with pytest.raises(TypeError, match="^after_validation\\(evaluate=...\\): a function of the model"):
+        growth.after_validation(evaluate(model), evaluate=0.5)  # type: ignore[arg-type]
+
+
+def test_a_model_without_parameters_is_refused_naming_it(kernels: LocalKernelStore) -> None:
+    """It was a bare ``StopIteration`` from looking up the model's device."""
+    with pytest.raises(TypeError, match="^model has no parameters: growth adds seeds beside its layers"):
+        GrowthController(nn.Sequential(nn.ReLU()), None, example=X[:2], max_steps=120, store=kernels, seeds=SEEDS)

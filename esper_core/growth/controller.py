@@ -152,6 +152,13 @@ def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
                          "of it)")
 
 
+def _check_evaluate(evaluate: Any, said: str) -> None:
+    """Refuse an ``evaluate`` that is not a function now: it is first called at a verdict, many steps later."""
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"{said} a function of the model that returns an esper_core.Evaluation, "
+                        f"not {type(evaluate).__name__}")
+
+
 def _config(cls: type[BaseModel], value: Any, argument: str) -> Any:
     """A recipe section given as the model or as a dict; a dict's mistakes are one ConfigError naming
     each field as ``argument.field`` (as a recipe's would be), not pydantic's raw report."""
@@ -200,12 +207,20 @@ class GrowthController:
         refuse_during_worker_start()  # both front doors start here; see its docstring
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if next(model.parameters(), None) is None:
+            raise TypeError("model has no parameters: growth adds seeds beside its layers (Linear, Conv1d, Conv2d), "
+                            "and this model has none")
+        # every argument is checked before the model is wrapped: a refused call changes nothing
         if optimizer is not None:
-            _check_optimizer(model, optimizer)  # before the model is wrapped: a refused call changes nothing
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be a positive number of optimizer steps, not {max_steps!r}")
-        if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
-            raise ValueError(f"accumulate_steps must be a positive number of micro-batches, not {accumulate_steps!r}")
+            _check_optimizer(model, optimizer)
+        for argument, value, unit in (("max_steps", max_steps, "optimizer steps"),
+                                      ("accumulate_steps", accumulate_steps, "micro-batches"),
+                                      ("check_every", check_every, "steps")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{argument} must be a positive number of {unit}, not {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, not {seed!r}")
+        _check_evaluate(evaluate, "evaluate must be")
         self.model = model
         self.optimizer = optimizer
         self.max_steps = max_steps
@@ -274,6 +289,9 @@ class GrowthController:
         """Use ``optimizer`` from now on: its seed group is added now (seeds that already exist join
         it), and ``schedulers`` built on it before are extended to cover that group."""
         _check_optimizer(self.model, optimizer)
+        if not isinstance(schedulers, (list, tuple)):
+            raise TypeError("schedulers must be a list of the learning-rate schedulers built on the optimizer before "
+                            f"the controller (schedulers=[scheduler]), not {type(schedulers).__name__}")
         if optim.has_scheduler(optimizer) and not schedulers:
             warnings.warn("a learning-rate scheduler was built on this optimizer before the growth controller: pass it "
                           "as schedulers=[...] (or build it after the controller) so it covers the seeds' parameter "
@@ -406,6 +424,7 @@ class GrowthController:
             raise TypeError(f"after_validation(evaluation): an esper_core.Evaluation (or None), "
                             f"not {type(evaluation).__name__}")
         if evaluate is not None:
+            _check_evaluate(evaluate, "after_validation(evaluate=...):")
             self.evaluate = evaluate
         if self.governor.enabled:
             # The validation pass ran the very state a snapshot would keep: judge it before keeping it.
