@@ -8,15 +8,17 @@ import copy
 import re
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import esper_core
 from esper_core import Evaluation, GrowthController, KasminaLayer
 from esper_core.compiler.store import LocalKernelStore
-from esper_core.errors import ConfigError
+from esper_core.errors import CheckpointError, ConfigError
 from esper_core.growth import optimizer as optim
 from esper_core.recipe.schema import PolicyConfig
 from esper_core.seeds.lifecycle import SeedState
@@ -412,3 +414,34 @@ def test_a_model_without_parameters_is_refused_naming_it(kernels: LocalKernelSto
     """It was a bare ``StopIteration`` from looking up the model's device."""
     with pytest.raises(TypeError, match="^model has no parameters: growth adds seeds beside its layers"):
         GrowthController(nn.Sequential(nn.ReLU()), None, example=X[:2], max_steps=120, store=kernels, seeds=SEEDS)
+
+
+def test_resuming_with_another_optimizer_or_other_layers_is_refused_naming_both(
+        tmp_path: Path, kernels: LocalKernelStore) -> None:
+    """An SGD checkpoint loaded into Adam without a word, and the first step failed inside torch with
+    ``KeyError: 'exp_avg'``; other target layers were refused as wrapping "different layers than the
+    recipe", in a loop that has no recipe."""
+    torch.manual_seed(0)
+    model = TwoLinear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    growth = controller(model, optimizer, kernels, evaluate=evaluate)
+    train(model, optimizer, growth, lambda loss: None, steps=30)
+    esper_core.save_checkpoint(tmp_path, model=model, optimizer=optimizer, growth=growth)
+
+    model = TwoLinear()
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    with pytest.raises(CheckpointError, match=r"does not fit this model and optimizer \(the checkpoint's optimizer "
+                                              r"is SGD, this one is Adam\)$"):
+        esper_core.load_checkpoint(tmp_path, model=model, optimizer=adam, growth=controller(model, adam, kernels))
+    model = TwoLinear()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    with pytest.raises(CheckpointError, match=r"\(the checkpoint's seeds grow on fc1, and this model wraps fc1, fc2: "
+                                              r"seeds.targets must select the same layers\)$"):
+        esper_core.load_checkpoint(tmp_path, model=model, optimizer=sgd, growth=GrowthController(
+            model, sgd, example=X[:2], max_steps=120, store=kernels, seeds={**SEEDS, "targets": ["fc1", "fc2"]}))
+    model = TwoLinear()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    resumed = controller(model, sgd, kernels, evaluate=evaluate)
+    esper_core.load_checkpoint(tmp_path, model=model, optimizer=sgd, growth=resumed)  # the same setup still loads
+    train(model, sgd, resumed, lambda loss: None, steps=5)
+    assert resumed.step == 35

@@ -129,12 +129,17 @@ def export_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str
         for p in group["params"]:
             if optimizer.state.get(p):
                 per_param[names[p]] = dict(optimizer.state[p])
-    return {"groups": groups, "state": per_param}
+    return {"type": type(optimizer).__name__, "groups": groups, "state": per_param}
 
 
 def import_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict[str, Any]) -> None:
     """Inverse of :func:`export_state`; the optimizer must already have groups of the same names
-    holding the same parameters (the controller rebuilds seed groups before this runs)."""
+    holding the same parameters (the controller rebuilds seed groups before this runs), and be of the
+    saved type: another optimizer's state loads without complaint into any ``torch.optim`` optimizer,
+    and its first step then fails inside torch (SGD's ``momentum_buffer`` is no ``exp_avg``)."""
+    kind = type(optimizer).__name__
+    if saved.get("type", kind) != kind:  # checkpoints written before the type was recorded: not checked
+        raise ValueError(f"the checkpoint's optimizer is {saved['type']}, this one is {kind}")
     params = dict(model.named_parameters())
     current = [group_name(g, i) for i, g in enumerate(optimizer.param_groups)]
     if SEEDS not in [g["name"] for g in saved["groups"]] and (group := seed_group(optimizer)) is not None \

@@ -173,7 +173,8 @@ class SeedManager:
         """Recreate every seed a :meth:`topology` recorded (weights come later, from the state dict);
         ``build(layer, blueprint)`` makes the module. Returns the slots that hold a module, in order."""
         if set(topology["layers"]) != set(self.layers):
-            raise ValueError("checkpoint topology wraps different layers than the recipe")
+            raise ValueError(f"the checkpoint's seeds grow on {', '.join(topology['layers'])}, and this model wraps "
+                             f"{', '.join(self.layers)}: seeds.targets must select the same layers")
         self.step_count = topology["step"]
         holding = []
         for name, entry in topology["layers"].items():
