@@ -111,3 +111,24 @@ def test_lightning_schedulers_and_accumulation_keep_working_as_seeds_arrive(tmp_
     assert len(scheduler.lr_lambdas) == len(scheduler.base_lrs) == len(optimizer.param_groups) == 2
     # Lightning divides each micro-batch's loss by accumulate_grad_batches: the pull is divided alike
     assert all(layer.eta == 2 * growth.growth.seeds_config.eta for layer in growth.growth.manager.layers.values())
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_lightning_s_norm_clipping_is_refused_for_the_callback_s_own(algorithm: str, tmp_path: Any) -> None:
+    """Trainer(gradient_clip_val=...) clips the host and incubating seeds by one norm, so a seed's
+    gradient changed the host's update; the docs said to use the callback's clip_grad_norm, but
+    nothing did. Clipping by value is per element and mixes nothing: it stays allowed."""
+    torch.manual_seed(0)
+    growth = EsperGrowth(example=X[:2], store=LocalKernelStore(tmp_path / "kernels"),
+                         seeds={"targets": ["host.fc1"], "blueprints": ["wide_mlp"]})
+    trainer = pl.Trainer(max_steps=4, limit_val_batches=0, callbacks=[growth], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=tmp_path, gradient_clip_val=1.0, gradient_clip_algorithm=algorithm)
+    fit = lambda: trainer.fit(Net(), DataLoader(TensorDataset(X, Y), batch_size=32))  # noqa: E731
+    if algorithm == "value":
+        fit()
+        assert trainer.global_step == 4
+        return
+    with pytest.raises(ValueError, match=r"^EsperGrowth: Trainer\(gradient_clip_val=1.0\) clips incubating seeds "
+                                         r"together with the host.*EsperGrowth\(clip_grad_norm=1.0\)"):
+        fit()

@@ -17,8 +17,8 @@ loads a module's weights before any callback hook runs, and a grown module has k
 one lacks, so when fitting resumes from a checkpoint the callback makes that first load non-strict,
 then rebuilds the recorded seeds and loads the weights again, strictly, before the optimizer (whose
 seed groups it re-creates) gets its state back. Use the callback's ``clip_grad_norm`` rather than
-``Trainer(gradient_clip_val=...)``: Lightning's clipping would let an incubating seed's gradient
-change the host's update.
+``Trainer(gradient_clip_val=...)``: Lightning's norm clipping would let an incubating seed's gradient
+change the host's update, so the callback refuses it (clipping by value is per element, and allowed).
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ class EsperGrowth(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.growth is not None:
             return
+        clip = trainer.gradient_clip_val
+        if clip and trainer.gradient_clip_algorithm in (None, "norm"):  # by value mixes nothing: allowed
+            raise ValueError(f"EsperGrowth: Trainer(gradient_clip_val={clip}) clips incubating seeds together with "
+                             "the host by one norm, so a seed's gradient changes the host's update; clip with "
+                             f"EsperGrowth(clip_grad_norm={clip}) instead, which clips them apart")
         max_steps = self.max_steps or (trainer.max_steps if trainer.max_steps > 0 else None)
         if max_steps is None:
             raise ValueError("EsperGrowth needs max_steps (give it, or Trainer(max_steps=...))")
