@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from esper_cli.inspect_cache import inspect_cache
-from esper_core.compiler.artifact import WEIGHTS, Kernel
+from esper_core.compiler.artifact import MANIFEST, WEIGHTS, Kernel
 from esper_core.recipe.schema import StorageConfig
 from esper_core.storage import open_kernel_store
 
@@ -80,6 +83,36 @@ def test_verify_finds_corruption_and_exits_4(filled: Path, storage_kernels: list
                                                      "manifest.json: weights.safetensors does not match its "
                                                      "recorded sha256"}]
     assert f"error: disk tier: kernel {address}" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_kernel_file_replaced_by_a_fifo_or_a_device_link_is_a_bad_entry_not_a_hang(
+        filled: Path, storage_kernels: list[Kernel]) -> None:
+    """A FIFO in a kernel's directory blocked `inspect-cache --verify` (and the run's lookup) forever,
+    and a link to /dev/zero would have been read until memory ran out."""
+    fifo, linked = storage_kernels[0].address, storage_kernels[1].address
+    (entry_dir(filled, fifo) / MANIFEST).unlink()
+    os.mkfifo(entry_dir(filled, fifo) / MANIFEST)
+    (entry_dir(filled, linked) / WEIGHTS).unlink()
+    (entry_dir(filled, linked) / WEIGHTS).symlink_to("/dev/zero")
+    result = inspect_in_subprocess(filled, "--verify")
+    assert result.returncode == 4, result.stderr
+    reasons = {c["address"]: c["reason"] for c in json.loads(result.stdout)["corrupt"] if c["tier"] == "disk"}
+    assert reasons == {fifo: f"{MANIFEST}: is not a regular file (it is a FIFO)",
+                       linked: f"{WEIGHTS}: cannot be read (a symbolic link)"}, reasons
+    assert "Traceback" not in result.stderr
+    (filled / "esper.db").unlink()  # entries the repository does not know are described from their manifest
+    listed = inspect_in_subprocess(filled)
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)["entries"]) == 3, listed.stderr
+
+
+def inspect_in_subprocess(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`esper inspect-cache --json` in its own process: a hang fails the test instead of blocking the suite."""
+    return subprocess.run([sys.executable, "-m", "esper_cli", "inspect-cache", "--workspace", str(workspace), "--json",
+                           *args], capture_output=True, text=True, timeout=60, env={**os.environ, **NO_SERVICES})
+
+
+def entry_dir(workspace: Path, address: str) -> Path:
+    return workspace / "kernels" / address[:2] / address
 
 
 def test_prune_by_size_and_age(filled: Path, storage_kernels: list[Kernel]) -> None:

@@ -7,8 +7,8 @@ tier answers ``get`` with a verified :class:`Kernel` or ``None``, never with unv
 written to a temporary directory under ``<root>/.tmp``, every file fsynced, then renamed into place
 (atomic on POSIX), so a reader sees a whole kernel or none; an existing kernel is never overwritten.
 Every read re-verifies the hashes; a kernel that fails (a flipped bit, a half-copied directory, an
-edit) is moved to ``<root>/quarantine/`` for inspection and reported as a miss, so the caller
-recompiles it.
+edit, a file replaced by a link, a FIFO or a device) is moved to ``<root>/quarantine/`` for
+inspection and reported as a miss, so the caller recompiles it.
 """
 
 from __future__ import annotations
@@ -23,14 +23,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from esper_core.durable import fsync_dir, write_synced
 from esper_core.compiler.artifact import FILES, CorruptKernel, Kernel, is_address
+from esper_core.durable import fsync_dir, write_synced
+from esper_core.safe_read import UnsafeInput, read_regular
 
 log = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 1 << 32
+"""Largest kernel file read (4 GiB; a seed is a small module): a file padded to a terabyte is refused
+instead of filling memory."""
 
 
 class KernelStore(Protocol):
     def get(self, address: str) -> Kernel | None: ...
+    def read(self, address: str) -> Kernel:
+        """The verified kernel at ``address``; :class:`CorruptKernel` (or ``OSError``) otherwise. Each
+        file is read without following links or blocking, because the workspace may be shared: a FIFO
+        put in a kernel's place would otherwise hang every run that looks the kernel up."""
+        directory = self.path_for(address)
+        files = {}
+        for name in FILES:
+            try:
+                files[name] = read_regular(directory / name, MAX_FILE_BYTES)
+            except UnsafeInput as exc:
+                raise CorruptKernel(f"{name}: {exc}") from None
+        return Kernel.from_files(address, files)
+
     def put(self, kernel: Kernel) -> None: ...
     def __contains__(self, address: object) -> bool: ...
     def __iter__(self) -> Iterator[str]: ...
@@ -80,8 +98,7 @@ class LocalKernelStore:
             self.stats.misses += 1
             return None
         try:
-            files = {name: (directory / name).read_bytes() for name in FILES}
-            kernel = Kernel.from_files(address, files)
+            kernel = self.read(address)
         except (OSError, CorruptKernel) as exc:
             self.stats.misses += 1
             self.stats.corrupt += 1
@@ -89,6 +106,19 @@ class LocalKernelStore:
             return None
         self.stats.hits += 1
         return kernel
+
+    def read(self, address: str) -> Kernel:
+        """The verified kernel at ``address``; :class:`CorruptKernel` (or ``OSError``) otherwise. Each
+        file is read without following links or blocking, because the workspace may be shared: a FIFO
+        put in a kernel's place would otherwise hang every run that looks the kernel up."""
+        directory = self.path_for(address)
+        files = {}
+        for name in FILES:
+            try:
+                files[name] = read_regular(directory / name, MAX_FILE_BYTES)
+            except UnsafeInput as exc:
+                raise CorruptKernel(f"{name}: {exc}") from None
+        return Kernel.from_files(address, files)
 
     def put(self, kernel: Kernel) -> None:
         """Write ``kernel`` unless a valid copy is already stored (write-once)."""

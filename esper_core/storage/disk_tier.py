@@ -32,7 +32,7 @@ class DiskTier:
         if not self.store.path_for(address).is_dir():
             return None
         try:
-            return self._read(address)
+            return self.store.read(address)
         except (OSError, CorruptKernel) as exc:
             self.store.quarantine(address, str(exc))
             raise CorruptKernel(str(exc)) from None
@@ -78,13 +78,9 @@ class DiskTier:
     def verify(self) -> Iterator[tuple[str, str]]:
         for address in self.store:
             try:
-                self._read(address)
+                self.store.read(address)
             except (OSError, CorruptKernel) as exc:
                 yield address, str(exc)
 
     def close(self) -> None:
         return None
-
-    def _read(self, address: str) -> Kernel:
-        directory = self.store.path_for(address)
-        return Kernel.from_files(address, {name: (directory / name).read_bytes() for name in FILES})
