@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from esper_core.compiler.artifact import CorruptKernel, Kernel
+from esper_core.compiler.artifact import DIGEST, MANIFEST, CorruptKernel, Kernel
 from esper_core.storage.envelope import open_envelope, seal
 
 KEY = b"k" * 32
@@ -54,6 +54,19 @@ def test_a_well_formed_envelope_around_garbage_still_fails_the_kernel_checks(sto
     blob = magic_flags + hashlib.sha256(kernel.address.encode() + body).digest() + bytes(32) + body
     with pytest.raises(CorruptKernel):
         open_envelope(blob, kernel.address, None)
+
+
+def test_a_deeply_nested_manifest_is_a_bad_entry_not_a_recursion_error(storage_kernels: list[Kernel]) -> None:
+    """A shared tier is written by others: a manifest of 200,000 nested arrays, with its digest
+    recomputed, raised RecursionError out of every lookup and out of `inspect-cache --verify`."""
+    kernel = storage_kernels[0]
+    nested = b"[" * 200_000 + b"]" * 200_000
+    files = {**kernel.files, MANIFEST: nested, DIGEST: hashlib.sha256(nested).hexdigest().encode()}
+    with pytest.raises(CorruptKernel, match="nested more than"):
+        Kernel.from_files(kernel.address, files)
+    forged = Kernel(kernel.address, kernel.manifest, files)
+    with pytest.raises(CorruptKernel, match="nested more than"):
+        open_envelope(seal(forged, None), kernel.address, None)
 
 
 def test_storage_never_uses_pickle() -> None:

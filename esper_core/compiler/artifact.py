@@ -32,6 +32,7 @@ from torch import nn
 from esper_core.blueprints.builder import build
 from esper_core.compiler.checks import Check
 from esper_core.compiler.kernels import KernelSpec, address_of
+from esper_core.safe_read import parse_json
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -39,6 +40,8 @@ DIGEST = "manifest.sha256"
 WEIGHTS = "weights.safetensors"
 PROGRAM = "program.pt2"
 FILES = (MANIFEST, DIGEST, WEIGHTS, PROGRAM)
+MAX_MANIFEST_BYTES = 16 << 20
+"""Largest kernel manifest parsed (Esper's are a few KB: the IR and the check results)."""
 _ADDRESS = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -96,7 +99,7 @@ class Kernel:
         if files[DIGEST].strip().decode("ascii", "replace") != sha256(text):
             raise CorruptKernel(f"{MANIFEST} does not match {DIGEST}")
         try:
-            manifest = json.loads(text)
+            manifest = parse_json(text, MAX_MANIFEST_BYTES)  # bounded: a shared tier's bytes are anyone's
             _check_manifest(manifest, address, files)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptKernel(f"{MANIFEST}: {exc}") from None

@@ -7,18 +7,17 @@ process, so its row shows the hits and misses that caches flushed to the reposit
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esper_core.compiler.artifact import MANIFEST
+from esper_core.compiler.artifact import MANIFEST, MAX_MANIFEST_BYTES
 from esper_core.compiler.kernels import KernelSpec
 from esper_core.compiler.store import default_store_root
 from esper_core.errors import EsperError, Problem
 from esper_core.redact import redacted_url
-from esper_core.safe_read import read_regular
+from esper_core.safe_read import parse_json, read_regular
 from esper_core.storage.cache import build_tiers
 from esper_core.storage.guard import TierUnavailable
 from esper_core.storage.records import KernelRecord, TierCount
@@ -26,7 +25,6 @@ from esper_core.storage.settings import StorageSettings, sqlite_url
 from esper_core.storage.tiers import Entry, Tier
 
 DAY_S = 86_400.0
-MAX_MANIFEST_BYTES = 1 << 20
 TIER_ORDER = ("memory", "redis", "sql", "disk")
 
 
@@ -190,7 +188,7 @@ def _describe_from_disk(tier: Tier, address: str) -> tuple[str | None, str | Non
         return None, None
     try:
         path = tier.store.path_for(address) / MANIFEST  # type: ignore[attr-defined]
-        manifest = json.loads(read_regular(path, MAX_MANIFEST_BYTES))  # not a FIFO's endless wait
+        manifest = parse_json(read_regular(path, MAX_MANIFEST_BYTES), MAX_MANIFEST_BYTES)  # no FIFO, no deep nesting
         return manifest["blueprint"]["name"], KernelSpec.from_json(manifest).label()
     except (OSError, ValueError, KeyError, TypeError):
         return None, None
