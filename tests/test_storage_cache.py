@@ -331,6 +331,27 @@ def test_a_key_of_another_type_in_redis_is_a_bad_entry_not_an_outage(tmp_path: P
     assert [(tier, address) for tier, address, _ in report.corrupt] == [("redis", stray)]
 
 
+def test_a_key_that_is_not_utf8_in_redis_does_not_hide_the_tier_s_bad_entries(
+        tmp_path: Path, redis_url: str, redis_namespace: str, storage_kernels: list[Kernel]) -> None:
+    """One key under the kernel prefix whose name is not UTF-8 made listing the tier raise
+    UnicodeDecodeError: the tier was reported unreachable, so a corrupted entry beside it went
+    unchecked and `inspect-cache --verify` exited 0."""
+    from esper_core.storage.inspection import CorruptEntries, inspect_cache
+
+    config = settings(tmp_path, redis_url=redis_url, namespace=redis_namespace)
+    kernel = storage_kernels[0]
+    with PersistentKernelCache.open(config) as cache:
+        cache.put(kernel)
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"{redis_namespace}:kernel:".encode() + b"\xff\xfe", b"x")
+    client.set(f"{redis_namespace}:kernel:{kernel.address}", seal(kernel, None)[:-1] + b"!")
+    with pytest.raises(CorruptEntries) as found:
+        inspect_cache(config, verify=True)
+    report = found.value.report  # type: ignore[attr-defined]
+    assert [(t.name, t.reachable, t.entries) for t in report.tiers if t.name == "redis"] == [("redis", True, 1)]
+    assert [(tier, address) for tier, address, _ in report.corrupt] == [("redis", kernel.address)]
+
+
 def test_a_kernel_compiled_for_a_run_is_one_lookup_and_one_miss_per_tier(tmp_path: Path) -> None:
     """A run's kernel supply looks the kernel up, misses, and has it compiled: the cache counts that as
     one lookup and one miss in each tier (the metrics' miss counters), not a second miss per tier from

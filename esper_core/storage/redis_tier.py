@@ -68,7 +68,9 @@ class RedisTier(EnvelopeTier):
 
     def addresses(self) -> list[str]:
         prefix = self._key_of("kernel", "")
-        names = (key.decode()[len(prefix):] for key in self.client.scan_iter(match=prefix + "*", count=1000))
+        # anyone can write a key here: one that is not UTF-8 is not an address, and must not fail the listing
+        names = (key.decode("utf-8", "replace")[len(prefix):]
+                 for key in self.client.scan_iter(match=prefix + "*", count=1000))
         return [name for name in names if is_address(name)]
 
     def entries(self) -> Iterator[Entry]:
