@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from esper_core.checkpoints import store
@@ -75,6 +76,15 @@ def _foreign_tensors(state: dict[str, Any], path: Path) -> None:
     save_file({k.replace("layers.0", "layers.9"): v for k, v in tensors.items()}, str(path / store.TENSORS))
 
 
+def _tensor(key: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[str, Any], Path], None]:
+    """Replace one stored tensor (which must exist) by ``change`` of it."""
+    def edit(state: dict[str, Any], path: Path) -> None:
+        tensors = load_file(str(path / store.TENSORS))
+        tensors[key] = change(tensors[key])
+        save_file(tensors, str(path / store.TENSORS))
+    return edit
+
+
 def _set(*keys: str, value: Any) -> Callable[[dict[str, Any], Path], None]:
     def edit(state: dict[str, Any], path: Path) -> None:
         node = state
@@ -103,8 +113,12 @@ def _rename_layer(state: dict[str, Any], path: Path) -> None:
     (_set("recipe_overrides", value=["trainer.max_steps=90"]), "with the recorded overrides"),
     (_set("recipe_file_sha256", value="0" * 64), "does not match the recipe hash"),
     (_set("run", "trainer", "last_val", value="0.9"), "trainer.last_val must map metric names to numbers"),
+    # an optimizer moment of another shape or dtype failed inside optimizer.step(), a traceback at the first step
+    (_tensor("optimizer/state/layers.0.host.weight/exp_avg", lambda t: t[:3]), "does not fit this run's model"),
+    (_tensor("optimizer/state/layers.0.host.weight/exp_avg", lambda t: t.half()), "does not fit this run's model"),
 ], ids=["foreign-tensors", "wrong-topology", "no-optimizer", "negative-step", "bool-epoch", "huge-log-cursor",
-        "overrides-not-a-list", "overrides-not-the-runs", "wrong-recipe-file-hash", "last-val-not-a-mapping"])
+        "overrides-not-a-list", "overrides-not-the-runs", "wrong-recipe-file-hash", "last-val-not-a-mapping",
+        "optimizer-moment-shape", "optimizer-moment-dtype"])
 def test_rehashed_but_wrong_checkpoint_content_is_refused_with_exit_3(finished: Path, tmp_path: Path,
                                                                      edit: Any, message: str) -> None:
     run = _tampered(finished, tmp_path, edit)

@@ -28,6 +28,11 @@ SEED_GROUP = "esper_seed"
 """Key marking the parameter group that holds the seeds' parameters."""
 SEEDS = "seeds"
 """The seed group's ``name``."""
+ELEMENTWISE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.Adamax,
+               torch.optim.ASGD, torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Rprop)
+"""Optimizers whose per-parameter state tensors are scalars (``step``) or shaped like the parameter.
+For these, :func:`import_state` refuses any other tensor: it would otherwise fail inside
+``optimizer.step()``, a traceback at the first step after a resume instead of a refused checkpoint."""
 
 
 def seed_group(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
@@ -158,5 +163,15 @@ def import_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict
         if name not in params:
             raise ValueError(f"optimizer state for {name!r}, which the model does not have")
         param = params[name]
+        if isinstance(optimizer, ELEMENTWISE):
+            _check_elementwise(name, param, values)
         optimizer.state[param] = {k: (v.to(param.device) if isinstance(v, torch.Tensor) and k != "step" else v)
                                   for k, v in values.items()}
+
+
+def _check_elementwise(name: str, param: nn.Parameter, values: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless each tensor of ``values`` is a scalar or has ``param``'s shape and dtype."""
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor) and value.dim() and (value.shape, value.dtype) != (param.shape, param.dtype):
+            raise ValueError(f"optimizer state {key!r} of {name!r} is {tuple(value.shape)} {value.dtype}, but the "
+                             f"parameter is {tuple(param.shape)} {param.dtype}")
