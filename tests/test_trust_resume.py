@@ -116,9 +116,12 @@ def _rename_layer(state: dict[str, Any], path: Path) -> None:
     # an optimizer moment of another shape or dtype failed inside optimizer.step(), a traceback at the first step
     (_tensor("optimizer/state/layers.0.host.weight/exp_avg", lambda t: t[:3]), "does not fit this run's model"),
     (_tensor("optimizer/state/layers.0.host.weight/exp_avg", lambda t: t.half()), "does not fit this run's model"),
+    # the governor's snapshot was loaded unchecked, and failed only when a rollback restored it, mid-run
+    (_tensor("controller/governor/snapshot/model/layers.0.host.weight", lambda t: t[:3]),
+     "does not fit this run's model"),
 ], ids=["foreign-tensors", "wrong-topology", "no-optimizer", "negative-step", "bool-epoch", "huge-log-cursor",
         "overrides-not-a-list", "overrides-not-the-runs", "wrong-recipe-file-hash", "last-val-not-a-mapping",
-        "optimizer-moment-shape", "optimizer-moment-dtype"])
+        "optimizer-moment-shape", "optimizer-moment-dtype", "governor-snapshot-shape"])
 def test_rehashed_but_wrong_checkpoint_content_is_refused_with_exit_3(finished: Path, tmp_path: Path,
                                                                      edit: Any, message: str) -> None:
     run = _tampered(finished, tmp_path, edit)

@@ -47,6 +47,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
                                       "of esper train)"))
     try:
         state = join(found.tensors, found.state["run"])
+        growth.check_snapshot(state["growth"])
         growth.load_state_dict(state["growth"])
         model.load_state_dict(state["model"], strict=True)
         optim.import_state(optimizer, model, state["optimizer"])

@@ -510,6 +510,15 @@ class GrowthController:
             self._arm()
         self._arming_restored = True
 
+    def check_snapshot(self, state: State) -> None:
+        """Restore the governor's snapshot that ``state`` (a checkpoint's controller state) holds, the
+        way a rollback would, so that a snapshot that does not fit the model fails while the checkpoint
+        is loaded rather than at a rollback in the middle of training. The caller then restores the
+        checkpoint's own state over it."""
+        snapshot = (state.get("governor") or {}).get("snapshot")
+        if snapshot is not None:
+            self.run_state[1](snapshot)
+
     def close(self) -> None:
         """Stop the background compile worker, if one was started."""
         self.kernels.close()

@@ -116,7 +116,9 @@ class Trainer:
                                       field="data.path"))
         self.recipe_record = recipe_record
         with refusing(str(checkpoint.path / store.STATE)):
-            run_state.restore(self, join(checkpoint.tensors, checkpoint.state["run"]))
+            state = join(checkpoint.tensors, checkpoint.state["run"])
+            self.controller.check_snapshot(state["controller"])
+            run_state.restore(self, state)
         self.run_dir = checkpoint.path.parent.parent
         self._resumed_from = checkpoint
         self._resume_overrides = list(overrides)
