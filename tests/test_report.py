@@ -182,6 +182,26 @@ def test_only_the_chosen_formats_go_to_the_chosen_directory(finished: Path, tmp_
     assert bad.exit_code == 2 and "--format: unknown format pdf" in bad.stderr and "Traceback" not in bad.output
 
 
+def test_links_planted_in_a_run_s_report_directory_are_never_written_through(finished: Path, tmp_path: Path) -> None:
+    """A run directory may come from someone else: a report/report.md linked to a file of the user's
+    was overwritten with the report, and a report/ linked to another directory received the files."""
+    run = Path(shutil.copytree(finished, tmp_path / "run", symlinks=True))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file\n")
+    shutil.rmtree(run / "report", ignore_errors=True)
+    (run / "report").mkdir()
+    (run / "report" / "report.md").symlink_to(victim)
+    assert esper_report(run).exit_code == 0
+    assert victim.read_text() == "the user's file\n" and not (run / "report" / "report.md").is_symlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(run / "report")
+    (run / "report").symlink_to(elsewhere, target_is_directory=True)
+    result = esper_report(run)
+    assert result.exit_code == 2 and "report: a symbolic link" in result.stderr and "Traceback" not in result.output
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_a_tampered_run_still_gets_a_report_that_says_so_and_exits_4(finished: Path, tmp_path: Path) -> None:
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     shutil.rmtree(run / "checkpoints")

@@ -6,6 +6,10 @@ report dict (:mod:`.content`) and renders the chosen formats from it (:mod:`.ren
 :mod:`.plots`). :func:`write_comparison` does the same for two runs (:mod:`.compare`). A report is
 written even when an audit fails, saying so on its first line, so a tampered run can still be
 inspected; the caller decides the exit code.
+
+A run directory may come from someone else, so its report is never written through a link planted
+in it: each file replaces whatever name is there (a link included) atomically, and a ``report/``
+(or ``vs-NAME/``) directory of the run that is itself a link is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esper_core.durable import replace_atomically
 from esper_core.errors import Problem
 from esper_core.telemetry.audit import AuditResult
+from esper_core.telemetry.events import RunDirError
 
 from esper_core.telemetry.report.compare import compare, comparison_tables, comparison_title
 from esper_core.telemetry.report.content import build
@@ -47,7 +53,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str,
     notes = [(report["audit"]["ok"] and report["audit"]["recipe_ok"], report["audit"][k])
              for k in ("detail", "recipe_detail")]
     plots = render_all(report, loss_scale) if {"md", "html"} & set(formats) else {}
-    paths = _write_formats(out_dir or run_dir / "report", "report", formats, report, headline(report), notes, plots,
+    paths = _write_formats(out_dir or _own(run_dir / "report"), "report", formats, report, headline(report), notes, plots,
                            sections(report))
     return Written(report, paths, [(files.audit, files.integrity)])
 
@@ -59,7 +65,7 @@ def write_comparison(run_a: Path, run_b: Path, out_dir: Path | None = None, form
     comparison = compare(*files)
     notes: list[Note] = [(run["audit_ok"], f"{run['label']}: {run['audit_detail']}") for run in comparison["runs"]]
     plots = render_comparison(comparison, loss_scale) if {"md", "html"} & set(formats) else {}
-    out = out_dir or run_a / "report" / f"vs-{run_b.resolve().name}"
+    out = out_dir or _own(_own(run_a / "report") / f"vs-{run_b.resolve().name}")
     paths = _write_formats(out, "comparison", formats, comparison, comparison_title(comparison), notes, plots,
                            comparison_tables(comparison))
     return Written(comparison, paths, [(f.audit, f.integrity) for f in files])
@@ -89,6 +95,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _own(path: Path) -> Path:
+    """``path``, a directory Esper writes inside a run, unless something put a link there."""
+    if path.is_symlink():
+        raise RunDirError(Problem(str(path), "a symbolic link: a report is written only into the run's own "
+                                             "directory, not where a link points; remove the link"))
+    return path
+
+
 def _write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
+    replace_atomically(path, text.encode("utf-8"))
     return path
