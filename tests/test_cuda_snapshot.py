@@ -1,5 +1,5 @@
 """The CPU copy of a run's state from a GPU (the governor's snapshots, the best model, checkpoints):
-small tensors cross gathered into a few transfers, large ones one by one, and every copy is exact,
+tensors cross gathered into a few transfers, and every copy is exact,
 independent of the training that continues, and shaped as its source. Skipped where there is no CUDA
 device (CI); run on the GPU machine with ``python -m pytest tests/test_cuda_snapshot.py``."""
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _tree() -> dict:
     cuda = torch.device("cuda")
     wide = torch.randn(8, 6, device=cuda)
-    return {"model": {"w": torch.randn(300, 1000, device=cuda),  # 1.2 MB: copied on its own
+    return {"model": {"w": torch.randn(300, 1000, device=cuda),  # 1.2 MB
                       "b": torch.randn(7, device=cuda), "t": wide.t(),  # not contiguous
                       "half": torch.randn(3, 5, device=cuda, dtype=torch.bfloat16),
                       "count": torch.tensor(12, device=cuda), "mask": torch.rand(9, device=cuda) > 0.5,
@@ -45,7 +45,7 @@ def _same(copy: object, source: object) -> None:
 
 @pytest.mark.parametrize("up_to", [state._GATHER_UP_TO, 256])
 def test_a_copy_from_the_gpu_is_exact_and_stays_as_it_was(monkeypatch: pytest.MonkeyPatch, up_to: int) -> None:
-    """At the default buffer size and at one so small that every few tensors make a transfer of their own."""
+    """At the default buffer size and at one so small that most tensors make a transfer of their own."""
     monkeypatch.setattr(state, "_GATHER_UP_TO", up_to)
     tree = _tree()
     copy = cpu_copy(tree)
