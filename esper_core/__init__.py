@@ -3,7 +3,8 @@
 Two front doors to one growth engine: :class:`GrowthController` grows a model inside the user's own
 training loop (with :func:`save_checkpoint`/:func:`load_checkpoint` for its state), and
 ``Trainer.from_recipe(path, overrides).fit()`` is ``esper train``; ``load_run(RUN_DIR)`` gives a trained
-model back and ``unwrap(model)`` makes it a plain module (seeds merged where exact). Names are imported
+model back (``load_grown(path, model=...)`` one the user's loop grew) and ``unwrap(model)`` makes it a
+plain module (seeds merged where exact). Names are imported
 on first use, so ``import esper_core.errors`` (or the CLI's ``--help``) does not pay for PyTorch.
 """
 
@@ -20,6 +21,7 @@ _EXPORTS = {
     "Task": "esper_core.training.tasks",
     "KasminaLayer": "esper_core.seeds.kasmina",
     "LoadedRecipe": "esper_core.recipe",
+    "load_grown": "esper_core.export.grown",
     "load_run": "esper_core.export.load",
     "unwrap": "esper_core.export.plain",
     "Recipe": "esper_core.recipe",

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from esper_core.blueprints.builder import ResolveError, build, resolve
+from esper_core.blueprints.builder import resolve
 from esper_core.blueprints.host import HostSpec
-from esper_core.blueprints.ir import Blueprint
+from esper_core.blueprints.resolve import ResolvedBlueprint
 from esper_core.checkpoints import store
 from esper_core.errors import CheckpointError, Problem
 from esper_core.export.final import read_final
+from esper_core.export.grown import Fallback, restore_seeds
 from esper_core.growth.state import join
 from esper_core.recipe.load import LoadedRecipe
 from esper_core.seeds.manager import SeedManager, wrap
@@ -110,7 +110,7 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
     model = _host_network(loaded, host_model, recipe_dir)
     manager = wrap(model, config=loaded.recipe.seeds)
     topology_file = source / "topology.json" if checkpoint is None else source / store.STATE
-    _restore_seeds(manager, topology, loaded, recipe_dir, topology_file)
+    restore_seeds(manager, topology, str(topology_file), _library(loaded, recipe_dir))
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -150,46 +150,15 @@ def _importable(directory: Path):
             sys.path.remove(str(directory))
 
 
-def _restore_seeds(manager: SeedManager, topology: dict[str, Any], loaded: LoadedRecipe, recipe_dir: Path,
-                   where: Path) -> None:
-    """Recreate each recorded seed module (weights come afterwards from the state dict)."""
-    layers = topology.get("layers") if isinstance(topology, dict) else None
-    if not isinstance(layers, dict) or set(layers) != set(manager.layers):
-        raise CheckpointError(Problem(str(where), "its seed topology wraps different layers than the recipe does"))
-    recorded = {(name, raw.get("blueprint")): raw for name, entry in layers.items() for raw in entry["slots"]
-                if raw.get("ir") and raw.get("target")}
-    sources = {(name, raw.get("blueprint")): raw.get("source") for name, entry in layers.items()
-               for raw in entry["slots"]}
-    library: list[Any] = []  # discovered only for runs that recorded no IR
+def _library(loaded: LoadedRecipe, recipe_dir: Path) -> Fallback:
+    """Seeds of a run written before slots recorded their IR: the blueprint library by name, at the
+    recipe's rank (discovered once, when the first such seed is met)."""
+    library: list[Any] = []
 
-    def seed_module(layer: str, blueprint: str) -> nn.Module:
-        raw = recorded.get((layer, blueprint))
-        source = sources.get((layer, blueprint))
-        host = manager.layers[layer].spec
-        if isinstance(source, str) and source in manager.layers:  # a span seed: sized by its feeder
-            host = manager.layers[source].spec.spanning(host)
-        try:
-            if raw is not None:
-                ir = Blueprint.model_validate(raw["ir"])
-                target_host = HostSpec.from_json(raw["target"]["host"])
-                if target_host != host:
-                    raise ValueError(f"the seed was built for {target_host}, the layer is {host}")
-                resolved = resolve(ir, target_host, int(raw["target"]["rank"]))
-            else:
-                if not library:
-                    from esper_core.blueprints.library import BlueprintLibrary
+    def resolved(blueprint: str, host: HostSpec) -> ResolvedBlueprint:
+        if not library:
+            from esper_core.blueprints.library import BlueprintLibrary
 
-                    library.append(BlueprintLibrary.discover(
-                        [recipe_dir / d for d in loaded.recipe.seeds.blueprint_dirs]))
-                resolved = resolve(library[0].get(blueprint).blueprint, host, loaded.recipe.seeds.rank)
-        except (ValidationError, ResolveError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(Problem(str(where), f"seed {blueprint!r} on {layer} cannot be rebuilt: "
-                                          f"{str(exc).splitlines()[0]}")) from None
-        with torch.device("meta"):
-            module = build(resolved)
-        return module.to_empty(device="cpu")
-
-    try:
-        manager.restore(topology, seed_module)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(Problem(str(where), f"unreadable seed topology ({exc})")) from None
+            library.append(BlueprintLibrary.discover([recipe_dir / d for d in loaded.recipe.seeds.blueprint_dirs]))
+        return resolve(library[0].get(blueprint).blueprint, host, loaded.recipe.seeds.rank)
+    return resolved

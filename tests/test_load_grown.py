@@ -1,0 +1,92 @@
+"""A model grown in the user's own loop, back from its checkpoint for inference or export with
+``esper_core.load_grown``: a freshly built host model gets the recorded seeds (rebuilt from their IR,
+no controller, optimizer or kernel store) and computes what the trained model did; ``unwrap`` and
+``torch.export`` then take it out as a plain, wider network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import esper_core
+from esper_core import Evaluation, GrowthController
+from esper_core.compiler.store import LocalKernelStore
+from esper_core.errors import CheckpointError
+from factories import TwoLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
+
+DATA = torch.Generator().manual_seed(0)
+X, Y = torch.randn(320, 8, generator=DATA), torch.randint(0, 4, (320,), generator=DATA)
+
+
+def evaluate(model: nn.Module) -> Evaluation:
+    with torch.no_grad():
+        out = model(X[:64])
+    correct = (out.argmax(1) == Y[:64]).double()
+    return Evaluation(float(correct.mean()), True, "accuracy", float(F.cross_entropy(out, Y[:64])), correct)
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    """40 steps of a user's loop that grows both layers (low-rank seeds folded into fc1, span seeds
+    between fc1 and fc2), checkpointed with save_checkpoint; the trained model and the directory."""
+    root = tmp_path_factory.mktemp("own")
+    torch.manual_seed(0)
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    growth = GrowthController(model, optimizer, example=X[:2], max_steps=40, store=LocalKernelStore(root / "kernels"),
+                              evaluate=evaluate, seeds={"targets": ["fc1", "fc2"],
+                                                        "blueprints": ["lowrank_adapter", "span_linear"],
+                                                        "incubation_steps": 4, "blend_steps": 4,
+                                                        "probation_steps": 4, "fossilize_margin": -1},
+                              policy={"trigger": "periodic", "period_steps": 5, "growth_window": [0.0, 0.8]})
+    for step in range(40):
+        rows = slice(step * 32 % 320, step * 32 % 320 + 32)
+        loss = F.cross_entropy(model(X[rows]), Y[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        growth.after_backward()
+        optimizer.step()
+        growth.after_step(loss)
+        if growth.step % 5 == 0:
+            growth.after_validation(evaluate(model))
+    esper_core.save_checkpoint(root / "ckpt", model=model, optimizer=optimizer, growth=growth)
+    growth.close()
+    kept = {e["blueprint"] for e in growth.recorder.events if e["event"] == "fossilize"}
+    assert kept == {"lowrank_adapter", "span_linear"}, growth.recorder.events
+    return model.eval(), root / "ckpt"
+
+
+def test_a_fresh_host_model_becomes_the_grown_model_and_exports_as_a_plain_one(grown: tuple[nn.Module, Path],
+                                                                              tmp_path: Path) -> None:
+    trained, checkpoint = grown
+    model = esper_core.load_grown(checkpoint, model=TwoLinear())
+    assert not model.training and model.state_dict().keys() == trained.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(model(X), trained(X))
+
+    plain, seeds = esper_core.unwrap(model, example=X[:64])
+    assert {s.action for s in seeds} == {"merged", "widened"}
+    assert isinstance(plain.fc1, nn.Linear) and plain.fc1.out_features > 16
+    program = torch.export.export(plain, (X[:4],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    exported = torch.export.load(tmp_path / "model.pt2").module()
+    with torch.no_grad():
+        assert float((exported(X) - trained(X)).abs().max()) < 1e-5
+
+
+class OtherNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+
+
+def test_a_model_the_checkpoint_does_not_fit_is_one_checkpoint_error(grown: tuple[nn.Module, Path]) -> None:
+    _, checkpoint = grown
+    with pytest.raises(CheckpointError, match="its seeds grow on layers this model cannot wrap"):
+        esper_core.load_grown(checkpoint, model=OtherNet())
