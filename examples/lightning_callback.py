@@ -7,7 +7,9 @@ capacity, judges them on the validation samples, and travels in Lightning's chec
     python examples/lightning_callback.py --out runs/lit --stop-at 320   # stop early, as a crash would
     python examples/lightning_callback.py --out runs/lit --resume        # continue from the checkpoint
 
-Lightning resumes a plain DataLoader only at an epoch boundary (64 steps here), so stop there.
+Lightning resumes a plain DataLoader only at an epoch boundary (64 steps here), so stop there. The
+module's ``on_load_checkpoint`` rebuilds the grown seeds, so ``Classifier.load_from_checkpoint(
+"runs/lit/last.ckpt")`` gives the grown model back (docs/export.md).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from esper_core import Evaluation
-from esper_core.integrations.lightning import EsperGrowth
+from esper_core.integrations.lightning import EsperGrowth, rebuild_seeds
 
 
 def teacher_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +56,9 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rebuild_seeds(self, checkpoint)  # a grown checkpoint's seeds, before Lightning loads its weights
 
 
 @torch.no_grad()
