@@ -26,6 +26,7 @@ from esper_core.blueprints.ir import Blueprint
 from esper_core.blueprints.resolve import ResolvedBlueprint
 from esper_core.checkpoints import store
 from esper_core.errors import CheckpointError, ConfigError, Problem
+from esper_core.growth.checkpoint import FORMAT
 from esper_core.growth.state import join
 from esper_core.recipe.schema import SeedsConfig
 from esper_core.seeds.kasmina import KasminaLayer
@@ -88,7 +89,8 @@ def regrow(model: nn.Module, topology: Any, where: str) -> SeedManager:
     if wrapped:
         manager = SeedManager(model, wrapped, SeedsConfig())  # its clock is never run
     else:
-        slots = {len(entry["slots"]) if isinstance(entry, dict) else -1 for entry in layers.values()}
+        slots = {len(entry["slots"]) if isinstance(entry, dict) and isinstance(entry.get("slots"), list) else -1
+                 for entry in layers.values()}
         if len(slots) != 1 or min(slots) < 1:
             raise CheckpointError(Problem(where, "unreadable seed topology (layers with different slot counts)"))
         try:
@@ -108,8 +110,6 @@ def load_grown(path: str | Path, *, model: nn.Module, strict: bool = False) -> n
     Needs no optimizer, growth controller, kernel store or compile (for inference, export or
     fine-tuning; :func:`~esper_core.load_checkpoint` resumes growth). A damaged newest checkpoint is
     skipped with a warning for the one before, unless ``strict``."""
-    from esper_core.growth.checkpoint import FORMAT
-
     found = store.find(Path(path), strict, lambda message: print(message, file=sys.stderr))
     where = str(found.path)
     if found.manifest.get("kind") != FORMAT:
