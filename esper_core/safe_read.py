@@ -9,6 +9,12 @@ those becomes one :class:`UnsafeInput` with a plain message instead of a hang or
   descriptor is a regular file, and reads at most ``limit`` bytes;
 - :func:`parse_json` refuses text above a size and JSON nested deeper than a bound (checked on
   the bytes before the decoder sees them), and returns plain Python values.
+
+A run directory that may come from someone else is also written to (a resume truncates and appends
+to its logs), and a link planted there would carry those writes outside the run: :func:`open_regular`
+opens for writing the same way it opens for reading, and :func:`foreign` says, without following a
+link, what stands where a run's own file or directory belongs, so a writer can refuse before it
+touches anything.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ class UnsafeInput(ValueError):
 def read_regular(path: Path, limit: int) -> bytes:
     """The bytes of ``path`` if it is a regular file (not a link, FIFO, device or directory) of at
     most ``limit`` bytes. ``FileNotFoundError`` passes through so callers can say "missing"."""
-    descriptor = _open_regular(path)
+    descriptor = open_regular(path)
     try:
         chunks, size = [], 0
         while size <= limit:
@@ -54,7 +60,7 @@ def read_regular(path: Path, limit: int) -> bytes:
 def read_head(path: Path, limit: int) -> bytes:
     """At most the first ``limit`` bytes of ``path``, a regular file (a FIFO would block a plain
     ``open``); ``FileNotFoundError`` passes through."""
-    descriptor = _open_regular(path)
+    descriptor = open_regular(path)
     try:
         return os.read(descriptor, limit)
     finally:
@@ -89,7 +95,8 @@ def parse_json(data: bytes | str, max_bytes: int, max_depth: int = MAX_JSON_DEPT
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISREG, "a regular file"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return name
@@ -98,21 +105,33 @@ def _kind(mode: int) -> str:
 
 def sha256_regular(path: Path) -> str:
     """sha256 of a regular file (not a link, FIFO or device), streamed: model files can be large."""
-    with os.fdopen(_open_regular(path), "rb") as handle:
+    with os.fdopen(open_regular(path), "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _open_regular(path: Path) -> int:
-    """A descriptor of ``path`` opened without following links or blocking (a FIFO), checked to be a
-    regular file. ``FileNotFoundError`` passes through so callers can say "missing"."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+def foreign(path: Path, directory: bool = False) -> str | None:
+    """What stands at ``path`` instead of a regular file (``directory``: a real directory), such as "a
+    symbolic link" or "a FIFO"; ``None`` when it is the right kind or absent. Links are not followed."""
     try:
-        descriptor = os.open(path, flags)
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    return None if (stat.S_ISDIR if directory else stat.S_ISREG)(mode) else _kind(mode)
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of ``path`` opened with ``flags`` (``os.O_WRONLY | os.O_APPEND | os.O_CREAT`` to
+    append, say) without following links or blocking (a FIFO), checked to be a regular file.
+    ``FileNotFoundError`` passes through so callers can say "missing"."""
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        descriptor = os.open(path, flags, 0o644)
     except FileNotFoundError:
         raise
     except OSError as exc:  # ELOOP: a symbolic link; ENOTDIR: a parent is a file; EACCES ...
         kind = "a symbolic link" if os.path.islink(path) else exc.strerror
-        raise UnsafeInput(f"cannot be read ({kind})") from None
+        action = "read" if flags & os.O_ACCMODE == os.O_RDONLY else "written"
+        raise UnsafeInput(f"cannot be {action} ({kind})") from None
     mode = os.fstat(descriptor).st_mode
     if not stat.S_ISREG(mode):
         os.close(descriptor)

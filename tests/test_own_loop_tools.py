@@ -445,3 +445,23 @@ def test_resuming_with_another_optimizer_or_other_layers_is_refused_naming_both(
     esper_core.load_checkpoint(tmp_path, model=model, optimizer=sgd, growth=resumed)  # the same setup still loads
     train(model, sgd, resumed, lambda loss: None, steps=5)
     assert resumed.step == 35
+
+
+def test_a_checkpoints_directory_that_is_a_link_is_never_written_or_read_through(
+        tmp_path: Path, kernels: LocalKernelStore) -> None:
+    """``save_checkpoint(DIR)`` wrote its checkpoints (and deleted the leftovers of earlier saves)
+    wherever a ``DIR/checkpoints`` link planted there pointed, and ``load_checkpoint`` read them from there."""
+    model = TwoLinear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    growth = controller(model, optimizer, kernels)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".tmp-a file of the user's").write_text("keep me\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    message = r"checkpoints: a symbolic link in place of the run's own checkpoints directory"
+    with pytest.raises(CheckpointError, match=message):
+        esper_core.save_checkpoint(tmp_path / "run", model=model, optimizer=optimizer, growth=growth)
+    with pytest.raises(CheckpointError, match=message):
+        esper_core.load_checkpoint(tmp_path / "run", model=model, optimizer=optimizer, growth=growth)
+    assert [p.name for p in elsewhere.iterdir()] == [".tmp-a file of the user's"]

@@ -262,3 +262,37 @@ def test_a_resume_on_changed_data_is_refused(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     assert f"{data}: data.path: changed since" in refused.stderr
     assert (run / "events.jsonl").read_bytes() == events
+
+
+def _contents(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (or ``path`` itself) by relative name: what "left untouched" compares."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("events.jsonl", []), ("metrics.jsonl", []), (".lock", []), ("checkpoints", []), ("final", []),
+    ("final/model.safetensors", []), ("tensorboard", ["telemetry.tensorboard=true"]),
+])
+def test_a_resume_never_writes_through_a_link_planted_in_the_run(finished: Path, tmp_path: Path, name: str,
+                                                                 overrides: list[str]) -> None:
+    """A run directory may come from someone else (a tarball, a shared disk). With events.jsonl a link,
+    `esper resume` truncated the file it pointed to and appended the resumed run's events to it; the
+    metrics, the lock, final/ and the checkpoints and TensorBoard directories were written through
+    their links the same way. Each is refused (exit 3, naming it) before anything is written."""
+    run = _tampered(finished, tmp_path, lambda state, path: None)  # to resume from step 30 of 60
+    victim = tmp_path / "outside" / Path(name).name
+    victim.parent.mkdir()
+    planted = run / name
+    if planted.exists():
+        shutil.move(planted, victim)
+    else:
+        victim.mkdir()
+        (victim / "a file of the user's").write_text("keep me\n")
+    planted.symlink_to(victim, target_is_directory=victim.is_dir())
+    before = _contents(victim)
+    result = esper("resume", "--checkpoint", str(run), *overrides)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert f"{planted}: " in result.stderr and "symbolic link" in result.stderr
+    assert _contents(victim) == before and planted.is_symlink()

@@ -16,7 +16,8 @@ it, so a kill mid-delete never leaves a half-deleted ``step-*`` directory.
 
 Reading is defensive: files must be regular files (not links, FIFOs or devices), of bounded size,
 with JSON of bounded nesting; a checkpoint that fails any of this is skipped with a warning naming
-the file, like one whose hashes do not match.
+the file, like one whose hashes do not match. A ``checkpoints`` directory that is itself a link is
+refused before anything in it is read or written.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
     newest committed checkpoint, as it skips any checkpoint that fails verification.
 
     ``tensors`` must be CPU tensors (:func:`esper_core.growth.state.split` makes them)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    _own(directory).mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     final = directory / name
     temp = directory / f"{TEMP_PREFIX}{name}-{os.getpid()}"
@@ -153,6 +154,16 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
         if latest is not None:
             latest.unlink(missing_ok=True)
     return final
+
+
+def _own(directory: Path) -> Path:
+    """``directory``, a checkpoints directory, unless it is a link: its leftovers are deleted and new
+    checkpoints written into it, which must never happen wherever a link planted there points."""
+    if directory.is_symlink():
+        raise CheckpointError(Problem(str(directory), "a symbolic link in place of the run's own checkpoints "
+                                      "directory: checkpoints are read and written only inside the run, never where "
+                                      "a link points; restore the directory or remove the link"))
+    return directory
 
 
 def _remove(path: Path) -> None:
@@ -324,12 +335,12 @@ def find(target: Path, strict: bool, warn: Callable[[str], None]) -> Checkpoint:
     run's ``LATEST``; when that fails verification, the next older one (with a warning), unless
     ``strict``."""
     if _NAME.match(target.name) and target.parent.name == "checkpoints":
-        directory, first = target.parent, target
+        directory, first = _own(target.parent), target
         if not target.exists():  # e.g. pruned by retention: say which ones there are
             found = ", ".join(p.name for p in committed(directory)) or "none"
             raise CheckpointError(Problem(str(target), f"no such checkpoint (the run has: {found})"))
     else:
-        directory = target / "checkpoints"
+        directory = _own(target / "checkpoints")
         if not directory.is_dir():
             message = _no_checkpoint(target) if _looks_like_run(target) else \
                 "no checkpoints directory: not a run directory or checkpoint"

@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from esper_core.checkpoints.store import file_entries, read_verified
-from esper_core.durable import replace_atomically, write_synced
+from esper_core.durable import replace_atomically
 from esper_core.errors import CheckpointError, Problem
 
 FINAL = "final"
@@ -47,12 +47,14 @@ def write_final(run_dir: Path, state_dict: dict[str, torch.Tensor], topology: di
                 info: dict[str, Any]) -> Path:
     """Write ``final/`` (weights, topology, then the manifest holding their hashes and ``info``)."""
     final = run_dir / FINAL
+    if final.is_symlink():  # written only inside the run, never where a link planted there points
+        raise CheckpointError(Problem(str(final), "a symbolic link in place of the run's own directory: remove it"))
     final.mkdir(exist_ok=True)
     # copies: tied weights (a language model's head and embedding) share storage, which safetensors refuses
     payloads = {MODEL: save_safetensors({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}),
                 TOPOLOGY: json.dumps(topology, indent=2, sort_keys=True).encode("utf-8")}
     for name, data in payloads.items():
-        write_synced(final / name, data)
+        replace_atomically(final / name, data)  # replaces a link in its place rather than writing through it
     manifest = {"format": FORMAT, "files": file_entries(payloads), "torch": torch.__version__, **info}
     replace_atomically(final / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
     return final

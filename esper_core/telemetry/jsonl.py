@@ -2,18 +2,21 @@
 
 Each event carries ``prev`` (the sha256 of the previous line as written) and ``seq``, so deleting,
 reordering or editing any record breaks the chain at that point; ``esper report --verify`` walks it.
-Lines are flushed as written so a crash loses at most the line being written.
+Lines are flushed as written so a crash loses at most the line being written. Both are opened
+without following a link (a resume appends to the logs of a run directory that may come from
+someone else), so a link or FIFO in their place is an ``UnsafeInput``, never a write elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from esper_core.safe_read import parse_json
+from esper_core.safe_read import open_regular, parse_json
 
 GENESIS = "0" * 64
 MAX_LINE_BYTES = 1 << 20
@@ -25,7 +28,7 @@ class JsonlWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        self._file = os.fdopen(open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> str:
         line = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from esper_core.artifacts.publish import publish_run
+from esper_core.durable import replace_atomically
 from esper_core.export.final import write_final
 from esper_core.export.load import open_run
 from esper_core.growth.evaluation import Evaluation
@@ -80,7 +81,7 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     if signature is not None:
         summary["events_head_signature"] = signature
     trainer.recorder.mirror(lambda repo: repo.finish_run(trainer.recorder.run_id, "finished"))
-    (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    replace_atomically(trainer.run_dir / "summary.json", json.dumps(summary, indent=2).encode("utf-8"))
     trainer.recorder.finished(trainer.run_dir)
     publish_run(trainer.run_dir, recipe.storage)
     return summary

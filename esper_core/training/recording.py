@@ -12,6 +12,7 @@ events carrying the latest figures), never pre-formatted strings: how to show th
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 from esper_core.compiler.store import KernelStore
 from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.schema import TelemetryConfig
+from esper_core.safe_read import open_regular
 from esper_core.seeds.manager import Event
 from esper_core.telemetry.jsonl import EventLog, JsonlWriter
 from esper_core.telemetry.run import RunTelemetry
@@ -59,8 +61,11 @@ class RunRecorder:
             return
         if cursor is not None:
             for filename, size in (("events.jsonl", cursor["events_bytes"]), ("metrics.jsonl", cursor["metrics_bytes"])):
-                with (run_dir / filename).open("r+b") as handle:
-                    handle.truncate(size)
+                descriptor = open_regular(run_dir / filename, os.O_RDWR)  # never truncates through a link
+                try:
+                    os.ftruncate(descriptor, size)
+                finally:
+                    os.close(descriptor)
         self.events = EventLog(run_dir / "events.jsonl")
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
         if cursor is not None:

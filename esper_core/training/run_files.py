@@ -3,6 +3,10 @@ recipe files and the opening event, and checkpoints with their schedule and rete
 
 Kept apart from the loop so that ``Trainer.fit`` reads as the training it does; every function here
 runs on rank 0 only where the run directory is written (the callers decide with ``trainer.leader``).
+
+A resumed run directory may come from someone else (a tarball, a shared disk): :func:`check_run_files`
+refuses one where a link, FIFO or the like stands in place of a file or directory the resume writes,
+before anything is written, so the resume never writes through it to somewhere outside the run.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import torch
 
 from esper_core.artifacts.publish import publish_checkpoint
 from esper_core.checkpoints import store
-from esper_core.checkpoints.lock import RunLock
+from esper_core.checkpoints.lock import LOCK_FILE, RunLock
 from esper_core.errors import CheckpointError, Problem
+from esper_core.export.final import FINAL, MANIFEST, MODEL, TOPOLOGY
 from esper_core.growth.state import split
 from esper_core.recipe.checks import check_output_dir
 from esper_core.recipe.schema import CheckpointConfig
+from esper_core.safe_read import foreign
 from esper_core.storage.settings import signing_key
+from esper_core.telemetry import tensorboard
 from esper_core.telemetry.run import esper_version
 from esper_core.training import run_state
 from esper_core.training.finish import host_model
@@ -47,6 +54,28 @@ class CheckpointSchedule:
         if self.cfg.every_steps and step % self.cfg.every_steps == 0:
             return True
         return bool(self.cfg.every_minutes) and time.monotonic() - self.last >= self.cfg.every_minutes * 60
+
+
+RUN_DIRECTORIES = (FINAL, tensorboard.DIRECTORY)
+"""Directories of a run that a resume writes into, checked before the files inside them (``checkpoints/``
+is the checkpoint store's to check: it refuses a link before it reads or writes anything there)."""
+RUN_FILES = ("events.jsonl", "metrics.jsonl", "summary.json", LOCK_FILE,
+             *(f"{FINAL}/{name}" for name in (MODEL, TOPOLOGY, MANIFEST)))
+"""Files of a run that a resume truncates, appends to, replaces or removes."""
+
+
+def check_run_files(run_dir: Path) -> None:
+    """Refuse (exit 3, naming it) a run where anything but a regular file or a real directory stands in
+    place of one a resume writes: through a link planted there, the resume would truncate, append to or
+    overwrite a file outside the run."""
+    for names, directory in ((RUN_DIRECTORIES, True), (RUN_FILES, False)):
+        for name in names:
+            kind = foreign(run_dir / name, directory)
+            if kind is not None:
+                what = "directory" if directory else "file"
+                raise CheckpointError(Problem(str(run_dir / name), f"{kind} in place of the run's own {what}: a resume "
+                                              "writes only inside the run, never where a link points; restore the "
+                                              f"{what} or remove what is there"))
 
 
 def claim_run_dir(trainer: Trainer) -> RunLock | None:

@@ -85,6 +85,7 @@ class Trainer:
             target = fetch_run(str(target), "checkpoint")
         checkpoint = store.find(Path(target), strict, warn)
         run_dir = checkpoint.path.parent.parent
+        run_files.check_run_files(run_dir)
         check_resume_key(run_dir)
         where = str(checkpoint.path / store.STATE)
         record = {**checkpoint.state, "recipe_sha256": checkpoint.manifest.get("recipe_sha256")}
