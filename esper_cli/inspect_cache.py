@@ -2,7 +2,8 @@
 
 Tiers come from the workspace and the environment (``ESPER_REDIS_URL``, ``ESPER_DATABASE_URL``,
 ``ESPER_SIGNING_KEY``), as for a run. Exit 0, or 4 when ``--verify`` finds corrupt entries, 2 for
-bad options; a tier that is down is reported, not an error.
+bad options (a ``--workspace`` that is missing or not a directory included); a tier that is down is
+reported, not an error.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def inspect_cache(
         raise ConfigError(Problem("command line", "--older-than and --max-bytes only apply with --prune",
                                   field="--older-than" if older_than is not None else "--max-bytes"))
     cfg = StorageConfig() if workspace is None else StorageConfig(workspace=str(workspace))
+    _check_workspace(Path(cfg.workspace), named=workspace is not None)
     settings = StorageSettings.resolve(cfg)
     try:
         report = run_inspection(settings, verify=verify, older_than_days=older_than, max_bytes=max_bytes)
@@ -58,6 +60,18 @@ def inspect_cache(
         _show(exc.report, as_json)  # type: ignore[attr-defined]
         raise
     _show(report, as_json)
+
+
+def _check_workspace(path: Path, named: bool) -> None:
+    """A workspace that is a file, or one named on the command line that does not exist (a typo), would
+    be shown as an empty cache whose entries are all intact: exit 2 instead. A default workspace that a
+    project has not created yet is fine (its remote tiers are still worth showing)."""
+    if path.is_dir() or not (named or path.exists()):
+        return
+    what = "no such directory" if not path.exists() else "not a directory (a regular file)" if path.is_file() \
+        else "not a directory"
+    raise ConfigError(Problem("command line", f"{path}: {what}; name a storage workspace directory (a recipe's "
+                              "storage.workspace)", field="--workspace"))
 
 
 def _show(report: CacheReport, as_json: bool) -> None:

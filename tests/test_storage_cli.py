@@ -127,11 +127,29 @@ def test_prune_by_size_and_age(filled: Path, storage_kernels: list[Kernel]) -> N
     assert {tier["name"]: tier["entries"] for tier in gone["tiers"]} == {"memory": None, "sql": 0, "disk": 0}
 
 
-def test_missing_workspace_is_reported_without_creating_it(tmp_path: Path) -> None:
-    result = run("--workspace", tmp_path / "nowhere", "--json")
+def test_a_missing_default_workspace_is_reported_without_creating_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A project that has not trained yet has no .esper: its (remote) tiers are still shown."""
+    monkeypatch.chdir(tmp_path)
+    result = run("--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["tiers"][1]["error"] == "no database yet"
-    assert not (tmp_path / "nowhere").exists()
+    assert not (tmp_path / ".esper").exists()
+
+
+@pytest.mark.parametrize("verify", [[], ["--verify"]])
+def test_a_workspace_that_is_missing_or_a_file_is_an_error_not_an_empty_cache(tmp_path: Path,
+                                                                             verify: list[str]) -> None:
+    """`--workspace` naming a regular file, or a path that does not exist (a typo), showed an empty
+    cache, and with --verify said every entry was intact: exit 0 on a cache it never looked at."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a workspace\n")
+    for path, what in ((afile, "not a directory (a regular file)"), (tmp_path / "nowhere", "no such directory")):
+        result = run("--workspace", path, *verify)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.stderr.startswith(f"error: command line: --workspace: {path}: {what}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "intact" not in result.output
+    assert afile.read_text() == "not a workspace\n" and not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.parametrize("args, message", [
