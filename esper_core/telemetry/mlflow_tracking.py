@@ -11,16 +11,26 @@ Only MLflow's client is needed (the ``mlflow-skinny`` distribution, the ``[mlflo
 ``sqlite:///`` store works with it because SQLAlchemy and Alembic are Esper dependencies anyway. An
 experiment created in such a store keeps its artifacts beside the database (``mlartifacts/``), not in
 ``./mlruns`` under whatever directory a run was started from (MLflow's default).
+
+MLflow's client retries a failed HTTP request 7 times with a doubling backoff, and waits up to 120 s
+for each answer: a server that cannot be reached held a run for about four minutes before its
+tracker was switched off (and a server lost mid-run would stall the loop as long). Unless the user
+set them, :data:`HTTP_BOUNDS` keep that to seconds; the run directory keeps the full record anyway.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 ARTIFACTS = ("summary.json", "recipe.yaml", "events.jsonl", "metrics.jsonl")
 _BATCH = 100  # MLflow's limit of parameters per log_batch call
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+"""MLflow's own settings (read at each request), where the environment does not set them: an
+unreachable server fails in about 3 s, one that never answers in about 30 s."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -50,6 +60,8 @@ class MlflowTracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        for name, value in HTTP_BOUNDS.items():
+            os.environ.setdefault(name, value)
         self.client = MlflowClient(tracking_uri=uri)
         self.done = False
         if run_id is not None:  # a resume: the same MLflow run goes on
