@@ -33,7 +33,7 @@ from esper_core.export.run import held_out_inputs
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.training.models import build_model
 from esper_core.training.trainer import Trainer
-from run_helpers import esper
+from run_helpers import esper, rechain, records_of
 
 BLUEPRINTS = Path(__file__).parent / "blueprints"
 RECIPE = """\
@@ -259,6 +259,33 @@ def test_a_damaged_or_missing_run_is_one_line_and_exit_3(runs: dict[str, Trainer
         assert len(lines) == 1 and named in lines[0] and "Traceback" not in done.output
     with pytest.raises(CheckpointError, match="sha256"):
         load_run(damaged)
+
+
+def test_a_final_model_without_its_manifest_loads_only_if_the_run_predates_manifests(
+        runs: dict[str, Trainer], tmp_path: Path) -> None:
+    """With final/manifest.json deleted (and the weights then free to be swapped), load_run and esper
+    export loaded final/ unverified with a "written before final/ had a manifest" warning, although the
+    run's own chained run_end event records the manifest's sha256: the run was written with one. A run
+    whose run_end binds no manifest (written before manifests existed) still loads, with the warning."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["mlp"].run_dir, run, ignore=shutil.ignore_patterns("checkpoints", "exports"))
+    manifest = run / "final" / "manifest.json"
+    manifest.unlink()
+    done = esper("export", run, "--format", "safetensors")
+    assert done.exit_code == 3 and "Traceback" not in done.output, done.output
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {manifest}: missing, but the run's run_end event") and "events.jsonl:" in line
+    assert not (run / "exports").exists()
+    with pytest.raises(CheckpointError, match="run_end"):
+        load_run(run)
+    records = records_of(run)
+    del records[-1]["artifacts"]["final/manifest.json"]  # as runs recorded it before final/ had a manifest
+    rechain(run, records)
+    warnings: list[str] = []
+    assert open_run(run, warn=warnings.append).model is not None
+    assert len(warnings) == 1 and "written before final/ had a manifest" in warnings[0]
 
 
 def test_an_s3_url_in_an_error_is_the_whole_url_without_its_secrets() -> None:
