@@ -288,6 +288,26 @@ def test_a_final_model_without_its_manifest_loads_only_if_the_run_predates_manif
     assert len(warnings) == 1 and "written before final/ had a manifest" in warnings[0]
 
 
+@pytest.mark.parametrize("planted", ["exports", "exports/safetensors"])
+def test_an_export_never_writes_through_a_link_planted_in_the_run(runs: dict[str, Trainer], tmp_path: Path,
+                                                                  planted: str) -> None:
+    """A run directory may come from someone else: with exports/ (or exports/safetensors/) a link to
+    another directory, `esper export` wrote the model, architecture.json and export.json there."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["mlp"].run_dir, run, ignore=shutil.ignore_patterns("checkpoints", "exports"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / planted).parent.mkdir(parents=True, exist_ok=True)
+    (run / planted).symlink_to(elsewhere, target_is_directory=True)
+    done = esper("export", run, "--format", "safetensors")
+    assert done.exit_code == 2 and "Traceback" not in done.output, done.output
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {run / planted}: a symbolic link in place of the run's own exports directory")
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_an_s3_url_in_an_error_is_the_whole_url_without_its_secrets() -> None:
     # Each is refused before any request is made: no store is needed.
     for url, code, said in (

@@ -25,6 +25,7 @@ from esper_core.errors import ConfigError, EsperError, Problem, one_line
 from esper_core.export import formats
 from esper_core.export.load import LoadedRun, open_run
 from esper_core.export.plain import TOLERANCE, unwrap
+from esper_core.safe_read import foreign
 from esper_core.seeds.probe import call_model
 
 def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | None = None,
@@ -54,7 +55,7 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
     base = run.base_model()
     original_keys = _shapes(plain) == _shapes(base)
     default = (fmt if merge else f"{fmt}-unmerged") + ("" if checkpoint is None else f"-{run.source.name}")
-    directory = prepare_out(out or run.run_dir / "exports" / default)  # a checkpoint's never replaces final/'s
+    directory = prepare_out(out or _own_exports(run.run_dir, default))  # a checkpoint's never replaces final/'s
     dtype = next(run.model.parameters()).dtype
     with torch.no_grad():
         reference = _prediction(call_model(run.model, inputs))
@@ -99,6 +100,19 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
 EXPORT_FILES = frozenset({"export.json", "model.pt2", "model.safetensors", formats.ARCHITECTURE, "model.onnx",
                           "model.onnx.data"})
 """Every file an export writes into its directory (ONNX may keep large weights beside the model)."""
+
+
+def _own_exports(run_dir: Path, name: str) -> Path:
+    """``RUN/exports/NAME``, the default directory of an export, unless a link (or anything but a
+    directory) stands in place of it or of ``exports/``: a run directory may come from someone else,
+    and an export is written only inside the run, never where a link planted there points (exit 2)."""
+    for path in (run_dir / "exports", run_dir / "exports" / name):
+        kind = foreign(path, directory=True)
+        if kind is not None:
+            raise ConfigError(Problem(str(path), f"{kind} in place of the run's own exports directory: an export is "
+                                      "written only inside the run, never where a link points; remove it, or "
+                                      "choose a directory with --out"))
+    return run_dir / "exports" / name
 
 
 def prepare_out(directory: Path) -> Path:
