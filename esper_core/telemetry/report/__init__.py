@@ -53,8 +53,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str,
     notes = [(report["audit"]["ok"] and report["audit"]["recipe_ok"], report["audit"][k])
              for k in ("detail", "recipe_detail")]
     plots = render_all(report, loss_scale) if {"md", "html"} & set(formats) else {}
-    paths = _write_formats(out_dir or _own(run_dir / "report"), "report", formats, report, headline(report), notes, plots,
-                           sections(report))
+    paths = _write_formats(out_dir or _own(run_dir / "report"), "report", formats, report, headline(report), notes,
+                           plots, sections(report))
     return Written(report, paths, [(files.audit, files.integrity)])
 
 
