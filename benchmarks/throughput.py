@@ -36,9 +36,10 @@ training thread lands) if that is another, each minus the median interval of the
 without a validation pass); the median over events is reported (issue target under
 ``trainer.compile: default`` on CUDA: <= 1.0 s).
 
-Configurations: ``cpu-cnn`` (``recipes/digits-cnn.yaml`` on the CPU), ``cpu-cnn-compiled`` (the zoo CNN with
-channels [16, 32, 64] on 16x16 images, batch 64, 400 steps, ``trainer.compile: default``; inductor's
-first compile makes it a few minutes), ``cuda-cnn-fp32``, ``cuda-cnn-bf16``,
+Configurations: ``cpu-quickstart`` (``recipes/quickstart.yaml``, the MLP whose span seeds widen it, on
+the CPU), ``cpu-cnn`` (``recipes/digits-cnn.yaml``, the quickstart until 2026-12-01),
+``cpu-cnn-compiled`` (the zoo CNN with channels [16, 32, 64] on 16x16 images, batch 64, 400 steps,
+``trainer.compile: default``; inductor's first compile makes it a few minutes), ``cuda-cnn-fp32``, ``cuda-cnn-bf16``,
 ``cuda-cnn-compiled`` (the zoo CNN with channels [64, 128, 256], batch 256, generated 3x32x32 images),
 ``cuda-cnn-compiled-nondet`` (the same with ``run.deterministic: false`` on both sides: Esper then
 compiles each new topology on a background thread instead of only the dormant and the grown model
@@ -104,6 +105,7 @@ LM_RECIPE: dict[str, Any] = {
     "trainer": {"max_steps": 1000, "lr": 0.001, "eval_every": 100, "log_every": 25},
 }
 CONFIGS: dict[str, tuple[Any, list[str]]] = {
+    "cpu-quickstart": (ROOT / "recipes" / "quickstart.yaml", ["run.device=cpu"]),
     "cpu-cnn": (ROOT / "recipes" / "digits-cnn.yaml", ["run.device=cpu"]),
     "cpu-cnn-compiled": (CNN_RECIPE, ["run.device=cpu", "trainer.compile=default", "model.channels=[16,32,64]",
                                       "data.factory_kwargs={n: 4096, size: 16}", "data.batch_size=64",

@@ -192,6 +192,7 @@ def _assert_fits_80(text: str, values: list[str]) -> None:
 def test_tables_never_cut_a_word_at_80_columns(tmp_path: Path) -> None:
     env = {"COLUMNS": "80", "ESPER_REDIS_URL": "redis://127.0.0.1:9/0"}
     workspace = tmp_path / "a-workspace-with-a-rather-long-directory-name" / "and-another-level"
+    workspace.mkdir(parents=True)  # a named workspace that does not exist is an error (exit 2), not a table
     commands = {"listed": (["blueprints", "list"], env), "rows": (["blueprints", "list", "--json"], {}),
                 "shown": (["blueprints", "show", "residual_conv"], env),
                 "example": (["blueprints", "show", "residual_conv", "--json"], {}),
