@@ -161,3 +161,9 @@ def per_sample_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def one_argument_loss(output: torch.Tensor) -> torch.Tensor:
     """A user's mistake: the targets are not taken."""
     return output.mean()
+
+
+def bias_free_mlp(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:
+    """A ReLU MLP without biases, as models followed by a normalisation are often written."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(torch.Size(input_shape).numel(), width, bias=False), nn.ReLU(),
+                         nn.Linear(width, num_classes, bias=False))

@@ -140,12 +140,15 @@ class SeedExecutor:
         return event
 
     def _adopt_host_parameter(self, sibling: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
-        """A parameter the host gained (a bias created by a merge) joins the group of its weight."""
+        """A parameter the host gained (a bias created by a merge) joins the group of its weight, right
+        after it: the group's order then depends on the model alone, not on when seeds merged, so a
+        resume that recreates the bias before the first step puts it where the checkpoint has it."""
         if self.optimizer is None:
             return
         for group in self.optimizer.param_groups:
-            if any(p is sibling for p in group["params"]):
-                group["params"].append(new)
+            at = next((i for i, p in enumerate(group["params"]) if p is sibling), None)
+            if at is not None:
+                group["params"].insert(at + 1, new)
                 return
 
     def set_lr(self, step: int) -> None:
@@ -165,7 +168,11 @@ class SeedExecutor:
         waiting for a compile if the store lacks it."""
         for name in self.group_order():
             self._drop(name)
+        biased = {name for name, layer in self.manager.layers.items() if getattr(layer.host, "bias", None) is not None}
         holding = self.manager.restore(topology, self._build)
+        for name, layer in self.manager.layers.items():  # a bias a merge gave the host (see fossilize)
+            if name not in biased and getattr(layer.host, "bias", None) is not None:
+                self._adopt_host_parameter(layer.host.weight, layer.host.bias)
         if sorted(group_order) != sorted(ref.key for ref in holding):
             raise ValueError(f"recorded optimizer seed group members {group_order} do not match the seeds "
                              f"the topology holds {sorted(ref.key for ref in holding)}")

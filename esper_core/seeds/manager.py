@@ -20,6 +20,7 @@ from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.schema import SeedsConfig
 from esper_core.seeds.kasmina import KasminaLayer, SlotInfo
 from esper_core.seeds.lifecycle import SeedState
+from esper_core.seeds.merge import give_bias
 from esper_core.seeds.targets import TargetMismatch, match_targets
 from esper_core.seeds.view import LayerView, SeedView, SlotView
 
@@ -159,7 +160,10 @@ class SeedManager:
             "step": self.step_count,
             "spans": dict(self.feeders),
             "layers": {
-                name: {"host": layer.spec.to_json(), "slots": [
+                name: {"host": layer.spec.to_json(),
+                       # a merge may have given a bias-free host one, which a host rebuilt for loading must get back
+                       "host_bias": getattr(layer.host, "bias", None) is not None,
+                       "slots": [
                     {"state": s.state.name, "blueprint": s.blueprint, "kernel": s.kernel, "params": s.params,
                      "steps_in_state": s.steps_in_state, "embargo_left": s.embargo_left,
                      "germinated_at": s.germinated_at, "alpha": float(layer.alpha[i]), "source": s.source,
@@ -178,6 +182,9 @@ class SeedManager:
         self.step_count = topology["step"]
         holding = []
         for name, entry in topology["layers"].items():
+            host = self.layers[name].host
+            if entry.get("host_bias") and getattr(host, "bias", False) is None:  # a merge gave it one
+                give_bias(host)
             for index, raw in enumerate(entry["slots"]):
                 spec = {"ir": raw["ir"], "target": raw["target"]} if raw.get("ir") and raw.get("target") else None
                 info = SlotInfo(SeedState[raw["state"]], raw["blueprint"], raw["kernel"], raw["params"],

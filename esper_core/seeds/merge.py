@@ -71,10 +71,19 @@ def fold(host: nn.Module, delta: Delta, alpha: float = 1.0) -> bool:
         target.copy_(merged.to(target.device, target.dtype))
         if bias is not None and bool(torch.any(bias != 0)):
             if host.bias is None:
-                host.bias = nn.Parameter(torch.zeros(bias.shape[0], device=target.device, dtype=target.dtype))
+                give_bias(host)
                 created = True
             host.bias.copy_((_cpu64(host.bias) + alpha * _cpu64(bias)).to(target.device, target.dtype))
     return created
+
+
+def give_bias(host: nn.Module) -> nn.Parameter:
+    """A zero bias for ``host``, which has none: what a fold of a biased seed starts from, and what a host
+    rebuilt from its constructor needs before the weights of one that gained a bias that way load."""
+    weight = host.weight
+    out = weight.shape[1] if is_transformers_conv1d(host) else weight.shape[0]
+    host.bias = nn.Parameter(torch.zeros(out, device=weight.device, dtype=weight.dtype))
+    return host.bias
 
 
 def merge_into(host: nn.Module, seed: nn.Module, alpha: float = 1.0) -> bool:
