@@ -465,3 +465,27 @@ def test_a_checkpoints_directory_that_is_a_link_is_never_written_or_read_through
     with pytest.raises(CheckpointError, match=message):
         esper_core.load_checkpoint(tmp_path / "run", model=model, optimizer=optimizer, growth=growth)
     assert [p.name for p in elsewhere.iterdir()] == [".tmp-a file of the user's"]
+
+
+def test_a_controller_that_can_never_grow_adds_no_seed_group_and_still_resumes(
+        tmp_path: Path, kernels: LocalKernelStore) -> None:
+    """With ``max_seeds: 0`` no seed can exist, so the optimizer keeps only its own groups (an empty one
+    still costs the optimizer its per-group work at every step); a checkpoint of it resumes, also into
+    a controller that may grow, which then adds the group around the restored state."""
+    model = TwoLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    growth = controller(model, optimizer, kernels, policy={**POLICY, "max_seeds": 0})
+    assert len(optimizer.param_groups) == 1 and optim.seed_group(optimizer) is None
+    for step in range(20):
+        one_step(model, optimizer, growth, slice(step * 16, step * 16 + 16))
+    esper_core.save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, growth=growth)
+    again = TwoLinear()
+    adam = torch.optim.AdamW(again.parameters(), lr=0.01)
+    esper_core.load_checkpoint(tmp_path / "ckpt", model=again, optimizer=adam,
+                               growth=controller(again, adam, kernels, policy={**POLICY, "max_seeds": 0}))
+    assert torch.equal(again.fc1.host.weight, model.fc1.host.weight) and len(adam.param_groups) == 1
+    grows = TwoLinear()
+    adam = torch.optim.AdamW(grows.parameters(), lr=0.01)
+    esper_core.load_checkpoint(tmp_path / "ckpt", model=grows, optimizer=adam, growth=controller(grows, adam, kernels))
+    assert [g.get("name") for g in adam.param_groups][-1] == optim.SEEDS
+    assert torch.equal(adam.state[grows.fc1.host.weight]["exp_avg"], optimizer.state[model.fc1.host.weight]["exp_avg"])

@@ -287,7 +287,8 @@ class GrowthController:
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = ()) -> None:
         """Use ``optimizer`` from now on: its seed group is added now (seeds that already exist join
-        it), and ``schedulers`` built on it before are extended to cover that group."""
+        it; none when ``policy.max_seeds`` is 0), and ``schedulers`` built on it before are extended to
+        cover that group."""
         _check_optimizer(self.model, optimizer)
         if not isinstance(schedulers, (list, tuple)):
             raise TypeError("schedulers must be a list of the learning-rate schedulers built on the optimizer before "
@@ -299,7 +300,7 @@ class GrowthController:
         self.optimizer = optimizer
         if self._seed_lr is None:  # constant: the user's scheduler owns the host's learning rate
             self._constant_seed_lr = float(optimizer.param_groups[0]["lr"]) * self.seeds_config.lr_scale
-        self.executor.bind(optimizer)
+        self.executor.bind(optimizer, grows=self.policy_config.max_seeds > 0)
         optim.cover_schedulers(optimizer, schedulers)
         self.executor.set_lr(self.step)
 

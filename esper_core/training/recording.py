@@ -110,7 +110,8 @@ class RunRecorder:
             self.metrics.write(row)
         self.telemetry.logged(row)
         self._track("logged", row)
-        self.telemetry.cache_counts(self.store.stats()["tiers"])
+        if self.telemetry.metrics is not None:  # the cache's counters feed the Prometheus metrics only
+            self.telemetry.cache_counts(self.store.stats()["tiers"])
 
     def validated(self, row: dict[str, Any], loss: float, metric: str, value: float) -> None:
         if self.writes:
