@@ -1,21 +1,25 @@
 """Helpers shared by the tests: a finished run, `esper report` in-process, the event-log rewrites a
-forger (or the trainer's run_end contract) makes, and a run copy rewound to one of its checkpoints."""
+forger (or the trainer's run_end contract) makes, a run copy rewound to one of its checkpoints, and a
+user's own training loop with growth."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import typer
+from torch import nn
 from typer.testing import CliRunner, Result
 
 from esper_cli.main import app
 from esper_cli.report import report
+from esper_core import Evaluation, GrowthController, Trainer
 from esper_core.checkpoints import store
-from esper_core import Trainer
 
 MIRRORED_RECIPE = """\
 run: {{name: bound, seed: 0, device: cpu}}
@@ -116,3 +120,28 @@ def copy_at(run_dir: Path, parent: Path, step: int) -> Path:
             shutil.rmtree(later)
     (copy / "checkpoints" / store.LATEST).write_text(checkpoint.name + "\n")
     return copy
+
+
+def accuracy_on(x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module], Evaluation]:
+    """A user's ``evaluate`` for GrowthController: accuracy (and cross-entropy) on ``x``, ``y``."""
+    def evaluate(model: nn.Module) -> Evaluation:
+        with torch.no_grad():
+            out = model(x)
+        correct = (out.argmax(1) == y).double()
+        return Evaluation(float(correct.mean()), True, "accuracy", float(F.cross_entropy(out, y)), correct)
+    return evaluate
+
+
+def own_loop(model: nn.Module, optimizer: torch.optim.Optimizer, growth: GrowthController, x: torch.Tensor,
+             y: torch.Tensor, steps: int, evaluate: Callable[[nn.Module], Evaluation], batch: int = 32) -> None:
+    """``steps`` steps of a user's classification loop over ``x``, ``y`` in order, validating every 5."""
+    for step in range(steps):
+        start = step * batch % len(x)
+        loss = F.cross_entropy(model(x[start:start + batch]), y[start:start + batch])
+        optimizer.zero_grad()
+        loss.backward()
+        growth.after_backward()
+        optimizer.step()
+        growth.after_step(loss)
+        if growth.step % 5 == 0:
+            growth.after_validation(evaluate(model))

@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 
 import esper_core  # noqa: E402
-from esper_core import Evaluation  # noqa: E402
 from esper_core.compiler.store import LocalKernelStore  # noqa: E402
 from esper_core.errors import CheckpointError  # noqa: E402
 from esper_core.integrations.lightning import EsperGrowth, rebuild_seeds  # noqa: E402
 from factories import TwoLinear  # noqa: E402
+from run_helpers import accuracy_on  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
@@ -53,11 +53,7 @@ class Net(pl.LightningModule):
         rebuild_seeds(self, checkpoint)
 
 
-def evaluate(module: nn.Module) -> Evaluation:
-    with torch.no_grad():
-        out = module(X[:64])
-    correct = (out.argmax(1) == Y[:64]).double()
-    return Evaluation(float(correct.mean()), True, "accuracy", float(F.cross_entropy(out, Y[:64])), correct)
+evaluate = accuracy_on(X[:64], Y[:64])
 
 
 def validation() -> DataLoader:
@@ -70,8 +66,7 @@ def fit(out: Path, kernels: Path, ckpt_path: Path | None = None) -> tuple[Net, E
     torch.manual_seed(0)
     growth = EsperGrowth(example=X[:2], evaluate=evaluate, store=LocalKernelStore(kernels),
                          seeds={"targets": ["host.fc1", "host.fc2"], "blueprints": ["lowrank_adapter", "span_linear"],
-                                "per_layer": 2, "incubation_steps": 4, "blend_steps": 4, "probation_steps": 4,
-                                "fossilize_margin": -1},
+                                "per_layer": 2, "incubation_steps": 4, "blend_steps": 4, "probation_steps": 4},
                          policy={"trigger": "periodic", "period_steps": 10, "growth_window": [0.0, 0.8]})
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=20, save_top_k=-1)
     trainer = pl.Trainer(max_steps=STEPS, val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=1,

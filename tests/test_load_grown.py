@@ -9,26 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import esper_core
-from esper_core import Evaluation, GrowthController
+from esper_core import GrowthController
 from esper_core.compiler.store import LocalKernelStore
 from esper_core.errors import CheckpointError
 from factories import TwoLinear
+from run_helpers import accuracy_on, own_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 DATA = torch.Generator().manual_seed(0)
 X, Y = torch.randn(320, 8, generator=DATA), torch.randint(0, 4, (320,), generator=DATA)
-
-
-def evaluate(model: nn.Module) -> Evaluation:
-    with torch.no_grad():
-        out = model(X[:64])
-    correct = (out.argmax(1) == Y[:64]).double()
-    return Evaluation(float(correct.mean()), True, "accuracy", float(F.cross_entropy(out, Y[:64])), correct)
+EVALUATE = accuracy_on(X[:64], Y[:64])
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +34,12 @@ def grown(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
     model = TwoLinear()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     growth = GrowthController(model, optimizer, example=X[:2], max_steps=40, store=LocalKernelStore(root / "kernels"),
-                              evaluate=evaluate, seeds={"targets": ["fc1", "fc2"],
+                              evaluate=EVALUATE, seeds={"targets": ["fc1", "fc2"],
                                                         "blueprints": ["lowrank_adapter", "span_linear"],
                                                         "incubation_steps": 4, "blend_steps": 4,
-                                                        "probation_steps": 4, "fossilize_margin": -1},
+                                                        "probation_steps": 4},
                               policy={"trigger": "periodic", "period_steps": 5, "growth_window": [0.0, 0.8]})
-    for step in range(40):
-        rows = slice(step * 32 % 320, step * 32 % 320 + 32)
-        loss = F.cross_entropy(model(X[rows]), Y[rows])
-        optimizer.zero_grad()
-        loss.backward()
-        growth.after_backward()
-        optimizer.step()
-        growth.after_step(loss)
-        if growth.step % 5 == 0:
-            growth.after_validation(evaluate(model))
+    own_loop(model, optimizer, growth, X, Y, 40, EVALUATE)
     esper_core.save_checkpoint(root / "ckpt", model=model, optimizer=optimizer, growth=growth)
     growth.close()
     kept = {e["blueprint"] for e in growth.recorder.events if e["event"] == "fossilize"}

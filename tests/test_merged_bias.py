@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 import esper_core
-from esper_core import Evaluation, GrowthController, Trainer, load_run
+from esper_core import GrowthController, Trainer, load_run
 from esper_core.checkpoints import store
 from esper_core.compiler.store import LocalKernelStore
 from factories import bias_free_mlp
-from run_helpers import copy_at, esper
+from run_helpers import accuracy_on, copy_at, esper, own_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
@@ -28,7 +27,7 @@ run: {{name: nobias, seed: 0, device: cpu}}
 data: {{source: digits, layout: flat, batch_size: 32}}
 model: {{arch: factory, factory: "factories:bias_free_mlp"}}
 seeds: {{targets: ["type:Linear"], per_layer: 1, blueprints: [biased_adapter], blueprint_dirs: ["{BLUEPRINTS}"],
-        rank: 4, incubation_steps: 10, blend_steps: 10, probation_steps: 5, fossilize_margin: -1.0}}
+        rank: 4, incubation_steps: 10, blend_steps: 10, probation_steps: 5}}
 policy: {{trigger: periodic, period_steps: 20, growth_window: [0.05, 0.6], max_seeds: 2}}
 trainer: {{max_steps: 80, lr: 0.01, eval_every: 10, log_every: 10}}
 checkpoint: {{every_steps: 40, keep: 3}}
@@ -81,12 +80,7 @@ def test_a_resume_after_one_merge_and_across_another_is_bit_exact(trained: Train
 def test_an_own_loop_checkpoint_loads_into_a_fresh_bias_free_model(tmp_path: Path) -> None:
     data = torch.Generator().manual_seed(0)
     x, y = torch.randn(320, 8, generator=data), torch.randint(0, 4, (320,), generator=data)
-
-    def evaluate(model: nn.Module) -> Evaluation:
-        with torch.no_grad():
-            out = model(x[:64])
-        correct = (out.argmax(1) == y[:64]).double()
-        return Evaluation(float(correct.mean()), True, "accuracy", float(F.cross_entropy(out, y[:64])), correct)
+    evaluate = accuracy_on(x[:64], y[:64])
 
     def loop(model: nn.Module, max_steps: int) -> tuple[torch.optim.Optimizer, GrowthController]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
@@ -94,22 +88,13 @@ def test_an_own_loop_checkpoint_loads_into_a_fresh_bias_free_model(tmp_path: Pat
             model, optimizer, example=x[:2], max_steps=max_steps, store=LocalKernelStore(tmp_path / "kernels"),
             evaluate=evaluate, blueprint_dirs=[BLUEPRINTS],
             seeds={"targets": ["type:Linear"], "blueprints": ["biased_adapter"], "incubation_steps": 4,
-                   "blend_steps": 4, "probation_steps": 4, "fossilize_margin": -1},
+                   "blend_steps": 4, "probation_steps": 4},
             policy={"trigger": "periodic", "period_steps": 5, "growth_window": [0.0, 0.8]})
 
     torch.manual_seed(0)
     model = bias_free_mlp((8,), 4)
     optimizer, growth = loop(model, 40)
-    for step in range(40):
-        rows = slice(step * 32 % 320, step * 32 % 320 + 32)
-        loss = F.cross_entropy(model(x[rows]), y[rows])
-        optimizer.zero_grad()
-        loss.backward()
-        growth.after_backward()
-        optimizer.step()
-        growth.after_step(loss)
-        if growth.step % 5 == 0:
-            growth.after_validation(evaluate(model))
+    own_loop(model, optimizer, growth, x, y, 40, evaluate)
     esper_core.save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, growth=growth)
     growth.close()
     assert sum(name.endswith("host.bias") for name, _ in model.named_parameters()) == 2

@@ -36,19 +36,6 @@ instead of filling memory."""
 
 class KernelStore(Protocol):
     def get(self, address: str) -> Kernel | None: ...
-    def read(self, address: str) -> Kernel:
-        """The verified kernel at ``address``; :class:`CorruptKernel` (or ``OSError``) otherwise. Each
-        file is read without following links or blocking, because the workspace may be shared: a FIFO
-        put in a kernel's place would otherwise hang every run that looks the kernel up."""
-        directory = self.path_for(address)
-        files = {}
-        for name in FILES:
-            try:
-                files[name] = read_regular(directory / name, MAX_FILE_BYTES)
-            except UnsafeInput as exc:
-                raise CorruptKernel(f"{name}: {exc}") from None
-        return Kernel.from_files(address, files)
-
     def put(self, kernel: Kernel) -> None: ...
     def __contains__(self, address: object) -> bool: ...
     def __iter__(self) -> Iterator[str]: ...
