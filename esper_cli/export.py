@@ -65,3 +65,5 @@ def _print(result: dict, console: Console) -> None:
     console.print(f"max |difference| against the trained model on {result['samples']} held-out samples: "
                   f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g})"
                   + ("; state dict keys are the original model's" if result["original_keys"] else ""), soft_wrap=True)
+    for note in result["notes"]:
+        console.print(note, soft_wrap=True, markup=False, highlight=False)

@@ -126,13 +126,17 @@ def run_program(program: torch.export.ExportedProgram, inputs: Any) -> Any:
 
 
 def architecture(recipe_model: dict[str, Any], host_model: dict[str, Any], plain: nn.Module,
-                 outcomes: list[SeedOutcome], original_keys: bool, merged: bool) -> dict[str, Any]:
+                 outcomes: list[SeedOutcome], original_keys: bool, merged: bool,
+                 changes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The JSON that says how to rebuild the exported state dict: the host network (the recipe's
-    ``model`` section and its input/output sizes), the layers that span seeds made wider (their new
-    weight shapes), ``rebuild_model`` (the ``model`` section of a zoo network whose state dict this is,
-    when one is: a grown MLP whose every seed was merged or widened is a plain, wider MLP) and, per layer
-    that kept seeds as branches, the host's geometry and each branch's blueprint IR, target and scale
-    (a :class:`GrownLayer` whose branches are built by Esper's blueprint builder from that IR)."""
+    ``model`` section and its input/output sizes), ``changed_layers`` (``changes``, from
+    :func:`~esper_core.export.plain.changed_layers`: each layer that now has a bias or a shape its host
+    class does not build, without which the state dict fails a strict load into that class), the
+    layers that span seeds made wider (their new weight shapes, as ``changed_layers`` records them),
+    ``rebuild_model`` (the ``model`` section of a zoo network whose state dict this is, when one is: a
+    grown MLP whose every seed was merged or widened is a plain, wider MLP) and, per layer that kept
+    seeds as branches, the host's geometry and each branch's blueprint IR, target and scale (a
+    :class:`GrownLayer` whose branches are built by Esper's blueprint builder from that IR)."""
     grown: dict[str, Any] = {}
     widened: set[str] = set()
     for outcome in outcomes:
@@ -145,9 +149,8 @@ def architecture(recipe_model: dict[str, Any], host_model: dict[str, Any], plain
                                   "source": outcome.source,
                                   "ir": outcome.ir, "target": outcome.target})
     return {"format": "esper-export", "version": 1, "model": recipe_model, **host_model,
-            "merged": merged, "original_keys": original_keys, "grown_layers": grown,
-            "widened_layers": {name: list(getattr(plain.get_submodule(name), "host", plain.get_submodule(name)).weight.shape)
-                               for name in sorted(widened)},
+            "merged": merged, "original_keys": original_keys, "grown_layers": grown, "changed_layers": changes,
+            "widened_layers": {name: changes[name]["weight"] for name in sorted(widened)},
             "rebuild_model": rebuild_model(recipe_model, plain, original_keys),
             "parameters": sum(p.numel() for p in plain.parameters()),
             "seeds": [o.to_json() | {"ir": None, "target": None} for o in outcomes]}

@@ -4,7 +4,10 @@
 
 - its host alone, when no seed contributes to the output or every contributing seed was merged
   (a fossilized seed that is an exact linear map of the host's input, :mod:`esper_core.seeds.merge`);
-  the model then has its original module names, so its state dict loads into the user's own class;
+  the model then has its original module names, so its state dict loads into the user's own class,
+  unless a merged biased seed gave a host built without a bias one (or widening resized a layer):
+  :func:`changed_layers` names such layers, so an export can say so instead of leaving a strict load
+  to fail with an unexplained ``Unexpected key(s)``;
 - otherwise a :class:`GrownLayer` ``y = host(x) + sum_i scale_i * branch_i(x)`` holding the host and
   the remaining seeds as plain submodules (``host.*``, ``branches.N.*``). A span seed (new units
   between two layers) is a branch of the second layer that reads the first layer's input; the first
@@ -191,3 +194,33 @@ def _decide(state: SeedState, alpha: float, merge: bool) -> tuple[SeedAction, st
     if state == SeedState.TRAINING or alpha == 0.0:
         return "dropped", f"{state.name.lower()}: contributes nothing to the output yet"
     return "branch", f"live ({state.name.lower()}): kept as a branch scaled by its current alpha {alpha:g}"
+
+
+def changed_layers(host_model: nn.Module, plain: nn.Module) -> dict[str, dict[str, Any]]:
+    """The layers of ``plain`` (an :func:`unwrap` result) whose parameters ``host_model`` (the host
+    network as its class builds it, e.g. freshly constructed) does not have that way: a bias the class
+    builds none for (a biased seed merged into a bias-free host, or a bias-free pair widened by a span
+    seed whose units have biases) or a weight of another shape (widened). Per layer name: ``bias_added``,
+    the exported ``weight`` and ``bias`` shapes (``bias`` ``None`` when there is none) and the built ones
+    (``host_weight``, ``host_bias``). A grown layer is compared through its host. Such a layer does not
+    load strictly into the user's own class as built, and dropping the bias would change what the model
+    computes: exports record and report these layers instead."""
+    built = dict(host_model.named_modules())
+    changes: dict[str, dict[str, Any]] = {}
+    for name, module in plain.named_modules():
+        original = built.get(name)
+        layer = module.host if isinstance(module, GrownLayer) else module
+        weight, before = getattr(layer, "weight", None), getattr(original, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not isinstance(before, torch.Tensor):
+            continue
+        bias, host_bias = _bias_shape(layer), _bias_shape(original)
+        bias_added = host_bias is None and bias is not None
+        if bias_added or tuple(weight.shape) != tuple(before.shape):
+            changes[name] = {"bias_added": bias_added, "weight": list(weight.shape), "bias": bias,
+                             "host_weight": list(before.shape), "host_bias": host_bias}
+    return changes
+
+
+def _bias_shape(module: nn.Module | None) -> list[int] | None:
+    bias = getattr(module, "bias", None)
+    return list(bias.shape) if isinstance(bias, torch.Tensor) else None

@@ -24,7 +24,7 @@ from torch import nn
 from esper_core.errors import ConfigError, EsperError, Problem, one_line
 from esper_core.export import formats
 from esper_core.export.load import LoadedRun, open_run
-from esper_core.export.plain import TOLERANCE, unwrap
+from esper_core.export.plain import TOLERANCE, changed_layers, unwrap
 from esper_core.safe_read import foreign
 from esper_core.seeds.probe import call_model
 
@@ -54,14 +54,18 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
                  f" exported as a branch scaled by its current alpha {outcome.alpha:g}")
     base = run.base_model()
     original_keys = _shapes(plain) == _shapes(base)
+    changes = changed_layers(base, plain)
     default = (fmt if merge else f"{fmt}-unmerged") + ("" if checkpoint is None else f"-{run.source.name}")
     directory = prepare_out(out or _own_exports(run.run_dir, default))  # a checkpoint's never replaces final/'s
     dtype = next(run.model.parameters()).dtype
     with torch.no_grad():
         reference = _prediction(call_model(run.model, inputs))
+    notes: list[str] = []
     if fmt == "safetensors":
         description = formats.architecture(run.loaded.recipe.model.model_dump(mode="json"), run.host_model, plain,
-                                           outcomes, original_keys, merge)
+                                           outcomes, original_keys, merge, changes)
+        if changes:  # a plain state dict for the user's own class: say why a strict load of it would fail
+            notes.append(changed_layers_note(changes, description["rebuild_model"] is not None))
         files = formats.write_safetensors(plain, description, directory)
         fresh = base if original_keys else _empty_like(plain)
         with torch.no_grad():
@@ -82,7 +86,8 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
         "out": str(directory), "files": [_describe(p) for p in files],
         "parameters": {"host": _count(base), "trained": _count(run.model), "exported": _count(plain)},
         "seeds": [{k: v for k, v in o.to_json().items() if k not in ("ir", "target")} for o in outcomes],
-        "original_keys": original_keys, "samples": int(reference.shape[0]) if reference.dim() else 1,
+        "original_keys": original_keys, "changed_layers": changes, "notes": notes,
+        "samples": int(reference.shape[0]) if reference.dim() else 1,
         "dtype": str(dtype).removeprefix("torch."), "max_abs_diff": diff, "tolerance": allowed,
         "within_tolerance": diff <= allowed, "warnings": warnings,
         # the model was trained on (x - mean) / std (data.standardize): a user feeding raw features needs these
@@ -95,6 +100,27 @@ def export_run(target: str | Path, fmt: str, merge: bool = True, out: Path | Non
 
     result["uploaded"] = publish_files(run.run_dir, [*files, directory / "export.json"], run.loaded.recipe.storage)
     return result
+
+
+def changed_layers_note(changes: dict[str, dict[str, Any]], rebuildable: bool) -> str:
+    """One line naming the layers of an exported state dict that its host model class, as built, lacks
+    the parameters of (see :func:`~esper_core.export.plain.changed_layers`), and what to do: a strict
+    load into that class would otherwise fail with nothing to say why, and dropping an added bias would
+    change the model's outputs."""
+    parts = []
+    for name, change in changes.items():
+        details = [f"bias ({_dims(change['bias'])}) added"] if change["bias_added"] else []
+        if change["weight"] != change["host_weight"]:
+            details.append(f"weight {_dims(change['host_weight'])} -> {_dims(change['weight'])}")
+        parts.append(f"{name}: {', '.join(details)}")
+    remedy = "build_model(rebuild_model) of architecture.json builds them so" if rebuildable else \
+        "give those layers these shapes before load_state_dict(strict=True) (dropping a bias would change the outputs)"
+    return (f"note: model.safetensors does not load strictly into the host model class as built: {'; '.join(parts)} "
+            f"(architecture.json: changed_layers); {remedy}")
+
+
+def _dims(shape: list[int]) -> str:
+    return "x".join(str(d) for d in shape)
 
 
 EXPORT_FILES = frozenset({"export.json", "model.pt2", "model.safetensors", formats.ARCHITECTURE, "model.onnx",
