@@ -14,7 +14,13 @@ A run directory that may come from someone else is also written to (a resume tru
 to its logs), and a link planted there would carry those writes outside the run: :func:`open_regular`
 opens for writing the same way it opens for reading, and :func:`foreign` says, without following a
 link, what stands where a run's own file or directory belongs, so a writer can refuse before it
-touches anything.
+touches anything. A hard link is no link to follow: it is the same file under a second name (``ln``,
+``cp -al``), so writing it in place writes that other file too. :func:`open_regular` therefore refuses
+to open for writing a file with more than one name, checked on the opened descriptor (no window for a
+swap between the check and the write), and :func:`open_run_file` is how a run's own files that are
+written in place (its logs, its lock) are opened: any refusal is one located error, exit 3. Files
+that Esper writes to a temporary name and renames into place need none of this: a rename replaces
+the name, never the file a link or another name shares.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from esper_core.errors import CheckpointError, Problem
+
 MAX_JSON_DEPTH = 64
 """Deeper than anything Esper writes (manifests, states, events and summaries stay below 10)."""
 
@@ -36,6 +44,10 @@ _OPENERS = {ord("["), ord("{")}
 
 class UnsafeInput(ValueError):
     """A file or text that is not what it should be (wrong kind of file, too large, too deep)."""
+
+
+class SharedFile(UnsafeInput):
+    """A file opened for writing that has other names (hard links): its message says what to do."""
 
 
 def read_regular(path: Path, limit: int) -> bytes:
@@ -119,10 +131,32 @@ def foreign(path: Path, directory: bool = False) -> str | None:
     return None if (stat.S_ISDIR if directory else stat.S_ISREG)(mode) else _kind(mode)
 
 
+def link_count(path: Path) -> int:
+    """How many names (hard links) the file at ``path`` has, without following a symbolic link; 0 when
+    absent. More than one: writing the file in place writes it under its other names too."""
+    try:
+        return os.lstat(path).st_nlink
+    except FileNotFoundError:
+        return 0
+
+
+def shared(links: int) -> str:
+    """Why a file with ``links`` names is not written in place, and what to do: one wording for the
+    check before a resume and for the refusal when the file is opened."""
+    return (f"a file with {links} hard links (the same file under other names, perhaps outside the run: "
+            "`ln` and `cp -al` make them), which writing it in place would change too; give the run its own "
+            "copy (cp FILE FILE.own && mv FILE.own FILE) or remove the other names")
+
+
 def open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
     """A descriptor of ``path`` opened with ``flags`` (``os.O_WRONLY | os.O_APPEND | os.O_CREAT`` to
-    append, say) without following links or blocking (a FIFO), checked to be a regular file.
+    append, say) without following links or blocking (a FIFO), checked to be a regular file, and, when
+    opened for writing, to have no other name (a hard link: see the module docstring). ``O_TRUNC`` is
+    not accepted: it would cut the file before it is checked (truncate with ``os.ftruncate`` after).
     ``FileNotFoundError`` passes through so callers can say "missing"."""
+    writing = flags & os.O_ACCMODE != os.O_RDONLY
+    if flags & os.O_TRUNC:
+        raise ValueError("open_regular: O_TRUNC would truncate before the checks; use os.ftruncate after")
     flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         descriptor = os.open(path, flags, 0o644)
@@ -130,10 +164,26 @@ def open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
         raise
     except OSError as exc:  # ELOOP: a symbolic link; ENOTDIR: a parent is a file; EACCES ...
         kind = "a symbolic link" if os.path.islink(path) else exc.strerror
-        action = "read" if flags & os.O_ACCMODE == os.O_RDONLY else "written"
-        raise UnsafeInput(f"cannot be {action} ({kind})") from None
-    mode = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(mode):
+        raise UnsafeInput(f"cannot be {'written' if writing else 'read'} ({kind})") from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
         os.close(descriptor)
-        raise UnsafeInput(f"is not a regular file (it is {_kind(mode)})")
+        raise UnsafeInput(f"is not a regular file (it is {_kind(status.st_mode)})")
+    if writing and status.st_nlink > 1:
+        os.close(descriptor)
+        raise SharedFile(f"cannot be written in place: it is {shared(status.st_nlink)}")
     return descriptor
+
+
+def open_run_file(path: Path, flags: int) -> int:
+    """:func:`open_regular` for a file of a run that Esper writes in place (its logs, its lock). A run
+    directory may come from someone else, and something may be swapped in after a resume checked it
+    (:func:`esper_core.training.run_files.check_run_files`) and before the file is opened: any
+    refusal is then the same one-line error as that check's, naming the file (exit 3), never a traceback."""
+    try:
+        return open_regular(path, flags)
+    except SharedFile as exc:
+        raise CheckpointError(Problem(str(path), str(exc))) from None
+    except UnsafeInput as exc:
+        raise CheckpointError(Problem(str(path), f"{exc}: a run's files are written only inside the run, never "
+                                      "where a link points; restore the file or remove what is there")) from None

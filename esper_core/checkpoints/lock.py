@@ -5,6 +5,10 @@ checkpoints. :class:`RunLock` takes an exclusive, non-blocking ``flock`` on ``<r
 long as a process writes the run; a second process gets a :class:`CheckpointError` (exit 3) naming
 the holder's pid at once instead of waiting or corrupting. The kernel drops the lock when the
 holder exits, however it exits (kill -9 included), so a stale lock file never blocks a resume.
+
+The lock file is truncated and written in place (the holder's pid), so it is opened like a run's logs
+(:func:`esper_core.safe_read.open_run_file`): a symbolic link, a FIFO or a file with other names (a
+hard link) in its place is refused, exit 3, rather than written through to a file outside the run.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from esper_core.errors import CheckpointError, Problem
+from esper_core.safe_read import open_run_file
 
 LOCK_FILE = ".lock"
 
@@ -27,7 +32,7 @@ class RunLock:
         self._descriptor: int | None = None
 
     def acquire(self) -> None:
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        descriptor = open_run_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

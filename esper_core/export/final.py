@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 from esper_core.checkpoints.store import MAX_FILE_BYTES, file_entries, read_verified
 from esper_core.durable import replace_atomically
 from esper_core.errors import CheckpointError, Problem
-from esper_core.safe_read import UnsafeInput, parse_json, read_regular
+from esper_core.safe_read import UnsafeInput, foreign, parse_json, read_regular
 from esper_core.telemetry.events import AuditError, RunDirError, RunDirEvents
 
 FINAL = "final"
@@ -51,8 +51,9 @@ def write_final(run_dir: Path, state_dict: dict[str, torch.Tensor], topology: di
                 info: dict[str, Any]) -> Path:
     """Write ``final/`` (weights, topology, then the manifest holding their hashes and ``info``)."""
     final = run_dir / FINAL
-    if final.is_symlink():  # written only inside the run, never where a link planted there points
-        raise CheckpointError(Problem(str(final), "a symbolic link in place of the run's own directory: remove it"))
+    kind = foreign(final, directory=True)  # written only inside the run, never where a link planted there points
+    if kind is not None:  # (a file swapped in while the run trained would be a FileExistsError traceback)
+        raise CheckpointError(Problem(str(final), f"{kind} in place of the run's own directory: remove it"))
     final.mkdir(exist_ok=True)
     # copies: tied weights (a language model's head and embedding) share storage, which safetensors refuses
     payloads = {MODEL: save_safetensors({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}),

@@ -4,7 +4,8 @@ Each event carries ``prev`` (the sha256 of the previous line as written) and ``s
 reordering or editing any record breaks the chain at that point; ``esper report --verify`` walks it.
 Lines are flushed as written so a crash loses at most the line being written. Both are opened
 without following a link (a resume appends to the logs of a run directory that may come from
-someone else), so a link or FIFO in their place is an ``UnsafeInput``, never a write elsewhere.
+someone else), so a link, a FIFO or a file with other names (a hard link) in their place is refused
+(:func:`esper_core.safe_read.open_run_file`, exit 3), never a write elsewhere.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from esper_core.safe_read import open_regular, parse_json
+from esper_core.safe_read import foreign, open_run_file, parse_json
 
 GENESIS = "0" * 64
 MAX_LINE_BYTES = 1 << 20
@@ -28,7 +29,32 @@ class JsonlWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = os.fdopen(open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+        self._file = os.fdopen(open_run_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+
+    def cut(self, size: int) -> None:
+        """Truncate the file to ``size`` bytes (a resume drops what was logged after its checkpoint)
+        through this descriptor, the one that was checked, never by opening the path again."""
+        self._file.flush()
+        os.ftruncate(self._file.fileno(), size)
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far, of the file this writer holds (not whatever the path names now)."""
+        self._file.flush()
+        return os.fstat(self._file.fileno()).st_size
+
+    def replaced(self) -> str | None:
+        """What stands at the path now if it is no longer the file this writer holds (something was
+        swapped in while the run wrote it), else ``None``. A checkpoint whose log cursor counted a file
+        that is not the run's would resume against the wrong log, so the run stops first."""
+        held = os.fstat(self._file.fileno())
+        try:
+            now = os.lstat(self.path)
+        except FileNotFoundError:
+            return "nothing (the file was removed)"
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return None
+        return foreign(self.path) or "another file"
 
     def write(self, record: dict[str, Any]) -> str:
         line = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=True)

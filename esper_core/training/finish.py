@@ -44,6 +44,7 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     best = trainer.best.best
     if not trainer.leader:
         return {"run_dir": str(trainer.run_dir), "steps": trainer.step, **last.figures()}
+    trainer.recorder.check_logs()  # a log swapped while the run wrote it: stop before the results claim it
     info = {"recipe_sha256": trainer.loaded.sha256,
             **trainer.recipe_record.fields(),
             "host_model": host_model(trainer)}

@@ -12,7 +12,6 @@ events carrying the latest figures), never pre-formatted strings: how to show th
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from esper_core.compiler.store import KernelStore
-from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
+from esper_core.errors import RECIPE_FIELD, CheckpointError, ConfigError, Problem
 from esper_core.recipe.schema import TelemetryConfig
-from esper_core.safe_read import open_regular
 from esper_core.seeds.manager import Event
 from esper_core.telemetry.jsonl import EventLog, JsonlWriter
 from esper_core.telemetry.run import RunTelemetry
@@ -52,23 +50,32 @@ class RunRecorder:
         self.run_id = ""
         self._mirror_failed = False
 
+    def open_logs(self, run_dir: Path) -> None:
+        """Open ``events.jsonl`` and ``metrics.jsonl`` for appending, writing nothing yet. Each is refused
+        (exit 3, naming it) where a link, a FIFO or a file with other names stands, and both are opened
+        before either is cut or anything else of the run is changed, so a refusal leaves the run as it was."""
+        if not self.writes or self.events is not None:
+            return
+        events = EventLog(run_dir / "events.jsonl")
+        try:
+            self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
+        except BaseException:
+            events.close()
+            raise
+        self.events = events
+
     def open(self, run_dir: Path, cursor: dict[str, Any] | None, run_id: str, recipe: dict[str, Any]) -> None:
-        """Open the run's logs and trackers (``recipe``: the resolved recipe, for their parameters); a
-        resume first truncates the logs to the checkpoint's ``cursor`` so nothing after the checkpoint
-        is written twice."""
+        """Open the run's logs (:meth:`open_logs`, unless already open) and trackers (``recipe``: the
+        resolved recipe, for their parameters); a resume first cuts the logs back to the checkpoint's
+        ``cursor``, through the descriptors that were checked, so nothing after the checkpoint is written twice."""
         self.run_id = run_id
         if not self.writes:
             return
+        self.open_logs(run_dir)
+        assert self.events is not None and self.metrics is not None
         if cursor is not None:
-            for filename, size in (("events.jsonl", cursor["events_bytes"]), ("metrics.jsonl", cursor["metrics_bytes"])):
-                descriptor = open_regular(run_dir / filename, os.O_RDWR)  # never truncates through a link
-                try:
-                    os.ftruncate(descriptor, size)
-                finally:
-                    os.close(descriptor)
-        self.events = EventLog(run_dir / "events.jsonl")
-        self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
-        if cursor is not None:
+            self.events.cut(cursor["events_bytes"])
+            self.metrics.cut(cursor["metrics_bytes"])
             self.events.seq, self.events.prev = cursor["events_seq"], cursor["events_prev"]
         try:
             self.trackers = open_trackers(self.config, run_dir, cursor, self.step(), recipe)
@@ -78,13 +85,29 @@ class RunRecorder:
                   file=sys.stderr)
 
     def cursor(self) -> dict[str, Any]:
-        """Where the run's logs end now (a resume truncates them here)."""
+        """Where the run's logs end now (a resume truncates them here): the sizes of the files written,
+        not of whatever their paths name now (a link swapped in would be followed by a ``stat``)."""
         assert self.events is not None and self.metrics is not None
-        cursor = {"events_bytes": self.events.path.stat().st_size, "events_seq": self.events.seq,
-                  "events_prev": self.events.prev, "metrics_bytes": self.metrics.path.stat().st_size}
+        cursor = {"events_bytes": self.events.size, "events_seq": self.events.seq,
+                  "events_prev": self.events.prev, "metrics_bytes": self.metrics.size}
         for tracker in self.trackers:
             cursor |= tracker.cursor()
         return cursor
+
+    def check_logs(self) -> None:
+        """Refuse (exit 3, naming it) to go on when a log's path no longer names the file this run writes:
+        something was swapped in while the run was writing it, and what the run logged since went to a
+        file no longer in the run. Called before a checkpoint or the run's results are written, so the run
+        stops with its last good checkpoint intact rather than committing one that counts the wrong log."""
+        for log in (self.events, self.metrics):
+            if not self.writes or log is None:
+                continue
+            now = log.replaced()
+            if now is not None:
+                raise CheckpointError(Problem(str(log.path), f"replaced while the run was writing it (now {now} "
+                                              "stands there): the run stopped before writing anything more; its "
+                                              "last checkpoint is intact; restore the file and resume, or train "
+                                              "again"))
 
     # --- what comes in ----------------------------------------------------------------------------
 

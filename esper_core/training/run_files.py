@@ -6,7 +6,11 @@ runs on rank 0 only where the run directory is written (the callers decide with 
 
 A resumed run directory may come from someone else (a tarball, a shared disk): :func:`check_run_files`
 refuses one where a link, FIFO or the like stands in place of a file or directory the resume writes,
-before anything is written, so the resume never writes through it to somewhere outside the run.
+or where a file the resume writes in place has other names (hard links), before anything is written,
+so the resume never writes through it to somewhere outside the run. What is swapped in after that
+check is refused when the file is opened, with the same kind of error (exit 3): the logs and the lock
+are opened through :func:`esper_core.safe_read.open_run_file`, and the logs are checked again before
+each checkpoint and before the run's results are written.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from esper_core.export.final import FINAL, MANIFEST, MODEL, TOPOLOGY
 from esper_core.growth.state import split
 from esper_core.recipe.checks import check_output_dir
 from esper_core.recipe.schema import CheckpointConfig
-from esper_core.safe_read import foreign
+from esper_core.safe_read import foreign, link_count, shared
 from esper_core.storage.settings import signing_key
 from esper_core.telemetry import tensorboard
 from esper_core.telemetry.run import esper_version
@@ -62,12 +66,16 @@ is the checkpoint store's to check: it refuses a link before it reads or writes 
 RUN_FILES = ("events.jsonl", "metrics.jsonl", "summary.json", LOCK_FILE,
              *(f"{FINAL}/{name}" for name in (MODEL, TOPOLOGY, MANIFEST)))
 """Files of a run that a resume truncates, appends to, replaces or removes."""
+IN_PLACE = ("events.jsonl", "metrics.jsonl", LOCK_FILE)
+"""The files of :data:`RUN_FILES` written in place (appended to, truncated): one with another name (a hard
+link) is written under that name too. The others are replaced by a rename, which only replaces the name."""
 
 
 def check_run_files(run_dir: Path) -> None:
     """Refuse (exit 3, naming it) a run where anything but a regular file or a real directory stands in
     place of one a resume writes: through a link planted there, the resume would truncate, append to or
-    overwrite a file outside the run."""
+    overwrite a file outside the run. So is a file written in place that has other names (a hard link,
+    which no open can refuse to follow: it is the same file)."""
     for names, directory in ((RUN_DIRECTORIES, True), (RUN_FILES, False)):
         for name in names:
             kind = foreign(run_dir / name, directory)
@@ -76,6 +84,10 @@ def check_run_files(run_dir: Path) -> None:
                 raise CheckpointError(Problem(str(run_dir / name), f"{kind} in place of the run's own {what}: a resume "
                                               "writes only inside the run, never where a link points; restore the "
                                               f"{what} or remove what is there"))
+    for name in IN_PLACE:
+        links = link_count(run_dir / name)
+        if links > 1:
+            raise CheckpointError(Problem(str(run_dir / name), shared(links)))
 
 
 def claim_run_dir(trainer: Trainer) -> RunLock | None:
@@ -109,6 +121,7 @@ def open_run(trainer: Trainer, resumed_from: store.Checkpoint | None, overrides:
             (run_dir / "recipe.sha256").write_text(loaded.sha256 + "\n", encoding="utf-8")
     else:
         cursor = resumed_from.state["run"]["logs"]
+        recorder.open_logs(run_dir)  # refused (a link swapped in since the check) before anything changes
         if trainer.leader:
             store.remove_leftovers(run_dir / "checkpoints")
             # A finished run being extended is unfinished again: the log is cut back to the checkpoint,
@@ -146,6 +159,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
     retention, publish it where the recipe's storage says, and restart the checkpoint clock."""
     assert trainer.run_dir is not None
     started = time.perf_counter()
+    trainer.recorder.check_logs()  # a log swapped since it was opened: stop with the last checkpoint intact
     trainer.recorder.record({"event": "checkpoint", "step": trainer.step, "name": store.checkpoint_name(trainer.step)})
     tensors, state = checkpoint_contents(trainer)
     val = trainer.last_val
