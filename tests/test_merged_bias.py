@@ -41,12 +41,17 @@ telemetry: {{progress: none}}
 merged bias, and a resume from it recreates that one and then merges the other."""
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Trainer:
-    root = tmp_path_factory.mktemp("merged-bias")
-    (root / "recipe.yaml").write_text(RECIPE, encoding="utf-8")
+def _fit(tmp_path_factory: pytest.TempPathFactory, name: str, recipe: str) -> Trainer:
+    root = tmp_path_factory.mktemp(name)
+    (root / "recipe.yaml").write_text(recipe, encoding="utf-8")
     trainer = Trainer.from_recipe(root / "recipe.yaml", [f"run.output_dir={root / 'runs'}"])
     trainer.fit()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    trainer = _fit(tmp_path_factory, "merged-bias", RECIPE)
     gained = [name for name, p in trainer.model.named_parameters() if name.endswith("host.bias")]
     assert len(gained) == 2, "both bias-free hosts must have gained a bias from a merged seed"
     return trainer
@@ -80,10 +85,7 @@ telemetry: {progress: none}
 
 @pytest.fixture(scope="module")
 def spanned(tmp_path_factory: pytest.TempPathFactory) -> Trainer:
-    root = tmp_path_factory.mktemp("span-bias")
-    (root / "recipe.yaml").write_text(SPAN_RECIPE, encoding="utf-8")
-    trainer = Trainer.from_recipe(root / "recipe.yaml", [f"run.output_dir={root / 'runs'}"])
-    trainer.fit()
+    trainer = _fit(tmp_path_factory, "span-bias", SPAN_RECIPE)
     assert [s.state.name for s in trainer.manager.layers["3"].slots] == ["FOSSILIZED"], "the span seed must be kept"
     return trainer
 
