@@ -14,8 +14,14 @@ from importlib import import_module, metadata
 from typing import Any
 
 _EXPORTS = {
+    # The errors the API raises, so a user's loop can catch them as docs/api.md names them
+    # (``except esper_core.CheckpointError``) without knowing the module that defines them.
+    "CheckpointError": "esper_core.errors",
+    "ConfigError": "esper_core.errors",
+    "EsperError": "esper_core.errors",
     "Evaluation": "esper_core.growth.evaluation",
     "GrowthController": "esper_core.growth.controller",
+    "StepOutcome": "esper_core.growth.controller",
     "load_checkpoint": "esper_core.growth.checkpoint",
     "save_checkpoint": "esper_core.growth.checkpoint",
     "Task": "esper_core.training.tasks",
