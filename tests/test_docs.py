@@ -139,3 +139,61 @@ def test_every_name_the_api_page_documents_is_importable_from_esper_core() -> No
     missing = sorted(n for n in documented if not hasattr(esper_core, n))
     assert not missing, missing
     assert esper_core.CheckpointError is CheckpointError
+
+
+RECIPE_KEY = re.compile(r"(?<![\w./-])(?:run|task|data|model|seeds|policy|trainer|checkpoint|telemetry|storage)"
+                        r"(?:\.\w+)+(?![\w(/-]|\.\w)")
+
+
+def recipe_key_exists(path: list[str]) -> bool:
+    """Whether a dotted recipe key (``trainer.early_stopping.patience``; a list index such as
+    ``seeds.targets.1`` too) names a field of the recipe schema."""
+    from esper_core.recipe import Recipe
+
+    schema = Recipe.model_json_schema()
+
+    def resolve(node: dict) -> dict:
+        if "$ref" in node:
+            return schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        for option in node.get("anyOf", []):
+            if resolve(option).get("properties") or resolve(option).get("type") == "array":
+                return resolve(option)
+        return node
+
+    node: dict = schema
+    for part in path:
+        node = resolve(node)
+        if node.get("type") == "array" and part.isdigit():
+            node = node.get("items", {})
+        elif part in node.get("properties", {}):
+            node = node["properties"][part]
+        else:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_recipe_key_the_docs_name_exists(page: Path) -> None:
+    """The README and the guides name recipe keys in prose (`policy.merit_ratio`, `trainer.early_stopping`); a key
+    renamed in the schema leaves them pointing at a field a recipe would be refused for. File names such as
+    `model.pt2` and calls such as `trainer.test(...)` are not keys."""
+    named = {key for code in re.findall(r"`([^`]+)`", page.read_text(encoding="utf-8"))
+             for key in RECIPE_KEY.findall(code) if not re.search(r"\.(md|pt2|onnx|safetensors|json|yaml)$", key)}
+    unknown = sorted(key for key in named if not recipe_key_exists(key.split(".")))
+    assert not unknown, unknown
+
+
+def test_the_operations_page_lists_every_series_a_run_exports() -> None:
+    """docs/operations.md's table of series is what an operator builds queries from; it lacked
+    `esper_val_metric{metric}` (the task's validation metric, the only one a regression or language-model run
+    fills). Every `esper_*` family of a run's registry is in the table under its exposed name, and the table
+    names nothing a run does not export."""
+    from esper_core.telemetry.metrics import RunMetrics
+
+    page = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    table = page.split("| series | type | meaning |", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"`(esper_\w+)", table))
+    suffix = {"counter": "_total", "info": "_info"}
+    exported = {family.name + suffix.get(family.type, "") for family in RunMetrics("test").registry.collect()
+                if family.name.startswith("esper_")}
+    assert listed == exported, (sorted(exported - listed), sorted(listed - exported))
