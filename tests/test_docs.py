@@ -5,6 +5,7 @@ alert's runbook link lands on a section of docs/operations.md."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,30 @@ def test_the_operations_page_lists_every_series_a_run_exports() -> None:
     exported = {family.name + suffix.get(family.type, "") for family in RunMetrics("test").registry.collect()
                 if family.name.startswith("esper_")}
     assert listed == exported, (sorted(exported - listed), sorted(listed - exported))
+
+
+def test_the_readmes_grown_model_snippet_runs_on_a_quickstart_run(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Using the grown model" follows the quickstart, but its snippet fed the exported program
+    `torch.randn(5, 64)` (the digits MLP's input, from before mnist1d became the quickstart): the program's
+    shape guard refused it. The block runs as written on a short quickstart run, exported with `esper export`."""
+    from typer.testing import CliRunner
+
+    from esper_cli.main import app
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Using the grown model", 1)[1]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[0].replace("runs/NAME", "runs/quickstart")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(REPO / "recipes", tmp_path / "recipes")
+    overrides = ["data.mnist1d.n_samples=300", "trainer.max_steps=6", "trainer.eval_every=3", "policy.max_seeds=0",
+                 "telemetry.progress=none", f"storage.workspace={tmp_path / 'ws'}"]
+    runner = CliRunner()
+    trained = runner.invoke(app, ["train", "recipes/quickstart.yaml", *overrides])
+    assert trained.exit_code == 0, trained.output
+    exported = runner.invoke(app, ["export", "runs/quickstart", "--format", "pt2"])
+    assert exported.exit_code == 0, exported.output
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # the documented snippet itself
+    assert namespace["logits"].shape == (5, 10)
+    assert namespace["plain"](namespace["x"]).shape == (5, 10)
