@@ -11,6 +11,7 @@ a ReLU MLP whose forward asserts its hidden width (``factories:checked_mlp``).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +163,22 @@ def test_the_export_summary_line_counts_widened_seeds(runs: dict[str, Trainer], 
     assert f"{spans} widened into wider hosts" in line, line
     counted = sum(int(part.split()[0]) for part in line.split("(seeds: ")[1].rstrip(")").split(", "))
     assert counted == len(json.loads((tmp_path / "plain" / "export.json").read_text(encoding="utf-8"))["seeds"])
+
+
+def test_unwrap_names_an_example_the_model_cannot_run(runs: dict[str, Trainer]) -> None:
+    """`unwrap(model, example=...)` runs the example through the grown model before it widens span seeds; an
+    example of the wrong width (or not a tensor at all) surfaced as the model's own traceback ("mat1 and mat2
+    shapes cannot be multiplied", "'str' object has no attribute 'flatten'"). It is a ConfigError naming unwrap,
+    the example's shape and the model's error (kept as the cause), as GrowthController's is; the right example
+    still widens."""
+    from esper_core import ConfigError, unwrap
+
+    model = load_run(runs["relu"].run_dir)
+    for example, shape in ((torch.randn(3, 7), "(3, 7)"), ("pixels", "str")):
+        with pytest.raises(ConfigError, match=rf"^unwrap: example: the model cannot run an example of shape "
+                                              rf"{re.escape(shape)}: ") as caught:
+            unwrap(model, example=example)
+        assert caught.value.__cause__ is not None
+    inputs = held_out_inputs(open_run(runs["relu"].run_dir), 64)
+    _, seeds = unwrap(model, example=inputs)
+    assert any(s.action == "widened" for s in seeds)

@@ -30,10 +30,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from esper_core.errors import ConfigError, Problem, one_line
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.merge import merge_into
-from esper_core.seeds.probe import call_model, to_device
+from esper_core.seeds.probe import call_model, shapes_of, to_device
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 """Largest accepted ``max |plain - grown|`` per unit of output scale, by the model's dtype. bf16
@@ -158,8 +159,14 @@ def _widened(plain: nn.Module, outcomes: list[SeedOutcome], example: Any) -> tup
     plain.eval()
     reference = next(plain.parameters())
     inputs = to_device(example, reference.device)
-    with torch.no_grad():
-        expected = logits_of(call_model(plain, inputs)).double()
+    try:
+        with torch.no_grad():
+            expected = logits_of(call_model(plain, inputs)).double()
+    except Exception as error:  # whatever the model's own code raises on inputs that do not fit; kept as the cause
+        # Without this, an example of the wrong shape or type surfaced as the model's own traceback (a matmul
+        # of mismatched shapes, "'str' object has no attribute ..."), naming neither unwrap nor its argument.
+        raise ConfigError(Problem("unwrap", f"the model cannot run an example of shape {shapes_of(example)}: "
+                                  f"{one_line(error)}", field="example")) from error
     allowed = TOLERANCE.get(reference.dtype, 1e-5) * max(1.0, float(expected.abs().max()) if expected.numel() else 1.0)
 
     def check(candidate: nn.Module) -> str | None:

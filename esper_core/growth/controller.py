@@ -57,7 +57,7 @@ from esper_core.recipe.schema import GovernorConfig, PolicyConfig, SeedsConfig, 
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.manager import Event, SlotRef
-from esper_core.seeds.probe import call_model, eval_mode, to_device
+from esper_core.seeds.probe import call_model, eval_mode, shapes_of, to_device
 
 
 class Recorder(Protocol):
@@ -124,18 +124,7 @@ def _check_example(model: nn.Module, example: Any) -> None:
             call_model(model, to_device(example, next(model.parameters()).device))
     except Exception as error:  # whatever the model's own code raises; kept as the cause
         raise ConfigError(Problem(CONTROLLER_FIELD, f"the model cannot run an example of shape "
-                                  f"{_shapes(example)}: {one_line(error)}", field="example")) from error
-
-
-def _shapes(value: Any) -> str:
-    """The shapes of the tensors in ``value`` (a tensor, or a tuple, list or dict of them) for a message."""
-    if isinstance(value, torch.Tensor):
-        return str(tuple(value.shape))
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key!r}: {_shapes(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, (tuple, list)):
-        return "(" + ", ".join(_shapes(item) for item in value) + ")"
-    return type(value).__name__
+                                  f"{shapes_of(example)}: {one_line(error)}", field="example")) from error
 
 
 def _check_optimizer(model: nn.Module, optimizer: Any) -> None:

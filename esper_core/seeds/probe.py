@@ -28,6 +28,18 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def shapes_of(value: Any) -> str:
+    """The shapes of the tensors in ``value`` (a tensor, or a tuple, list or dict of them) for a message
+    about an example input that a model could not run."""
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key!r}: {shapes_of(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(shapes_of(item) for item in value) + ")"
+    return type(value).__name__
+
+
 def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Move every tensor in a (possibly nested) batch to ``device``."""
     if isinstance(value, torch.Tensor):
