@@ -225,3 +225,27 @@ def test_the_readmes_grown_model_snippet_runs_on_a_quickstart_run(tmp_path: Path
     exec(compile(block, "README.md", "exec"), namespace)  # the documented snippet itself
     assert namespace["logits"].shape == (5, 10)
     assert namespace["plain"](namespace["x"]).shape == (5, 10)
+
+
+def test_every_option_the_readmes_cli_table_names_exists() -> None:
+    """The README's table of commands is where a user looks an option up; an option renamed or removed in a
+    command would leave the table naming one that click refuses ("No such option"). Each row's options
+    are options of its command (of each subcommand it names, for `esper blueprints`)."""
+    from esper_cli.main import load_command
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## The CLI", 1)[1].split("Global options", 1)[0]
+    checked = 0
+    for row in table.splitlines():
+        found = re.match(r"\| `esper ([\w-]+)", row)
+        if not found:
+            continue
+        command = load_command(found.group(1))
+        cell = re.split(r"(?<!\\)\|", row)[1]  # a `\|` inside the usage is not a column break
+        for usage in re.findall(r"`(esper [^`]+)`", cell):
+            each = command.commands[usage.split()[2]] if hasattr(command, "commands") else command  # a group
+            options = {opt for param in each.params for opt in (*param.opts, *param.secondary_opts)}
+            named = set(re.findall(r"--[a-z][a-z0-9-]*", usage))
+            assert named <= options, (usage, sorted(named - options))
+            checked += len(named)
+    assert checked >= 20, checked
