@@ -204,7 +204,9 @@ def test_the_readmes_grown_model_snippet_runs_on_a_quickstart_run(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """"Using the grown model" follows the quickstart, but its snippet fed the exported program
     `torch.randn(5, 64)` (the digits MLP's input, from before mnist1d became the quickstart): the program's
-    shape guard refused it. The block runs as written on a short quickstart run, exported with `esper export`."""
+    shape guard refused it. The block runs as written on a short quickstart run, exported with `esper export`, and
+    so does docs/export.md's loading of a safetensors export into the zoo network."""
+    import torch
     from typer.testing import CliRunner
 
     from esper_cli.main import app
@@ -225,6 +227,15 @@ def test_the_readmes_grown_model_snippet_runs_on_a_quickstart_run(tmp_path: Path
     exec(compile(block, "README.md", "exec"), namespace)  # the documented snippet itself
     assert namespace["logits"].shape == (5, 10)
     assert namespace["plain"](namespace["x"]).shape == (5, 10)
+
+    # docs/export.md's safetensors loading, which once said `build_model(rebuild_model)`: a call that fails
+    exported = runner.invoke(app, ["export", "runs/quickstart", "--format", "safetensors"])
+    assert exported.exit_code == 0, exported.output
+    page = (REPO / "docs" / "export.md").read_text(encoding="utf-8")
+    (loading,) = [b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "rebuild_model" in b]
+    namespace = {}
+    exec(compile(loading, "export.md", "exec"), namespace)
+    assert namespace["model"](torch.randn(3, 40)).shape == (3, 10)
 
 
 def test_every_option_the_readmes_cli_table_names_exists() -> None:
