@@ -110,6 +110,10 @@ def configure_logging(quiet: bool, verbose: int) -> int:
     WARNING by default, ERROR with ``-q``, INFO with ``-v``, DEBUG with ``-vv``. Returns the level."""
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # urllib3 warns about every retry of a connection that failed (an MLflow server nothing listens on gave two
+    # "Retrying (Retry(total=1, ...))" lines before Esper's own one-line warning that tracking is off): Esper
+    # reports what finally failed itself, so the retries show with -v only.
+    logging.getLogger("urllib3").setLevel(level if verbose else max(level, logging.ERROR))
     return level
 
 
