@@ -96,7 +96,7 @@ def test_a_grown_relu_mlp_exports_as_a_plain_wider_mlp_the_zoo_model_loads(runs:
     # the zoo MLP has biases: only the widths change, and the one-line note points at rebuild_model
     assert {name: (c["bias_added"], c["weight"]) for name, c in arch["changed_layers"].items()} == \
         {name: (False, shape) for name, shape in arch["widened_layers"].items()}
-    assert len(result["notes"]) == 1 and "build_model(rebuild_model) of architecture.json" in result["notes"][0]
+    assert len(result["notes"]) == 1 and "architecture.json's rebuild_model builds them" in result["notes"][0]
     # each new unit brings its incoming weights and bias and its outgoing weights (the seeds' output
     # biases add to the hosts'); the dense wider layers.1 also holds a block of zeros: the new units of
     # the second hidden layer never read the new units of the first

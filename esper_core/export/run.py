@@ -113,7 +113,7 @@ def changed_layers_note(changes: dict[str, dict[str, Any]], rebuildable: bool) -
         if change["weight"] != change["host_weight"]:
             details.append(f"weight {_dims(change['host_weight'])} -> {_dims(change['weight'])}")
         parts.append(f"{name}: {', '.join(details)}")
-    remedy = "build_model(rebuild_model) of architecture.json builds them so" if rebuildable else \
+    remedy = "architecture.json's rebuild_model builds them so (docs/export.md shows the call)" if rebuildable else \
         "give those layers these shapes before load_state_dict(strict=True) (dropping a bias would change the outputs)"
     return (f"note: model.safetensors does not load strictly into the host model class as built: {'; '.join(parts)} "
             f"(architecture.json: changed_layers); {remedy}")
