@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn, ParamSpec, TypeVar
@@ -18,9 +19,19 @@ R = TypeVar("R")
 def exit_with(error: EsperError) -> NoReturn:
     """Print ``error``'s problems, one ``error: ...`` line each, on stderr and exit with its code: how every
     command ends on a user error, whether its own code or the command-line parser found it."""
-    for problem in error.problems:
-        print(f"error: {problem}", file=sys.stderr)
+    lines = [f"error: {problem}" for problem in error.problems]
+    if not (os.environ.get("RANK") is not None and _relayed(lines, error.exit_code)):
+        for line in lines:
+            print(line, file=sys.stderr)
     raise typer.Exit(error.exit_code) from None
+
+
+def _relayed(lines: list[str], exit_code: int) -> bool:
+    """Under ``esper ... --nproc-per-node``, hand the lines to the launcher, which prints each distinct
+    line once for all ranks (every rank finds the same recipe error); ``False`` when not relayed."""
+    from esper_core.distributed.launch import relay_error  # a torchrun worker: PyTorch is loaded already
+
+    return relay_error(lines, exit_code)
 
 
 def option_error(error: typer.BadParameter) -> ConfigError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from esper_core.checkpoints import store
+from esper_core.distributed import PeerLost
+from esper_core.distributed.launch import relayed
 from esper_core.training.loaders import TrainBatches
 from esper_core.training.trainer import Trainer
 
@@ -256,3 +259,47 @@ def test_kill_nine_of_one_rank_ends_with_one_line_naming_it_and_exit_137(tmp_pat
     survivor = "error: distributed: rank 0 lost contact with another rank ("
     assert all(line.startswith(survivor) and f"esper resume --checkpoint {out / 'dd'} --nproc-per-node 2" in line
                for line in lines[:-1]), err
+
+
+def _listening_after_a_free_port() -> socket.socket:
+    """A socket listening on a port P of 127.0.0.1 whose predecessor P - 1 is free (when this returns)."""
+    for _ in range(100):
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", taken.getsockname()[1] - 1))
+            except OSError:
+                taken.close()
+                continue
+        taken.listen()
+        return taken
+    raise AssertionError("no free pair of ports")
+
+
+def test_a_metrics_port_taken_on_rank_1_is_named_first_and_once(tmp_path: Path) -> None:
+    """Rank 1 serves on telemetry.metrics_port + 1: when that port was taken, its error said port P + 1
+    without saying why, and came after rank 0's 'lost contact' line (its consequence)."""
+    taken = _listening_after_a_free_port()
+    port = taken.getsockname()[1]
+    with taken:
+        (tmp_path / "recipe.yaml").write_text(RECIPE)
+        result = subprocess.run(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                       f"run.output_dir={tmp_path / 'runs'}", "policy.max_seeds=0",
+                                       f"telemetry.metrics_port={port - 1}"),
+                                capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors[0].endswith(f"cannot serve metrics on 127.0.0.1:{port} (telemetry.metrics_port + 1: each rank of a "
+                              "node serves on its own port, the port plus its LOCAL_RANK): Address already in use"), errors
+    assert all("lost contact" in line for line in errors[1:]) and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_launcher_shows_each_rank_error_once_the_cause_before_its_consequences(tmp_path: Path) -> None:
+    """What `esper --nproc-per-node` prints of the lines its workers left (:func:`relayed`): the same
+    recipe error from every rank once, and a rank's own failure before the other ranks' 'lost contact'."""
+    (tmp_path / "rank-0").write_text(f"{PeerLost.exit_code}\nerror: distributed: rank 0 lost contact\n")
+    (tmp_path / "rank-1").write_text("2\nerror: recipe.yaml:1: run.device: no CUDA\n")
+    (tmp_path / "rank-2").write_text("2\nerror: recipe.yaml:1: run.device: no CUDA\n")
+    (tmp_path / ".rank-3.tmp").write_text("2\nerror: half written\n")  # not yet renamed: not read
+    assert relayed(tmp_path) == ["error: recipe.yaml:1: run.device: no CUDA", "error: distributed: rank 0 lost contact"]

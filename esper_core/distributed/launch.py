@@ -15,20 +15,38 @@ is the worker that failed otherwise, and one killed by a signal (``kill -9``, th
 killer), which could not say so itself, is named here in one line. Workers are not restarted
 (``--max-restarts 0``): a run resumes from its checkpoint with ``esper resume``, never from its first
 step.
+
+Errors are shown once. Every rank checks the same recipe and builds the same data, so a mistake there
+(``run.device: cuda`` on a machine without CUDA, a factory that does not import) is found by every
+rank, and each printed the same line: N ranks, N copies. Under this launcher a worker hands its
+``error: ...`` lines to it instead (a file per rank in a directory named by :data:`RELAY`), and once
+the workers have ended the launcher prints each distinct line once, in rank order. Plain ``torchrun``
+has no such directory: its workers print their own lines, as before.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from esper_core.distributed.world import PeerLost
 from esper_core.errors import ConfigError, EsperError, Problem
 
 if TYPE_CHECKING:
+    from argparse import Namespace
+    from collections.abc import Callable
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+RELAY = "ESPER_RANK_ERRORS"
+"""The environment variable naming the directory where workers leave their error lines for the launcher."""
 
 
 class RankKilled(EsperError):
@@ -63,15 +81,64 @@ class Launch:
 
 def launch(spec: Launch, command: list[str]) -> int:
     """Run ``python -m esper_cli COMMAND`` on ``spec.nproc_per_node`` ranks of this node and wait;
-    returns the exit code, or raises :class:`RankKilled` (see the module docstring)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    returns the exit code, or raises :class:`RankKilled` (see the module docstring); the workers' error
+    lines are printed before either, each distinct line once."""
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args([*spec.argv(), "-m", "esper_cli", *command])
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # the workers report their own errors
     # its "failed (exitcode: -9) local_rank: 1 (pid: ...) of binary: ..." line: RankKilled says it in Esper's words
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    relay = Path(tempfile.mkdtemp(prefix="esper-rank-errors-"))
+    previous = os.environ.get(RELAY)
+    os.environ[RELAY] = str(relay)  # the workers inherit this process's environment
+    try:
+        return _run(run, args)
+    finally:
+        if previous is None:
+            os.environ.pop(RELAY, None)
+        else:
+            os.environ[RELAY] = previous
+        for line in relayed(relay):
+            print(line, file=sys.stderr)
+        shutil.rmtree(relay, ignore_errors=True)
+
+
+def relay_error(lines: list[str], exit_code: int) -> bool:
+    """In a worker of :func:`launch`: leave ``lines`` (an error's ``error: ...`` lines) and the exit code
+    for the launcher to print once, and return ``True``; ``False`` anywhere else (the caller prints
+    them itself)."""
+    directory, rank = os.environ.get(RELAY), os.environ.get("RANK")
+    if not directory or rank is None or not Path(directory).is_dir():
+        return False
+    try:
+        temporary = Path(directory) / f".rank-{rank}.tmp"
+        temporary.write_text("".join(f"{line}\n" for line in [str(exit_code), *lines]), encoding="utf-8")
+        temporary.replace(Path(directory) / f"rank-{rank}")  # whole or absent when the launcher reads it
+    except OSError:
+        return False
+    return True
+
+
+def relayed(directory: Path) -> list[str]:
+    """Every distinct line the workers left in ``directory``, each once: first those of ranks that failed
+    for a reason of their own, then those of ranks that only lost contact with them (:class:`PeerLost`),
+    each group in rank order, so the cause comes before its consequences."""
+    files = sorted((path for path in directory.glob("rank-*") if path.name[5:].isdigit()),
+                   key=lambda path: int(path.name[5:]))
+    causes: list[str] = []
+    consequences: list[str] = []
+    for path in files:
+        code, *lines = path.read_text(encoding="utf-8").splitlines() or ["1"]
+        (consequences if code == str(PeerLost.exit_code) else causes).extend(line for line in lines if line)
+    return list(dict.fromkeys([*causes, *consequences]))
+
+
+def _run(run: Callable[[Namespace], None], args: Namespace) -> int:
+    """torchrun's ``run(args)``, its failures turned into an exit code (see :func:`launch`)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         run(args)
     except ChildFailedError as failed:

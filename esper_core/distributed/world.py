@@ -141,13 +141,21 @@ class World:
         dist.broadcast(buffer, src=0)
         return bytes(buffer.cpu().tolist()).decode("utf-8")
 
-    def check_same(self, text: str, what: str) -> None:
-        """Raise :class:`RanksDiverged` on every rank unless ``text`` is identical on all of them."""
+    def differing(self, text: str) -> list[int]:
+        """The ranks whose ``text`` differs from rank 0's (the same list on every rank; empty when all
+        agree). Only a digest travels."""
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         differs = self.broadcast_text(digest) != digest
-        if self.any(differs):
-            raise RanksDiverged(Problem("distributed", f"{what} differs between ranks"
-                                        + (f" (rank {self.rank} differs from rank 0)" if differs else "")))
+        flags = self.gather(torch.tensor([int(differs)], dtype=torch.int32))
+        return [rank for rank, flag in enumerate(flags.tolist()) if flag]
+
+    def check_same(self, text: str, what: str) -> None:
+        """Raise :class:`RanksDiverged` on every rank unless ``text`` is identical on all of them (the
+        same message everywhere, naming the ranks that differ, so the launcher can show it once)."""
+        ranks = self.differing(text)
+        if ranks:
+            raise RanksDiverged(Problem("distributed", f"{what} differs between ranks ({describe_ranks(ranks)} "
+                                        f"from rank 0)"))
 
     def barrier(self) -> None:
         if self.backend == "nccl":
@@ -169,6 +177,11 @@ class World:
         """Leave the process group, if :func:`join` created it (a program that set it up keeps it)."""
         if self.owned and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def describe_ranks(ranks: list[int]) -> str:
+    """``rank 1 differs`` or ``ranks 1, 3 differ``: the ranks :meth:`World.differing` found."""
+    return f"rank {ranks[0]} differs" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))} differ"
 
 
 def launched() -> bool:

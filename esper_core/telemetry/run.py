@@ -127,7 +127,9 @@ class RunTelemetry:
             except OSError as exc:  # port taken or not allowed; an address that is not this machine's
                 at_fault = "telemetry.metrics_port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) \
                     else "telemetry.metrics_bind"
-                raise ConfigError(Problem(RECIPE_FIELD, f"cannot serve metrics on {bind}:{port}: "
+                rank = (f" (telemetry.metrics_port + {self.local_rank}: each rank of a node serves on its own "
+                        "port, the port plus its LOCAL_RANK)") if self.local_rank and port else ""
+                raise ConfigError(Problem(RECIPE_FIELD, f"cannot serve metrics on {bind}:{port}{rank}: "
                                           f"{exc.strerror or exc}", field=at_fault)) from None
             if not is_loopback(bind):
                 log.warning("the metrics endpoint %s is exposed beyond this machine (telemetry.metrics_bind="
