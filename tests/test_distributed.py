@@ -261,6 +261,39 @@ def test_kill_nine_of_one_rank_ends_with_one_line_naming_it_and_exit_137(tmp_pat
                for line in lines[:-1]), err
 
 
+_RANKED_DATA = """\
+import os
+
+import torch
+
+
+def make():
+    \"\"\"Different samples on every rank: the generator is seeded from RANK.\"\"\"
+    generator = torch.Generator().manual_seed(int(os.environ.get("RANK", "0")))
+    x = torch.randn(300, 8, generator=generator)
+    return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+"""
+
+
+def test_data_that_differs_between_ranks_is_refused_once_naming_the_factory(tmp_path: Path) -> None:
+    """A data factory that is not the same on every rank trained silently on a mixture no process
+    sees (DDP kept the replicas identical, so no digest noticed); now the ranks compare a digest of
+    their data first and stop with one located line, exit 2 (not one copy per rank)."""
+    (tmp_path / "ranked_data.py").write_text(_RANKED_DATA)
+    recipe = RECIPE.replace("data: {source: digits, layout: flat,", 'data: {source: factory, factory: "ranked_data:make",')
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    result = subprocess.run(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                   f"run.output_dir={tmp_path / 'runs'}", "policy.max_seeds=0"),
+                            capture_output=True, text=True, timeout=120,
+                            env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {tmp_path / 'recipe.yaml'}:2: data.factory: the data differs between ranks (rank 1 "
+                      "differs from rank 0): a factory must return the same samples on every rank, so seed any "
+                      "randomness it uses from its arguments, never from the time, the process or RANK"], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
 def _listening_after_a_free_port() -> socket.socket:
     """A socket listening on a port P of 127.0.0.1 whose predecessor P - 1 is free (when this returns)."""
     for _ in range(100):

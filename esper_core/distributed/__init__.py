@@ -26,10 +26,10 @@ it matters: before each DDP rebuild the ranks compare a digest of their seed top
 (:class:`esper_core.distributed.replica.Replica`) and stop with an error if they differ.
 """
 
-from esper_core.distributed.data import shard
+from esper_core.distributed.data import digest, shard
 from esper_core.distributed.replica import Replica
 from esper_core.distributed.world import (PeerLost, RanksDiverged, World, describe_ranks, join, launched,
                                           peer_lost)
 
-__all__ = ["PeerLost", "RanksDiverged", "Replica", "World", "describe_ranks", "join", "launched",
+__all__ = ["PeerLost", "RanksDiverged", "Replica", "World", "describe_ranks", "digest", "join", "launched",
            "peer_lost", "shard"]

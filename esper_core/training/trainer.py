@@ -180,6 +180,8 @@ class Trainer:
                                           growth_ends(recipe.policy, recipe.trainer.max_steps))
             self.data = build_data(recipe.data, recipe.run.seed, self.base_dir, recipe.task.kind,
                                    recipe.task.target_key)
+            if self.world is not None:
+                self._check_same_data(self.world)
             self.model = build_model(recipe.model, self.data.input_shape, self.data.num_classes)
             self.params_initial = count_parameters(self.model)
             self.model.to(self.device)
@@ -241,6 +243,21 @@ class Trainer:
         self._resume_overrides: list[str] = []
         self.signals = StopSignals()
         self.checkpoints = run_files.CheckpointSchedule(recipe.checkpoint)
+
+    def _check_same_data(self, world: distributed.World) -> None:
+        """Refuse (exit 2, on every rank, the same line) data that differs between the ranks: each rank
+        builds its own, and nothing later would notice (see :func:`esper_core.distributed.data.digest`)."""
+        ranks = world.differing(distributed.digest({"train": self.data.train, "validation": self.data.val,
+                                                    "test": self.data.test}))
+        if not ranks:
+            return
+        data = self.loaded.recipe.data
+        field, why = ("data.factory", "a factory must return the same samples on every rank, so seed any randomness "
+                      "it uses from its arguments, never from the time, the process or RANK") \
+            if data.source == "factory" else ("data.path" if data.path is not None else "data.source",
+                                              "every node must read the same file")
+        raise ConfigError(Problem(RECIPE_FIELD, f"the data differs between ranks ({distributed.describe_ranks(ranks)} "
+                                  f"from rank 0): {why}", field=field))
 
     @property
     def step(self) -> int:
