@@ -29,7 +29,9 @@ def _seeds(counts: dict[str, int]) -> str:
 def describe(event: Event) -> str | None:
     """One line for an event worth showing between progress reports, else ``None``."""
     if event["event"] == "metrics_endpoint":
-        return f"metrics: {event['url']}"
+        ranks = event.get("ranks")  # under torchrun: every rank's own endpoint, in rank order
+        return f"metrics: {event['url']}" if not ranks else \
+            "metrics: " + ", ".join(f"rank {rank} {url}" for rank, url in enumerate(ranks))
     if event["event"] == "kernels_compiling":
         count = event["kernels"]
         return f"compiling {count} kernel{'s' if count != 1 else ''} (cached for later runs)..."

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from esper_cli.progress import describe
 from esper_core.checkpoints import store
 from esper_core.distributed import PeerLost
 from esper_core.distributed.launch import relayed
@@ -79,7 +80,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     (root / "recipe.yaml").write_text(RECIPE)
     result = subprocess.run(_torchrun(str(ROOT / "tests/distributed_worker.py"), str(root / "recipe.yaml"), str(root),
-                                      f"run.output_dir={root / 'runs'}", f"storage.workspace={root / 'ws'}"),
+                                      f"run.output_dir={root / 'runs'}", f"storage.workspace={root / 'ws'}",
+                                      "telemetry.metrics_port=0"),
                             capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return root
@@ -100,6 +102,16 @@ def test_after_growth_every_rank_holds_the_same_model_and_topology(two_ranks: Pa
     assert events.count("run_start") == 1 and "germinate" in events and "fossilize" in events  # rank 0 alone wrote
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_final"] > summary["params_initial"]
+
+
+def test_with_metrics_port_0_every_rank_s_endpoint_is_recorded_and_shown(two_ranks: Path) -> None:
+    """Port 0 picks a free port on each rank; only rank 0's was recorded and printed, so nobody could
+    find rank 1's endpoint. Rank 0 now gathers them all."""
+    start = json.loads((two_ranks / "runs" / "dd" / "events.jsonl").read_text().splitlines()[0])
+    urls = start["metrics_urls"]
+    assert len(urls) == 2 and urls[0] == start["metrics_url"] and len(set(urls)) == 2, urls
+    shown = describe({"event": "metrics_endpoint", "url": urls[0], "ranks": urls})
+    assert shown == f"metrics: rank 0 {urls[0]}, rank 1 {urls[1]}"
 
 
 def test_two_ranks_train_as_one_process_with_the_same_global_batch(two_ranks: Path, tmp_path: Path) -> None:

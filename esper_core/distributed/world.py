@@ -141,6 +141,15 @@ class World:
         dist.broadcast(buffer, src=0)
         return bytes(buffer.cpu().tolist()).decode("utf-8")
 
+    def gather_text(self, text: str) -> list[str]:
+        """Every rank's ``text``, in rank order, on every rank (e.g. the metrics endpoint each bound)."""
+        data = text.encode("utf-8")
+        lengths = [int(n) for n in self.gather(torch.tensor([len(data)], dtype=torch.int64))]
+        joined = bytes(self.gather(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data
+                                   else torch.zeros(0, dtype=torch.uint8)).tolist())
+        starts = [sum(lengths[:r]) for r in range(self.size)]
+        return [joined[start:start + n].decode("utf-8") for start, n in zip(starts, lengths)]
+
     def differing(self, text: str) -> list[int]:
         """The ranks whose ``text`` differs from rank 0's (the same list on every rank; empty when all
         agree). Only a digest travels."""

@@ -86,7 +86,8 @@ class RunTelemetry:
 
     ``record`` appends an event to the run's hash-chained log (the trainer's ``_record``);
     ``seed_counts`` returns the number of slots per lifecycle state. Under torchrun, ``rank`` labels
-    every series and each rank serves on ``metrics_port + local_rank`` (port 0 still picks a free one).
+    every series and each rank serves on ``metrics_port + local_rank`` (port 0 still picks a free one;
+    ``rank_urls`` then says which).
     """
 
     def __init__(self, config: TelemetryConfig, record: Callable[[Event], None],
@@ -109,6 +110,8 @@ class RunTelemetry:
         self._cache_errors: dict[str, int] = {}
         self.morph = MorphClock()
         self._listeners: list[Listener] = []
+        self.rank_urls: list[str] | None = None
+        """Under torchrun, every rank's endpoint in rank order (the trainer gathers them after start)."""
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -162,6 +165,8 @@ class RunTelemetry:
         fields: dict[str, Any] = {"versions": build_info()}
         if self.server is not None:
             fields["metrics_url"] = self.server.url
+        if self.rank_urls:
+            fields["metrics_urls"] = self.rank_urls
         return fields
 
     def subscribe(self, listener: Listener) -> None:

@@ -285,10 +285,14 @@ class Trainer:
         try:
             with self.loaded.located():  # a port in use is refused before a run directory is made
                 metrics_url = telemetry.start()
+            if metrics_url and self.world is not None:
+                # port 0 picks a free port on each rank: only the ranks know which, so rank 0 shows them all
+                telemetry.rank_urls = self.world.gather_text(metrics_url)
             lock = run_files.claim_run_dir(self)
             run_files.open_run(self, self._resumed_from, self._resume_overrides)
             if metrics_url:
-                self.recorder.notify({"event": "metrics_endpoint", "url": metrics_url})
+                self.recorder.notify({"event": "metrics_endpoint", "url": metrics_url,
+                                      **({"ranks": telemetry.rank_urls} if telemetry.rank_urls else {})})
             self.controller.start()
             if recipe.policy.selector.share_across_runs and self._resumed_from is None:
                 pulls = self.controller.policy.selector.warm_start(workspace_store(recipe.storage.workspace))
