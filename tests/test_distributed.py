@@ -249,6 +249,8 @@ def test_stopping_the_launcher_stops_every_rank_with_a_checkpoint_and_exit_128_p
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err and f"{signal.Signals(signum).name} received" in err
+    # only Esper's lines: torch-elastic's "W1202 ... api.py:753] Received 2 death signal, shutting down workers" is not one
+    assert all(line.startswith("error: ") for line in err.splitlines()), err
     events = [json.loads(line) for line in (out / "dd" / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "interrupted" and events[-1]["signal"] == signal.Signals(signum).name
 

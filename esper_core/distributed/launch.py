@@ -86,7 +86,11 @@ def launch(spec: Launch, command: list[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args([*spec.argv(), "-m", "esper_cli", *command])
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # the workers report their own errors
+    # the workers report their own errors; torch-elastic's loggers carry their own levels (WARNING), so the
+    # parent's is not enough: "W1202 ... api.py:753] Received 2 death signal, shutting down workers" at Ctrl-C
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     # its "failed (exitcode: -9) local_rank: 1 (pid: ...) of binary: ..." line: RankKilled says it in Esper's words
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     relay = Path(tempfile.mkdtemp(prefix="esper-rank-errors-"))
