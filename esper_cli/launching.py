@@ -9,7 +9,7 @@ import typer
 if TYPE_CHECKING:
     from esper_core.distributed.launch import Launch
 
-NPROC = typer.Option(None, "--nproc-per-node", help="Train on N ranks of this node under torchrun (DDP; gloo on "
+NPROC = typer.Option(None, "--nproc-per-node", min=1, help="Train on N ranks of this node under torchrun (DDP; gloo on "
                      "the CPU, NCCL on CUDA); plain `torchrun ... -m esper_cli train` works too.", show_default=False)
 NNODES = typer.Option("1", "--nnodes", help="Nodes taking part (torchrun's --nnodes); above 1 needs --rdzv-endpoint.")
 NODE_RANK = typer.Option(0, "--node-rank", min=0, help="This node's rank (torchrun's --node-rank).")

@@ -128,6 +128,7 @@ def test_quiet_and_verbose_set_the_log_level(capsys: pytest.CaptureFixture[str])
     ["export", "runs/x", "--tolerance", "-0.5"], ["inspect-cache", "--prune", "--max-bytes", "-5"],
     ["inspect-cache", "--prune", "--older-than", "nan"], ["blueprints", "show", "lowrank_adapter", "--rank", "0"],
     ["train", "no-such-recipe.yaml", "--nproc-per-node", "2", "--node-rank", "-1"],
+    ["train", "no-such-recipe.yaml", "--nproc-per-node", "0"], ["resume", "--checkpoint", "runs/x", "--nproc-per-node", "-2"],
 ], ids=" ".join)
 def test_a_refused_option_value_is_one_error_line_and_exit_2(args: list[str]) -> None:
     # In-process: the parser refuses these before a command runs, and each would import torch in a subprocess.

@@ -68,7 +68,8 @@ class Launch:
     def argv(self) -> list[str]:
         """torchrun's arguments for this launch (before the script)."""
         if self.nproc_per_node < 1:
-            raise ConfigError(Problem("command line", f"--nproc-per-node must be at least 1, not {self.nproc_per_node}"))
+            raise ConfigError(Problem("command line", f"must be at least 1, not {self.nproc_per_node}",
+                                      field="--nproc-per-node"))
         args = [f"--nproc-per-node={self.nproc_per_node}", f"--nnodes={self.nnodes}", "--max-restarts=0"]
         if self.rdzv_endpoint is None:
             if self.nnodes not in ("1", "1:1"):
