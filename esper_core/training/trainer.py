@@ -252,10 +252,14 @@ class Trainer:
         if not ranks:
             return
         data = self.loaded.recipe.data
-        field, why = ("data.factory", "a factory must return the same samples on every rank, so seed any randomness "
-                      "it uses from its arguments, never from the time, the process or RANK") \
-            if data.source == "factory" else ("data.path" if data.path is not None else "data.source",
-                                              "every node must read the same file")
+        if data.source == "factory":
+            field, why = "data.factory", ("a factory must return the same samples on every rank, so seed any "
+                                          "randomness it uses from its arguments, never from the time, the process "
+                                          "or RANK")
+        elif data.path is not None:
+            field, why = "data.path", "every node must read the same contents at this path"
+        else:  # Esper's own sources are a function of the run seed: only different software could differ
+            field, why = "data.source", "run the same versions of Esper, NumPy and PyTorch on every node"
         raise ConfigError(Problem(RECIPE_FIELD, f"the data differs between ranks ({distributed.describe_ranks(ranks)} "
                                   f"from rank 0): {why}", field=field))
 
