@@ -19,19 +19,21 @@ R = TypeVar("R")
 def exit_with(error: EsperError) -> NoReturn:
     """Print ``error``'s problems, one ``error: ...`` line each, on stderr and exit with its code: how every
     command ends on a user error, whether its own code or the command-line parser found it."""
-    lines = [f"error: {problem}" for problem in error.problems]
-    if not (os.environ.get("RANK") is not None and _relayed(lines, error.exit_code)):
-        for line in lines:
-            print(line, file=sys.stderr)
+    _say([f"error: {problem}" for problem in error.problems], error.exit_code)
     raise typer.Exit(error.exit_code) from None
 
 
-def _relayed(lines: list[str], exit_code: int) -> bool:
-    """Under ``esper ... --nproc-per-node``, hand the lines to the launcher, which prints each distinct
-    line once for all ranks (every rank finds the same recipe error); ``False`` when not relayed."""
-    from esper_core.distributed.launch import relay_error  # a torchrun worker: PyTorch is loaded already
+def _say(lines: list[str], exit_code: int) -> None:
+    """Print ``lines`` on stderr; under ``esper ... --nproc-per-node`` hand them to the launcher instead,
+    which prints each distinct line once for all ranks (every rank finds the same recipe error, and
+    Ctrl-C reaches every rank)."""
+    if os.environ.get("RANK") is not None:
+        from esper_core.distributed.launch import relay_error  # a torchrun worker: PyTorch is loaded already
 
-    return relay_error(lines, exit_code)
+        if relay_error(lines, exit_code):
+            return
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def option_error(error: typer.BadParameter) -> ConfigError:
@@ -58,7 +60,7 @@ def reported(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except EsperError as exc:
             exit_with(exc)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt:  # before a run's own handlers are installed (they checkpoint and say so)
+            _say(["interrupted"], 130)
             raise typer.Exit(130) from None
     return run

@@ -350,3 +350,41 @@ def test_the_launcher_shows_each_rank_error_once_the_cause_before_its_consequenc
     (tmp_path / "rank-2").write_text("2\nerror: recipe.yaml:1: run.device: no CUDA\n")
     (tmp_path / ".rank-3.tmp").write_text("2\nerror: half written\n")  # not yet renamed: not read
     assert relayed(tmp_path) == ["error: recipe.yaml:1: run.device: no CUDA", "error: distributed: rank 0 lost contact"]
+
+
+_SLOW_DATA = """\
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def make(marker):
+    \"\"\"Digits-sized data, slowly: a Ctrl-C arrives while every rank is still building its trainer.\"\"\"
+    Path(marker + os.environ["RANK"]).touch()
+    time.sleep(60)
+    x = torch.zeros(300, 8)
+    return torch.utils.data.TensorDataset(x, torch.zeros(300, dtype=torch.long))
+"""
+
+
+def test_ctrl_c_before_training_starts_says_interrupted_once(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the group; before a run installs its own handlers each rank
+    printed 'interrupted' itself (N ranks, N lines). Now the launcher prints it once; exit 130."""
+    (tmp_path / "slow_data.py").write_text(_SLOW_DATA)
+    recipe = RECIPE.replace("data: {source: digits, layout: flat,",
+                            f'data: {{source: factory, factory: "slow_data:make", factory_kwargs: '
+                            f'{{marker: "{tmp_path / "building-"}"}},')
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    launcher = subprocess.Popen(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                       f"run.output_dir={tmp_path / 'runs'}", "policy.max_seeds=0"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"building-{rank}").exists() for rank in (0, 1)):  # both ranks inside the factory
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130 and err.splitlines() == ["interrupted"], err[-3000:]
