@@ -100,6 +100,9 @@ def test_after_growth_every_rank_holds_the_same_model_and_topology(two_ranks: Pa
     run = two_ranks / "runs" / "dd"
     events = [json.loads(line)["event"] for line in (run / "events.jsonl").read_text().splitlines()]
     assert events.count("run_start") == 1 and "germinate" in events and "fossilize" in events  # rank 0 alone wrote
+    # ... and rank 1 wrote nothing into the runs directory (it shares only the workspace, the kernel cache)
+    assert any(path.startswith(str(run)) for path in ranks[0]["wrote"]), ranks[0]["wrote"]
+    assert not [path for path in ranks[1]["wrote"] if path.startswith(str(two_ranks / "runs"))], ranks[1]["wrote"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_final"] > summary["params_initial"]
 
