@@ -391,3 +391,25 @@ def test_ctrl_c_before_training_starts_says_interrupted_once(tmp_path: Path) -> 
     os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 130 and err.splitlines() == ["interrupted"], err[-3000:]
+
+
+def test_a_single_node_rendezvous_port_already_held_is_refused_at_once(tmp_path: Path) -> None:
+    """`--rdzv-endpoint HOST:PORT` on one node with PORT held by another program: torchrun fell back to
+    being a client of it and waited without a word (over 380 s measured). Now one line naming the option,
+    exit 2, before any rank starts; a free port still trains."""
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        refused = subprocess.run(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                        "--rdzv-endpoint", f"127.0.0.1:{port}", f"run.output_dir={tmp_path / 'runs'}"),
+                                 capture_output=True, text=True, env=_env(), timeout=60)
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        f"error: command line: --rdzv-endpoint: port {port} is already in use on this machine"), refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and not (tmp_path / "runs").exists()
+    trained = subprocess.run(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                    "--rdzv-endpoint", f"127.0.0.1:{port}", f"run.output_dir={tmp_path / 'runs'}",
+                                    "trainer.max_steps=5", "policy.max_seeds=0", "checkpoint.every_steps=null"),
+                             capture_output=True, text=True, env=_env(), timeout=120)
+    assert trained.returncode == 0, trained.stderr[-3000:]

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -76,8 +77,52 @@ class Launch:
                 raise ConfigError(Problem("command line", "--nnodes above 1 needs --rdzv-endpoint HOST:PORT "
                                           "(the same on every node)"))
             return [*args, "--standalone"]
+        if self.nnodes in ("1", "1:1") and self.rdzv_backend == "c10d":
+            _check_endpoint_free(self.rdzv_endpoint)
         return [*args, f"--node-rank={self.node_rank}", f"--rdzv-backend={self.rdzv_backend}",
                 f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id or 'esper'}"]
+
+
+RDZV_DEFAULT_PORT = 29400
+"""The port torchrun's c10d rendezvous uses when ``--rdzv-endpoint`` names a host alone."""
+
+
+def _check_endpoint_free(endpoint: str) -> None:
+    """Refuse a single-node launch whose rendezvous port is already held on this machine.
+
+    The one agent of a single-node run hosts the rendezvous store itself; when the port is taken, torchrun
+    silently falls back to being a client of whatever holds it (another run's rendezvous, or any other
+    program) and waits there, minutes at least (over 380 s measured, with no output). Several nodes on one
+    machine (``--nnodes`` above 1) legitimately share one agent's store, so only a single node is checked. A
+    host that is not this machine's cannot be bound and is left to torchrun."""
+    host, _, port_text = endpoint.rpartition(":") if not endpoint.endswith("]") else (endpoint, "", "")
+    if not host or not port_text.isdigit():
+        host, port_text = endpoint, str(RDZV_DEFAULT_PORT)
+    host = host.strip("[]")
+    try:
+        addresses = {info[4][0]: info[0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return  # torchrun says what is wrong with the host
+    if not any(_binds(family, address, 0) for address, family in addresses.items()):
+        return  # not an address of this machine: another host's store, torchrun's business
+    # the store listens on every interface: a listener on any of them holds the port
+    if not _binds(socket.AF_INET, "", int(port_text)):
+        raise ConfigError(Problem("command line", f"port {port_text} is already in use on this machine (another "
+                                  "run's rendezvous, or another program); torchrun would wait on it without a word: "
+                                  "choose a free port, or leave --rdzv-endpoint out on a single node (a free port is "
+                                  "then picked)", field="--rdzv-endpoint"))
+
+
+def _binds(family: int, address: str, port: int) -> bool:
+    """Whether this machine lets a socket bind ``address:port`` now (``False`` for an address that is
+    not this machine's, or a port another socket listens on)."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is no owner
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
 
 
 def launch(spec: Launch, command: list[str]) -> int:
