@@ -20,8 +20,9 @@ Errors are shown once. Every rank checks the same recipe and builds the same dat
 (``run.device: cuda`` on a machine without CUDA, a factory that does not import) is found by every
 rank, and each printed the same line: N ranks, N copies. Under this launcher a worker hands its
 ``error: ...`` lines to it instead (a file per rank in a directory named by :data:`RELAY`), and once
-the workers have ended the launcher prints each distinct line once, in rank order. Plain ``torchrun``
-has no such directory: its workers print their own lines, as before.
+the workers have ended the launcher prints each distinct line once: the lines of ranks that failed
+for a reason of their own first, then those of ranks that only lost contact with them, each in rank
+order. Plain ``torchrun`` has no such directory: its workers print their own lines, as before.
 """
 
 from __future__ import annotations
