@@ -28,6 +28,7 @@ import pytest
 from esper_core import safe_read
 from esper_core.checkpoints import store
 from esper_core.errors import CheckpointError
+from esper_core.telemetry.jsonl import EventLog
 from esper_core.training.trainer import Trainer
 
 HOOKS = "esper_plant_hooks"
@@ -143,6 +144,16 @@ def test_a_file_opened_for_writing_with_another_name_is_refused_on_its_descripto
     assert user.read_text() == USER_TEXT
     os.unlink(user)  # the run's file alone again: written as before
     os.close(safe_read.open_run_file(log, os.O_WRONLY | os.O_APPEND))
+
+
+def test_a_finished_log_still_says_where_it_ends(tmp_path: Path) -> None:
+    """The checkpoint cursor reads a log's size from the file the writer holds; a run that has finished
+    (its logs closed) is still checkpointed by ``benchmarks/checkpoint.py`` and by a user who saves after
+    ``fit()``, so a closed log answers with the size it had when it closed."""
+    log = EventLog(tmp_path / "events.jsonl")
+    log.append({"event": "run_start"})
+    log.close()
+    assert log.size == (tmp_path / "events.jsonl").stat().st_size > 0
 
 
 @pytest.mark.parametrize("name", ["events.jsonl", "metrics.jsonl", ".lock"])

@@ -29,6 +29,7 @@ class JsonlWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._final_size = 0
         self._file = os.fdopen(open_run_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
 
     def cut(self, size: int) -> None:
@@ -39,7 +40,10 @@ class JsonlWriter:
 
     @property
     def size(self) -> int:
-        """Bytes written so far, of the file this writer holds (not whatever the path names now)."""
+        """Bytes written so far, of the file this writer holds (not whatever the path names now); after
+        :meth:`close`, what it held then (a checkpoint of a finished run still records where its logs end)."""
+        if self._file.closed:
+            return self._final_size
         self._file.flush()
         return os.fstat(self._file.fileno()).st_size
 
@@ -63,6 +67,8 @@ class JsonlWriter:
         return line
 
     def close(self) -> None:
+        if not self._file.closed:
+            self._final_size = self.size
         self._file.close()
 
 
