@@ -26,7 +26,9 @@ def report(
     verify: bool = typer.Option(False, "--verify", help="Only verify each run: the event log's hash chain and its "
                                 "anchor in summary.json, the recipe's hashes, the final artifacts and summary "
                                 "figures bound in run_end, the head signature (with ESPER_SIGNING_KEY) and the asset "
-                                "repository's copy of the events; exit 4 naming the first bad record or file."),
+                                "repository's copy of the events, and say whether the log is tamper-evident (only "
+                                "a signature checked with the key proves it); exit 4 naming the first bad record "
+                                "or file."),
     as_json: bool = typer.Option(False, "--json", help="With --verify: print the verification result as JSON on "
                                  "stdout."),
 ) -> None:
@@ -74,8 +76,8 @@ def _publish(run: Path, paths: list[Path]) -> None:
 
 
 def _verify(runs: list[Path], as_json: bool) -> None:
-    """Verify each run; print one line per run (and notes of what could not be checked), or one JSON
-    object (``ok`` and a result per run)."""
+    """Verify each run; print one line per run, what its log proves against tampering and notes of what
+    could not be checked, or one JSON object (``ok`` and a result per run)."""
     results = [(run, verify_run(run)) for run in runs]
     if as_json:
         print(json.dumps({"ok": all(v.ok for _, v in results),
@@ -85,18 +87,21 @@ def _verify(runs: list[Path], as_json: bool) -> None:
             where = "" if len(runs) == 1 else f"{run}: "
             if verification.ok:
                 print(f"ok: {where}{verification.chain.describe()}")
-            for note in verification.notes:  # what could not be checked, and why
+            evidence = [verification.evidence] if verification.evidence else []
+            for note in evidence + verification.notes:  # tamper evidence; what could not be checked, and why
                 print(f"note: {where}{note}", file=sys.stdout if verification.ok else sys.stderr)
     _fail_if_broken([(v.chain, v.problems) for _, v in results])
 
 
 def verification_json(run: Path, verification: RunVerification) -> dict[str, object]:
-    """One run's verification: the event chain's audit (as in report.json), problems and notes."""
+    """One run's verification: the event chain's audit (as in report.json), problems, notes, and the
+    signature's state with what it proves (``tamper_evident`` only where a rewrite would be detected)."""
     chain = verification.chain
     problems = ([str(chain.first_break.problem(chain.name))] if chain.first_break else []) + \
         [str(p) for p in verification.problems]
     return {"run": str(run), "ok": verification.ok, "events": chain.to_json(), "problems": problems,
-            "notes": verification.notes}
+            "signature": verification.signature, "tamper_evident": verification.tamper_evident,
+            "evidence": verification.evidence, "notes": verification.notes}
 
 
 def _fail_if_broken(audits: list[tuple[AuditResult, list[Problem]]]) -> None:

@@ -77,7 +77,7 @@ def assert_names(result: Result, run: Path, line: int, seq: int, why: str) -> No
 def test_an_untouched_run_verifies(finished: Path) -> None:
     result = esper_report("--verify", finished)
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("ok: ") and "chain intact" in result.stdout
+    assert result.stdout.startswith("ok: ") and "hash chain consistent" in result.stdout
     assert verify_chain(finished / "events.jsonl") is None
     first = json.loads(lines_of(finished)[0])
     assert first["versions"]["torch_version"] == torch.__version__ and "metrics_url" not in first

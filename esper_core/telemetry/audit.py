@@ -19,7 +19,9 @@ of the log (:mod:`.mirror_check`) still checks an unfinished run's records.
 (original in ``run_start``, effective after resume overrides in the last ``run_resume``), the
 results bound in ``run_end`` and the signed head (:mod:`.binding`), and the asset repository's
 copy of the events (:mod:`.mirror_check`). Rewriting every hash after an edit, summary included, is
-caught by the signature (with ``ESPER_SIGNING_KEY``) or by the repository's copy.
+caught by the signature (with ``ESPER_SIGNING_KEY``) or by the repository's copy. Without them a
+consistent chain proves nothing against such a rewrite: :attr:`RunVerification.evidence` says which
+proof a run has, so no output calls an unsigned or unchecked log verified.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 from esper_core.errors import Problem
 from esper_core.safe_read import UnsafeInput, read_regular, sha256_regular
-from esper_core.telemetry.binding import binding_problems
+from esper_core.telemetry.binding import Signature, binding_problems, evidence
 from esper_core.telemetry.events import AuditError, EventSource, RunDirError, RunDirEvents, StoredEvent, read_json
 from esper_core.telemetry.jsonl import GENESIS
 from esper_core.telemetry.mirror_check import repository_problems
@@ -69,9 +71,9 @@ class AuditResult:
         if self.first_break is not None:
             return str(self.first_break.problem(self.name))
         if self.unfinished:
-            return (f"{self.name}: {self.records} records, chain intact; the run has not finished, so no summary "
-                    "anchors its last record yet")
-        return f"{self.name}: {self.records} records, chain intact, head {self.head} matches summary.json"
+            return (f"{self.name}: {self.records} records, hash chain consistent; the run has not finished, so no "
+                    "summary anchors its last record yet")
+        return f"{self.name}: {self.records} records, hash chain consistent, head {self.head} matches summary.json"
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "records": self.records, "head": self.head, "anchor": self.anchor,
@@ -188,15 +190,28 @@ def recipe_problem(run_dir: Path, records: list[dict[str, Any] | None]) -> Probl
 
 @dataclass
 class RunVerification:
-    """Everything ``esper report --verify`` found: the chain, then located problems and notes."""
+    """Everything ``esper report --verify`` found: the chain, then located problems, notes and the
+    head signature's state (``None`` when the chain is broken and it was not looked at)."""
 
     chain: AuditResult
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    signature: Signature | None = None
 
     @property
     def ok(self) -> bool:
         return self.chain.ok and not self.problems
+
+    @property
+    def tamper_evident(self) -> bool:
+        """Whether a rewrite of the log would have been detected: only a signature checked with the key
+        proves that (a consistent chain is no proof: anyone can recompute it)."""
+        return self.ok and self.signature == "verified"
+
+    @property
+    def evidence(self) -> str | None:
+        """What the run's log proves against tampering, in one sentence (see :func:`binding.evidence`)."""
+        return evidence(self.signature)
 
 
 def verify_run(run_dir: Path, check_repository: bool = True) -> RunVerification:
@@ -217,7 +232,7 @@ def verify_run(run_dir: Path, check_repository: bool = True) -> RunVerification:
         summary = read_json(run_dir / "summary.json")
     except RunDirError as exc:
         raise AuditError(exc.problems) from None
-    problems, notes = binding_problems(run_dir, located, summary, source.name)
+    problems, notes, verification.signature = binding_problems(run_dir, located, summary, source.name)
     verification.problems += problems
     verification.notes += notes
     if check_repository:

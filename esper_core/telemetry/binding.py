@@ -12,8 +12,9 @@ The chain proves the events; these functions extend the proof to what a reader o
   it as ``summary.json``'s ``events_head_signature``. Without the key a consistently rewritten chain
   (every hash recomputed, summary included) cannot be told from the original; with it, it can.
 
-:func:`binding_problems` checks all three and returns located problems (exit 4) and notes (what
-could not be checked, and why).
+:func:`binding_problems` checks all three and returns located problems (exit 4), notes (what
+could not be checked, and why) and the :data:`Signature` state; :func:`evidence` says in one
+sentence what that state proves, so no output calls a log verified that nobody could check.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from esper_core.errors import ConfigError, Problem
 from esper_core.safe_read import UnsafeInput, read_head, sha256_regular
@@ -38,6 +39,27 @@ _HEAD_DOMAIN = b"esper events head v1\x00"
 
 Located = tuple[int, dict[str, Any]]
 """A record and the line it is on."""
+Signature = Literal["verified", "not checked", "unsigned", "unfinished", "failed"]
+"""What the head signature check established: checked with the key; signed but no key set; never
+signed; no signed head yet (the run has not finished); or a located problem (missing or wrong)."""
+_EVIDENCE: dict[Signature, str] = {
+    "verified": f"chain head signature verified with {SIGNING_KEY_ENV}: the log is tamper-evident, since no one "
+                "without the key can rewrite it and sign the new head",
+    "not checked": f"summary.json is signed (events_head_signature) but {SIGNING_KEY_ENV} is not set: the signature "
+                   "could not be checked, so the hash chain is internally consistent but not tamper-evident here; "
+                   f"set {SIGNING_KEY_ENV} to the key the run was trained with to verify it",
+    "unsigned": "the run is not signed: its hash chain is internally consistent, but not tamper-evident without a "
+                "signing key (whoever rewrites events.jsonl and summary.json, recomputing every hash, passes the "
+                f"checks of the run directory); set {SIGNING_KEY_ENV} when training for a tamper-evident log",
+    "unfinished": "the run has not finished, so no signed head anchors its log yet: its hash chain is internally "
+                  "consistent, but not tamper-evident",
+}
+
+
+def evidence(signature: Signature | None) -> str | None:
+    """What ``signature`` proves against tampering, in one sentence; ``None`` where a located problem
+    already says it (``failed``) or nothing was checked (a broken chain)."""
+    return _EVIDENCE.get(signature) if signature is not None else None
 
 
 def artifact_digests(run_dir: Path) -> dict[str, str]:
@@ -84,8 +106,9 @@ def check_resume_key(run_dir: Path) -> None:
 
 
 def binding_problems(run_dir: Path, records: list[Located], summary: dict[str, Any] | None,
-                     log_name: str) -> tuple[list[Problem], list[str]]:
-    """Problems (artifacts, summary figures, signature) and notes for a run whose chain verified."""
+                     log_name: str) -> tuple[list[Problem], list[str], Signature]:
+    """Problems (artifacts, summary figures, signature), notes and the signature state for a run
+    whose chain is consistent."""
     problems: list[Problem] = []
     notes: list[str] = []
     ends = [(line, r) for line, r in records if r.get("event") == "run_end"]
@@ -93,7 +116,8 @@ def binding_problems(run_dir: Path, records: list[Located], summary: dict[str, A
         if summary is not None:
             problems.append(Problem(str(run_dir / "summary.json"), f"the run has a summary but {log_name} has no "
                                     "run_end event: the summary was not written by this run"))
-        return problems, notes
+            return problems, notes, "failed"
+        return problems, notes, "unfinished"
     line, end = ends[-1]
     where = f"{log_name}:{line}"
     artifacts = end.get("artifacts")
@@ -107,11 +131,11 @@ def binding_problems(run_dir: Path, records: list[Located], summary: dict[str, A
         problems += _summary_problems(run_dir / "summary.json", summary_figures(summary), figures, where)
     elif summary is not None:
         notes.append(f"the run_end event ({where}) binds no summary figures: summary.json was not checked")
-    if summary is not None:
-        problem, note = _signature_check(run_dir / "summary.json", summary)
-        problems += [problem] if problem else []
-        notes += [note] if note else []
-    return problems, notes
+    if summary is None:  # a finished log without its summary: the chain walk has already failed it
+        return problems, notes, "failed"
+    problem, signature = _signature_check(run_dir / "summary.json", summary)
+    problems += [problem] if problem else []
+    return problems, notes, signature
 
 
 def _artifact_problems(run_dir: Path, artifacts: dict[str, Any], where: str) -> list[Problem]:
@@ -150,23 +174,20 @@ def _summary_problems(path: Path, actual: dict[str, Any], bound: dict[str, Any],
     return problems
 
 
-def _signature_check(path: Path, summary: dict[str, Any]) -> tuple[Problem | None, str | None]:
+def _signature_check(path: Path, summary: dict[str, Any]) -> tuple[Problem | None, Signature]:
     signature = summary.get("events_head_signature")
     head = summary.get("events_head")
     key = signing_key()
     if key is None:
-        if signature is not None:
-            return None, (f"{path} is signed (events_head_signature) but {SIGNING_KEY_ENV} is not set: "
-                          "the signature could not be checked")
-        return None, None
+        return None, "unsigned" if signature is None else "not checked"
     if signature is None:
         return Problem(str(path), f"no events_head_signature, but {SIGNING_KEY_ENV} is set: the run was not "
-                                  "signed, or its signature was removed"), None
+                                  "signed, or its signature was removed"), "failed"
     expected = sign_head(head, key) if isinstance(head, str) and head.isascii() else None
     if expected is None or not isinstance(signature, str) or not same(signature.encode(), expected.encode()):
         return Problem(str(path), f"events_head_signature does not match {SIGNING_KEY_ENV}: the chain was "
-                                  "rewritten, or another key signed it", field="events_head_signature"), None
-    return None, f"chain head signature verified with {SIGNING_KEY_ENV}"
+                                  "rewritten, or another key signed it", field="events_head_signature"), "failed"
+    return None, "verified"
 
 
 def _canonical(value: Any) -> str:

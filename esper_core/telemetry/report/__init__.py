@@ -50,8 +50,9 @@ def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str,
     """Write the report files (``RUN/report/`` unless ``out_dir``) in the chosen formats."""
     files = load_run(run_dir)
     report = build(files)
-    notes = [(report["audit"]["ok"] and report["audit"]["recipe_ok"], report["audit"][k])
-             for k in ("detail", "recipe_detail")]
+    audit = report["audit"]
+    notes = [(audit["ok"] and audit["recipe_ok"], audit[k]) for k in ("detail", "recipe_detail")]
+    notes += [(audit["tamper_evident"], audit["evidence"])] if audit["evidence"] else []
     plots = render_all(report, loss_scale) if {"md", "html"} & set(formats) else {}
     paths = _write_formats(out_dir or _own(run_dir / "report"), "report", formats, report, headline(report), notes,
                            plots, sections(report))
@@ -64,6 +65,8 @@ def write_comparison(run_a: Path, run_b: Path, out_dir: Path | None = None, form
     files = (load_run(run_a), load_run(run_b))
     comparison = compare(*files)
     notes: list[Note] = [(run["audit_ok"], f"{run['label']}: {run['audit_detail']}") for run in comparison["runs"]]
+    notes += [(run["tamper_evident"], f"{run['label']}: {run['audit_evidence']}") for run in comparison["runs"]
+              if run["audit_evidence"]]
     plots = render_comparison(comparison, loss_scale) if {"md", "html"} & set(formats) else {}
     out = out_dir or _own(_own(run_a / "report") / f"vs-{run_b.resolve().name}")
     paths = _write_formats(out, "comparison", formats, comparison, comparison_title(comparison), notes, plots,

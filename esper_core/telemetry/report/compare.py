@@ -54,7 +54,8 @@ def _run(label: str, report: dict[str, Any]) -> dict[str, Any]:
             "recipe_sha256": run["recipe_sha256"], "seed": run["seed"], "steps": run["steps"],
             "device": run["device"], "finished": run["finished"], "wall_time_s": run["wall_time_s"],
             "versions": run["versions"], "audit_ok": ok,
-            "audit_detail": audit["detail"] if audit["recipe_ok"] else f"{audit['detail']}; {audit['recipe_detail']}"}
+            "audit_detail": audit["detail"] if audit["recipe_ok"] else f"{audit['detail']}; {audit['recipe_detail']}",
+            "tamper_evident": audit["tamper_evident"], "audit_evidence": audit["evidence"]}
 
 
 def _metrics(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,7 +105,13 @@ def _shown(value: Any) -> Any:
 
 def comparison_title(comparison: dict[str, Any]) -> str:
     a, b = comparison["runs"]
-    verdict = "audits passed" if a["audit_ok"] and b["audit_ok"] else "AUDIT FAILED"
+    evident = [run["label"] for run in (a, b) if run["tamper_evident"]]
+    if not (a["audit_ok"] and b["audit_ok"]):
+        verdict = "AUDIT FAILED"
+    elif len(evident) == 2:
+        verdict = "audits passed, signatures verified"
+    else:  # "audits passed" alone would read as proof for a log anyone could have rewritten
+        verdict = f"audits passed, only {evident[0]} tamper-evident" if evident else "audits passed, not tamper-evident"
     return f"Comparison: {a['label']} vs {b['label']}, {verdict}"
 
 
@@ -117,6 +124,7 @@ def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
     identity += [[name, fmt(a["versions"].get(key)), fmt(b["versions"].get(key))]
                  for name, key in (("esper", "esper_version"), ("torch", "torch_version"))]
     identity.append(["audit", a["audit_detail"], b["audit_detail"]])
+    identity.append(["tamper evidence", a["audit_evidence"] or "-", b["audit_evidence"] or "-"])
     metrics = [[m["metric"].replace("_", " "), fmt(m["A"]), fmt(m["B"]), _signed(m["difference"])]
                for m in comparison["metrics"]]
     seeds = [[s["state"], fmt(s["A"]), fmt(s["B"])] for s in comparison["seeds"]]

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from esper_core.seeds.lifecycle import any_adding
+from esper_core.telemetry.binding import evidence
 from esper_core.telemetry.report.load import Record, RunFiles
 from esper_core.telemetry.run import build_info
 
@@ -36,7 +37,7 @@ def build(files: RunFiles) -> dict[str, Any]:
         "generated_at": _iso(datetime.now(timezone.utc).timestamp()),
         "generated_by": build_info(),
         "run": _identity(files, start, end, steps),
-        "audit": files.audit.to_json() | _recipe_check(files),
+        "audit": files.audit.to_json() | _recipe_check(files) | _evidence(files),
         "changes": [change(e) for e in files.events if e.get("event") not in ("run_start", "run_end")],
         "kernels": _kernels(files.events),
         "checkpoints": files.checkpoints,
@@ -95,6 +96,14 @@ def _recipe_check(files: RunFiles) -> dict[str, Any]:
     problems = files.integrity
     return {"recipe_ok": not problems, "recipe_detail": "; ".join(map(str, problems)) if problems else "recipe.yaml "
             "matches its recorded sha256 and the results match those bound in the event chain"}
+
+
+def _evidence(files: RunFiles) -> dict[str, Any]:
+    """The signature's state and what it proves: ``tamper_evident`` only where a rewrite of the log
+    would have been detected (a signature checked with the key), as ``esper report --verify`` says."""
+    sound = files.audit.ok and not files.integrity
+    return {"signature": files.signature, "tamper_evident": sound and files.signature == "verified",
+            "evidence": evidence(files.signature)}
 
 
 def change(event: Record) -> dict[str, Any]:

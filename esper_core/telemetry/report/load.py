@@ -16,6 +16,7 @@ from esper_core.errors import ConfigError, Problem
 from esper_core.recipe.yaml_source import MAX_FILE_BYTES, parse_yaml
 from esper_core.safe_read import UnsafeInput, parse_json, read_regular
 from esper_core.telemetry.audit import AuditResult, verify_run
+from esper_core.telemetry.binding import Signature
 from esper_core.telemetry.events import MAX_LINE_BYTES, RunDirError, RunDirEvents, read_json
 
 MAX_METRICS_BYTES = 1 << 30
@@ -38,6 +39,8 @@ class RunFiles:
     summary: dict[str, Any] | None
     checkpoints: list[Record]
     warnings: list[str] = field(default_factory=list)
+    signature: Signature | None = None
+    """The head signature's state (:data:`esper_core.telemetry.binding.Signature`): what the log proves."""
 
 
 def load_run(run_dir: Path) -> RunFiles:
@@ -63,7 +66,8 @@ def load_run(run_dir: Path) -> RunFiles:
         warnings.append(f"{run_dir / 'summary.json'}: steps is not an integer; ignored")
         summary = {k: v for k, v in summary.items() if k != "steps"}
     return RunFiles(run_dir, verification.chain, events, _read_metrics(run_dir / "metrics.jsonl", warnings), recipe,
-                    recipe_sha256, verification.problems, summary, _list_checkpoints(run_dir / "checkpoints"), warnings)
+                    recipe_sha256, verification.problems, summary, _list_checkpoints(run_dir / "checkpoints"), warnings,
+                    verification.signature)
 
 
 def _is_int(value: Any) -> bool:

@@ -31,11 +31,24 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+VERDICTS = {"verified": "audit passed, signature verified", "not checked": "audit passed, signature not checked",
+            "unsigned": "audit passed, unsigned: not tamper-evident",
+            "unfinished": "audit passed, unfinished: not tamper-evident"}
+"""The headline's verdict on a sound log by its signature's state: "audit passed" alone would read
+as proof for a log that anyone could have rewritten."""
+
+
+def verdict(audit: dict[str, Any]) -> str:
+    """The audit's verdict in a few words (the report's headline, a comparison's per-run label)."""
+    if not (audit["ok"] and audit["recipe_ok"]):
+        return "AUDIT FAILED"
+    return VERDICTS.get(audit["signature"], "audit passed")
+
+
 def headline(report: dict[str, Any]) -> str:
-    run, audit = report["run"], report["audit"]
+    run = report["run"]
     status = "finished" if run["finished"] else "unfinished"
-    verdict = "audit passed" if audit["ok"] and audit["recipe_ok"] else "AUDIT FAILED"
-    return f"Run {run['name']}: {status}, {fmt(run['steps'])} steps, {verdict}"
+    return f"Run {run['name']}: {status}, {fmt(run['steps'])} steps, {verdict(report['audit'])}"
 
 
 def sections(report: dict[str, Any]) -> list[Table]:
@@ -71,7 +84,8 @@ def sections(report: dict[str, Any]) -> list[Table]:
     return [
         Table("Run identity", ["field", "value"], identity),
         Table("Audit", ["check", "result"], [["event chain", audit["detail"]], ["records", fmt(audit["records"])],
-                                             ["head", audit["head"]], ["recipe", audit["recipe_detail"]]]),
+                                             ["head", audit["head"]], ["recipe", audit["recipe_detail"]],
+                                             ["tamper evidence", audit["evidence"] or "-"]]),
         Table("Final metrics", ["metric", "value"], results, empty="the run did not finish: no final metrics"),
         Table("Budgets", ["recipe key", "what", "limit", "used", "verdict"], budgets),
         Table("Change history", ["seq", "step", "event", "slot", "blueprint", "reason and measured effect"], changes,
