@@ -180,6 +180,18 @@ def test_a_rewritten_signed_run_fails_with_the_key(copy, monkeypatch, how: str) 
     assert result.exit_code == 4 and "AUDIT FAILED" in files["md"].splitlines()[0]
 
 
+def test_a_signed_run_whose_signature_was_removed_fails_even_without_the_key(copy, monkeypatch) -> None:
+    """Removing the signature must not turn a signed run into one reported as merely unsigned: its
+    run_start event records that it was signed."""
+    run = copy("signed")
+    monkeypatch.setenv("ESPER_DATABASE_URL", NO_REPOSITORY)
+    forge(run)  # rechained, signature dropped
+    result = verify(run)
+    assert result.exit_code == 4, result.output
+    assert "run_start event" in result.stderr and "records that the run was signed" in result.stderr
+    assert "not signed:" not in result.output
+
+
 # --- summary.json and metrics.jsonl edited after the run -----------------------------------------
 
 @pytest.mark.parametrize("kind", ["unsigned", "signed"])

@@ -135,6 +135,14 @@ def binding_problems(run_dir: Path, records: list[Located], summary: dict[str, A
         return problems, notes, "failed"
     problem, signature = _signature_check(run_dir / "summary.json", summary)
     problems += [problem] if problem else []
+    start = next(((line, r) for line, r in records if r.get("event") == "run_start"), None)
+    if signature == "unsigned" and start is not None and start[1].get("signed") is True:
+        # stripping the signature must not pass a signed run off as one that never had a key (no key
+        # is needed to see this; a forger who also rewrites run_start is caught only with the key)
+        problems.append(Problem(str(run_dir / "summary.json"), f"no events_head_signature, but the run_start event "
+                                f"({log_name}:{start[0]}) records that the run was signed: the signature was removed",
+                                field="events_head_signature"))
+        signature = "failed"
     return problems, notes, signature
 
 
