@@ -130,6 +130,16 @@ def test_an_unsigned_run_is_said_consistent_but_not_tamper_evident(copy, monkeyp
         assert UNSIGNED in text and HOW in text and "intact" not in text and "verified" not in text
 
 
+def test_the_report_says_it_did_not_consult_the_repository_copy(copy) -> None:
+    """`--verify` catches an unsigned rewrite through the asset repository's copy; the report does not
+    consult it, and must say so rather than pass the run without a word."""
+    run = copy("unsigned")
+    forge(run)
+    assert verify(run).exit_code == 4
+    result, files = report(run)
+    assert "asset repository's copy of the events was not checked (esper report --verify checks it)" in files["md"]
+
+
 # --- (c), (d), (e): a signed run with and without the key, and rewritten --------------------------
 
 def test_a_signed_run_verified_with_the_key_is_tamper_evident(copy, monkeypatch) -> None:

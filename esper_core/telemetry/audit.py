@@ -216,7 +216,8 @@ class RunVerification:
 
 def verify_run(run_dir: Path, check_repository: bool = True) -> RunVerification:
     """Verify a run directory: the chain (:func:`audit`), the recipe's hashes, the results bound in
-    ``run_end`` and the head signature, and (``check_repository``) the repository's copy of the log.
+    ``run_end`` and the head signature, and (``check_repository``, else a note says it was not) the
+    repository's copy of the log.
     A run file that is not what it should be (nested, huge, a FIFO) is an :class:`AuditError`."""
     source = RunDirEvents(run_dir)
     stored = list(source.stored())
@@ -239,4 +240,7 @@ def verify_run(run_dir: Path, check_repository: bool = True) -> RunVerification:
         problems, notes = repository_problems(run_dir, stored, [r for r in records if r is not None], source.name)
         verification.problems += problems
         verification.notes += notes
+    else:  # said, since that copy is what catches a consistent rewrite of an unsigned log
+        verification.notes.append("the asset repository's copy of the events was not checked (esper report "
+                                  "--verify checks it)")
     return verification
