@@ -242,3 +242,23 @@ def test_a_signed_summary_edited_and_rebound_in_a_recomputed_chain_fails_with_th
     monkeypatch.setenv("ESPER_SIGNING_KEY", KEY)
     result = verify(run)
     assert result.exit_code == 4 and "events_head_signature does not match" in result.stderr, result.output
+
+
+# --- a comparison of two runs ---------------------------------------------------------------------
+
+def test_a_comparison_says_which_run_is_tamper_evident(copy, monkeypatch, tmp_path: Path) -> None:
+    unsigned, signed = copy("unsigned"), copy("signed")
+    monkeypatch.setenv("ESPER_DATABASE_URL", NO_REPOSITORY)
+    result = esper_report(signed, unsigned, "--out", tmp_path / "vs")
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "vs" / "comparison.md").read_text()
+    assert markdown.splitlines()[0].endswith("audits passed, not tamper-evident"), markdown.splitlines()[0]
+    assert UNSIGNED in markdown and UNCHECKED in markdown
+    runs = json.loads((tmp_path / "vs" / "comparison.json").read_text())["runs"]
+    assert [run["tamper_evident"] for run in runs] == [False, False]
+    shutil.rmtree(unsigned)
+    shutil.copytree(signed, unsigned)
+    monkeypatch.setenv("ESPER_SIGNING_KEY", KEY)
+    result = esper_report(signed, unsigned, "--out", tmp_path / "vs")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "vs" / "comparison.md").read_text().splitlines()[0].endswith("audits passed, signatures verified")
