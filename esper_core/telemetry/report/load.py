@@ -41,6 +41,8 @@ class RunFiles:
     warnings: list[str] = field(default_factory=list)
     signature: Signature | None = None
     """The head signature's state (:data:`esper_core.telemetry.binding.Signature`): what the log proves."""
+    tamper_evident: bool = False
+    """:attr:`esper_core.telemetry.audit.RunVerification.tamper_evident`."""
 
 
 def load_run(run_dir: Path) -> RunFiles:
@@ -67,7 +69,7 @@ def load_run(run_dir: Path) -> RunFiles:
         summary = {k: v for k, v in summary.items() if k != "steps"}
     return RunFiles(run_dir, verification.chain, events, _read_metrics(run_dir / "metrics.jsonl", warnings), recipe,
                     recipe_sha256, verification.problems, summary, _list_checkpoints(run_dir / "checkpoints"), warnings,
-                    verification.signature)
+                    verification.signature, verification.tamper_evident)
 
 
 def _is_int(value: Any) -> bool:
