@@ -23,6 +23,7 @@ from esper_core.policy.arm_store import workspace_store
 from esper_core.telemetry.binding import artifact_digests, sign_head, summary_figures
 from esper_core.training.loaders import EvalBatches, resident
 from esper_core.training.models import count_parameters
+from esper_core.training.run_files import check_run_files, host_model
 from esper_core.seeds.manager import SeedManager
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
     if not trainer.leader:
         return {"run_dir": str(trainer.run_dir), "steps": trainer.step, **last.figures()}
     trainer.recorder.check_logs()  # a log swapped while the run wrote it: stop before the results claim it
+    # A directory (or a link, a FIFO) made where summary.json or a file of final/ belongs while the run trained
+    # would fail the rename that writes it, after run_end: refused here, before anything claims the results.
+    check_run_files(trainer.run_dir)
     info = {"recipe_sha256": trainer.loaded.sha256,
             **trainer.recipe_record.fields(),
             "host_model": host_model(trainer)}
@@ -120,8 +124,3 @@ def _results(trainer: Trainer, model: nn.Module, manager: SeedManager, test_batc
             muted = {"val": task.evaluate(model, trainer.val_batches, device, world),
                      "test": task.evaluate(model, test_batches, device, world)}
     return _Results(val, test, muted, count_parameters(model), manager)
-
-
-def host_model(trainer: Trainer) -> dict[str, Any]:
-    """What rebuilding the host model needs besides the recipe (recorded in final/ and checkpoints)."""
-    return {"input_shape": list(trainer.data.input_shape), "num_classes": trainer.data.num_classes}

@@ -9,8 +9,8 @@ refuses one where a link, FIFO or the like stands in place of a file or director
 or where a file the resume writes in place has other names (hard links), before anything is written,
 so the resume never writes through it to somewhere outside the run. What is swapped in after that
 check is refused when the file is opened, with the same kind of error (exit 3): the logs and the lock
-are opened through :func:`esper_core.safe_read.open_run_file`, and the logs are checked again before
-each checkpoint and before the run's results are written.
+are opened through :func:`esper_core.safe_read.open_run_file`, the logs are checked again before
+each checkpoint, and the logs and every file the end of the run replaces before its results are written.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from esper_core.storage.settings import signing_key
 from esper_core.telemetry import tensorboard
 from esper_core.telemetry.run import esper_version
 from esper_core.training import run_state
-from esper_core.training.finish import host_model
 from esper_core.training.recording import fresh_run_dir
 
 if TYPE_CHECKING:
@@ -75,15 +74,16 @@ def check_run_files(run_dir: Path) -> None:
     """Refuse (exit 3, naming it) a run where anything but a regular file or a real directory stands in
     place of one a resume writes: through a link planted there, the resume would truncate, append to or
     overwrite a file outside the run. So is a file written in place that has other names (a hard link,
-    which no open can refuse to follow: it is the same file)."""
+    which no open can refuse to follow: it is the same file). The end of a run checks again before it
+    writes its results: a directory made where ``summary.json`` belongs fails the rename that writes it."""
     for names, directory in ((RUN_DIRECTORIES, True), (RUN_FILES, False)):
         for name in names:
             kind = foreign(run_dir / name, directory)
             if kind is not None:
                 what = "directory" if directory else "file"
-                raise CheckpointError(Problem(str(run_dir / name), f"{kind} in place of the run's own {what}: a resume "
-                                              "writes only inside the run, never where a link points; restore the "
-                                              f"{what} or remove what is there"))
+                raise CheckpointError(Problem(str(run_dir / name), f"{kind} in place of the run's own {what}: a run "
+                                              "writes only inside its directory, never where a link points; restore "
+                                              f"the {what} or remove what is there, and resume"))
     for name in IN_PLACE:
         links = link_count(run_dir / name)
         if links > 1:
@@ -178,3 +178,8 @@ def save_checkpoint(trainer: Trainer) -> Path:
     trainer.checkpoints.restart()
     trainer.recorder.telemetry.checkpointed(time.perf_counter() - started)
     return path
+
+
+def host_model(trainer: Trainer) -> dict[str, Any]:
+    """What rebuilding the host model needs besides the recipe (recorded in final/ and checkpoints)."""
+    return {"input_shape": list(trainer.data.input_shape), "num_classes": trainer.data.num_classes}
