@@ -11,6 +11,7 @@ the last checkpoint stays intact: restore the file and resume. The swap is made 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,15 @@ storage: {{workspace: "{workspace}"}}
 def _directory(path: Path) -> None:
     path.unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def _removed(path: Path) -> None:
+    path.unlink()
 
 
 def _train_swapping(tmp_path: Path, name: str, swap: Callable[[Path], None]) -> tuple[Path, CheckpointError]:
@@ -80,3 +90,12 @@ def test_a_directory_where_the_run_writes_its_results_stops_it_with_one_located_
     _nothing_claimed(run)
     assert not (run / "final" / "topology.json").exists()  # final/ was not written either
 
+
+@pytest.mark.parametrize("swap", [_directory, _fifo, _removed], ids=["directory", "fifo", "removed"])
+def test_a_recipe_copy_replaced_while_the_run_trains_stops_it_with_one_located_error(
+        tmp_path: Path, swap: Callable[[Path], None]) -> None:
+    run, error = _train_swapping(tmp_path, "recipe.yaml", swap)
+    assert error.exit_code == 3
+    assert str(error).startswith(f"{run / 'recipe.yaml'}: ")
+    assert len(str(error).splitlines()) == 1
+    _nothing_claimed(run)

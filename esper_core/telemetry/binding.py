@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from esper_core.errors import ConfigError, Problem
+from esper_core.errors import CheckpointError, ConfigError, Problem
 from esper_core.safe_read import UnsafeInput, read_head, sha256_regular
 from esper_core.signing import keyed_digest, same
 from esper_core.storage.settings import SIGNING_KEY_ENV, signing_key
@@ -63,8 +63,19 @@ def evidence(signature: Signature | None) -> str | None:
 
 
 def artifact_digests(run_dir: Path) -> dict[str, str]:
-    """sha256 of each of :data:`ARTIFACTS` in ``run_dir`` (all must exist: call after writing ``final/``)."""
-    return {name: sha256_regular(run_dir / name) for name in ARTIFACTS}
+    """sha256 of each of :data:`ARTIFACTS` in ``run_dir`` (all must exist: call after writing ``final/``).
+    ``recipe.yaml`` was written when the run started and may have been removed or replaced (a directory, a
+    FIFO) while it trained: that is a :class:`CheckpointError` naming it (exit 3), raised before ``run_end``
+    is recorded, never a traceback; the run's last checkpoint is intact."""
+    digests = {}
+    for name in ARTIFACTS:
+        try:
+            digests[name] = sha256_regular(run_dir / name)
+        except (OSError, UnsafeInput) as exc:
+            what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CheckpointError(Problem(str(run_dir / name), f"{what}: the run stopped before recording its results "
+                                          "(its last checkpoint is intact); restore the file and resume")) from None
+    return digests
 
 
 def summary_figures(summary: dict[str, Any]) -> dict[str, Any]:
