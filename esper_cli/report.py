@@ -11,6 +11,7 @@ import typer
 
 from esper_cli.errors import reported
 from esper_core.errors import ConfigError, EsperError, Problem
+from esper_core.safe_read import foreign
 from esper_core.telemetry.audit import AuditError, AuditResult, RunVerification, verify_run
 from esper_core.telemetry.report import FORMATS, SCALES, write_comparison, write_report
 
@@ -64,12 +65,17 @@ def report(
 
 
 def _publish(run: Path, paths: list[Path]) -> None:
-    """Upload the report to the run's artifact store, when its recipe names one (a failure only warns)."""
+    """Upload the report to the run's artifact store, when its recipe names one (a failure only warns). The
+    recipe is read only when it is a regular file: the recipe loader opens what it is given, and a FIFO
+    here blocked the report forever; the audit above names what stands there."""
     from esper_core.artifacts.publish import publish_files
     from esper_core.recipe.load import load_recipe
 
+    saved = run / "recipe.yaml"
+    if foreign(saved) is not None:
+        return
     try:
-        storage = load_recipe(run / "recipe.yaml", check_data=False).recipe.storage
+        storage = load_recipe(saved, check_data=False).recipe.storage
     except EsperError:  # a missing or edited recipe: the audit above reports it
         return
     publish_files(run, paths, storage)

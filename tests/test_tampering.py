@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,3 +197,37 @@ def test_the_report_of_a_run_with_a_recipe_of_the_wrong_shape_is_written(finishe
     (run / "recipe.yaml").write_text(text)
     result = esper_report(run)
     assert result.exit_code == 4 and "Traceback" not in result.output and (run / "report" / "report.md").is_file()
+
+
+class Hung(BaseException):
+    """Raised by the alarm: no handler of the product catches it (a TimeoutError is an OSError, which the
+    recipe reader reports as an unreadable file)."""
+
+
+FIFO_FILES = ["events.jsonl", "summary.json", "metrics.jsonl", "recipe.yaml", "recipe.sha256",
+              "final/model.safetensors", "final/topology.json", "final/manifest.json"]
+
+
+@pytest.mark.parametrize("name", FIFO_FILES)
+def test_the_report_of_a_run_with_a_fifo_in_place_of_a_file_names_it_and_never_hangs(
+        finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """``esper report`` (not only ``--verify``) reads the run's recipe once more, for its storage settings:
+    a FIFO there blocked that read forever. An alarm interrupts a blocked open, so a hang fails the test
+    (within a minute)."""
+    monkeypatch.delenv("ESPER_SIGNING_KEY", raising=False)
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    fifo(run / name)
+
+    def hung(signum: int, frame: object) -> None:
+        raise Hung(f"esper report hung on {name}, a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        result = esper_report(run)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 4, result.exception
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and str(run / name) in errors[0], result.stderr
