@@ -123,10 +123,11 @@ def sha256_regular(path: Path) -> str:
 
 def foreign(path: Path, directory: bool = False) -> str | None:
     """What stands at ``path`` instead of a regular file (``directory``: a real directory), such as "a
-    symbolic link" or "a FIFO"; ``None`` when it is the right kind or absent. Links are not followed."""
+    symbolic link" or "a FIFO"; ``None`` when it is the right kind or absent (a parent that is not a
+    directory included: nothing can stand there). Links are not followed."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return None if (stat.S_ISDIR if directory else stat.S_ISREG)(mode) else _kind(mode)
 

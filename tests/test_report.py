@@ -202,6 +202,30 @@ def test_links_planted_in_a_run_s_report_directory_are_never_written_through(fin
     assert list(elsewhere.iterdir()) == []
 
 
+@pytest.mark.parametrize("planted, where, message", [
+    ("file", "report", "a regular file in place of the report's directory"),
+    ("directory", "report/report.md", "a directory in place of the report file"),
+    ("out-file", "elsewhere", "a regular file in place of the report's directory"),
+])
+def test_something_in_place_of_the_report_s_directory_or_a_file_of_it_is_one_located_error(
+        finished: Path, tmp_path: Path, planted: str, where: str, message: str) -> None:
+    """A file where report/ (or --out) belongs, or a directory where report.md belongs, ended in a
+    FileExistsError or IsADirectoryError traceback: it is one line naming it, exit 2, and left as it was."""
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    shutil.rmtree(run / "report", ignore_errors=True)
+    target = (tmp_path if planted == "out-file" else run) / where
+    if planted == "directory":
+        (target / "inside").mkdir(parents=True)
+    else:
+        target.write_text("someone's file\n")
+    result = esper_report(run, *(["--out", target] if planted == "out-file" else []))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {target}: {message}: remove it, or write the report elsewhere with --out DIR"], \
+        result.stderr
+    assert (target / "inside").is_dir() if planted == "directory" else target.read_text() == "someone's file\n"
+
+
 def test_a_tampered_run_still_gets_a_report_that_says_so_and_exits_4(finished: Path, tmp_path: Path) -> None:
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     shutil.rmtree(run / "checkpoints")

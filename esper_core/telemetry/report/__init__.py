@@ -22,6 +22,7 @@ from typing import Any
 
 from esper_core.durable import replace_atomically
 from esper_core.errors import Problem
+from esper_core.safe_read import foreign
 from esper_core.telemetry.audit import AuditResult
 from esper_core.telemetry.events import RunDirError
 
@@ -76,7 +77,10 @@ def write_comparison(run_a: Path, run_b: Path, out_dir: Path | None = None, form
 
 def _write_formats(out: Path, stem: str, formats: tuple[str, ...], data: dict[str, Any], title: str,
                    notes: list[Note], plots: dict[str, str], tables: list[Any]) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(out, error, directory=True) from None
     written: list[Path] = []
     if "json" in formats:
         written.append(_write(out / f"{stem}.json", json.dumps(_finite(data), indent=2, allow_nan=False)))
@@ -107,5 +111,21 @@ def _own(path: Path) -> Path:
 
 
 def _write(path: Path, text: str) -> Path:
-    replace_atomically(path, text.encode("utf-8"))
+    try:
+        replace_atomically(path, text.encode("utf-8"))
+    except OSError as error:
+        raise _unwritable(path, error, directory=False) from None
     return path
+
+
+def _unwritable(path: Path, error: OSError, directory: bool) -> RunDirError:
+    """Why the report cannot be written at ``path`` (its directory, or one of its files), as one located
+    error (exit 2) rather than the traceback of the mkdir or rename: most often something of someone
+    else's stands there (a file where the directory belongs, a directory where ``report.md`` belongs),
+    which is left as it was."""
+    kind = foreign(path, directory)
+    if kind is None:
+        return RunDirError(Problem(str(path), f"cannot be written ({error.strerror or error})"))
+    what = "the report's directory" if directory else "the report file"
+    return RunDirError(Problem(str(path), f"{kind} in place of {what}: remove it, or write the report elsewhere "
+                                          "with --out DIR"))
