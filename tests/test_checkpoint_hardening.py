@@ -127,6 +127,25 @@ def test_resuming_a_run_without_checkpoints_says_none_was_written_and_how_to_ena
         store.find(run, strict=False, warn=pytest.fail)
 
 
+@pytest.mark.parametrize("planted", ["file", "fifo"])
+def test_something_in_place_of_the_checkpoints_directory_is_named_not_taken_for_checkpoints_off(tmp_path, planted):
+    """A file or a FIFO where a finished run's checkpoints/ belongs was reported as "the run finished with
+    checkpoints off", sending the user to train again: it is named, as a link there already was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "events.jsonl").write_text("")
+    (run / "summary.json").write_text("{}")
+    if planted == "fifo":
+        os.mkfifo(run / "checkpoints")
+    else:
+        (run / "checkpoints").write_text("step-00000010\n")
+    with pytest.raises(CheckpointError) as info:
+        store.find(run, strict=False, warn=pytest.fail)
+    kind = "a FIFO" if planted == "fifo" else "a regular file"
+    assert str(info.value).startswith(f"{run / 'checkpoints'}: {kind} in place of the run's own checkpoints directory")
+    assert info.value.exit_code == 3
+
+
 def test_esper_resume_of_a_run_without_checkpoints_exits_3_without_traceback(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

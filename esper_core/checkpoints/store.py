@@ -41,7 +41,7 @@ from safetensors.torch import load as load_safetensors
 from esper_core.checkpoints.tensor_file import write_tensors
 from esper_core.durable import fsync_dir
 from esper_core.errors import CheckpointError, Problem
-from esper_core.safe_read import UnsafeInput, parse_json, read_regular
+from esper_core.safe_read import UnsafeInput, foreign, parse_json, read_regular
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -157,12 +157,14 @@ def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: di
 
 
 def _own(directory: Path) -> Path:
-    """``directory``, a checkpoints directory, unless it is a link: its leftovers are deleted and new
-    checkpoints written into it, which must never happen wherever a link planted there points."""
-    if directory.is_symlink():
-        raise CheckpointError(Problem(str(directory), "a symbolic link in place of the run's own checkpoints "
+    """``directory``, a checkpoints directory (or none yet), unless something else stands there: its
+    leftovers are deleted and new checkpoints written into it, which must never happen wherever a link
+    planted there points; and a file or a FIFO there is no proof that the run had checkpoints off."""
+    kind = foreign(directory, directory=True)
+    if kind is not None:
+        raise CheckpointError(Problem(str(directory), f"{kind} in place of the run's own checkpoints "
                                       "directory: checkpoints are read and written only inside the run, never where "
-                                      "a link points; restore the directory or remove the link"))
+                                      "a link points; restore the directory or remove what is there"))
     return directory
 
 
