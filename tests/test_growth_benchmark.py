@@ -142,3 +142,37 @@ def test_growth_compare_pairs_two_results_by_seed_and_names_the_stronger_random_
     with pytest.raises(SystemExit) as exit_info:
         growth_compare.main([str(new), str(old)])
     assert exit_info.value.code == 2 and "trained differently" in capsys.readouterr().err
+
+
+def test_s_shape_is_the_grown_mlp_a_span_export_widens_to() -> None:
+    """growth_shapes.py's S-shape arm: the units a G-esper record's span seeds added, and a model that
+    computes what the zoo MLP widened by those units computes when the new units of consecutive hidden
+    layers are not connected (the network tests/test_export_widen.py checks a grown run exports to)."""
+    import growth_shapes as shapes
+
+    record = {"inputs": 40, "outputs": 10, "widths": [32, 32], "fossilized": [
+        *({"layer": "layers.1", "blueprint": "span_linear", "params": 16 * (40 + 1 + 32) + 32} for _ in range(4)),
+        *({"layer": "head", "blueprint": "span_linear", "params": 16 * (32 + 1 + 10) + 10} for _ in range(3))]}
+    assert shapes.added_units(record) == [64, 48]
+    with pytest.raises(ValueError):
+        shapes.added_units({**record, "fossilized": [{"layer": "head", "blueprint": "span_linear", "params": 700}]})
+    import torch
+
+    torch.manual_seed(0)
+    grown = shapes.span_mlp((40,), 10, [32, 32], [64, 48])
+    wider = MLP(40, [96, 80], 10, 0.0)
+    with torch.no_grad():
+        (l0, l1), head, (s0, s1) = grown.layers, grown.head, grown.spans
+        wider.layers[0].weight.copy_(torch.cat([l0.weight, s0[0].weight]))
+        wider.layers[0].bias.copy_(torch.cat([l0.bias, s0[0].bias]))
+        w1 = torch.zeros(80, 96)
+        w1[:32, :32], w1[:32, 32:], w1[32:, :32] = l1.weight, s0[2].weight, s1[0].weight
+        wider.layers[1].weight.copy_(w1)
+        wider.layers[1].bias.copy_(torch.cat([l1.bias, s1[0].bias]))
+        wider.head.weight.copy_(torch.cat([head.weight, s1[2].weight], dim=1))
+        wider.head.bias.copy_(head.bias)
+        x = torch.randn(64, 40)
+        assert torch.allclose(grown(x), wider(x), atol=1e-5)
+    # the wider MLP less its zero block of new-to-new weights
+    assert count_parameters(grown) == count_parameters(wider) - 48 * 64
+    assert shapes.shape_macs(record, [64, 48]) == 40 * 96 + 96 * 80 - 48 * 64 + 80 * 10
