@@ -19,18 +19,18 @@ R = TypeVar("R")
 def exit_with(error: EsperError) -> NoReturn:
     """Print ``error``'s problems, one ``error: ...`` line each, on stderr and exit with its code: how every
     command ends on a user error, whether its own code or the command-line parser found it."""
-    _say([f"error: {problem}" for problem in error.problems], error.exit_code)
+    _say([f"error: {problem}" for problem in error.problems], error.exit_code, error.consequence)
     raise typer.Exit(error.exit_code) from None
 
 
-def _say(lines: list[str], exit_code: int) -> None:
+def _say(lines: list[str], exit_code: int, consequence: bool = False) -> None:
     """Print ``lines`` on stderr; under ``esper ... --nproc-per-node`` hand them to the launcher instead,
     which prints each distinct line once for all ranks (every rank finds the same recipe error, and
     Ctrl-C reaches every rank)."""
     if os.environ.get("RANK") is not None:
         from esper_core.distributed.launch import relay_error  # a torchrun worker: PyTorch is loaded already
 
-        if relay_error(lines, exit_code):
+        if relay_error(lines, exit_code, consequence):
             return
     for line in lines:
         print(line, file=sys.stderr)

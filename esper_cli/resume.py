@@ -16,8 +16,8 @@ def resume(
                                    "and verified first).", show_default=False),
     strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to an older checkpoint "
                                 "when the chosen one fails verification."),
-    overrides: list[str] = typer.Argument(None, help="Only trainer.max_steps, checkpoint.* and telemetry.* "
-                                          "may change at resume.", show_default=False),
+    overrides: list[str] = typer.Argument(None, help="Only trainer.max_steps, checkpoint.*, telemetry.* "
+                                          "and distributed.* may change at resume.", show_default=False),
     no_factories: bool = typer.Option(False, "--no-factories", help="Refuse a run whose recipe names code to run "
                                       "(data/model factories, a custom loss); also ESPER_ALLOW_FACTORIES=0."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),

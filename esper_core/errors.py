@@ -47,6 +47,9 @@ class EsperError(Exception):
     """An error caused by the user's input; ``exit_code`` is what the CLI exits with."""
 
     exit_code: int = 1
+    consequence: bool = False
+    """Under torchrun: this rank failed only because another rank did (it lost contact with it), so the
+    launcher shows the other rank's error first and passes on its exit code."""
 
     def __init__(self, problems: list[Problem] | Problem | str, *, source: str = "esper") -> None:
         if isinstance(problems, str):

@@ -191,6 +191,8 @@ def test_only_safe_keys_may_change_at_resume(recipe, tmp_path):
     run_dir = _two_checkpoints(recipe, tmp_path)
     with pytest.raises(ConfigError, match="cannot change at resume"):
         Trainer.resume(run_dir, ["model.widths=[64]"])
+    # how long ranks wait for each other changes no result: raised after a stall, for the continuation
+    assert Trainer.resume(run_dir, ["distributed.timeout_s=600"]).loaded.recipe.distributed.timeout_s == 600
 
 
 def test_retention_keeps_the_last_k_and_the_best(recipe, tmp_path):

@@ -348,7 +348,7 @@ def test_a_metrics_port_taken_on_rank_1_is_named_first_and_once(tmp_path: Path) 
 def test_the_launcher_shows_each_rank_error_once_the_cause_before_its_consequences(tmp_path: Path) -> None:
     """What `esper --nproc-per-node` prints of the lines its workers left (:func:`relayed`): the same
     recipe error from every rank once, and a rank's own failure before the other ranks' 'lost contact'."""
-    (tmp_path / "rank-0").write_text(f"{PeerLost.exit_code}\nerror: distributed: rank 0 lost contact\n")
+    (tmp_path / "rank-0").write_text(f"{PeerLost.exit_code} consequence\nerror: distributed: rank 0 lost contact\n")
     (tmp_path / "rank-1").write_text("2\nerror: recipe.yaml:1: run.device: no CUDA\n")
     (tmp_path / "rank-2").write_text("2\nerror: recipe.yaml:1: run.device: no CUDA\n")
     (tmp_path / ".rank-3.tmp").write_text("2\nerror: half written\n")  # not yet renamed: not read
@@ -413,3 +413,77 @@ def test_a_single_node_rendezvous_port_already_held_is_refused_at_once(tmp_path:
                                     "trainer.max_steps=5", "policy.max_seeds=0", "checkpoint.every_steps=null"),
                              capture_output=True, text=True, env=_env(), timeout=120)
     assert trained.returncode == 0, trained.stderr[-3000:]
+
+
+_STUCK_DATA = """\
+import os
+import time
+
+import torch
+
+
+def make():
+    \"\"\"Rank 1 never returns: user data-loading code blocked forever (a dead NFS mount, a lock).\"\"\"
+    while os.environ["RANK"] == "1":
+        time.sleep(1)
+    x = torch.zeros(300, 8)
+    return torch.utils.data.TensorDataset(x, torch.zeros(300, dtype=torch.long))
+"""
+
+
+def _stalled_line(rank: int, then: str) -> str:
+    return (f"error: distributed: rank {rank} did not arrive at a collective within 3 s (distributed.timeout_s), "
+            f"so the run stops: it is stuck (blocked in its own code such as a data factory, stopped, or "
+            f"deadlocked) or slower than the timeout; {then}")
+
+
+def test_a_rank_blocked_in_its_data_factory_is_named_after_distributed_timeout_s_exit_6(tmp_path: Path) -> None:
+    """A rank stuck in user code made every other rank wait for the collective timeout, hard-coded at
+    30 minutes, and then end with gloo's traceback. Now the wait is `distributed.timeout_s` and the
+    launcher prints one line naming the rank that did not come, exit 6."""
+    (tmp_path / "stuck_data.py").write_text(_STUCK_DATA)
+    recipe = RECIPE.replace("data: {source: digits, layout: flat,", 'data: {source: factory, factory: "stuck_data:make",')
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    began = time.monotonic()
+    result = subprocess.run(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "2",
+                                   f"run.output_dir={tmp_path / 'runs'}", "policy.max_seeds=0",
+                                   "distributed.timeout_s=3"),
+                            capture_output=True, text=True, timeout=120,
+                            env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    assert result.returncode == PeerLost.exit_code, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [_stalled_line(1, "it had written no checkpoint to continue from")], \
+        result.stderr[-3000:]
+    assert time.monotonic() - began < 45 and not (tmp_path / "runs").exists()
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_stopped_rank_is_named_after_distributed_timeout_s_and_the_run_resumes_from_its_checkpoint(
+        tmp_path: Path) -> None:
+    """A rank that stops (SIGSTOP) while training: rank 0 waited 30 minutes, then called it 'lost contact
+    ... that rank's process ended', and the launcher blamed the SIGKILL torchrun sent the stopped rank
+    (exit 137). Now rank 0 names it after `distributed.timeout_s`, keeps the checkpoint and events, and
+    the launcher exits 6. torchrun kills a stopped rank 30 s after its SIGTERM; the test does it at once."""
+    recipe = RECIPE.replace("max_steps: 60", "max_steps: 100000").replace("max_seeds: 2", "max_seeds: 0")
+    launcher, out = _train_until_a_checkpoint(tmp_path, recipe, 60, f"storage.workspace={tmp_path / 'ws'}",
+                                              "distributed.timeout_s=3")
+    workers = _worker_pids(launcher.pid)
+    os.kill(workers[1], signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while not _ended(workers[0]):
+        assert time.monotonic() < deadline, "rank 0 still waits"
+        time.sleep(0.05)
+    os.kill(workers[1], signal.SIGKILL)  # torchrun's own SIGKILL, 30 s after the SIGTERM a stopped process ignores
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == PeerLost.exit_code, err[-3000:]
+    assert err.splitlines() == [_stalled_line(1, "continue from its last checkpoint with: esper resume --checkpoint "
+                                                f"{out / 'dd'} --nproc-per-node 2")], err[-3000:]
+    events = [json.loads(line) for line in (out / "dd" / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "checkpoint" for e in events)
+    assert store.find(out / "dd", True, print).path.name.startswith("step-")

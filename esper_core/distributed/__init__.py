@@ -28,8 +28,8 @@ it matters: before each DDP rebuild the ranks compare a digest of their seed top
 
 from esper_core.distributed.data import digest, shard
 from esper_core.distributed.replica import Replica
-from esper_core.distributed.world import (PeerLost, RanksDiverged, World, describe_ranks, join, launched,
-                                          peer_lost)
+from esper_core.distributed.world import (PeerLost, RanksDiverged, RankStalled, World, describe_ranks, join,
+                                          launched, peer_lost, timed_out)
 
-__all__ = ["PeerLost", "RanksDiverged", "Replica", "World", "describe_ranks", "digest", "join", "launched",
-           "peer_lost", "shard"]
+__all__ = ["PeerLost", "RankStalled", "RanksDiverged", "Replica", "World", "describe_ranks", "digest", "join",
+           "launched", "peer_lost", "shard", "timed_out"]

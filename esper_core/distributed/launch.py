@@ -144,7 +144,7 @@ def launch(spec: Launch, command: list[str]) -> int:
     previous = os.environ.get(RELAY)
     os.environ[RELAY] = str(relay)  # the workers inherit this process's environment
     try:
-        return _run(run, args)
+        return _run(run, args, relay)
     finally:
         if previous is None:
             os.environ.pop(RELAY, None)
@@ -155,45 +155,58 @@ def launch(spec: Launch, command: list[str]) -> int:
         shutil.rmtree(relay, ignore_errors=True)
 
 
-def relay_error(lines: list[str], exit_code: int) -> bool:
-    """In a worker of :func:`launch`: leave ``lines`` (an error's ``error: ...`` lines) and the exit code
-    for the launcher to print once, and return ``True``; ``False`` anywhere else (the caller prints
-    them itself)."""
+def relay_error(lines: list[str], exit_code: int, consequence: bool = False) -> bool:
+    """In a worker of :func:`launch`: leave ``lines`` (an error's ``error: ...`` lines), the exit code and
+    whether the error is only a ``consequence`` of another rank's (:attr:`EsperError.consequence`) for the
+    launcher to print once, and return ``True``; ``False`` anywhere else (the caller prints them itself)."""
     directory, rank = os.environ.get(RELAY), os.environ.get("RANK")
     if not directory or rank is None or not Path(directory).is_dir():
         return False
     try:
         temporary = Path(directory) / f".rank-{rank}.tmp"
-        temporary.write_text("".join(f"{line}\n" for line in [str(exit_code), *lines]), encoding="utf-8")
+        header = f"{exit_code} {CONSEQUENCE}" if consequence else str(exit_code)
+        temporary.write_text("".join(f"{line}\n" for line in [header, *lines]), encoding="utf-8")
         temporary.replace(Path(directory) / f"rank-{rank}")  # whole or absent when the launcher reads it
     except OSError:
         return False
     return True
 
 
+CONSEQUENCE = "consequence"
+"""The word after a relayed exit code that marks the rank's error as a consequence of another's."""
+
+
+def _reports(directory: Path) -> list[tuple[int, bool, list[str]]]:
+    """(rank, consequence, lines) of every worker that left its error in ``directory``, in rank order."""
+    files = sorted((path for path in directory.glob("rank-*") if path.name[5:].isdigit()),
+                   key=lambda path: int(path.name[5:]))
+    reports = []
+    for path in files:
+        header, *lines = path.read_text(encoding="utf-8").splitlines() or ["1"]
+        reports.append((int(path.name[5:]), CONSEQUENCE in header.split()[1:], [line for line in lines if line]))
+    return reports
+
+
 def relayed(directory: Path) -> list[str]:
     """Every distinct line the workers left in ``directory``, each once: first those of ranks that failed
     for a reason of their own, then those of ranks that only lost contact with them (:class:`PeerLost`),
     each group in rank order, so the cause comes before its consequences."""
-    files = sorted((path for path in directory.glob("rank-*") if path.name[5:].isdigit()),
-                   key=lambda path: int(path.name[5:]))
-    causes: list[str] = []
-    consequences: list[str] = []
-    for path in files:
-        code, *lines = path.read_text(encoding="utf-8").splitlines() or ["1"]
-        (consequences if code == str(PeerLost.exit_code) else causes).extend(line for line in lines if line)
+    reports = _reports(directory)
+    causes = [line for _, consequence, lines in reports if not consequence for line in lines]
+    consequences = [line for _, consequence, lines in reports if consequence for line in lines]
     return list(dict.fromkeys([*causes, *consequences]))
 
 
-def _run(run: Callable[[Namespace], None], args: Namespace) -> int:
-    """torchrun's ``run(args)``, its failures turned into an exit code (see :func:`launch`)."""
+def _run(run: Callable[[Namespace], None], args: Namespace, relay: Path) -> int:
+    """torchrun's ``run(args)``, its failures turned into an exit code (see :func:`launch`); ``relay`` is
+    where the workers left their errors."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         run(args)
     except ChildFailedError as failed:
-        rank, failure = _cause(failed)
+        rank, failure = _cause(failed, {rank for rank, consequence, _ in _reports(relay) if not consequence})
         code = failure.exitcode
         if code > 0:
             return code  # the worker said why itself
@@ -213,11 +226,16 @@ def _run(run: Callable[[Namespace], None], args: Namespace) -> int:
     return 0
 
 
-def _cause(failed: ChildFailedError) -> tuple[int, ProcessFailure]:
+def _cause(failed: ChildFailedError, told: set[int]) -> tuple[int, ProcessFailure]:
     """(global rank, failure) of the worker that failed first for a reason of its own: the others then
     lose contact with it and stop with :class:`PeerLost`'s code, sometimes before torchrun notices it
-    (failures carry whole-second timestamps, so the order the agent saw them in breaks ties)."""
-    causes = {rank: failure for rank, failure in failed.failures.items() if failure.exitcode != PeerLost.exit_code}
-    pool = causes or failed.failures
+    (failures carry whole-second timestamps, so the order the agent saw them in breaks ties). A worker
+    that said why itself (``told``: it relayed an error that is no consequence) comes before one that was
+    killed by a signal: torchrun signals the workers still running once one failed, and a worker stuck in
+    its own code (:class:`~esper_core.distributed.world.RankStalled`) is still running then."""
+    failures = failed.failures
+    pool = ({rank: failure for rank, failure in failures.items() if rank in told}
+            or {rank: failure for rank, failure in failures.items() if failure.exitcode != PeerLost.exit_code}
+            or failures)
     rank = min(pool, key=lambda r: pool[r].timestamp)  # min keeps the first of equals: the agent's order
     return rank, pool[rank]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,12 @@ ENVIRONMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 """What torchrun sets for every worker; a world needs all of them."""
 
 TIMEOUT = timedelta(minutes=30)
-"""How long a collective waits for a rank that does not arrive (a dead peer is usually noticed at once)."""
+"""How long a collective waits for a rank that does not arrive (a dead peer is usually noticed at once);
+a recipe's ``distributed.timeout_s`` replaces it."""
+
+ROLL_CALL_S = 10.0
+"""Longest a rank whose collective timed out waits for the other waiting ranks to time out too (they
+entered their collectives within about a step of each other), before naming the ranks that did not."""
 
 
 class RanksDiverged(EsperError):
@@ -47,12 +53,32 @@ class PeerLost(EsperError):
     exit code; ``esper --nproc-per-node`` then names the rank that died and exits with its code."""
 
     exit_code = 6
+    consequence = True
+
+
+class RankStalled(PeerLost):
+    """A collective waited the whole timeout for ranks that are alive but never came (stuck in their own
+    code, stopped, deadlocked). The waiting ranks say which, so it is the cause of the run's end, not a
+    consequence of another rank's failure; the launcher then stops the stuck ranks itself."""
+
+    consequence = False
 
 
 _TRANSPORT_FAILURES = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Broken pipe",
                        "NCCL communicator was aborted", "ncclRemoteError")
 """What gloo's and NCCL's errors say when the other end of a collective is gone (they raise plain
 RuntimeErrors, so their text is all there is to go by)."""
+
+
+_TIMEOUTS = ("Timed out waiting", "Application timeout caused pair closure", "Watchdog caught collective operation "
+             "timeout")
+"""What gloo's and NCCL's errors say when a collective waited its whole timeout (gloo's first one names the
+wait; the pair is then closed, and later collectives on it fail at once with the second)."""
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that waited the process group's whole timeout for a rank."""
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in _TIMEOUTS)
 
 
 def peer_lost(error: BaseException) -> str | None:
@@ -78,6 +104,7 @@ class World:
     backend: str
     device: torch.device  # where this rank trains
     owned: bool = True  # this World joined the process group (and leaves it in close); False: the caller's group
+    timeout: timedelta = TIMEOUT  # how long a collective waits for a rank
 
     @property
     def leader(self) -> bool:
@@ -182,6 +209,25 @@ class World:
         if self.leader:
             self.barrier()
 
+    def absent(self) -> list[int] | None:
+        """After a collective timed out here: the ranks that did not arrive, the same list on every rank
+        that waited (``None`` when the rendezvous store cannot say). The process group cannot tell which
+        peer it waited for, and gloo's pair is closed after a timeout, so the roll call goes through the
+        rendezvous store: every rank whose collective timed out checks in and waits (:data:`ROLL_CALL_S`
+        at most) for the others; the ranks that never check in are the ones that never came."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set(f"esper/waited/{self.rank}", "1")
+            keys = {rank: f"esper/waited/{rank}" for rank in range(self.size)}
+            deadline = time.monotonic() + min(ROLL_CALL_S, self.timeout.total_seconds())
+            while True:
+                absent = [rank for rank, key in keys.items() if not store.check([key])]
+                if not absent or time.monotonic() >= deadline:
+                    return absent
+                time.sleep(0.1)
+        except (RuntimeError, ValueError):  # the store is gone too (its host was the stuck rank)
+            return None
+
     def close(self) -> None:
         """Leave the process group, if :func:`join` created it (a program that set it up keeps it)."""
         if self.owned and dist.is_initialized():
@@ -198,9 +244,10 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or "1") > 1
 
 
-def join(device: torch.device) -> World | None:
+def join(device: torch.device, timeout: timedelta = TIMEOUT) -> World | None:
     """Join the run's process group from torchrun's environment (``None`` for a single process).
-    ``device`` is the recipe's device: on CUDA each rank takes ``cuda:LOCAL_RANK`` and NCCL."""
+    ``device`` is the recipe's device: on CUDA each rank takes ``cuda:LOCAL_RANK`` and NCCL. A collective
+    waits ``timeout`` for a rank before it fails (:func:`timed_out`)."""
     if not launched():
         return None
     missing = [name for name in ENVIRONMENT if not os.environ.get(name)]
@@ -218,9 +265,9 @@ def join(device: torch.device) -> World | None:
         backend = "gloo"
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group(backend, timeout=TIMEOUT,
+        dist.init_process_group(backend, timeout=timeout,
                                 **({"device_id": device} if backend == "nccl" else {}))
     elif dist.get_backend() != backend:
         raise ConfigError(Problem("environment", f"the process group uses {dist.get_backend()}, but training on "
                                   f"{device.type} needs {backend}"))
-    return World(rank, local_rank, size, backend, device, owned)
+    return World(rank, local_rank, size, backend, device, owned, timeout)

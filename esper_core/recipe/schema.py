@@ -543,6 +543,15 @@ class StorageConfig(Section):
                                     "unreachable (once) and skipped for `breaker_reset_s`.")
 
 
+class DistributedConfig(Section):
+    timeout_s: float = Field(1800.0, ge=1.0, le=604_800.0, description="Under torchrun (several ranks): seconds a "
+                             "collective waits for a rank that does not arrive (stuck in its own code such as a data "
+                             "factory, stopped, deadlocked) before every waiting rank names it and stops, exit 6. Keep "
+                             "it above the longest work one rank does while the others wait: rank 0 compiling kernels "
+                             "and writing checkpoints, the slowest node building its data. A rank whose process died "
+                             "is noticed at once.")
+
+
 class Recipe(Section):
     """A whole recipe. Every section is optional; omitted sections take their defaults."""
 
@@ -556,3 +565,5 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoint cadence.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Progress and metrics.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Kernel store and asset repository.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Training on several ranks "
+                                           "under torchrun (ignored in one process).")

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,9 @@ from esper_core.training.saved_recipe import RecipeRecord, load_saved_recipe
 from esper_core.training.setup import seed_everything, select_device
 from esper_core.training.tasks import Task
 
-RESUMABLE_OVERRIDES = ("trainer.max_steps", "checkpoint.", "telemetry.")
-"""Keys an override may change at resume; anything else would make the continuation a different run."""
+RESUMABLE_OVERRIDES = ("trainer.max_steps", "checkpoint.", "telemetry.", "distributed.")
+"""Keys an override may change at resume; anything else would make the continuation a different run
+(``distributed.timeout_s`` changes only how long the ranks wait for each other, e.g. after a stall)."""
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Trainer:
         bad = [o for o in overrides if not o.split("=", 1)[0].startswith(RESUMABLE_OVERRIDES)]
         if bad:
             raise ConfigError([Problem(COMMAND_LINE, f"override {o!r} cannot change at resume (allowed: "
-                                       f"trainer.max_steps, checkpoint.*, telemetry.*)") for o in bad])
+                                       f"trainer.max_steps, checkpoint.*, telemetry.*, distributed.*)") for o in bad])
         if str(target).startswith("s3://"):  # downloaded into the local cache and verified, then as below
             from esper_core.artifacts.fetch import fetch_run
             target = fetch_run(str(target), "checkpoint")
@@ -138,8 +140,11 @@ class Trainer:
     def __post_init__(self) -> None:
         try:
             self._build()
-        except BaseException:
+        except BaseException as error:
+            lost = self._lost(error)  # before the process group closes: the roll call of a timeout needs it
             self._release()
+            if lost is not None:
+                raise lost from None
             raise
 
     def _release(self) -> None:
@@ -163,7 +168,8 @@ class Trainer:
         # what rebuilds this run's recipe (esper_core.training.saved_recipe); a resume replaces it
         self.recipe_record = RecipeRecord.fresh(self.loaded)
         check_device(self.loaded, torch.cuda.is_available())
-        self.world = distributed.join(select_device(recipe.run.device))
+        self.world = distributed.join(select_device(recipe.run.device),
+                                      timedelta(seconds=recipe.distributed.timeout_s))
         self.device = self.world.device if self.world is not None else select_device(recipe.run.device)
         self.leader = self.world is None or self.world.leader  # the one process that writes the run
         if self.world is not None and recipe.checkpoint.keep_best:
@@ -332,10 +338,10 @@ class Trainer:
                 self.world.barrier()  # on every rank, fit returns once rank 0 has written the run's results
             return summary
         except RuntimeError as error:
-            reason = distributed.peer_lost(error) if self.world is not None else None
-            if reason is None:
+            lost = self._lost(error)
+            if lost is None:
                 raise
-            raise self._peer_lost(reason) from None
+            raise lost from None
         finally:
             if self.whole_graph is not None:
                 self.whole_graph.close()
@@ -351,20 +357,38 @@ class Trainer:
             if self.world is not None:
                 self.world.close()
 
-    def _peer_lost(self, reason: str) -> distributed.PeerLost:
-        """The one line a rank ends with when a collective found another rank gone (gloo's or NCCL's
-        own error is a traceback from deep inside DDP or a collective, naming neither rank nor remedy)."""
-        assert self.world is not None
-        run, size = self.run_dir, self.world.size
+    def _lost(self, error: BaseException) -> distributed.PeerLost | None:
+        """The one line a rank ends with when a collective failed because of another rank (``None`` for
+        any other error): gloo's or NCCL's own error is a traceback from deep inside DDP or a collective,
+        naming neither rank nor remedy. Either the other rank is gone (its process ended, the connection
+        broke: :class:`PeerLost`, a consequence) or it never came within ``distributed.timeout_s``
+        (:class:`RankStalled`, the cause: the ranks that waited name it)."""
+        world = vars(self).get("world")  # a construction may fail before (or while) joining
+        if world is None:
+            return None
+        stalled = distributed.timed_out(error)
+        reason = None if stalled else distributed.peer_lost(error)
+        if not stalled and reason is None:
+            return None
+        run, size = vars(self).get("run_dir"), world.size
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or size)  # torchrun's ranks on this node
         if run is not None and (run / "checkpoints" / store.LATEST).is_file():
             then = (f"continue from its last checkpoint with: esper resume --checkpoint {run} --nproc-per-node {local}"
                     + ("" if local == size else " and the same --nnodes and rendezvous options"))
         else:
             then = "it had written no checkpoint to continue from"
-        return distributed.PeerLost(Problem("distributed", f"rank {self.world.rank} lost contact with another rank "
-                                            f"({reason}): that rank's process ended or the connection to it broke, "
-                                            f"so the run stops; {then}"))
+        if not stalled:
+            return distributed.PeerLost(Problem("distributed", f"rank {world.rank} lost contact with another rank "
+                                                f"({reason}): that rank's process ended or the connection to it "
+                                                f"broke, so the run stops; {then}"))
+        absent = world.absent()
+        who = "a rank" if not absent else f"rank {absent[0]}" if len(absent) == 1 else \
+            f"ranks {', '.join(map(str, absent))}"
+        # the same line on every rank that waited, so the launcher shows it once
+        return distributed.RankStalled(Problem("distributed", f"{who} did not arrive at a collective within "
+                                               f"{world.timeout.total_seconds():g} s (distributed.timeout_s), so the run "
+                                               "stops: it is stuck (blocked in its own code such as a data factory, "
+                                               f"stopped, or deadlocked) or slower than the timeout; {then}"))
 
     def _train_step(self) -> StepOutcome:
         cfg = self.loaded.recipe
