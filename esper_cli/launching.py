@@ -18,10 +18,12 @@ RDZV_ENDPOINT = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the ren
                              show_default=False)
 RDZV_ID = typer.Option(None, "--rdzv-id", help="The run's rendezvous id, the same on every node (default: esper).",
                        show_default=False)
+RDZV_JOIN_TIMEOUT = typer.Option(600, "--rdzv-join-timeout", min=1, help="Seconds a node waits at the rendezvous "
+                                 "for the others before it gives up (exit 6; torchrun's join_timeout).")
 
 
 def launch_spec(nproc: int, nnodes: str, node_rank: int, rdzv_backend: str, rdzv_endpoint: str | None,
-                rdzv_id: str | None) -> "Launch":
+                rdzv_id: str | None, rdzv_join_timeout: int = 600) -> "Launch":
     """The launch the options describe; refused inside a process torchrun already started."""
     from esper_core.distributed import launched
     from esper_core.distributed.launch import Launch
@@ -30,7 +32,7 @@ def launch_spec(nproc: int, nnodes: str, node_rank: int, rdzv_backend: str, rdzv
     if launched():
         raise ConfigError(Problem("command line", "--nproc-per-node inside a torchrun worker: torchrun already "
                                   "started the ranks; drop the option"))
-    return Launch(nproc, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id)
+    return Launch(nproc, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id, rdzv_join_timeout)
 
 
 def relaunch(spec: "Launch", command: list[str]) -> None:

@@ -23,11 +23,12 @@ def resume(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     nproc_per_node: int | None = launching.NPROC, nnodes: str = launching.NNODES, node_rank: int = launching.NODE_RANK,
     rdzv_backend: str = launching.RDZV_BACKEND, rdzv_endpoint: str | None = launching.RDZV_ENDPOINT,
-    rdzv_id: str | None = launching.RDZV_ID,
+    rdzv_id: str | None = launching.RDZV_ID, rdzv_join_timeout: int = launching.RDZV_JOIN_TIMEOUT,
 ) -> None:
     """Continue a run exactly where its checkpoint left it."""
     if nproc_per_node is not None:
-        spec = launching.launch_spec(nproc_per_node, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id)
+        spec = launching.launch_spec(nproc_per_node, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id,
+                                     rdzv_join_timeout)
         launching.relaunch(spec, ["resume", "--checkpoint", checkpoint, *(["--strict"] if strict else []),
                                   *(["--no-factories"] if no_factories else []), *(["--json"] if as_json else []),
                                   *(overrides or [])])

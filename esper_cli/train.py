@@ -36,7 +36,7 @@ def train(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     nproc_per_node: int | None = launching.NPROC, nnodes: str = launching.NNODES, node_rank: int = launching.NODE_RANK,
     rdzv_backend: str = launching.RDZV_BACKEND, rdzv_endpoint: str | None = launching.RDZV_ENDPOINT,
-    rdzv_id: str | None = launching.RDZV_ID,
+    rdzv_id: str | None = launching.RDZV_ID, rdzv_join_timeout: int = launching.RDZV_JOIN_TIMEOUT,
 ) -> None:
     """Train (and grow) a model as the recipe says."""
     allow = False if no_factories else None
@@ -52,7 +52,8 @@ def train(
     if nproc_per_node is not None:
         from esper_core.recipe.load import load_recipe
 
-        spec = launching.launch_spec(nproc_per_node, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id)
+        spec = launching.launch_spec(nproc_per_node, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id,
+                                     rdzv_join_timeout)
         load_recipe(recipe, overrides or [], allow)  # a bad recipe stops here (exit 2), before any rank starts
         launching.relaunch(spec, ["train", str(recipe), *(overrides or []), *(["--no-factories"] if no_factories else []),
                                   *(["--json"] if as_json else [])])

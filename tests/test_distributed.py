@@ -487,3 +487,30 @@ def test_a_stopped_rank_is_named_after_distributed_timeout_s_and_the_run_resumes
     events = [json.loads(line) for line in (out / "dd" / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "checkpoint" for e in events)
     assert store.find(out / "dd", True, print).path.name.startswith("step-")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_node_waiting_for_the_others_says_so_once_and_gives_up_after_rdzv_join_timeout(tmp_path: Path) -> None:
+    """One node of a two-node job whose other node never comes waited at the rendezvous without a word
+    (600 s, torchrun's join timeout), then ended with torch's RendezvousTimeoutError traceback. Now it
+    says once what it waits for and how to stop, and `--rdzv-join-timeout` ends the wait with one line, exit 6."""
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    began = time.monotonic()
+    result = subprocess.run(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "1", "--nnodes", "2",
+                                   "--rdzv-endpoint", endpoint, "--rdzv-id", "job7", "--rdzv-join-timeout", "3",
+                                   f"run.output_dir={tmp_path / 'runs'}"),
+                            capture_output=True, text=True, env=_env(), timeout=60)
+    assert result.returncode == PeerLost.exit_code, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        f"waiting at the rendezvous {endpoint} (id job7) until all 2 nodes have joined: start the same "
+        "command on the other nodes (the same --nnodes, --rdzv-endpoint and --rdzv-id, each its own --node-rank); "
+        "Ctrl-C stops, and the wait ends by itself after 3 s (--rdzv-join-timeout)",
+        f"error: distributed: fewer than 2 nodes joined the rendezvous {endpoint} (id job7) within 3 s "
+        "(--rdzv-join-timeout): start the same command on every node, or wait longer"], result.stderr[-3000:]
+    assert time.monotonic() - began < 30 and not (tmp_path / "runs").exists()

@@ -51,6 +51,13 @@ RELAY = "ESPER_RANK_ERRORS"
 """The environment variable naming the directory where workers leave their error lines for the launcher."""
 
 
+class RendezvousTimedOut(EsperError):
+    """Fewer nodes than ``--nnodes`` joined the rendezvous within ``--rdzv-join-timeout``: the run never
+    started. The code is a lost rank's: another node never came (:class:`PeerLost`'s exit 6)."""
+
+    exit_code = PeerLost.exit_code
+
+
 class RankKilled(EsperError):
     """A worker was killed by a signal the launcher did not send; exits 128 + the signal, as the
     worker did."""
@@ -66,6 +73,27 @@ class Launch:
     rdzv_backend: str = "c10d"
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
+    join_timeout_s: int = 600  # torchrun's default join_timeout
+
+    @property
+    def run_id(self) -> str:
+        """The rendezvous id every node must share."""
+        return self.rdzv_id or "esper"
+
+    @property
+    def nodes(self) -> str:
+        """How many nodes the rendezvous waits for (the lower bound of an elastic ``MIN:MAX``)."""
+        return self.nnodes.split(":")[0]
+
+    def waiting(self) -> str | None:
+        """The line a node of a multi-node launch prints before it waits at the rendezvous, which may last
+        until the other nodes start (``None`` on one node: nothing to wait for)."""
+        if self.rdzv_endpoint is None or self.nodes == "1":
+            return None
+        return (f"waiting at the rendezvous {self.rdzv_endpoint} (id {self.run_id}) until "
+                f"all {self.nodes} nodes have joined: start the same command on the other nodes (the same --nnodes, "
+                "--rdzv-endpoint and --rdzv-id, each its own --node-rank); Ctrl-C stops, and the wait ends by itself "
+                f"after {self.join_timeout_s} s (--rdzv-join-timeout)")
 
     def argv(self) -> list[str]:
         """torchrun's arguments for this launch (before the script)."""
@@ -81,7 +109,8 @@ class Launch:
         if self.nnodes in ("1", "1:1") and self.rdzv_backend == "c10d":
             _check_endpoint_free(self.rdzv_endpoint)
         return [*args, f"--node-rank={self.node_rank}", f"--rdzv-backend={self.rdzv_backend}",
-                f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id or 'esper'}"]
+                f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.run_id}",
+                f"--rdzv-conf=join_timeout={self.join_timeout_s}"]
 
 
 RDZV_DEFAULT_PORT = 29400
@@ -143,8 +172,11 @@ def launch(spec: Launch, command: list[str]) -> int:
     relay = Path(tempfile.mkdtemp(prefix="esper-rank-errors-"))
     previous = os.environ.get(RELAY)
     os.environ[RELAY] = str(relay)  # the workers inherit this process's environment
+    waiting = spec.waiting()
+    if waiting is not None:  # torchrun itself says nothing while it waits, possibly for minutes
+        print(waiting, file=sys.stderr, flush=True)
     try:
-        return _run(run, args, relay)
+        return _run(run, args, relay, spec)
     finally:
         if previous is None:
             os.environ.pop(RELAY, None)
@@ -197,14 +229,20 @@ def relayed(directory: Path) -> list[str]:
     return list(dict.fromkeys([*causes, *consequences]))
 
 
-def _run(run: Callable[[Namespace], None], args: Namespace, relay: Path) -> int:
+def _run(run: Callable[[Namespace], None], args: Namespace, relay: Path, spec: Launch) -> int:
     """torchrun's ``run(args)``, its failures turned into an exit code (see :func:`launch`); ``relay`` is
     where the workers left their errors."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
 
     try:
         run(args)
+    except RendezvousTimeoutError:  # torch's traceback otherwise
+        raise RendezvousTimedOut(Problem("distributed", f"fewer than {spec.nodes} nodes joined the rendezvous "
+                                         f"{spec.rdzv_endpoint} (id {spec.run_id}) within {spec.join_timeout_s} s "
+                                         "(--rdzv-join-timeout): start the same command on every node, or wait "
+                                         "longer")) from None
     except ChildFailedError as failed:
         rank, failure = _cause(failed, {rank for rank, consequence, _ in _reports(relay) if not consequence})
         code = failure.exitcode
