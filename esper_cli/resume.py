@@ -27,8 +27,8 @@ def resume(
 ) -> None:
     """Continue a run exactly where its checkpoint left it."""
     if nproc_per_node is not None:
-        spec = launching.launch_spec(nproc_per_node, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id,
-                                     rdzv_join_timeout)
+        spec = launching.launch_spec(nproc_per_node, nnodes, node_rank, rdzv_backend, rdzv_endpoint,
+                                     rdzv_id or launching.resumed_rendezvous_id(checkpoint), rdzv_join_timeout)
         launching.relaunch(spec, ["resume", "--checkpoint", checkpoint, *(["--strict"] if strict else []),
                                   *(["--no-factories"] if no_factories else []), *(["--json"] if as_json else []),
                                   *(overrides or [])])

@@ -52,9 +52,10 @@ def train(
     if nproc_per_node is not None:
         from esper_core.recipe.load import load_recipe
 
-        spec = launching.launch_spec(nproc_per_node, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id,
+        loaded = load_recipe(recipe, overrides or [], allow)  # a bad recipe stops here (exit 2), before any rank starts
+        spec = launching.launch_spec(nproc_per_node, nnodes, node_rank, rdzv_backend, rdzv_endpoint,
+                                     rdzv_id or launching.rendezvous_id(loaded.recipe.run.name, loaded.resolved_yaml),
                                      rdzv_join_timeout)
-        load_recipe(recipe, overrides or [], allow)  # a bad recipe stops here (exit 2), before any rank starts
         launching.relaunch(spec, ["train", str(recipe), *(overrides or []), *(["--no-factories"] if no_factories else []),
                                   *(["--json"] if as_json else [])])
     from esper_core.training.trainer import Trainer  # PyTorch loads only for commands that train

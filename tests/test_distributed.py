@@ -514,3 +514,19 @@ def test_a_node_waiting_for_the_others_says_so_once_and_gives_up_after_rdzv_join
         f"error: distributed: fewer than 2 nodes joined the rendezvous {endpoint} (id job7) within 3 s "
         "(--rdzv-join-timeout): start the same command on every node, or wait longer"], result.stderr[-3000:]
     assert time.monotonic() - began < 30 and not (tmp_path / "runs").exists()
+
+
+def test_the_default_rendezvous_id_is_the_run_name_and_recipe_hash(tmp_path: Path) -> None:
+    """Without --rdzv-id every job took the id 'esper', so two unrelated jobs at one endpoint joined each
+    other's rendezvous. Now it comes from the run: nodes started with the same recipe still agree."""
+    from esper_core.recipe.load import load_recipe
+
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    overrides = [f"run.output_dir={tmp_path / 'runs'}"]
+    expected = f"dd-{load_recipe(tmp_path / 'recipe.yaml', overrides).sha256[:12]}"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    result = subprocess.run(_esper("train", str(tmp_path / "recipe.yaml"), "--nproc-per-node", "1", "--nnodes", "2",
+                                   "--rdzv-endpoint", endpoint, "--rdzv-join-timeout", "1", *overrides),
+                            capture_output=True, text=True, env=_env(), timeout=60)
+    assert result.returncode == PeerLost.exit_code and f"(id {expected})" in result.stderr.splitlines()[0], \
+        result.stderr[-3000:]
