@@ -489,3 +489,24 @@ def test_a_controller_that_can_never_grow_adds_no_seed_group_and_still_resumes(
     esper_core.load_checkpoint(tmp_path / "ckpt", model=grows, optimizer=adam, growth=controller(grows, adam, kernels))
     assert [g.get("name") for g in adam.param_groups][-1] == optim.SEEDS
     assert torch.equal(adam.state[grows.fc1.host.weight]["exp_avg"], optimizer.state[model.fc1.host.weight]["exp_avg"])
+
+
+def test_blueprint_directories_given_as_the_seeds_key_or_as_strings_are_searched(tmp_path, monkeypatch) -> None:
+    """``seeds={"blueprint_dirs": [...]}``, a key api.md documents, was ignored ("unknown blueprint"), and
+    ``blueprint_dirs=["mine"]`` (strings, not Paths) failed with ``AttributeError: 'str' object has no
+    attribute 'is_dir'`` from inside the blueprint library."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    builtin = Path(esper_core.__file__).parent / "blueprints" / "library" / "wide_mlp.yaml"
+    (mine / "narrow_mlp.yaml").write_text(builtin.read_text().replace("name: wide_mlp", "name: narrow_mlp"))
+    monkeypatch.chdir(tmp_path)  # the seeds key resolves against the working directory, as a path in a script does
+    store = LocalKernelStore(tmp_path / "kernels")
+    seeds = {**SEEDS, "blueprints": ["narrow_mlp"]}
+    for options in ({"seeds": {**seeds, "blueprint_dirs": ["mine"]}},
+                    {"seeds": seeds, "blueprint_dirs": [str(mine)]}):
+        growth = GrowthController(TwoLinear(), None, example=X[:2], max_steps=120, store=store, start=False,
+                                  **options)
+        assert growth.catalog.blueprints_for("fc1") == ["narrow_mlp"]
+    with pytest.raises(TypeError, match=r"blueprint_dirs must be a list of directories.*\['mine'\]"):
+        GrowthController(TwoLinear(), None, example=X[:2], max_steps=120, store=store, start=False, seeds=seeds,
+                         blueprint_dirs="mine")  # type: ignore[arg-type]

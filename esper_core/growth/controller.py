@@ -148,6 +148,17 @@ def _check_evaluate(evaluate: Any, said: str) -> None:
                         f"not {type(evaluate).__name__}")
 
 
+def _blueprint_dirs(given: Sequence[str | Path], seeds: SeedsConfig) -> list[Path]:
+    """The directories of the user's own blueprints: the ``blueprint_dirs`` argument, else the
+    ``seeds.blueprint_dirs`` key (relative to the working directory, as any path in a script is).
+    The key was ignored, so a blueprint named there was "unknown"; and strings reached the library,
+    which failed on them with an ``AttributeError``."""
+    if isinstance(given, (str, Path)) or not isinstance(given, (list, tuple)):
+        raise TypeError(f"blueprint_dirs must be a list of directories (blueprint_dirs=[{str(given)!r}]), "
+                        f"not {type(given).__name__}")
+    return [Path(directory) for directory in (given or seeds.blueprint_dirs)]
+
+
 def _config(cls: type[BaseModel], value: Any, argument: str) -> Any:
     """A recipe section given as the model or as a dict; a dict's mistakes are one ConfigError naming
     each field as ``argument.field`` (as a recipe's would be), not pydantic's raw report."""
@@ -189,7 +200,7 @@ class GrowthController:
                  governor: GovernorConfig | dict[str, Any] | None = None,
                  store: KernelStore | None = None, seed: int = 0, evaluate: Evaluate | None = None,
                  recorder: Recorder | None = None, check_every: int = 10,
-                 seed_lr: Callable[[int], float] | None = None, blueprint_dirs: Sequence[Path] = (),
+                 seed_lr: Callable[[int], float] | None = None, blueprint_dirs: Sequence[str | Path] = (),
                  deterministic: bool = True, start: bool = True, kernel_dtype: str | None = None,
                  world: World | None = None, schedulers: Sequence[Any] = (),
                  scaler: torch.amp.GradScaler | None = None, accumulate_steps: int = 1) -> None:
@@ -216,6 +227,7 @@ class GrowthController:
         self.seeds_config: SeedsConfig = _config(SeedsConfig, seeds, "seeds")
         self.policy_config: PolicyConfig = _config(PolicyConfig, policy, "policy")
         governor_config: GovernorConfig = _config(GovernorConfig, governor, "governor")
+        directories = _blueprint_dirs(blueprint_dirs, self.seeds_config)
         self.evaluate = evaluate
         self.recorder: Recorder = recorder or MemoryRecorder()
         self.check_every = check_every
@@ -224,7 +236,7 @@ class GrowthController:
         self.device = next(model.parameters()).device
         _check_example(model, example)
         with _as_arguments():
-            self.manager, self.catalog = SeedCatalog.of_model(model, self.seeds_config, example, blueprint_dirs,
+            self.manager, self.catalog = SeedCatalog.of_model(model, self.seeds_config, example, directories,
                                                               self.device.type, kernel_dtype)
         for layer in self.manager.layers.values():
             # a loop that divides each micro-batch's loss by their number sums that many pulls: an
