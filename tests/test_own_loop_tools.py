@@ -510,3 +510,21 @@ def test_blueprint_directories_given_as_the_seeds_key_or_as_strings_are_searched
     with pytest.raises(TypeError, match=r"blueprint_dirs must be a list of directories.*\['mine'\]"):
         GrowthController(TwoLinear(), None, example=X[:2], max_steps=120, store=store, start=False, seeds=seeds,
                          blueprint_dirs="mine")  # type: ignore[arg-type]
+
+
+def test_a_scaler_store_or_clipping_norm_of_the_wrong_type_is_refused_at_the_call(kernels: LocalKernelStore) -> None:
+    """``scaler=True`` was accepted, then failed inside autograd's backward at the first incubating seed
+    (``'bool' object has no attribute 'is_enabled'``, many steps later); ``clip_grad_norm_(None)`` failed
+    inside torch's clipping, and ``store=".esper"`` inside the kernel supply."""
+    with pytest.raises(TypeError, match=r"scaler must be a torch.amp.GradScaler \(or None\), not bool"):
+        controller(TwoLinear(), None, kernels, scaler=True)
+    with pytest.raises(TypeError, match=r"store must be a kernel store .*open_kernel_store.*, not str"):
+        GrowthController(TwoLinear(), None, example=X[:2], max_steps=120, store=".esper", seeds=SEEDS)  # type: ignore
+    model = TwoLinear()
+    growth = controller(model, torch.optim.SGD(model.parameters(), lr=0.1), kernels)
+    for norm in (None, "1.0", True, -1.0):
+        with pytest.raises(ValueError if norm == -1.0 else TypeError, match=r"clip_grad_norm_\(max_norm\)"):
+            growth.clip_grad_norm_(norm)  # type: ignore[arg-type]
+    from esper_core.integrations.lightning import EsperGrowth
+    with pytest.raises(TypeError, match=r"EsperGrowth\(clip_grad_norm=\.\.\.\)"):
+        EsperGrowth(example=X[:2], clip_grad_norm="1.0")  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ are the caller's (see :mod:`esper_core.growth.checkpoint` for saving all three t
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -148,6 +149,27 @@ def _check_evaluate(evaluate: Any, said: str) -> None:
                         f"not {type(evaluate).__name__}")
 
 
+def check_max_norm(max_norm: Any, said: str) -> float:
+    """A clipping norm, refused where it is given: torch's clipping failed on a string or ``None`` only
+    at the first step, from inside its own code."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"{said}: the largest gradient norm, a positive number, not {type(max_norm).__name__}")
+    if not max_norm > 0:
+        raise ValueError(f"{said}: the largest gradient norm, a positive number, not {max_norm!r}")
+    return float(max_norm)
+
+
+def _check_tools(store: Any, scaler: Any) -> None:
+    """Refuse a kernel store or loss scaler of the wrong type now: a scaler is first used inside
+    autograd's backward at the first incubating seed, many steps later, and a store inside the kernel
+    supply; both failed there with an ``AttributeError`` that named neither argument."""
+    if store is not None and not all(callable(getattr(store, name, None)) for name in ("get", "put")):
+        raise TypeError("store must be a kernel store (esper_core.storage.open_kernel_store(StorageConfig(...)), "
+                        f"or None for .esper/ in the working directory), not {type(store).__name__}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler (or None), not {type(scaler).__name__}")
+
+
 def _blueprint_dirs(given: Sequence[str | Path], seeds: SeedsConfig) -> list[Path]:
     """The directories of the user's own blueprints: the ``blueprint_dirs`` argument, else the
     ``seeds.blueprint_dirs`` key (relative to the working directory, as any path in a script is).
@@ -221,6 +243,7 @@ class GrowthController:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer, not {seed!r}")
         _check_evaluate(evaluate, "evaluate must be")
+        _check_tools(store, scaler)
         self.model = model
         self.optimizer = optimizer
         self.max_steps = max_steps
@@ -370,6 +393,7 @@ class GrowthController:
         """Clip gradients without letting an incubating seed change the host's update: the host (and
         every seed that already contributes) and each incubating seed are clipped separately.
         Returns the host's gradient norm before clipping."""
+        max_norm = check_max_norm(max_norm, "clip_grad_norm_(max_norm)")
         incubating = {id(p) for ref, layer in self.manager.slots()
                       if layer.slots[ref.index].state == SeedState.TRAINING and str(ref.index) in layer.seeds
                       for p in layer.seed_module(ref.index).parameters()}

@@ -36,7 +36,7 @@ from torch import nn
 
 from esper_core.errors import CheckpointError, Problem
 from esper_core.export.grown import regrow
-from esper_core.growth.controller import GrowthController
+from esper_core.growth.controller import GrowthController, check_max_norm
 from esper_core.growth.evaluation import Evaluate
 from esper_core.seeds.kasmina import KasminaLayer
 
@@ -55,7 +55,7 @@ class EsperGrowth(pl.Callback):
     def __init__(self, *, example: Any, evaluate: Evaluate | None = None, max_steps: int | None = None,
                  clip_grad_norm: float | None = None, **controller: Any) -> None:
         self.example, self.evaluate, self.max_steps = example, evaluate, max_steps
-        self.clip = clip_grad_norm
+        self.clip = None if clip_grad_norm is None else check_max_norm(clip_grad_norm, "EsperGrowth(clip_grad_norm=...)")
         self.options = controller
         self.growth: GrowthController | None = None
         self._steps_seen = 0
