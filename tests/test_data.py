@@ -270,3 +270,37 @@ def test_bundled_sources_use_the_shipped_tables() -> None:
     assert np.array_equal(digits.x.reshape(1797, 64), load_table("digits")[:, :-1].astype(np.float32))
     diabetes = bundled("diabetes", "flat")
     assert diabetes.x.shape == (442, 10) and diabetes.y.dtype == np.float32 and diabetes.num_classes == 1
+
+
+def test_factories_beside_the_recipe_are_imported_from_its_directory(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``esper train`` (a console script: neither the working directory nor the recipe's is on
+    ``sys.path``) failed with "No module named ..." for a factory module beside the recipe, while
+    ``load_run`` and ``esper export`` of the same run import it from the recipe's directory, "as in
+    training"."""
+    import sys
+
+    from esper_core.training.dry_run import dry_run
+    from esper_core.training.trainer import Trainer
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "beside_recipe_factories.py").write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "def make():\n    g = torch.Generator().manual_seed(0)\n    x = torch.randn(90, 4, generator=g)\n"
+        "    return TensorDataset(x, (x[:, 0] > 0).long())\n"
+        "def build(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Linear(input_shape[0], 8), nn.ReLU(), nn.Linear(8, num_classes))\n")
+    recipe = project / "recipe.yaml"
+    recipe.write_text(f"run: {{name: beside, output_dir: {tmp_path / 'runs'}}}\n"
+                      "data: {source: factory, factory: 'beside_recipe_factories:make', batch_size: 16}\n"
+                      "model: {arch: factory, factory: 'beside_recipe_factories:build'}\n"
+                      "seeds: {targets: ['0']}\npolicy: {max_seeds: 0}\ntrainer: {max_steps: 3, eval_every: 3}\n")
+    monkeypatch.chdir(tmp_path)
+    path = list(sys.path)
+    try:
+        assert [layer["layer"] for layer in dry_run(recipe)["layers"]] == ["0"]
+        assert Trainer.from_recipe(recipe).fit()["steps"] == 3
+    finally:
+        sys.modules.pop("beside_recipe_factories", None)
+    assert sys.path == path  # the directory is importable while the factories are imported, not after

@@ -11,7 +11,6 @@ loads with a warning, as there is nothing to verify it against).
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ class LoadedRun:
 
     def base_model(self) -> nn.Module:
         """A fresh, unwrapped host network of the recipe (random weights; the global RNG is untouched)."""
-        return _host_network(self.loaded, self.host_model, self.recipe_dir)
+        return _host_network(self.loaded, self.host_model)
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> nn.Module:
@@ -107,7 +106,7 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
     loaded, _ = load_saved_recipe(run_dir, record, where, check_data=False)
     recipe_dir = loaded.base_dir
     host_model = info.get("host_model") or _shapes_from_data(loaded, recipe_dir)
-    model = _host_network(loaded, host_model, recipe_dir)
+    model = _host_network(loaded, host_model)
     manager = wrap(model, config=loaded.recipe.seeds)
     topology_file = source / "topology.json" if checkpoint is None else source / store.STATE
     restore_seeds(manager, topology, str(topology_file), _library(loaded, recipe_dir))
@@ -126,28 +125,16 @@ def _shapes_from_data(loaded: LoadedRecipe, recipe_dir: Path) -> dict[str, Any]:
     from esper_core.training.data import build_data
 
     recipe = loaded.recipe
-    data = build_data(recipe.data, recipe.run.seed, recipe_dir, recipe.task.kind, recipe.task.target_key)
+    with loaded.importable():
+        data = build_data(recipe.data, recipe.run.seed, recipe_dir, recipe.task.kind, recipe.task.target_key)
     return {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
 
 
-def _host_network(loaded: LoadedRecipe, host_model: dict[str, Any], recipe_dir: Path) -> nn.Module:
+def _host_network(loaded: LoadedRecipe, host_model: dict[str, Any]) -> nn.Module:
     from esper_core.training.models import build_model
 
-    with torch.random.fork_rng(devices=[]), _importable(recipe_dir):  # initial weights are overwritten anyway
+    with torch.random.fork_rng(devices=[]), loaded.importable():  # initial weights are overwritten anyway
         return build_model(loaded.recipe.model, tuple(host_model["input_shape"]), int(host_model["num_classes"]))
-
-
-@contextlib.contextmanager
-def _importable(directory: Path):
-    """A model factory named by the recipe is importable from the recipe's directory, as in training."""
-    added = str(directory) not in sys.path
-    if added:
-        sys.path.insert(0, str(directory))
-    try:
-        yield
-    finally:
-        if added:
-            sys.path.remove(str(directory))
 
 
 def _library(loaded: LoadedRecipe, recipe_dir: Path) -> Fallback:

@@ -184,7 +184,8 @@ def _held_out(run: LoadedRun, samples: int) -> tuple[Any, tuple[torch.Tensor, to
     from esper_core.training.loaders import first_inputs
 
     recipe = run.loaded.recipe
-    data = build_data(recipe.data, recipe.run.seed, run.recipe_dir, recipe.task.kind, recipe.task.target_key)
+    with run.loaded.importable():
+        data = build_data(recipe.data, recipe.run.seed, run.recipe_dir, recipe.task.kind, recipe.task.target_key)
     inputs = first_inputs(data.val, samples, recipe.task.target_key)
     if isinstance(inputs, dict):
         inputs = {k: v for k, v in inputs.items() if k != recipe.task.target_key}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,6 +64,23 @@ class LoadedRecipe:
             raise ConfigError([self.locate(p.field, self._with_growth_note(p.field, p.message))
                                if p.source in (RECIPE_FIELD, CONTROLLER_FIELD) and p.field else p
                                for p in exc.problems]) from None
+
+    @contextmanager
+    def importable(self) -> Iterator[None]:
+        """The recipe's own code (``data.factory``, ``model.factory``, ``task.function``) importable from
+        its directory while the block runs, as it is from the working directory under ``python -m``: the
+        ``esper`` command puts neither on ``sys.path``, so a factory module kept beside the recipe was
+        "No module named ..." in training while ``load_run`` and ``esper export`` found it there. Only
+        for the block: a library call leaves ``sys.path`` as it found it."""
+        directory = str(self.base_dir)
+        added = directory not in sys.path
+        if added:
+            sys.path.insert(0, directory)
+        try:
+            yield
+        finally:
+            if added and directory in sys.path:
+                sys.path.remove(directory)
 
     def _with_growth_note(self, field_path: str, message: str) -> str:
         note = self.recipe.model.growth_note() if field_path.startswith(("seeds.targets", "seeds.exclude")) else None

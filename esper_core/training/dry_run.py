@@ -42,7 +42,7 @@ def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bo
     check_output_dir(loaded)
     device = select_device(recipe.run.device)
     seed_everything(recipe.run.seed, False, torch.device("cpu"))  # the host's initial weights, as training draws them
-    with loaded.located():
+    with loaded.located(), loaded.importable():
         check_trackers(recipe.telemetry)
         function = import_factory(recipe.task.function, "task.function") if recipe.task.function else None
         task = Task(recipe.task, function)

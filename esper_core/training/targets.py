@@ -28,7 +28,7 @@ def device_class(choice: str) -> str:
 def recipe_targets(loaded: LoadedRecipe) -> list[Target]:
     """Every distinct target of the layers (and span pairs) the recipe's seeds wrap, in model order."""
     recipe = loaded.recipe
-    with loaded.located():
+    with loaded.located(), loaded.importable():
         data = build_data(recipe.data, recipe.run.seed, loaded.base_dir, recipe.task.kind, recipe.task.target_key)
         with torch.random.fork_rng(devices=[]):
             model = build_model(recipe.model, data.input_shape, data.num_classes)

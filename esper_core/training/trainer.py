@@ -179,7 +179,7 @@ class Trainer:
                                           "(several ranks) yet; train without it or in one process",
                                           field="checkpoint.keep_best"))
         seed_everything(recipe.run.seed, recipe.run.deterministic, self.device)
-        with self.loaded.located():
+        with self.loaded.located(), self.loaded.importable():
             function = import_factory(recipe.task.function, "task.function") if recipe.task.function else None
             self.task = Task(recipe.task, function)
             self.stopping = EarlyStopping(recipe.trainer.early_stopping, self.task.kind, self.task.metric,

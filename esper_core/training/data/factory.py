@@ -31,8 +31,8 @@ def import_factory(spec: str, field: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(Problem(RECIPE_FIELD, f"cannot import '{spec}': {exc} (is the module installed or "
-                                  "its directory on PYTHONPATH?)", field=field)) from None
+        raise ConfigError(Problem(RECIPE_FIELD, f"cannot import '{spec}': {exc} (is the module installed, in "
+                                  "the recipe's directory, or in a directory on PYTHONPATH?)", field=field)) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(Problem(RECIPE_FIELD, f"'{spec}': module '{module_name}' has no callable '{attr}'",
