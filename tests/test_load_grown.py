@@ -75,3 +75,23 @@ def test_a_model_the_checkpoint_does_not_fit_is_one_checkpoint_error(grown: tupl
     _, checkpoint = grown
     with pytest.raises(CheckpointError, match="its seeds grow on layers this model cannot wrap"):
         esper_core.load_grown(checkpoint, model=OtherNet())
+
+
+def test_the_own_loop_s_checkpoint_calls_name_an_argument_of_the_wrong_type(tmp_path: Path) -> None:
+    """``save_checkpoint(..., optimizer=None)`` failed with ``'NoneType' object has no attribute
+    'param_groups'`` from inside Esper's optimizer code, ``growth=None`` and ``load_grown(model=None)``
+    likewise, and ``unwrap("model")`` with ``'str' object has no attribute 'named_modules'``."""
+    model = TwoLinear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    growth = GrowthController(model, optimizer, example=X[:2], max_steps=10, store=LocalKernelStore(tmp_path / "k"),
+                              start=False, seeds={"targets": ["fc1"]})
+    parts = {"model": model, "optimizer": optimizer, "growth": growth}
+    for call in (esper_core.save_checkpoint, esper_core.load_checkpoint):
+        for name, wrong in (("model", None), ("optimizer", None), ("growth", None), ("optimizer", [optimizer])):
+            with pytest.raises(TypeError, match=rf"{call.__name__}\({name}=\.\.\.\): .*not (NoneType|list)"):
+                call(tmp_path / "own", **{**parts, name: wrong})
+    assert not (tmp_path / "own").exists()
+    with pytest.raises(TypeError, match=r"load_grown\(model=\.\.\.\): .*not NoneType"):
+        esper_core.load_grown(tmp_path / "own", model=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"unwrap\(model\): .*not str"):
+        esper_core.unwrap("model")  # type: ignore[arg-type]

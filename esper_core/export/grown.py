@@ -31,6 +31,7 @@ from esper_core.growth.state import join
 from esper_core.recipe.schema import SeedsConfig
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.manager import SeedManager, wrap
+from esper_core.seeds.probe import check_module
 
 Fallback = Callable[[str, HostSpec], ResolvedBlueprint]
 """How a run written before slots recorded their IR resolves a seed: by blueprint name, for a host."""
@@ -110,6 +111,7 @@ def load_grown(path: str | Path, *, model: nn.Module, strict: bool = False) -> n
     Needs no optimizer, growth controller, kernel store or compile (for inference, export or
     fine-tuning; :func:`~esper_core.load_checkpoint` resumes growth). A damaged newest checkpoint is
     skipped with a warning for the one before, unless ``strict``."""
+    check_module(model, "load_grown(model=...)")
     found = store.find(Path(path), strict, lambda message: print(message, file=sys.stderr))
     where = str(found.path)
     if found.manifest.get("kind") != FORMAT:

@@ -34,7 +34,7 @@ from esper_core.errors import ConfigError, Problem, one_line
 from esper_core.seeds.kasmina import KasminaLayer
 from esper_core.seeds.lifecycle import SeedState
 from esper_core.seeds.merge import merge_into
-from esper_core.seeds.probe import call_model, shapes_of, to_device
+from esper_core.seeds.probe import call_model, check_module, shapes_of, to_device
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 """Largest accepted ``max |plain - grown|`` per unit of output scale, by the model's dtype. bf16
@@ -99,6 +99,7 @@ def unwrap(model: nn.Module, merge: bool = True, example: Any = None) -> tuple[n
     itself is not changed. With ``merge`` and ``example`` (model inputs: a tensor, a tuple or a dict),
     fossilized span seeds are folded into genuinely wider host layers wherever the wider model computes
     what the grown one does on ``example`` (:mod:`esper_core.export.widen`)."""
+    check_module(model, "unwrap(model)")
     plain = copy.deepcopy(model)
     outcomes: list[SeedOutcome] = []
     layers = {name: m for name, m in plain.named_modules() if isinstance(m, KasminaLayer)}

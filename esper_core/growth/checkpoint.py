@@ -20,13 +20,25 @@ from esper_core.errors import CheckpointError, Problem
 from esper_core.growth import optimizer as optim
 from esper_core.growth.controller import GrowthController
 from esper_core.growth.state import State, join, rng_state, set_rng_state, split
+from esper_core.seeds.probe import check_module
 
 FORMAT = "esper-own-loop/1"
+
+
+def _check_parts(call: str, model: object, optimizer: object, growth: object) -> None:
+    """The three things a loop's checkpoint holds, each of its type; a ``None`` optimizer or
+    controller failed from inside Esper's code with an ``AttributeError`` naming neither."""
+    check_module(model, f"{call}(model=...)")
+    for name, value, kind in (("optimizer", optimizer, torch.optim.Optimizer), ("growth", growth, GrowthController)):
+        if not isinstance(value, kind):
+            raise TypeError(f"{call}({name}=...): the loop's {kind.__module__}.{kind.__name__}, "
+                            f"not {type(value).__name__}")
 
 
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     growth: GrowthController, extra: State | None = None, keep: int = 3) -> Path:
     """Commit a checkpoint of the loop at ``growth.step`` and keep the newest ``keep``; returns its path."""
+    _check_parts("save_checkpoint", model, optimizer, growth)
     state = {"model": dict(model.state_dict()), "optimizer": optim.export_state(optimizer, model),
              "growth": growth.state_dict(), "rng": rng_state(), "extra": extra or {}}
     tensors, skeleton = split(state)
@@ -41,6 +53,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     """Restore the newest verified checkpoint under ``path`` (a directory given to
     :func:`save_checkpoint`, or one checkpoint directory) and return its ``extra``. A damaged newest
     checkpoint is skipped with a warning for the one before, unless ``strict``."""
+    _check_parts("load_checkpoint", model, optimizer, growth)
     found = store.find(Path(path), strict, lambda message: print(message, file=sys.stderr))
     if found.manifest.get("kind") != FORMAT:
         raise CheckpointError(Problem(str(found.path), "not an own-loop checkpoint (use esper resume for runs "

@@ -19,6 +19,13 @@ from torch import nn
 from esper_core.blueprints.host import HostSpec
 
 
+def check_module(model: object, said: str) -> None:
+    """Refuse a model that is not a module where it is given, naming the argument (it failed deep
+    inside Esper's code with an ``AttributeError``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{said}: a torch.nn.Module, not {type(model).__name__}")
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """``model(inputs)`` for a tensor, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict."""
     if isinstance(inputs, Mapping):
