@@ -72,6 +72,31 @@ def test_an_output_dir_that_is_a_file_is_located(tmp_path: Path) -> None:
     check_output_dir(load_recipe(path, [f"run.output_dir={tmp_path / 'new' / 'runs'}"]))  # creatable: fine
 
 
+def test_a_dangling_link_where_the_run_directory_goes_is_named(tmp_path: Path) -> None:
+    """A symbolic link to nothing at ``runs/NAME`` (or at the ``NAME-2`` taken next) was "cannot create
+    the run directory ...: File exists": the link was invisible to ``exists()``, and nothing said what
+    stood there or what to do. The dry run's check and the creation both name it."""
+    from esper_core.training.recording import fresh_run_dir
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "x").symlink_to(tmp_path / "gone")
+    path = recipe(tmp_path, f"run:\n  name: x\n  output_dir: {runs}\n")
+    says = (f"{runs / 'x'} is a symbolic link to {tmp_path / 'gone'}, which does not exist: remove the link, "
+            "or choose another run.output_dir or run.name")
+    with pytest.raises(ConfigError) as info:
+        check_output_dir(load_recipe(path))
+    assert str(info.value) == f"{path}:3: run.output_dir: {says}"
+    with pytest.raises(ConfigError) as info:
+        fresh_run_dir(runs / "x")
+    assert info.value.problems[0].message == f"cannot create the run directory: {says}"
+    (runs / "x").unlink()
+    (runs / "x").mkdir()  # an earlier run: the next name is taken, and a link stands there
+    (runs / "x-2").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match="x-2 is a symbolic link to"):
+        fresh_run_dir(runs / "x")
+
+
 def test_cuda_without_a_gpu_is_a_located_config_error(tmp_path: Path) -> None:
     path = recipe(tmp_path, "run:\n  device: cuda\n")
     with pytest.raises(ConfigError) as info:

@@ -29,6 +29,19 @@ def check_output_dir(loaded: LoadedRecipe) -> None:
                                         f"{where}; name a directory for run directories"))
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(loaded.locate("run.output_dir", f"{existing} is not writable by this user"))
+    dangling = dangling_link(base.resolve() / loaded.recipe.run.name)
+    if dangling:
+        raise ConfigError(loaded.locate("run.output_dir", dangling))
+
+
+def dangling_link(path: Path) -> str | None:
+    """What to tell a user whose run directory would be ``path`` where a symbolic link to nothing
+    stands: ``exists()`` follows the link and says no, so the directory's creation failed with a bare
+    "File exists" that named neither the link nor what to do. ``None`` where no such link is."""
+    if not path.is_symlink() or path.exists():
+        return None
+    return (f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: remove the link, "
+            "or choose another run.output_dir or run.name")
 
 
 def check_device(loaded: LoadedRecipe, cuda_available: bool) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from esper_core.compiler.store import KernelStore
 from esper_core.errors import RECIPE_FIELD, CheckpointError, ConfigError, Problem
+from esper_core.recipe.checks import dangling_link
 from esper_core.recipe.schema import TelemetryConfig
 from esper_core.seeds.manager import Event
 from esper_core.telemetry.jsonl import EventLog, JsonlWriter
@@ -204,9 +205,10 @@ def fresh_run_dir(base: Path) -> Path:
         candidate = base.with_name(f"{base.name}-{n}")
     try:
         candidate.mkdir(parents=True)
-    except OSError as exc:  # beyond what check_output_dir can foresee: a full disk, a race
-        raise ConfigError(Problem(RECIPE_FIELD, f"cannot create the run directory {candidate}: "
-                                  f"{exc.strerror or exc}", field="run.output_dir")) from None
+    except OSError as exc:  # beyond what check_output_dir can foresee: a full disk, a race, a link at NAME-2
+        why = dangling_link(candidate) or f"{candidate}: {exc.strerror or exc}"
+        raise ConfigError(Problem(RECIPE_FIELD, f"cannot create the run directory: {why}",
+                                  field="run.output_dir")) from None
     return candidate
 
 
