@@ -111,11 +111,12 @@ def tiny_bert(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return BertForSequenceClassification(config)
 
 
-def tiny_gpt2(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A Hugging Face GPT-2 language model (projections are transformers' Conv1D) from a config."""
+def tiny_gpt2(input_shape: tuple[int, ...], num_classes: int, use_cache: bool = True) -> nn.Module:
+    """A Hugging Face GPT-2 language model (projections are transformers' Conv1D) from a config; with
+    ``use_cache=False`` it exports to pt2."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=32, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    config = GPT2Config(vocab_size=32, n_positions=32, n_embd=32, n_layer=2, n_head=2, use_cache=use_cache)
     return GPT2LMHeadModel(config)
 
 

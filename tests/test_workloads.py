@@ -100,6 +100,40 @@ trainer: {{max_steps: 120, lr: 0.003}}
 
 
 @pytest.mark.usefixtures("factories_on_path")
+def test_a_gpt2_pt2_export_loads_with_the_import_export_md_names(tmp_path: Path) -> None:
+    """export.md says what a Hugging Face model's program needs besides PyTorch: its outputs are
+    transformers types, registered with torch's pytree only when the module defining them is imported.
+    ``import transformers`` alone imports nothing of it (the package loads lazily), and
+    ``torch.export.load`` failed with "Deserializing ...CausalLMOutputWithCrossAttentions in pytree is
+    not registered"; this loads the program in a fresh interpreter with exactly the import the docs name."""
+    pytest.importorskip("transformers")
+    import re
+    import subprocess
+    import sys
+
+    named = re.search(r"needs `(import transformers[\w.]*)`", (ROOT / "docs" / "export.md").read_text())
+    assert named, "export.md no longer names the import a Hugging Face pt2 program needs"
+    recipe = tmp_path / "gpt2.yaml"
+    recipe.write_text("""
+run: {name: gpt2, seed: 0, device: cpu}
+task: {kind: language_model}
+data: {source: factory, factory: "factories:counting_tokens", batch_size: 16}
+model: {arch: factory, factory: "factories:tiny_gpt2", factory_kwargs: {use_cache: false}}
+seeds: {targets: ['re:transformer\\.h\\.\\d\\.mlp\\.c_fc'], blueprints: [wide_mlp], rank: 4}
+trainer: {max_steps: 60, lr: 0.003}
+""")
+    _, summary = _fit(recipe, tmp_path, *FAST_SEEDS)
+    exported = esper("export", summary["run_dir"], "--format", "pt2")
+    assert exported.exit_code == 0, exported.output
+    program = Path(summary["run_dir"]) / "exports" / "pt2" / "model.pt2"
+    code = (f"import torch\n{named.group(1)}\nprogram = torch.export.load({str(program)!r}).module()\n"
+            "ids = torch.zeros(3, 16, dtype=torch.long)\n"  # the factory's samples are dicts: keyword inputs
+            "print(tuple(program(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "(3, 16, 32)", loaded.stderr[-2000:]
+
+
+@pytest.mark.usefixtures("factories_on_path")
 def test_a_dataloader_with_two_workers_resumes_bit_exactly(tmp_path: Path) -> None:
     recipe = tmp_path / "workers.yaml"
     recipe.write_text("""
