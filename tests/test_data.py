@@ -304,3 +304,46 @@ def test_factories_beside_the_recipe_are_imported_from_its_directory(tmp_path: P
     finally:
         sys.modules.pop("beside_recipe_factories", None)
     assert sys.path == path  # the directory is importable while the factories are imported, not after
+
+
+def test_a_resume_or_export_without_the_factory_module_names_where_it_was_looked_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose factory module beside the recipe is gone: ``esper resume`` said to put it "in the
+    recipe's directory" while locating the error in the run's own copy of the recipe (whose directory
+    is not searched: the run's recipe directory is), and ``load_run``/``esper export`` placed it at
+    ``<recipe>``, no file. Both now name the directory searched and the line of the run's recipe."""
+    import shutil
+    import sys
+
+    from esper_core import load_run
+    from esper_core.training.trainer import Trainer
+
+    project = tmp_path / "project"
+    (project / "gone_pkg").mkdir(parents=True)
+    (project / "gone_pkg" / "__init__.py").write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "def make():\n    g = torch.Generator().manual_seed(0)\n    x = torch.randn(90, 4, generator=g)\n"
+        "    return TensorDataset(x, (x[:, 0] > 0).long())\n"
+        "def build(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Linear(input_shape[0], 8), nn.ReLU(), nn.Linear(8, num_classes))\n")
+    recipe = project / "recipe.yaml"
+    recipe.write_text(f"run: {{name: gone, output_dir: {tmp_path / 'runs'}}}\n"
+                      "data: {source: factory, factory: 'gone_pkg:make', batch_size: 16}\n"
+                      "model: {arch: factory, factory: 'gone_pkg:build'}\n"
+                      "seeds: {targets: ['0']}\npolicy: {max_seeds: 0}\ntrainer: {max_steps: 4, eval_every: 2}\n"
+                      "checkpoint: {every_steps: 2}\ntelemetry: {progress: none}\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        run_dir = Path(Trainer.from_recipe(recipe).fit()["run_dir"])
+    finally:
+        sys.modules.pop("gone_pkg", None)
+    shutil.rmtree(project / "gone_pkg")
+    hint = f"(is the module installed, in {project} (the recipe's directory), or in a directory on PYTHONPATH?)"
+    with pytest.raises(ConfigError) as resumed:
+        Trainer.resume(run_dir)
+    assert str(resumed.value).startswith(f"{run_dir / 'recipe.yaml'}:") and hint in str(resumed.value)
+    with pytest.raises(ConfigError) as loaded:
+        load_run(run_dir)
+    (problem,) = loaded.value.problems
+    assert problem.source == str(run_dir / "recipe.yaml") and problem.field == "model.factory", problem
+    assert problem.message.startswith("cannot import 'gone_pkg:build': No module named 'gone_pkg'") and hint in problem.message

@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,15 @@ from esper_core.recipe.schema import Recipe
 from esper_core.recipe.yaml_source import read_yaml_file
 
 DATA_SUFFIXES = (".npz", ".csv")
+
+_IMPORTING_FROM: ContextVar[Path | None] = ContextVar("esper_recipe_directory", default=None)
+
+
+def importing_from() -> Path | None:
+    """The recipe directory :meth:`LoadedRecipe.importable` put on ``sys.path`` for the running block,
+    so a factory that cannot be imported names the directory searched: for a resume that is the
+    directory of the recipe the run was trained from, not that of the run's copy the error points at."""
+    return _IMPORTING_FROM.get()
 
 
 @dataclass(frozen=True)
@@ -76,9 +86,12 @@ class LoadedRecipe:
         added = directory not in sys.path
         if added:
             sys.path.insert(0, directory)
+        token = _IMPORTING_FROM.set(self.base_dir)
         try:
-            yield
+            with self.located():  # load_run and export call the factories outside the trainer's located()
+                yield
         finally:
+            _IMPORTING_FROM.reset(token)
             if added and directory in sys.path:
                 sys.path.remove(directory)
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
+from esper_core.recipe.load import importing_from
 from esper_core.recipe.schema import DataConfig
 from esper_core.training.data.splits import DataSplits, feature_stats, split_indices
 
@@ -31,8 +32,10 @@ def import_factory(spec: str, field: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        directory = importing_from()
+        beside = f"{directory} (the recipe's directory)" if directory else "the recipe's directory"
         raise ConfigError(Problem(RECIPE_FIELD, f"cannot import '{spec}': {exc} (is the module installed, in "
-                                  "the recipe's directory, or in a directory on PYTHONPATH?)", field=field)) from None
+                                  f"{beside}, or in a directory on PYTHONPATH?)", field=field)) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(Problem(RECIPE_FIELD, f"'{spec}': module '{module_name}' has no callable '{attr}'",
