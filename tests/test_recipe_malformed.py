@@ -18,7 +18,7 @@ from esper_core.recipe.yaml_source import MAX_FILE_BYTES
 
 TRAINER_KEYS = ("max_steps, optimizer, lr, weight_decay, momentum, schedule, warmup_steps, step_size, gamma, "
                 "accumulate_steps, grad_clip, precision, compile, eval_every, log_every, governor, early_stopping")
-SECTIONS = "run, task, data, model, seeds, policy, trainer, checkpoint, telemetry, storage"
+SECTIONS = "run, task, data, model, seeds, policy, trainer, checkpoint, telemetry, storage, distributed"
 FACTORY_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
