@@ -6,7 +6,9 @@ from the blueprint IR and target its slot recorded (:meth:`SeedManager.topology`
 resolver and builder, and then every weight from safetensors, verified against its manifest first.
 No kernel store, compile or data is needed (a run written before slots recorded their IR falls back
 to the blueprint library by name and the recipe's rank; one written before ``final/`` had a manifest
-loads with a warning, as there is nothing to verify it against).
+loads with a warning, as there is nothing to verify it against). A module the recipe names code in
+whose file changed since the run recorded it is one warning, not a refusal: the recipe itself must
+match, but rebuilding a finished model with edited code may be what the user means.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from esper_core.export.grown import Fallback, restore_seeds
 from esper_core.growth.state import join
 from esper_core.recipe.load import LoadedRecipe
 from esper_core.seeds.manager import SeedManager, wrap
+from esper_core.training.factory_sources import changed_sources, module_sources
 from esper_core.training.saved_recipe import load_saved_recipe
 
 Warn = Callable[[str], None]
@@ -103,10 +106,14 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
         where = str(path)
     # the data file is needed only to measure the host's shapes (runs from before host_model), and
     # building the data reports it if it is gone
-    loaded, _ = load_saved_recipe(run_dir, record, where, check_data=False)
+    loaded, recipe_record = load_saved_recipe(run_dir, record, where, check_data=False)
     recipe_dir = loaded.base_dir
     host_model = info.get("host_model") or _shapes_from_data(loaded, recipe_dir)
     model = _host_network(loaded, host_model)
+    # a warning, not a refusal (as a resume's): rebuilding a finished model with edited code may be meant
+    for problem in changed_sources(loaded, recipe_record.code, module_sources(loaded),
+                                   "the model is rebuilt with code other than the run's"):
+        warn(f"warning: {problem}")
     manager = wrap(model, config=loaded.recipe.seeds)
     topology_file = source / "topology.json" if checkpoint is None else source / store.STATE
     restore_seeds(manager, topology, str(topology_file), _library(loaded, recipe_dir))

@@ -9,12 +9,14 @@ overrides, so each checkpoint and ``final/manifest.json`` record what rebuilding
 - ``recipe_file_sha256``: the hash of ``recipe.yaml`` itself;
 - ``recipe_overrides``: every override applied at a resume so far, in order;
 - ``recipe_dir``: the directory of the recipe the run was trained from, which relative paths in it
-  (``data.path``, ``seeds.blueprint_dirs``) resolve against.
+  (``data.path``, ``seeds.blueprint_dirs``) resolve against;
+- ``recipe_code``: the file and sha256 of each module the recipe names code in
+  (:mod:`~esper_core.training.factory_sources`), which the recipe's own hash does not cover.
 
 Before, a checkpoint written after a resume with an override recorded only the hash of the recipe in
 effect, which ``recipe.yaml`` alone no longer had: the run could not be resumed again, nor exported.
 Records written before these fields existed are read as they were meant (no overrides, the file's hash
-is the recipe's, relative paths from the run directory).
+is the recipe's, relative paths from the run directory, no code to check).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from esper_core.errors import CheckpointError, Problem
 from esper_core.recipe.load import LoadedRecipe, load_recipe
+from esper_core.training.factory_sources import ModuleSource, read_sources
 
 
 @dataclass(frozen=True)
@@ -37,15 +40,17 @@ class RecipeRecord:
     file_sha256: str
     overrides: tuple[str, ...]
     base_dir: Path
+    code: Mapping[str, ModuleSource]
 
     @classmethod
-    def fresh(cls, loaded: LoadedRecipe) -> RecipeRecord:
-        """A new run's: it writes ``loaded`` as its ``recipe.yaml``, with no override on top."""
-        return cls(loaded.sha256, (), loaded.base_dir)
+    def fresh(cls, loaded: LoadedRecipe, code: Mapping[str, ModuleSource]) -> RecipeRecord:
+        """A new run's: it writes ``loaded`` as its ``recipe.yaml``, with no override on top, and runs ``code``."""
+        return cls(loaded.sha256, (), loaded.base_dir, code)
 
     def fields(self) -> dict[str, Any]:
         return {"recipe_file_sha256": self.file_sha256, "recipe_overrides": list(self.overrides),
-                "recipe_dir": str(self.base_dir)}
+                "recipe_dir": str(self.base_dir),
+                "recipe_code": {name: source.fields() for name, source in self.code.items()}}
 
 
 def load_saved_recipe(run_dir: Path, record: Mapping[str, Any], where: str, overrides: Sequence[str] = (),
@@ -70,7 +75,8 @@ def load_saved_recipe(run_dir: Path, record: Mapping[str, Any], where: str, over
         raise CheckpointError(Problem(where, f"{saved.name} with the recorded overrides {in_effect} is not the "
                                              "recipe the run recorded"))
     loaded = load_recipe(saved, [*in_effect, *overrides], allow_factories, base_dir, check_data) if overrides else ran
-    return loaded, RecipeRecord(digest, (*in_effect, *overrides), loaded.base_dir)
+    code = read_sources(record.get("recipe_code"), where)
+    return loaded, RecipeRecord(digest, (*in_effect, *overrides), loaded.base_dir, code)
 
 
 def _written_hash(run_dir: Path) -> str | None:

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from esper_core import distributed
 from esper_core.checkpoints import store
 from esper_core.checkpoints.lock import RunLock
-from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
+from esper_core.errors import RECIPE_FIELD, CheckpointError, ConfigError, Problem
 from esper_core.growth.controller import GrowthController, StepOutcome
 from esper_core.growth.evaluation import Evaluation
 from esper_core.growth.state import cpu_copy, join
@@ -43,6 +43,7 @@ from esper_core.training.checkpoint_state import check_run_state, check_world_si
 from esper_core.training.compiled import WholeGraph, compile_model
 from esper_core.training.data import build_data, import_factory
 from esper_core.training.early_stop import EarlyStopping, growth_ends
+from esper_core.training.factory_sources import changed_sources, module_sources
 from esper_core.training.finish import finish_run
 from esper_core.training.interrupts import StopSignals, stop
 from esper_core.training.loaders import EvalBatches, TrainBatches, first_batch, resident
@@ -108,7 +109,14 @@ class Trainer:
 
     def _continue_from(self, checkpoint: store.Checkpoint, recipe_record: RecipeRecord,
                        overrides: Sequence[str]) -> "Trainer":
-        """The rest of :meth:`resume` once this trainer is built: check the data, restore the state."""
+        """The rest of :meth:`resume` once this trainer is built: check the code and the data, restore the
+        state. The code first: a factory edited to other shapes would otherwise fail the restore below as a
+        bare size mismatch, and one that kept them would continue the run with other code, unseen."""
+        changed = changed_sources(self.loaded, recipe_record.code, self.recipe_record.code,
+                                  "resuming with other code would not continue the same run; restore the "
+                                  "module, or start a new run with it")
+        if changed:
+            raise CheckpointError(changed)
         recorded = checkpoint.manifest.get("data_sha256")
         if recorded is not None and recorded != self.data.fingerprint:
             data = self.loaded.recipe.data
@@ -117,7 +125,8 @@ class Trainer:
                                       f"{str(self.data.fingerprint)[:12]}… now): resuming on other data would not "
                                       "continue the same run; restore the file, or train a new run on it",
                                       field="data.path"))
-        self.recipe_record = recipe_record
+        # the code imported now: the recorded code (checked above), or, in a run recorded before code was, from now on
+        self.recipe_record = replace(recipe_record, code=self.recipe_record.code)
         with refusing(str(checkpoint.path / store.STATE)):
             state = join(checkpoint.tensors, checkpoint.state["run"])
             self.controller.check_snapshot(state["controller"])
@@ -165,8 +174,6 @@ class Trainer:
 
     def _build(self) -> None:
         recipe = self.loaded.recipe
-        # what rebuilds this run's recipe (esper_core.training.saved_recipe); a resume replaces it
-        self.recipe_record = RecipeRecord.fresh(self.loaded)
         check_device(self.loaded, torch.cuda.is_available())
         self.world = distributed.join(select_device(recipe.run.device),
                                       timedelta(seconds=recipe.distributed.timeout_s))
@@ -192,6 +199,9 @@ class Trainer:
             self.params_initial = count_parameters(self.model)
             self.model.to(self.device)
             self.task.check_fit(self.model, first_batch(self.data.train, 2))  # on the device it trains on
+            # what rebuilds this run's recipe and the code it imported (esper_core.training.saved_recipe);
+            # a resume checks the code against what the run recorded, then replaces it
+            self.recipe_record = RecipeRecord.fresh(self.loaded, module_sources(self.loaded))
             self.kernel_store = open_kernel_store(recipe.storage)
             self.optimizer = optim.build_optimizer(self.model, recipe.trainer)
             world = self.world

@@ -1,0 +1,102 @@
+"""The source files of the code a recipe names, bound to the run that imported them.
+
+``data.factory``, ``model.factory`` and ``task.function`` name code as ``package.module:function``,
+usually a module kept beside the recipe. ``recipe.sha256`` binds the recipe's text to the run, not
+that code: a factory edited between a checkpoint and ``esper resume`` (a ReLU swapped for a Tanh, a
+dataset yielding other samples) continued the run with other code, silently when the shapes still
+fitted, and as a bare "size mismatch" in ``state.json`` when they did not. A run therefore records the
+file each such module was imported from and its sha256 (``recipe_code`` in every checkpoint's state and
+in ``final/manifest.json``, beside the recipe's own record); a resume refuses a module whose file
+differs, ``load_run``/``esper export`` warn. Only the named module's own file is hashed: helpers it
+imports in turn are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esper_core.errors import CheckpointError, Problem
+from esper_core.recipe.load import FACTORY_FIELDS, LoadedRecipe
+
+
+@dataclass(frozen=True)
+class ModuleSource:
+    """The file a module was imported from, and the sha256 of its bytes."""
+
+    file: str
+    sha256: str
+
+    def fields(self) -> dict[str, str]:
+        return {"file": self.file, "sha256": self.sha256}
+
+
+def code_modules(loaded: LoadedRecipe) -> dict[str, str]:
+    """Each module the recipe names code in, with the first field naming it (``model.factory``)."""
+    named: dict[str, str] = {}
+    for section, key in FACTORY_FIELDS:
+        spec = getattr(getattr(loaded.recipe, section), key)
+        if isinstance(spec, str) and ":" in spec:
+            named.setdefault(spec.partition(":")[0], f"{section}.{key}")
+    return named
+
+
+def module_sources(loaded: LoadedRecipe) -> dict[str, ModuleSource]:
+    """The source of each module :func:`code_modules` names: the file Python imported it from (or, not
+    imported yet in this process, would import it from the recipe's directory now). A module without a
+    file (built in, a namespace package) or not found is left out: importing it says what is missing."""
+    sources = {}
+    with loaded.importable():
+        for name in code_modules(loaded):
+            file = _module_file(name)
+            if file is not None:
+                sources[name] = ModuleSource(str(file), hashlib.sha256(file.read_bytes()).hexdigest())
+    return sources
+
+
+def _module_file(name: str) -> Path | None:
+    module = sys.modules.get(name)
+    try:
+        origin = getattr(module, "__file__", None) if module is not None else \
+            getattr(importlib.util.find_spec(name), "origin", None)
+    except (ImportError, ValueError):
+        return None
+    path = Path(origin) if isinstance(origin, str) else None
+    return path.resolve() if path is not None and path.is_file() else None
+
+
+def read_sources(value: Any, where: str) -> dict[str, ModuleSource]:
+    """``recipe_code`` as a record holds it (absent in runs recorded before it existed: nothing to check)."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping) and all(isinstance(name, str) and isinstance(entry, Mapping)
+                                          and isinstance(entry.get("file"), str)
+                                          and isinstance(entry.get("sha256"), str) for name, entry in value.items()):
+        return {name: ModuleSource(entry["file"], entry["sha256"]) for name, entry in value.items()}
+    raise CheckpointError(Problem(where, "recipe_code is not a map of module -> {file, sha256}"))
+
+
+def changed_sources(loaded: LoadedRecipe, recorded: Mapping[str, ModuleSource], current: Mapping[str, ModuleSource],
+                    consequence: str) -> list[Problem]:
+    """One problem per recorded module whose file is now another file, or holds other bytes, at that
+    file and the recipe field naming the module, ending in ``consequence`` (what it means, what to do)."""
+    fields = code_modules(loaded)
+    problems = []
+    for name, then in recorded.items():
+        now = current.get(name)
+        if now == then:
+            continue
+        if now is None:
+            change = f"is no longer imported from a file (recorded: {then.file})"
+        elif now.file != then.file:
+            change = f"is now imported from {now.file}, not {then.file} as the run recorded"
+        else:
+            change = f"changed since the run recorded it (sha256 {then.sha256[:12]}… then, {now.sha256[:12]}… now)"
+        problems.append(Problem(now.file if now else then.file, f"module '{name}' {change}: {consequence}",
+                                field=fields.get(name)))
+    return problems
