@@ -137,18 +137,48 @@ def test_a_data_factory_edited_is_refused_at_resume(finished: Path, project: Pat
     assert "module 'bound_data' changed since the run recorded it" in problem.message
 
 
-def test_a_factory_module_now_imported_from_another_file_is_refused(finished: Path, project: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_factory_module_moved_with_its_code_unchanged_resumes(finished: Path, project: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes are the code, not the path: a project moved (or a run resumed on another machine) resumes."""
     copy = copy_at(finished, tmp_path, 3)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (project / "bound_model.py").rename(elsewhere / "bound_model.py")  # the same bytes, another file
     monkeypatch.syspath_prepend(str(elsewhere))
+    Trainer.resume(copy).fit()
+    resumed = json.loads((copy / "final" / "manifest.json").read_text())
+    assert resumed["recipe_code"]["bound_model"]["file"] == str(elsewhere / "bound_model.py")
+
+
+def test_a_factory_module_moved_and_edited_is_refused(finished: Path, project: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = copy_at(finished, tmp_path, 3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "bound_model.py").write_text(MODEL.replace("nn.ReLU()", "nn.Tanh()"))
+    (project / "bound_model.py").unlink()
+    monkeypatch.syspath_prepend(str(elsewhere))
     with pytest.raises(CheckpointError) as refused:
         Trainer.resume(copy)
     (problem,) = refused.value.problems
     assert problem.message.startswith(f"module 'bound_model' is now imported from {elsewhere / 'bound_model.py'}, "
-                                      f"not {project / 'bound_model.py'}"), problem
+                                      f"whose code is not that of {project / 'bound_model.py'}"), problem
+
+
+def test_code_of_an_installed_package_is_not_bound(tmp_path: Path) -> None:
+    """A loss from torch (``task.function``) is versioned by torch: binding it would refuse every resume
+    after an upgrade. The user's own module beside the recipe is bound."""
+    from esper_core.recipe.load import load_recipe
+    from esper_core.training.factory_sources import module_sources
+
+    (tmp_path / "bound_data.py").write_text(DATA)
+    (tmp_path / "recipe.yaml").write_text(
+        "data: {source: factory, factory: 'bound_data:make'}\n"
+        "task: {kind: custom, function: 'torch.nn.functional:cross_entropy'}\n")
+    try:
+        assert set(module_sources(load_recipe(tmp_path / "recipe.yaml"))) == {"bound_data"}
+    finally:
+        _forget()
 
 
 def test_a_run_recorded_before_its_code_was_still_resumes(finished: Path, project: Path, tmp_path: Path) -> None:

@@ -7,8 +7,12 @@ dataset yielding other samples) continued the run with other code, silently when
 fitted, and as a bare "size mismatch" in ``state.json`` when they did not. A run therefore records the
 file each such module was imported from and its sha256 (``recipe_code`` in every checkpoint's state and
 in ``final/manifest.json``, beside the recipe's own record); a resume refuses a module whose file
-differs, ``load_run``/``esper export`` warn. Only the named module's own file is hashed: helpers it
-imports in turn are not.
+differs, ``load_run``/``esper export`` warn. The comparison is of the bytes, not the path: the same
+module at another place (a project moved, a run resumed on another machine) is the same code. Only the
+named module's own file is hashed (helpers it imports in turn are not), and only the user's code: a
+module of the standard library or of an installed package (``torch.nn.functional:cross_entropy`` as
+``task.function``) is versioned by its package, and binding it would refuse every resume after an
+upgrade.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
+import sysconfig
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +59,7 @@ def module_sources(loaded: LoadedRecipe) -> dict[str, ModuleSource]:
     with loaded.importable():
         for name in code_modules(loaded):
             file = _module_file(name)
-            if file is not None:
+            if file is not None and not _installed(file):
                 sources[name] = ModuleSource(str(file), hashlib.sha256(file.read_bytes()).hexdigest())
     return sources
 
@@ -68,6 +73,12 @@ def _module_file(name: str) -> Path | None:
         return None
     path = Path(origin) if isinstance(origin, str) else None
     return path.resolve() if path is not None and path.is_file() else None
+
+
+def _installed(file: Path) -> bool:
+    """Whether ``file`` belongs to the standard library or an installed package (not the user's code)."""
+    roots = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return any(file.is_relative_to(Path(root).resolve()) for root in roots)
 
 
 def read_sources(value: Any, where: str) -> dict[str, ModuleSource]:
@@ -89,14 +100,16 @@ def changed_sources(loaded: LoadedRecipe, recorded: Mapping[str, ModuleSource], 
     problems = []
     for name, then in recorded.items():
         now = current.get(name)
-        if now == then:
+        if now is not None and now.sha256 == then.sha256:  # the same code, wherever it now lies
             continue
+        hashes = f"sha256 {then.sha256[:12]}… then, {now.sha256[:12]}… now" if now is not None else ""
         if now is None:
             change = f"is no longer imported from a file (recorded: {then.file})"
         elif now.file != then.file:
-            change = f"is now imported from {now.file}, not {then.file} as the run recorded"
+            change = (f"is now imported from {now.file}, whose code is not that of {then.file}, which the run "
+                      f"recorded ({hashes})")
         else:
-            change = f"changed since the run recorded it (sha256 {then.sha256[:12]}… then, {now.sha256[:12]}… now)"
+            change = f"changed since the run recorded it ({hashes})"
         problems.append(Problem(now.file if now else then.file, f"module '{name}' {change}: {consequence}",
                                 field=fields.get(name)))
     return problems
