@@ -20,7 +20,7 @@ from esper_core import load_run
 from esper_core.checkpoints import store
 from esper_core.errors import CheckpointError
 from esper_core.training.trainer import Trainer
-from tests.run_helpers import copy_at
+from run_helpers import copy_at
 
 DATA = """\
 import torch
