@@ -272,6 +272,15 @@ def test_bundled_sources_use_the_shipped_tables() -> None:
     assert diabetes.x.shape == (442, 10) and diabetes.y.dtype == np.float32 and diabetes.num_classes == 1
 
 
+FACTORY_MODULE = ("import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+                  "def make():\n    g = torch.Generator().manual_seed(0)\n    x = torch.randn(90, 4, generator=g)\n"
+                  "    return TensorDataset(x, (x[:, 0] > 0).long())\n"
+                  "def build(input_shape, num_classes):\n"
+                  "    return nn.Sequential(nn.Linear(input_shape[0], 8), nn.ReLU(), nn.Linear(8, num_classes))\n")
+"""A data factory (``make``) and a model factory (``build``) in one module, for tests that keep it
+beside a recipe."""
+
+
 def test_factories_beside_the_recipe_are_imported_from_its_directory(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """``esper train`` (a console script: neither the working directory nor the recipe's is on
@@ -285,12 +294,7 @@ def test_factories_beside_the_recipe_are_imported_from_its_directory(tmp_path: P
 
     project = tmp_path / "project"
     project.mkdir()
-    (project / "beside_recipe_factories.py").write_text(
-        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
-        "def make():\n    g = torch.Generator().manual_seed(0)\n    x = torch.randn(90, 4, generator=g)\n"
-        "    return TensorDataset(x, (x[:, 0] > 0).long())\n"
-        "def build(input_shape, num_classes):\n"
-        "    return nn.Sequential(nn.Linear(input_shape[0], 8), nn.ReLU(), nn.Linear(8, num_classes))\n")
+    (project / "beside_recipe_factories.py").write_text(FACTORY_MODULE)
     recipe = project / "recipe.yaml"
     recipe.write_text(f"run: {{name: beside, output_dir: {tmp_path / 'runs'}}}\n"
                       "data: {source: factory, factory: 'beside_recipe_factories:make', batch_size: 16}\n"
@@ -320,12 +324,7 @@ def test_a_resume_or_export_without_the_factory_module_names_where_it_was_looked
 
     project = tmp_path / "project"
     (project / "gone_pkg").mkdir(parents=True)
-    (project / "gone_pkg" / "__init__.py").write_text(
-        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
-        "def make():\n    g = torch.Generator().manual_seed(0)\n    x = torch.randn(90, 4, generator=g)\n"
-        "    return TensorDataset(x, (x[:, 0] > 0).long())\n"
-        "def build(input_shape, num_classes):\n"
-        "    return nn.Sequential(nn.Linear(input_shape[0], 8), nn.ReLU(), nn.Linear(8, num_classes))\n")
+    (project / "gone_pkg" / "__init__.py").write_text(FACTORY_MODULE)
     recipe = project / "recipe.yaml"
     recipe.write_text(f"run: {{name: gone, output_dir: {tmp_path / 'runs'}}}\n"
                       "data: {source: factory, factory: 'gone_pkg:make', batch_size: 16}\n"
