@@ -31,8 +31,9 @@ def train(
                                       "(data/model factories, a custom loss) before importing anything; also "
                                       "ESPER_ALLOW_FACTORIES=0."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the recipe, build the data and the model, and "
-                                 "show the resolved recipe and what would grow where (layers, slots, usable "
-                                 "blueprints and their cost, budgets); writes nothing, compiles nothing."),
+                                 "show the resolved recipe, the code the run would bind (file and sha256 of each "
+                                 "factory module) and what would grow where (layers, slots, usable blueprints and "
+                                 "their cost, budgets); writes nothing, compiles nothing."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     nproc_per_node: int | None = launching.NPROC, nnodes: str = launching.NNODES, node_rank: int = launching.NODE_RANK,
     rdzv_backend: str = launching.RDZV_BACKEND, rdzv_endpoint: str | None = launching.RDZV_ENDPOINT,
@@ -136,10 +137,12 @@ def _muted_rows(summary: dict, metric: str) -> list[tuple[str, str]]:
 
 
 def print_plan(plan: dict[str, Any], console: Console) -> None:
-    """The dry run's report: the resolved recipe, then the data and model, the layers, the budgets."""
+    """The dry run's report: the resolved recipe, the code the run would bind, then the data and model, the
+    layers, the budgets."""
     console.print(f"# resolved recipe ({plan['recipe']}, sha256 {plan['recipe_sha256'][:12]})", markup=False,
                   highlight=False)
     console.print(plan["resolved"].rstrip(), markup=False, highlight=False, soft_wrap=True)
+    _print_code(plan["code"], console)
     data, model = plan["data"], plan["model"]
     console.print(f"\ndata: {data['source']}, input {tuple(data['input_shape'])}, {data['outputs']} outputs, "
                   f"train/val/test {data['train']}/{data['val']}/{data['test']} samples, "
@@ -165,3 +168,21 @@ def print_plan(plan: dict[str, Any], console: Console) -> None:
                   + (f", {budgets['max_latency_ms']} ms per seed" if budgets["max_latency_ms"] else "")
                   + f"; growth from step {start} to {end}; {plan['kernels']} kernels to compile or fetch",
                   markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_code(code: dict[str, dict[str, Any]], console: Console) -> None:
+    """The code the run would bind, one module a line with its file and full sha256 (comparable with
+    ``sha256sum``): what a resume of the run will refuse edited, seen before the run depends on it."""
+    if not code:
+        console.print("\ncode the run binds: none (the recipe names no data.factory, model.factory or "
+                      "task.function)", markup=False, highlight=False, soft_wrap=True)
+        return
+    relative = any(entry["file"] and entry["path"] != entry["file"] for entry in code.values())
+    console.print("\ncode the run binds (a resume refuses it edited" + ("; paths relative to the recipe's directory"
+                                                                        if relative else "") + "):",
+                  markup=False, highlight=False, soft_wrap=True)
+    for module, entry in code.items():
+        bound = (f"{entry['path']}, sha256 {entry['sha256']}" if entry["file"] else
+                 "not bound (a module of the standard library or of an installed package, versioned by its package, "
+                 "or one without a source file)")
+        console.print(f"  {module} ({entry['field']}): {bound}", markup=False, highlight=False, soft_wrap=True)

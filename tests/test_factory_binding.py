@@ -20,7 +20,7 @@ from esper_core import load_run
 from esper_core.checkpoints import store
 from esper_core.errors import CheckpointError
 from esper_core.training.trainer import Trainer
-from run_helpers import copy_at
+from run_helpers import copy_at, esper, esper_report
 
 DATA = """\
 import torch
@@ -205,3 +205,127 @@ def test_load_run_with_an_edited_factory_warns_once_naming_it(finished: Path, pr
     assert len(lines) == 1 and lines[0].startswith(f"warning: {project / 'bound_model.py'}: model.factory: module "
                                                    "'bound_model' changed since the run recorded it"), lines
     assert lines[0].endswith("the model is rebuilt with code other than the run's")
+
+
+# --- what a user sees of the binding: the dry run before training, the report after -----------------
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_dry_run_shows_the_code_the_run_would_bind(finished: Path, project: Path) -> None:
+    """Before training, the user sees which files the run will depend on, where and with which bytes:
+    a path relative to the recipe's directory (the recorded one is absolute), and the full sha256."""
+    recipe = project / "recipe.yaml"
+    plain = esper("train", recipe, "--dry-run")
+    assert plain.exit_code == 0, plain.output
+    assert "code the run binds (a resume refuses it edited; paths relative to the recipe's directory):" \
+        in plain.stdout, plain.stdout
+    for name, field in (("bound_data", "data.factory"), ("bound_model", "model.factory")):
+        assert f"  {name} ({field}): {name}.py, sha256 {_digest(project / f'{name}.py')}" in plain.stdout
+    _forget()
+    as_json = esper("train", recipe, "--dry-run", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout)["code"] == {
+        name: {"field": field, "file": str(project / f"{name}.py"), "path": f"{name}.py",
+               "sha256": _digest(project / f"{name}.py")}
+        for name, field in (("bound_data", "data.factory"), ("bound_model", "model.factory"))}
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # l1_loss of (N, 1) outputs and (N,) targets: fine here
+def test_a_dry_run_shows_code_outside_the_recipe_directory_by_its_absolute_path_and_installed_code_unbound(
+        finished: Path, project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (project / "bound_model.py").rename(elsewhere / "bound_model.py")
+    monkeypatch.syspath_prepend(str(elsewhere))
+    result = esper("train", project / "recipe.yaml", "--dry-run", "task.kind=custom",
+                   "task.function=torch.nn.functional:l1_loss")
+    assert result.exit_code == 0, result.output
+    moved = elsewhere / "bound_model.py"
+    assert f"  bound_model (model.factory): {moved}, sha256 {_digest(moved)}" in result.stdout, result.stdout
+    assert ("  torch.nn.functional (task.function): not bound (a module of the standard library or of an "
+            "installed package, versioned by its package, or one without a source file)") in result.stdout
+
+
+def test_a_dry_run_of_a_recipe_naming_no_code_says_so(tmp_path: Path) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    result = esper("train", recipe, "--dry-run", f"run.output_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    assert "code the run binds: none (the recipe names no data.factory, model.factory or task.function)" \
+        in result.stdout, result.stdout
+    as_json = esper("train", recipe, "--dry-run", "--json", f"run.output_dir={tmp_path}")
+    assert json.loads(as_json.stdout)["code"] == {}
+
+
+def _report(run: Path, out: Path) -> tuple[int, dict[str, str]]:
+    """``esper report RUN --out OUT``: its exit code and the three files it wrote."""
+    result = esper_report(run, "--out", out)
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, {f: (out / f"report.{f}").read_text(encoding="utf-8") for f in ("md", "html", "json")}
+
+
+def test_the_report_lists_the_code_and_that_each_file_matches(finished: Path, project: Path, tmp_path: Path) -> None:
+    code, files = _report(finished, tmp_path / "report")
+    assert code == 0
+    recorded = json.loads(files["json"])["code"]
+    assert recorded["recorded_in"] == "final/manifest.json" and recorded["bound"] is True
+    assert [(m["module"], m["field"], m["file"], m["path"], m["sha256"], m["state"], m["detail"])
+            for m in recorded["modules"]] == [
+        (name, field, str(project / f"{name}.py"), f"{name}.py", _digest(project / f"{name}.py"), "matches", "matches")
+        for name, field in (("bound_data", "data.factory"), ("bound_model", "model.factory"))]
+    detail = recorded["detail"]
+    assert recorded["recipe_dir"] == str(project)
+    assert detail.startswith(f"2 modules recorded in final/manifest.json, which run_end binds; paths relative "
+                             f"to the recipe's directory, {project}: bound_data.py matches, bound_model.py "
+                             "matches"), detail
+    assert "not checked: the modules they import" in detail, detail
+    for text in (files["md"], files["html"]):
+        assert "## Factory code" in text or "<h2>Factory code</h2>" in text
+        assert _digest(project / "bound_model.py") in text and detail in text.replace("&#x27;", "'")
+    assert "| factory code | 2 modules recorded" in files["md"]
+
+
+def test_the_report_states_an_edited_or_missing_module_as_a_finding_not_a_failure(
+        finished: Path, project: Path, tmp_path: Path) -> None:
+    recorded = _digest(project / "bound_model.py")
+    (project / "bound_model.py").write_text(MODEL.replace("nn.ReLU()", "nn.Tanh()"))
+    (project / "bound_data.py").unlink()
+    code, files = _report(finished, tmp_path / "report")
+    assert code == 0  # the run's own files are intact: the code beside its recipe changed since
+    assert "audit passed" in files["md"].splitlines()[0]
+    modules = {m["module"]: m for m in json.loads(files["json"])["code"]["modules"]}
+    now = _digest(project / "bound_model.py")
+    assert modules["bound_model"]["sha256"] == recorded and modules["bound_model"]["state"] == "differs"
+    assert modules["bound_model"]["detail"] == f"differs (sha256 {now[:12]}… now)"
+    assert modules["bound_data"]["state"] == "not found"
+    assert modules["bound_data"]["detail"] == f"not found at {project / 'bound_data.py'}"
+    for text in (files["md"], files["html"]):
+        assert f"bound_model.py differs (sha256 {now[:12]}… now)" in text
+        assert f"bound_data.py not found at {project / 'bound_data.py'}" in text
+    assert "**factory code: 2 modules recorded" in files["md"]  # a status line under the title, in bold
+
+
+def test_the_report_of_an_unfinished_run_reads_the_code_from_its_latest_checkpoint(
+        finished: Path, project: Path, tmp_path: Path) -> None:
+    copy = copy_at(finished, tmp_path, 3)
+    shutil.rmtree(copy / "final")
+    _, files = _report(copy, tmp_path / "report")
+    recorded = json.loads(files["json"])["code"]
+    where = f"checkpoints/{store.checkpoint_name(3)}/state.json"
+    assert recorded["recorded_in"] == where and recorded["bound"] is False
+    assert recorded["detail"].startswith(f"2 modules recorded in {where}, the latest checkpoint (not bound to the "
+                                         f"event chain); paths relative to the recipe's directory, {project}: "
+                                         "bound_data.py matches"), recorded["detail"]
+
+
+def test_the_report_of_a_run_recorded_before_its_code_was_says_not_checked(finished: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(finished, tmp_path / "old"))
+    manifest = json.loads((copy / "final/manifest.json").read_text())
+    del manifest["recipe_code"]
+    (copy / "final/manifest.json").write_text(json.dumps(manifest))
+    _, files = _report(copy, tmp_path / "report")  # the edit also fails the run_end binding: exit 4
+    recorded = json.loads(files["json"])["code"]
+    assert recorded["modules"] == [] and recorded["detail"] == (
+        "not checked: final/manifest.json records no factory code (the run predates that record)")
+    assert "| factory code | not checked: final/manifest.json records no factory code" in files["md"]

@@ -87,6 +87,16 @@ def test_identity_names_the_recipe_software_data_device_and_times(finished: Path
     assert "audit passed" in reported["md"].splitlines()[0]
 
 
+def test_a_run_naming_no_code_says_there_was_none_to_check(reported: dict[str, Any]) -> None:
+    """The digits run's recipe names no factory: the report says what it recorded, not that code matched."""
+    code = reported["json"]["code"]
+    assert code["modules"] == [] and code["recorded_in"] == "final/manifest.json"
+    assert code["detail"] == ("no code of the user's recorded in final/manifest.json, which run_end binds: the "
+                              "recipe names no module, or only standard-library or installed ones")
+    assert f"| factory code | {code['detail']} |" in reported["md"]
+    assert "## Factory code" in reported["md"]
+
+
 def test_final_metrics_show_the_metric_with_every_seed_muted_beside_it(finished: Path,
                                                                        reported: dict[str, Any]) -> None:
     summary = json.loads((finished / "summary.json").read_text(encoding="utf-8"))

@@ -1,12 +1,13 @@
 """``esper train --dry-run``: everything a run would check and decide before its first step, and nothing more.
 
 It loads and validates the recipe (with overrides), builds the data (for its shapes and split sizes)
-and the host model, wraps the target layers and probes the shapes they see, and asks the seed
-catalog which blueprints grow where and what each would cost (analytic parameters and FLOPs). It
-does not create the run directory or the workspace, open the kernel store, compile a kernel or
-train: a recipe can be checked on a laptop before it is sent to a GPU. The checks are the trainer's
-own (one implementation), so a recipe that passes here fails later only for reasons of that
-machine (its GPU, its disk) or its data changing.
+and the host model, says which code files the run would bind (each factory module's file and sha256,
+which a resume checks: a user sees what the run depends on before it does), wraps the target layers
+and probes the shapes they see, and asks the seed catalog which blueprints grow where and what each
+would cost (analytic parameters and FLOPs). It does not create the run directory or the workspace,
+open the kernel store, compile a kernel or train: a recipe can be checked on a laptop before it is
+sent to a GPU. The checks are the trainer's own (one implementation), so a recipe that passes here
+fails later only for reasons of that machine (its GPU, its disk) or its data changing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from esper_core.recipe.load import load_recipe
 from esper_core.telemetry.trackers import check_trackers
 from esper_core.training.data import build_data, import_factory
 from esper_core.training.early_stop import EarlyStopping
+from esper_core.training.factory_sources import ModuleSource, code_modules, module_sources
 from esper_core.training.loaders import first_batch
 from esper_core.training.models import build_model, count_parameters
 from esper_core.training.precision import kernel_dtype
@@ -32,8 +34,9 @@ from esper_core.training.tasks import Task
 
 
 def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bool | None = None) -> dict[str, Any]:
-    """The plan of a run of ``path``: the resolved recipe (YAML), the data, the model, each wrapped
-    layer with its slots and the blueprints that can (and cannot, and why) grow there, and the
+    """The plan of a run of ``path``: the resolved recipe (YAML), the code it names and what of it the
+    run would bind (each module's file and sha256, which a resume checks), the data, the model, each
+    wrapped layer with its slots and the blueprints that can (and cannot, and why) grow there, and the
     growth budgets. Raises the errors training would raise for a bad recipe (exit 2)."""
     loaded = load_recipe(path, overrides, allow_factories)
     recipe = loaded.recipe
@@ -55,6 +58,8 @@ def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bo
         manager, catalog = SeedCatalog.of_model(model, recipe.seeds, data.example(2),
                                                 [base_dir / d for d in recipe.seeds.blueprint_dirs], device.type,
                                                 kernel_dtype(recipe.trainer.precision))
+    sources = module_sources(loaded)  # as the run records them: the files the imports above read
+    code = {module: _bound(field, sources.get(module), base_dir) for module, field in code_modules(loaded).items()}
     layers = []
     for name, layer in manager.layers.items():
         usable = [bp for bp in catalog.blueprints_for(name) if catalog.over_budget(bp, name, recipe.policy) is None]
@@ -73,6 +78,7 @@ def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bo
     return {
         "recipe": str(loaded.path), "recipe_sha256": loaded.sha256, "resolved": loaded.resolved_yaml,
         "run_dir": str(Path(recipe.run.output_dir).resolve() / recipe.run.name), "device": str(device),
+        "code": code,
         "task": {"kind": task.kind, "metric": task.metric, "higher_is_better": task.higher_is_better},
         "data": {"source": data.name, "input_shape": list(data.input_shape), "outputs": data.num_classes,
                  "train": train_size, "val": _size(data.val), "test": _size(data.test),
@@ -88,6 +94,14 @@ def dry_run(path: str | Path, overrides: Sequence[str] = (), allow_factories: bo
                     "growth_window_steps": [int(policy.growth_window[0] * trainer.max_steps),
                                             int(policy.growth_window[1] * trainer.max_steps)]},
     }
+
+
+def _bound(field: str, source: ModuleSource | None, base_dir: Path) -> dict[str, str | None]:
+    """One module of the plan's ``code``: the recipe field naming it, its file (absolute, as the run
+    records it, and as shown to a user) and sha256; ``None`` for each where the run does not bind it
+    (a module of the standard library or an installed package, or one without a source file)."""
+    return {"field": field, "file": source.file if source else None,
+            "path": source.shown(base_dir) if source else None, "sha256": source.sha256 if source else None}
 
 
 def _size(dataset: Any) -> int | None:

@@ -13,6 +13,12 @@ named module's own file is hashed (helpers it imports in turn are not), and only
 module of the standard library or of an installed package (``torch.nn.functional:cross_entropy`` as
 ``task.function``) is versioned by its package, and binding it would refuse every resume after an
 upgrade.
+
+What a user reads of the binding comes from here too: ``esper train --dry-run`` lists the files a run
+would bind, and ``esper report`` lists those a run recorded with :func:`file_state`, whether the file
+at the recorded place still holds those bytes. The recorded path is absolute (a resume and the report
+read it wherever they run); :meth:`ModuleSource.shown` is the readable form, relative to the recipe's
+directory when the file is inside it.
 """
 
 from __future__ import annotations
@@ -24,10 +30,14 @@ import sysconfig
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from esper_core.errors import CheckpointError, Problem
 from esper_core.recipe.load import FACTORY_FIELDS, LoadedRecipe
+from esper_core.safe_read import UnsafeInput, sha256_regular
+
+FileState = Literal["matches", "differs", "not found", "unreadable"]
+"""What the file at a recorded path holds now, against the sha256 the run recorded for it."""
 
 
 @dataclass(frozen=True)
@@ -40,14 +50,28 @@ class ModuleSource:
     def fields(self) -> dict[str, str]:
         return {"file": self.file, "sha256": self.sha256}
 
+    def shown(self, base_dir: Path | None) -> str:
+        """The file as a user reads it: relative to ``base_dir`` (the recipe's directory) when inside it,
+        since the absolute path mostly repeats where the project lies; otherwise absolute, as recorded."""
+        file = Path(self.file)
+        base = base_dir.resolve() if base_dir is not None else None  # the file was recorded resolved
+        return str(file.relative_to(base)) if base is not None and file.is_relative_to(base) else self.file
+
 
 def code_modules(loaded: LoadedRecipe) -> dict[str, str]:
     """Each module the recipe names code in, with the first field naming it (``model.factory``)."""
+    return named_modules({f"{section}.{key}": getattr(getattr(loaded.recipe, section), key)
+                          for section, key in FACTORY_FIELDS})
+
+
+def named_modules(specs: Mapping[str, Any]) -> dict[str, str]:
+    """Each module the values of ``specs`` (recipe field -> its value) name, with the first field naming
+    it. Apart from :func:`code_modules` for a report, which reads a run's ``recipe.yaml`` as plain data:
+    a recipe found in someone's run directory is not loaded as one to be run."""
     named: dict[str, str] = {}
-    for section, key in FACTORY_FIELDS:
-        spec = getattr(getattr(loaded.recipe, section), key)
+    for field, spec in specs.items():
         if isinstance(spec, str) and ":" in spec:
-            named.setdefault(spec.partition(":")[0], f"{section}.{key}")
+            named.setdefault(spec.partition(":")[0], field)
     return named
 
 
@@ -62,6 +86,25 @@ def module_sources(loaded: LoadedRecipe) -> dict[str, ModuleSource]:
             if file is not None and not _installed(file):
                 sources[name] = ModuleSource(str(file), hashlib.sha256(file.read_bytes()).hexdigest())
     return sources
+
+
+def file_state(source: ModuleSource) -> tuple[FileState, str]:
+    """Whether the file at ``source.file`` still holds the recorded bytes, and that in words
+    ("matches", "differs (sha256 … now)", "not found at PATH", "unreadable: PATH is not a regular file
+    (it is a directory)"). The file is read, never imported: a report on someone else's run executes
+    none of its code, and says nothing about which file an import would find now (a resume checks that)."""
+    path = Path(source.file)
+    try:
+        now = sha256_regular(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "not found", f"not found at {path}"
+    except UnsafeInput as exc:  # a link, a directory, a FIFO: what stands there is not the recorded file
+        return "unreadable", f"unreadable: {path} {exc}"
+    except OSError as exc:
+        return "unreadable", f"unreadable: {path} ({exc.strerror or exc})"
+    if now == source.sha256:
+        return "matches", "matches"
+    return "differs", f"differs (sha256 {now[:12]}… now)"
 
 
 def _module_file(name: str) -> Path | None:

@@ -54,6 +54,10 @@ def write_report(run_dir: Path, out_dir: Path | None = None, formats: tuple[str,
     audit = report["audit"]
     notes = [(audit["ok"] and audit["recipe_ok"], audit[k]) for k in ("detail", "recipe_detail")]
     notes += [(audit["tamper_evident"], audit["evidence"])] if audit["evidence"] else []
+    code = report["code"]
+    # edited or missing code is a finding shown beside the audit, not a failure of it: the verdict stands
+    notes += [(all(m["state"] == "matches" for m in code["modules"]), f"factory code: {code['detail']}")] \
+        if code["modules"] else []
     plots = render_all(report, loss_scale) if {"md", "html"} & set(formats) else {}
     paths = _write_formats(out_dir or _own(run_dir / "report"), "report", formats, report, headline(report), notes,
                            plots, sections(report))

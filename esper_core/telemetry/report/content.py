@@ -10,10 +10,12 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
+from esper_core.recipe.load import FACTORY_FIELDS
 from esper_core.seeds.lifecycle import any_adding
 from esper_core.telemetry.binding import evidence
 from esper_core.telemetry.report.load import Record, RunFiles
 from esper_core.telemetry.run import build_info
+from esper_core.training.factory_sources import file_state, named_modules
 
 SCHEMA = "esper-report/1"
 
@@ -38,6 +40,7 @@ def build(files: RunFiles) -> dict[str, Any]:
         "generated_by": build_info(),
         "run": _identity(files, start, end, steps),
         "audit": files.audit.to_json() | _recipe_check(files) | _evidence(files),
+        "code": _code(files),
         "changes": [change(e) for e in files.events if e.get("event") not in ("run_start", "run_end")],
         "kernels": _kernels(files.events),
         "checkpoints": files.checkpoints,
@@ -96,6 +99,42 @@ def _recipe_check(files: RunFiles) -> dict[str, Any]:
     problems = files.integrity
     return {"recipe_ok": not problems, "recipe_detail": "; ".join(map(str, problems)) if problems else "recipe.yaml "
             "matches its recorded sha256 and the results match those bound in the event chain"}
+
+
+def _code(files: RunFiles) -> dict[str, Any]:
+    """The factory code the run recorded, each module with its recorded sha256 and whether the file at
+    the recorded path still holds those bytes, and one sentence saying what was checked and what was
+    not. A file that differs is a finding, not an audit failure: the run's own files are intact, the
+    code beside its recipe changed since (a resume of the run would refuse it)."""
+    code = files.code
+    if code is None:
+        return {"recorded_in": None, "bound": False, "recipe_dir": None, "modules": [],
+                "detail": "not checked: the run has neither final/manifest.json nor a checkpoint recording its code"}
+    recorded = {"recorded_in": code.where, "bound": code.bound,
+                "recipe_dir": str(code.recipe_dir) if code.recipe_dir is not None else None, "modules": []}
+    if code.sources is None:
+        return recorded | {"detail": f"not checked: {code.where} {code.missing}"}
+    where = code.where + (", which run_end binds" if code.bound else ", the latest checkpoint (not bound to the "
+                                                                      "event chain)")
+    if not code.sources:
+        return recorded | {"detail": f"no code of the user's recorded in {where}: the recipe names no module, or "
+                                     "only standard-library or installed ones"}
+    fields = named_modules({f"{section}.{key}": _mapping(files.recipe.get(section)).get(key)
+                            for section, key in FACTORY_FIELDS})
+    modules = []
+    for name, source in code.sources.items():
+        state, detail = file_state(source)
+        modules.append({"module": name, "field": fields.get(name), "file": source.file,
+                        "path": source.shown(code.recipe_dir), "sha256": source.sha256, "state": state,
+                        "detail": detail})
+    found = ", ".join(f"{m['path']} {m['detail']}" for m in modules)
+    count = f"{len(modules)} module{'s' if len(modules) > 1 else ''}"
+    relative = code.recipe_dir is not None and any(m["path"] != m["file"] for m in modules)
+    paths = f"; paths relative to the recipe's directory, {code.recipe_dir}" if relative else ""
+    return recorded | {"modules": modules,
+                       "detail": f"{count} recorded in {where}{paths}: {found}. Checked: each named module's own "
+                                 "file, read at its recorded path; not checked: the modules they import, nor which "
+                                 "file an import would find now (esper resume checks that)"}
 
 
 def _evidence(files: RunFiles) -> dict[str, Any]:

@@ -79,13 +79,18 @@ def sections(report: dict[str, Any]) -> list[Table]:
                 k["outcome"]] for k in report["kernels"]]
     checkpoints = [[c["name"], fmt(c["step"]), fmt(c["bytes"]), fmt(c["latest"]), fmt(c["complete"])]
                    for c in report["checkpoints"]]
+    code = report["code"]
+    modules = [[m["module"], fmt(m["field"]), m["path"], m["sha256"], m["detail"]] for m in code["modules"]]
     anomalies = [[fmt(a.get("seq")), fmt(a.get("step")), fmt(a.get("kind")), fmt(a.get("reason"))]
                  for a in report["anomalies"]]
     return [
         Table("Run identity", ["field", "value"], identity),
         Table("Audit", ["check", "result"], [["event chain", audit["detail"]], ["records", fmt(audit["records"])],
                                              ["head", audit["head"]], ["recipe", audit["recipe_detail"]],
-                                             ["tamper evidence", audit["evidence"] or "-"]]),
+                                             ["tamper evidence", audit["evidence"] or "-"],
+                                             ["factory code", code["detail"]]]),
+        Table("Factory code", ["module", "recipe key", "file", "recorded sha256", "file now"], modules,
+              empty=code["detail"]),
         Table("Final metrics", ["metric", "value"], results, empty="the run did not finish: no final metrics"),
         Table("Budgets", ["recipe key", "what", "limit", "used", "verdict"], budgets),
         Table("Change history", ["seq", "step", "event", "slot", "blueprint", "reason and measured effect"], changes,
