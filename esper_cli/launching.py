@@ -51,11 +51,17 @@ def resumed_rendezvous_id(target: str) -> str | None:
     """The default ``--rdzv-id`` of ``esper resume --checkpoint TARGET`` (a run or one of its checkpoint
     directories): the run's name and a hash of its saved ``recipe.yaml``, which every node reads at the
     same path; ``None`` (torchrun gets ``esper``) when there is none here, e.g. an ``s3://`` run."""
+    import io
+    import os
+
+    from esper_core.safe_read import UnsafeInput, open_regular
+
     path = Path(target)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
-    try:
-        return rendezvous_id(run_dir.name, (run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
+    try:  # not a plain read: a FIFO there would block the launch forever (the ranks then name it)
+        with os.fdopen(open_regular(run_dir / "recipe.yaml", follow_links=True), "rb") as handle:
+            return rendezvous_id(run_dir.name, io.TextIOWrapper(handle, encoding="utf-8").read())
+    except (OSError, UnicodeDecodeError, UnsafeInput):
         return None
 
 

@@ -21,6 +21,11 @@ swap between the check and the write), and :func:`open_run_file` is how a run's 
 written in place (its logs, its lock) are opened: any refusal is one located error, exit 3. Files
 that Esper writes to a temporary name and renames into place need none of this: a rename replaces
 the name, never the file a link or another name shares.
+
+A file the user names (a recipe, a blueprint, a data file) is opened the same way but through links
+(``follow_links=True``: a link there is the user's own choice): a FIFO named as a recipe blocked
+``esper train`` forever, and a device or a socket was read as an empty recipe or failed with an
+``errno`` text. :class:`NotRegular` carries what stands there, so each reader can say it in its own words.
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ _OPENERS = {ord("["), ord("{")}
 
 class UnsafeInput(ValueError):
     """A file or text that is not what it should be (wrong kind of file, too large, too deep)."""
+
+
+class NotRegular(UnsafeInput):
+    """Something other than a regular file stands at the path; ``kind`` says what ("a FIFO", "a directory")."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"is not a regular file (it is {kind})")
+        self.kind = kind
 
 
 class SharedFile(UnsafeInput):
@@ -115,6 +128,14 @@ def _kind(mode: int) -> str:
     return "not a file"
 
 
+def _mode(path: Path) -> int | None:
+    """The mode of what ``path`` names (through links), or ``None`` when that cannot be found out."""
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return None
+
+
 def sha256_regular(path: Path) -> str:
     """sha256 of a regular file (not a link, FIFO or device), streamed: model files can be large."""
     with os.fdopen(open_regular(path), "rb") as handle:
@@ -149,27 +170,32 @@ def shared(links: int) -> str:
             "copy (cp FILE FILE.own && mv FILE.own FILE) or remove the other names")
 
 
-def open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+def open_regular(path: Path, flags: int = os.O_RDONLY, follow_links: bool = False) -> int:
     """A descriptor of ``path`` opened with ``flags`` (``os.O_WRONLY | os.O_APPEND | os.O_CREAT`` to
-    append, say) without following links or blocking (a FIFO), checked to be a regular file, and, when
-    opened for writing, to have no other name (a hard link: see the module docstring). ``O_TRUNC`` is
-    not accepted: it would cut the file before it is checked (truncate with ``os.ftruncate`` after).
+    append, say) without blocking (a FIFO) and, unless ``follow_links`` (a file the user named), without
+    following links, checked to be a regular file (:class:`NotRegular` otherwise), and, when opened for
+    writing, to have no other name (a hard link: see the module docstring). ``O_TRUNC`` is not accepted:
+    it would cut the file before it is checked (truncate with ``os.ftruncate`` after).
     ``FileNotFoundError`` passes through so callers can say "missing"."""
     writing = flags & os.O_ACCMODE != os.O_RDONLY
     if flags & os.O_TRUNC:
         raise ValueError("open_regular: O_TRUNC would truncate before the checks; use os.ftruncate after")
-    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags |= getattr(os, "O_NONBLOCK", 0) | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0))
     try:
         descriptor = os.open(path, flags, 0o644)
     except FileNotFoundError:
         raise
-    except OSError as exc:  # ELOOP: a symbolic link; ENOTDIR: a parent is a file; EACCES ...
-        kind = "a symbolic link" if os.path.islink(path) else exc.strerror
-        raise UnsafeInput(f"cannot be {'written' if writing else 'read'} ({kind})") from None
+    except OSError as exc:  # ELOOP: a symbolic link; ENXIO: a socket; EISDIR; ENOTDIR: a parent is a file; EACCES ...
+        if not follow_links and os.path.islink(path):
+            raise UnsafeInput(f"cannot be {'written' if writing else 'read'} (a symbolic link)") from None
+        mode = _mode(path)
+        if mode is not None and not stat.S_ISREG(mode):
+            raise NotRegular(_kind(mode)) from None
+        raise UnsafeInput(f"cannot be {'written' if writing else 'read'} ({exc.strerror})") from None
     status = os.fstat(descriptor)
     if not stat.S_ISREG(status.st_mode):
         os.close(descriptor)
-        raise UnsafeInput(f"is not a regular file (it is {_kind(status.st_mode)})")
+        raise NotRegular(_kind(status.st_mode))
     if writing and status.st_nlink > 1:
         os.close(descriptor)
         raise SharedFile(f"cannot be written in place: it is {shared(status.st_nlink)}")

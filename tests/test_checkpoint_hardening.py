@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ import torch
 from esper_core.checkpoints import store
 from esper_core.checkpoints.lock import RunLock
 from esper_core.errors import CheckpointError
+
+T = TypeVar("T")
 
 
 class Killed(BaseException):
@@ -278,7 +281,45 @@ def test_esper_resume_strict_on_a_nested_manifest_exits_3_naming_it(run_dir):
     assert "Traceback" not in result.stderr
 
 
-def run_with_timeout(call: Callable[[], store.Checkpoint], seconds: float = 20.0) -> store.Checkpoint:
+TINY_RUN = """\
+run: {{name: tiny, seed: 0, device: cpu}}
+data: {{source: digits, layout: flat, batch_size: 32}}
+model: {{arch: mlp, widths: [16]}}
+policy: {{max_seeds: 0}}
+trainer: {{max_steps: 4, eval_every: 2}}
+checkpoint: {{every_steps: 2}}
+telemetry: {{progress: none}}
+storage: {{workspace: "{workspace}"}}
+"""
+
+
+def test_a_fifo_in_place_of_a_runs_recipe_is_named_and_nothing_waits_for_it(tmp_path):
+    """A resume hashes and reads the run's ``recipe.yaml``; a FIFO there was "missing or does not match the
+    recipe hash" (wrong: something is there, and it is not a file), and ``esper resume --nproc-per-node``,
+    which reads it for the rendezvous id before it launches, blocked forever. Now the resume names what
+    stands there (exit 3), and the launcher leaves the id to torchrun's default."""
+    from esper_cli.launching import resumed_rendezvous_id
+    from esper_core.training.trainer import Trainer
+
+    (tmp_path / "recipe.yaml").write_text(TINY_RUN.format(workspace=tmp_path / "ws"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer.from_recipe(tmp_path / "recipe.yaml", [f"run.output_dir={tmp_path / 'runs'}"])
+        run = Path(trainer.fit()["run_dir"])
+    finally:
+        torch.set_num_threads(before)
+    (run / "recipe.yaml").unlink()
+    os.mkfifo(run / "recipe.yaml")
+    assert run_with_timeout(lambda: resumed_rendezvous_id(str(run))) is None
+    result = subprocess.run([sys.executable, "-m", "esper_cli", "resume", "--checkpoint", str(run),
+                             "trainer.max_steps=6"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.splitlines() == [f"error: {run / 'recipe.yaml'}: is not a regular file (it is a FIFO)"], \
+        result.stderr
+
+
+def run_with_timeout(call: Callable[[], T], seconds: float = 20.0) -> T:
     """Run ``call`` on a daemon thread: a hang (a FIFO opened for reading) fails the test, not the suite."""
     outcome: dict[str, object] = {}
 

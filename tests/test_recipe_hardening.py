@@ -1,11 +1,14 @@
 """Recipe inputs that used to crash or silently mean something else (issue 11, items 16 and 17):
 strict types, integers too long to parse, a synthetic dataset too large to generate, an output
-directory that is a file, `run.device: cuda` without a GPU, and factories when they are not allowed.
+directory that is a file, `run.device: cuda` without a GPU, factories when they are not allowed, and
+a file the user names that is not a regular file (a FIFO blocked `esper train` forever).
 Each is one located problem and exit 2, through `esper train` where the check runs before training.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -166,4 +169,95 @@ def test_a_model_task_and_data_that_do_not_fit_are_a_recipe_error(tmp_path: Path
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "task.kind: " in lines[0] and "do not fit together" in lines[0] and says in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+Case = tuple[list[str], str]
+"""The command's arguments and the one error line it must print (without ``error: ``)."""
+
+
+def _fifo(path: Path) -> str:
+    os.mkfifo(path)
+    return str(path)
+
+
+def _socket(path: Path) -> str:
+    """A Unix socket file, bound by its name in the current directory (socket paths must be short)."""
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path.name)
+    return str(path)
+
+
+def _recipe_fifo(d: Path) -> Case:
+    return ["train", _fifo(d / "f.yaml")], f"{d / 'f.yaml'}: is a FIFO, not a YAML file"
+
+
+def _dry_run_fifo(d: Path) -> Case:
+    return ["train", _fifo(d / "f.yaml"), "--dry-run"], f"{d / 'f.yaml'}: is a FIFO, not a YAML file"
+
+
+def _recipe_socket(d: Path) -> Case:
+    return ["train", _socket(d / "s.yaml")], f"{d / 's.yaml'}: is a socket, not a YAML file"
+
+
+def _dev_null(d: Path) -> Case:
+    return ["train", "/dev/null"], "/dev/null: is a character device, not a YAML file"
+
+
+def _stdin_pipe(d: Path) -> Case:
+    return ["train", "/dev/stdin"], "/dev/stdin: is a FIFO, not a YAML file"  # stdin is the test's pipe
+
+
+def _compile_for_fifo(d: Path) -> Case:
+    blueprint = REPO / "tests" / "blueprints" / "linear_conv.yaml"
+    return (["compile", str(blueprint), "--check", "--for", _fifo(d / "f.yaml")],
+            f"{d / 'f.yaml'}: is a FIFO, not a YAML file")
+
+
+def _blueprint_fifo(d: Path) -> Case:
+    return (["compile", _fifo(d / "bp.yaml"), "--check", "--linear", "8:8"],
+            f"{d / 'bp.yaml'}: is a FIFO, not a YAML file")
+
+
+def _blueprint_dir_fifo(d: Path) -> Case:
+    (d / "bps").mkdir()
+    _fifo(d / "bps" / "x.yaml")
+    (d / "r.yaml").write_text("run: {name: b, device: cpu}\nseeds: {blueprint_dirs: [bps]}\n")
+    return ["train", str(d / "r.yaml"), "--dry-run"], f"{d / 'bps' / 'x.yaml'}: is a FIFO, not a YAML file"
+
+
+def _data_file_fifo(d: Path) -> Case:
+    _fifo(d / "d.npz")
+    (d / "r.yaml").write_text("trainer: {max_steps: 2}\n")
+    return (["train", str(d / "r.yaml"), "data.source=file", "data.path=d.npz", "--dry-run"],
+            f"{COMMAND_LINE}: data.path: override 'data.path=d.npz': data file is not a regular file (it is a FIFO): "
+            f"{d / 'd.npz'}")
+
+
+def _text_file_fifo(d: Path) -> Case:
+    _fifo(d / "t.txt")
+    (d / "r.yaml").write_text(LM_RECIPE.replace("DATA", "t.txt"))
+    return ["train", str(d / "r.yaml"), "--dry-run"], f"{d / 't.txt'}: is not a regular file (it is a FIFO)"
+
+
+NOT_A_FILE = {"recipe": _recipe_fifo, "dry-run": _dry_run_fifo, "socket": _recipe_socket, "dev-null": _dev_null,
+              "stdin-pipe": _stdin_pipe, "compile-for": _compile_for_fifo, "blueprint": _blueprint_fifo,
+              "blueprint-dir": _blueprint_dir_fifo, "data-file": _data_file_fifo, "text-file": _text_file_fifo}
+
+
+@pytest.mark.parametrize("case", NOT_A_FILE)
+def test_a_named_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     case: str) -> None:
+    """A FIFO named as a recipe, a blueprint, a blueprint directory's file or a data file blocked the command
+    forever (``open`` waits for a writer), ``/dev/null`` trained a recipe of defaults, and ``/dev/stdin`` fed
+    by a pipe was "file not found". Each is refused before it is read: one line naming the file, exit 2,
+    as a directory there already was. The timeout turns a hang back into a failure."""
+    monkeypatch.chdir(tmp_path)
+    args, says = NOT_A_FILE[case](tmp_path)
+    output = [f"run.output_dir={tmp_path / 'runs'}"] if args[0] == "train" else []
+    done = subprocess.run([sys.executable, "-m", "esper_cli", *args, *output], input="trainer: {max_steps: 2}\n",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"error: {says}"], done.stderr
     assert not (tmp_path / "runs").exists()

@@ -39,7 +39,7 @@ class BlueprintFile:
 def load_blueprint(path: str | Path) -> BlueprintFile:
     source = str(path)
     resolved = Path(path).expanduser().resolve()
-    document = read_yaml_file(resolved, source)
+    document = read_yaml_file(Path(path).expanduser(), source)  # as named: /dev/stdin resolves to no file
     if not document.data:  # one line, not one "Field required" per required key
         raise ConfigError(Problem(source, "the file is empty: a blueprint needs at least name, host and ops", line=1))
     try:

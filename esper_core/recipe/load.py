@@ -26,6 +26,7 @@ from esper_core.recipe.diagnostics import Locator, validation_problems
 from esper_core.recipe.overrides import COMMAND_LINE, apply_overrides
 from esper_core.recipe.schema import Recipe
 from esper_core.recipe.yaml_source import read_yaml_file
+from esper_core.safe_read import UnsafeInput, open_regular
 
 DATA_SUFFIXES = (".npz", ".csv")
 
@@ -117,7 +118,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), allow_factories
     source = str(path)
     resolved = Path(path).expanduser().resolve()
     base = resolved.parent if base_dir is None else Path(base_dir)
-    document = read_yaml_file(resolved, source)
+    document = read_yaml_file(Path(path).expanduser(), source)  # as named: /dev/stdin resolves to no file
     data, applied = apply_overrides(document.data, overrides)
     locator = Locator(source, document.lines, applied)
     problems: list[Problem] = []
@@ -180,7 +181,8 @@ def _data_file_problem(section: Any, recipe_dir: Path) -> str | None:
     """Check ``data.path`` for ``source: file`` now, not minutes into a run.
 
     Works on the raw data so it is reported together with schema problems; values the schema
-    rejects anyway (a non-string path) are left to the schema's message.
+    rejects anyway (a non-string path) are left to the schema's message. A directory, a FIFO or a
+    device there is named as what it is, not as a file that is missing.
     """
     if not isinstance(section, dict) or section.get("source") != "file":
         return None
@@ -190,8 +192,12 @@ def _data_file_problem(section: Any, recipe_dir: Path) -> str | None:
     if Path(written).suffix not in DATA_SUFFIXES:
         return f"data file must end in {' or '.join(DATA_SUFFIXES)} (got {written!r})"
     target = _against(recipe_dir, written)
-    if not target.is_file():
+    try:  # opened, not stat'ed, so what is refused here is what reading it would refuse; a FIFO never blocks
+        os.close(open_regular(target, follow_links=True))
+    except FileNotFoundError:
         return f"data file not found: {target}"
+    except UnsafeInput as exc:
+        return f"data file {exc}: {target}"
     return None
 
 

@@ -12,6 +12,7 @@ are rejected instead of silently resolved, because YAML quietly keeps the last d
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from esper_core.errors import ConfigError, Problem
+from esper_core.safe_read import NotRegular, UnsafeInput, open_regular
 
 MAX_FILE_BYTES = 1 << 20
 MAX_EXPANDED_NODES = 100_000
@@ -44,14 +46,19 @@ class YamlDocument:
 def read_yaml_file(path: Path, source: str) -> YamlDocument:
     """Read a recipe-like file whose top level must be a mapping; an empty file is an empty mapping.
 
-    ``source`` is how problems name the file (the path as the user typed it).
+    ``source`` is how problems name the file (the path as the user typed it). Anything but a regular file
+    (a directory, a FIFO, a device, a socket) is refused before it is read, naming what it is.
     """
-    if not path.exists():
-        raise ConfigError(Problem(source, "file not found"))
-    if path.is_dir():
-        raise ConfigError(Problem(source, "is a directory, not a YAML file"))
+    try:  # checked on the opened descriptor: a FIFO would block a plain open forever, a device never ends
+        descriptor = open_regular(path, follow_links=True)
+    except FileNotFoundError:
+        raise ConfigError(Problem(source, "file not found")) from None
+    except NotRegular as exc:
+        raise ConfigError(Problem(source, f"is {exc.kind}, not a YAML file")) from None
+    except UnsafeInput as exc:
+        raise ConfigError(Problem(source, str(exc))) from None
     try:
-        with path.open("rb") as stream:  # bounded read: the size on disk may change, or lie (devices)
+        with os.fdopen(descriptor, "rb") as stream:  # bounded read: the size on disk may change
             raw = stream.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(Problem(source, f"cannot read file ({exc.strerror})")) from None

@@ -22,6 +22,7 @@ is the recipe's, relative paths from the run directory, no code to check).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 
 from esper_core.errors import CheckpointError, Problem
 from esper_core.recipe.load import LoadedRecipe, load_recipe
+from esper_core.safe_read import UnsafeInput, open_regular
 from esper_core.training.factory_sources import ModuleSource, read_sources
 
 
@@ -65,7 +67,13 @@ def load_saved_recipe(run_dir: Path, record: Mapping[str, Any], where: str, over
     effective_hash = record.get("recipe_sha256")
     # older records: the file is the recipe in effect; without any record, the hash the run wrote
     expected = record.get("recipe_file_sha256") or effective_hash or _written_hash(run_dir)
-    digest = hashlib.sha256(saved.read_bytes()).hexdigest() if saved.is_file() else None
+    try:  # a FIFO, a device or a directory here was reported "missing"; none is ever read (a FIFO would block)
+        with os.fdopen(open_regular(saved, follow_links=True), "rb") as handle:
+            digest: str | None = hashlib.file_digest(handle, "sha256").hexdigest()
+    except FileNotFoundError:
+        digest = None
+    except UnsafeInput as exc:
+        raise CheckpointError(Problem(str(saved), str(exc))) from None
     if digest is None or (expected is not None and digest != expected):
         raise CheckpointError(Problem(str(saved), f"missing or does not match the recipe hash recorded in {where}"))
     recipe_dir = record.get("recipe_dir")

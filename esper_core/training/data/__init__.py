@@ -21,7 +21,7 @@ from esper_core.errors import RECIPE_FIELD, ConfigError, Problem
 from esper_core.recipe.schema import DataConfig
 from esper_core.training.data.bundled import bundled
 from esper_core.training.data.factory import call_factory, from_factory, import_factory
-from esper_core.training.data.files import read_table, read_text
+from esper_core.training.data.files import open_data, read_table, read_text
 from esper_core.training.data.generators import mnist1d, synthetic, teacher
 from esper_core.training.data.splits import DataSplits, split_arrays, split_indices
 
@@ -68,5 +68,5 @@ def build_data(cfg: DataConfig, seed: int, base_dir: Path, kind: str = "classifi
 
 def _fingerprinted(splits: DataSplits, path: Path) -> DataSplits:
     """``splits`` with the sha256 of the file they were read from (read once more, streamed)."""
-    with path.open("rb") as handle:
+    with open_data(path) as handle:  # not a plain open: a FIFO put there since would block it
         return dataclasses.replace(splits, fingerprint=hashlib.file_digest(handle, "sha256").hexdigest())

@@ -1,14 +1,19 @@
 """Data a user points a recipe at: ``.npz``/``.csv`` tables (``source: file``) and plain text (``source: text``).
 
-Every defect is a ConfigError naming the file (and the line, for CSV), never a traceback.
+Every defect is a ConfigError naming the file (and the line, for CSV), never a traceback. Each file is
+opened through :func:`open_data`: something other than a regular file is refused, never read (a FIFO
+would block forever).
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -16,9 +21,21 @@ from torch.utils.data import TensorDataset
 
 from esper_core.errors import ConfigError, Problem
 from esper_core.recipe.schema import DataConfig
+from esper_core.safe_read import UnsafeInput, open_regular
 from esper_core.training.data.splits import Arrays, DataSplits
 
 MAX_TEXT_BYTES = 256 << 20
+
+
+def open_data(path: Path) -> BinaryIO:
+    """``path``, a data file the recipe names, opened for reading if it is a regular file (links are
+    followed); a ConfigError naming it otherwise, never an ``open`` that waits for a FIFO's writer."""
+    try:
+        return os.fdopen(open_regular(path, follow_links=True), "rb")
+    except FileNotFoundError:
+        raise ConfigError(Problem(str(path), "file not found")) from None
+    except UnsafeInput as exc:
+        raise ConfigError(Problem(str(path), str(exc))) from None
 
 
 def read_table(path: Path, label_column: str, layout: str, classification: bool) -> Arrays:
@@ -28,14 +45,13 @@ def read_table(path: Path, label_column: str, layout: str, classification: bool)
     def fail(message: str, line: int | None = None) -> ConfigError:
         return ConfigError(Problem(str(path), message, line=line))
 
-    if not path.is_file():
-        raise fail("file not found")
-    if path.suffix.lower() == ".npz":
-        x, y = _read_npz(path, fail)
-    elif path.suffix.lower() == ".csv":
-        x, y = _read_csv(path, label_column, fail)
-    else:
-        raise fail(f"unsupported file type '{path.suffix}'; use .npz or .csv")
+    with open_data(path) as handle:
+        if path.suffix.lower() == ".npz":
+            x, y = _read_npz(handle, fail)
+        elif path.suffix.lower() == ".csv":
+            x, y = _read_csv(handle, label_column, fail)
+        else:
+            raise fail(f"unsupported file type '{path.suffix}'; use .npz or .csv")
     if not np.isfinite(x).all():
         raise fail("x contains NaN or infinite values")
     if layout == "flat":
@@ -57,10 +73,10 @@ def read_table(path: Path, label_column: str, layout: str, classification: bool)
     return Arrays(x, y.astype(np.int64), len(classes), path.name)
 
 
-def _read_npz(path: Path, fail: Callable[..., ConfigError]) -> tuple[np.ndarray, np.ndarray]:
+def _read_npz(handle: BinaryIO, fail: Callable[..., ConfigError]) -> tuple[np.ndarray, np.ndarray]:
     """Arrays ``x`` (N, ...) and ``y`` (N,); pickled object arrays are refused, never loaded."""
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(handle, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise fail("holds a single array; expected an .npz archive with arrays 'x' and 'y'")
         with archive:
@@ -80,13 +96,12 @@ def _read_npz(path: Path, fail: Callable[..., ConfigError]) -> tuple[np.ndarray,
     return x, y
 
 
-def _read_csv(path: Path, label_column: str,
+def _read_csv(handle: BinaryIO, label_column: str,
               fail: Callable[..., ConfigError]) -> tuple[np.ndarray, np.ndarray]:
     """A numeric table with a header row; the label column is split off, every other one is a feature."""
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            rows = [(reader.line_num, row) for row in reader if row]  # line_num: for messages
+        reader = csv.reader(io.TextIOWrapper(handle, encoding="utf-8", newline=""))
+        rows = [(reader.line_num, row) for row in reader if row]  # line_num: for messages
     except (UnicodeDecodeError, csv.Error) as exc:
         raise fail(f"not a readable UTF-8 CSV file: {exc}") from None
     if not rows:
@@ -130,14 +145,13 @@ def read_text(path: Path, cfg: DataConfig) -> DataSplits:
     def fail(message: str) -> ConfigError:
         return ConfigError(Problem(str(path), message))
 
-    if not path.is_file():
-        raise fail("file not found")
-    if path.stat().st_size > MAX_TEXT_BYTES:
-        raise fail(f"larger than {MAX_TEXT_BYTES >> 20} MiB")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise fail(f"not UTF-8 text: {exc}") from None
+    with open_data(path) as handle:
+        if os.fstat(handle.fileno()).st_size > MAX_TEXT_BYTES:
+            raise fail(f"larger than {MAX_TEXT_BYTES >> 20} MiB")
+        try:
+            text = io.TextIOWrapper(handle, encoding="utf-8").read()  # newlines as Path.read_text reads them
+        except UnicodeDecodeError as exc:
+            raise fail(f"not UTF-8 text: {exc}") from None
     vocab = sorted(set(text))
     if len(vocab) < 2:
         raise fail("holds fewer than two distinct characters")
