@@ -13,7 +13,8 @@ Two figures per configuration (issue 13):
 
 The plain loop is what a performance-minded user writes: the same data splits (built by Esper from
 the same recipe) held on the device, one ``randperm`` per epoch and one indexing op per batch, the
-same model, AdamW with the same learning-rate schedule (``LambdaLR``), the same precision
+same model, AdamW with the same kernel (fused on the CPU, as Esper builds it) and the same
+learning-rate schedule (``LambdaLR``), the same precision
 (``torch.autocast``) and ``torch.compile`` mode, the same determinism setting, a ``loss.item()`` every
 ``log_every`` steps and a validation pass every ``eval_every`` steps. Esper's run is a real
 ``Trainer.fit()`` (checkpoints off on both sides; their cost is ``benchmarks/checkpoint.py``'s).
@@ -78,6 +79,7 @@ from esper_core import load_run  # noqa: E402
 from esper_core.export.plain import unwrap  # noqa: E402
 from esper_core.recipe.load import load_recipe  # noqa: E402
 from esper_core.training.models import build_model  # noqa: E402
+from esper_core.training.optim import cpu_fused  # noqa: E402
 from esper_core.training.schedules import lr_factor  # noqa: E402
 from esper_core.training.setup import seed_everything  # noqa: E402
 from esper_core.training.trainer import Trainer  # noqa: E402
@@ -200,7 +202,9 @@ def plain_loop(trainer: Trainer, model: nn.Module) -> Clock:
     x_train, y_train = (t.to(device) for t in trainer.data.train.tensors)
     x_val, y_val = (t.to(device) for t in trainer.data.val.tensors)
     model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters())  # the same optimizer kernel as Esper's (fused on the CPU)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if cpu_fused(params) else {}))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     step_model = model if cfg.compile == "none" else torch.compile(model, mode=cfg.compile)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)

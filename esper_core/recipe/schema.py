@@ -414,7 +414,9 @@ class EarlyStoppingConfig(Section):
 
 class TrainerConfig(Section):
     max_steps: int = Field(1000, ge=1, le=100_000_000, description="Optimizer steps to train.")
-    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="Optimizer (torch's; on the CPU its "
+                                                       "fused kernel, several times faster per step than torch's "
+                                                       "default there; on a GPU torch's default).")
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="Learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Weight decay.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")

@@ -20,13 +20,27 @@ HOST_GROUP = "host"
 
 
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the model's trainable parameters (the host group; seeds join later
+    in a group of their own, which inherits the same implementation)."""
     params = [p for p in model.parameters() if p.requires_grad]
     group = {"params": params, "name": HOST_GROUP, "base_lr": cfg.lr}
+    implementation = {"fused": True} if cpu_fused(params) else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD([group], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD([group], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               **implementation)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam([group], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW([group], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam([group], lr=cfg.lr, weight_decay=cfg.weight_decay, **implementation)
+    return torch.optim.AdamW([group], lr=cfg.lr, weight_decay=cfg.weight_decay, **implementation)
+
+
+def cpu_fused(params: list[nn.Parameter]) -> bool:
+    """Whether to ask for torch's fused optimizer kernel: when every parameter is a floating-point
+    tensor on the CPU. There torch's default is its single-tensor loop, a handful of Python-dispatched
+    ops per parameter tensor: on the quickstart MLP an AdamW step took 243 us for the host's six tensors
+    and 1,330 us once eight span seeds had added 32 more, against 63 us and 237 us fused (2 threads),
+    a third of the host's whole training step. On CUDA torch's default (``foreach``) already batches
+    the tensors, and the fused kernel measured no faster on the H200, so the default stays."""
+    return bool(params) and all(p.device.type == "cpu" and p.is_floating_point() for p in params)
 
 
 def seed_lr(step: int, trainer: TrainerConfig, seeds: SeedsConfig, window_end: float) -> float:
