@@ -137,12 +137,11 @@ def _muted_rows(summary: dict, metric: str) -> list[tuple[str, str]]:
 
 
 def print_plan(plan: dict[str, Any], console: Console) -> None:
-    """The dry run's report: the resolved recipe, the code the run would bind, then the data and model, the
-    layers, the budgets."""
+    """The dry run's report: the resolved recipe (YAML up to the ``data:`` line, so it can be copied or
+    parsed as it is), then the data and model, the layers, the budgets, and the code the run would bind."""
     console.print(f"# resolved recipe ({plan['recipe']}, sha256 {plan['recipe_sha256'][:12]})", markup=False,
                   highlight=False)
     console.print(plan["resolved"].rstrip(), markup=False, highlight=False, soft_wrap=True)
-    _print_code(plan["code"], console)
     data, model = plan["data"], plan["model"]
     console.print(f"\ndata: {data['source']}, input {tuple(data['input_shape'])}, {data['outputs']} outputs, "
                   f"train/val/test {data['train']}/{data['val']}/{data['test']} samples, "
@@ -168,6 +167,7 @@ def print_plan(plan: dict[str, Any], console: Console) -> None:
                   + (f", {budgets['max_latency_ms']} ms per seed" if budgets["max_latency_ms"] else "")
                   + f"; growth from step {start} to {end}; {plan['kernels']} kernels to compile or fetch",
                   markup=False, highlight=False, soft_wrap=True)
+    _print_code(plan["code"], console)
 
 
 def _print_code(code: dict[str, dict[str, Any]], console: Console) -> None:
