@@ -317,6 +317,13 @@ def test_a_fifo_in_place_of_a_runs_recipe_is_named_and_nothing_waits_for_it(tmp_
     assert result.returncode == 3, result.stderr
     assert result.stderr.splitlines() == [f"error: {run / 'recipe.yaml'}: is not a regular file (it is a FIFO)"], \
         result.stderr
+    # export and sync read the same file first: they named the run "not a run directory (no recipe.yaml)"
+    for command in (["export", str(run), "--format", "safetensors"], ["sync", str(run), "--to", "s3://bucket/runs"]):
+        result = subprocess.run([sys.executable, "-m", "esper_cli", *command], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 3, (command, result.stderr)
+        assert result.stderr.splitlines() == [f"error: {run / 'recipe.yaml'}: is not a regular file (it is a FIFO)"], \
+            (command, result.stderr)
 
 
 def run_with_timeout(call: Callable[[], T], seconds: float = 20.0) -> T:

@@ -168,12 +168,11 @@ def sync_to_store(run_dir: Path, url: str | None = None) -> SyncResult:
     """``esper sync``: :func:`sync_run` to ``url``, or to the ``storage.artifacts_url`` of the run's
     saved recipe. User errors are :class:`~esper_core.errors.EsperError` s (exit 2 without a location,
     3 for a directory that is not a run, 1 when the store cannot be reached)."""
-    from esper_core.errors import CheckpointError, ConfigError, EsperError, Problem
+    from esper_core.errors import ConfigError, EsperError, Problem
     from esper_core.recipe.load import load_recipe
+    from esper_core.training.saved_recipe import saved_recipe_path
 
-    saved = run_dir / "recipe.yaml"
-    if not saved.is_file():
-        raise CheckpointError(Problem(str(run_dir), "not a run directory (no recipe.yaml)"))
+    saved = saved_recipe_path(run_dir)
     storage = load_recipe(saved, check_data=False).recipe.storage  # only the storage section is read
     if url is not None:
         location = Location.parse(url, "--to", endpoint_url=storage.s3_endpoint_url)

@@ -33,7 +33,7 @@ from esper_core.growth.state import join
 from esper_core.recipe.load import LoadedRecipe
 from esper_core.seeds.manager import SeedManager, wrap
 from esper_core.training.factory_sources import changed_sources, module_sources
-from esper_core.training.saved_recipe import load_saved_recipe
+from esper_core.training.saved_recipe import load_saved_recipe, saved_recipe_path
 
 Warn = Callable[[str], None]
 
@@ -82,8 +82,7 @@ def open_run(target: str | Path, checkpoint: str | Path | None = None, warn: War
         else:
             target = fetch_run(remote + query, "final")
     run_dir = Path(target)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise CheckpointError(Problem(str(run_dir), "not a run directory (no recipe.yaml)"))
+    saved_recipe_path(run_dir)
     if checkpoint is None:
         final = read_final(run_dir, warn)
         tensors, topology, info, source = final.tensors, final.topology, final.manifest, final.path

@@ -55,6 +55,21 @@ class RecipeRecord:
                 "recipe_code": {name: source.fields() for name, source in self.code.items()}}
 
 
+def saved_recipe_path(run_dir: Path) -> Path:
+    """``run_dir``'s ``recipe.yaml``, checked before anything reads it: absent, the directory is no run
+    (:class:`CheckpointError`, "not a run directory"); something other than a regular file there (a
+    FIFO, a directory, a device) is named as what it is and never read, a FIFO would block. Links are
+    followed, as a resume follows them."""
+    saved = run_dir / "recipe.yaml"
+    try:
+        os.close(open_regular(saved, follow_links=True))
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(Problem(str(run_dir), "not a run directory (no recipe.yaml)")) from None
+    except UnsafeInput as exc:
+        raise CheckpointError(Problem(str(saved), str(exc))) from None
+    return saved
+
+
 def load_saved_recipe(run_dir: Path, record: Mapping[str, Any], where: str, overrides: Sequence[str] = (),
                       allow_factories: bool | None = None, check_data: bool = True) -> tuple[LoadedRecipe, RecipeRecord]:
     """The recipe ``record`` (a checkpoint's or ``final/``'s, read from ``where``) says the run ran,
