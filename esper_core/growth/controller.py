@@ -623,7 +623,7 @@ class GrowthController:
         cfg = self.seeds_config
         kept, evidence = judge(result, cfg.fossilize_margin, cfg.verdict_confidence, cfg.loss_guard)
         slot = self.manager.view()[ref.layer].slots[ref.index]
-        evidence |= self.policy.verdict(slot, ref.layer, evidence["metric_gain"], kept)  # the selector's reward
+        evidence |= self.policy.verdict(slot, ref, evidence["metric_gain"], kept)  # the selector's reward
         if kept:
             self._record(self.executor.fossilize(ref, **evidence))
         else:

@@ -235,8 +235,9 @@ class SeedsConfig(Section):
                                "(subclasses match). Matching nothing is an error.")
     exclude: list[str] = Field(default_factory=list, description="Patterns (same syntax) to leave unwrapped, "
                                "e.g. the classifier head.")
-    per_layer: int = Field(4, ge=1, le=16, description="Seed slots per wrapped layer (enough by default for growth to "
-                           "widen a layer several times; a slot is used only when the policy grows there).")
+    per_layer: int = Field(8, ge=1, le=16, description="Seed slots per wrapped layer: by default as many as the "
+                           "policy's default seed budget, so the verdicts can send every seed to the one layer where "
+                           "width pays; a slot is used only when the policy grows there.")
     blueprints: list[str] = Field(default_factory=lambda: ["lowrank_adapter"], min_length=1,
                                   description="Blueprint names the policy may germinate (builtin or found "
                                   "in `blueprint_dirs`).")
@@ -337,15 +338,18 @@ class PolicyConfig(Section):
     placement: Literal["residual", "merit"] = Field(
         "residual", description="How layers are ranked for growth: `residual` by the size of the functional "
         "gradient at the layer's output that its own weights cannot express (the first-order loss decrease only "
-        "new capacity there can buy), `merit` by gradient merit (favours the layer nearest the loss).")
+        "new capacity there can buy), then, as verdicts arrive, by what each layer's seeds measurably bought (a layer "
+        "with verdicts waits while another layer's first seeds await theirs); `merit` by gradient merit (favours the "
+        "layer nearest the loss).")
     merit_ratio: float = Field(0.5, ge=0.0, le=1.0,
                                description="A layer is eligible only if its placement score is at least this share "
                                "of the best score among the layers that could take a seed (0: every layer, in score "
                                "order). Growth waits for a busy bottleneck rather than spreading to layers that need "
                                "capacity less.")
-    max_germinations: int = Field(2, ge=1, le=1024, description="Seeds that may germinate at one decision: "
+    max_germinations: int = Field(4, ge=1, le=1024, description="Seeds that may germinate at one decision: "
                                   "layers are planned in placement order until this many seeds are chosen; a layer's "
-                                  "`ensemble` plan is taken whole, so with the defaults one decision fills one layer.")
+                                  "`ensemble` plan is taken whole, so with the defaults one decision grows two seeds in "
+                                  "each of up to two layers.")
     max_seeds: int = Field(8, ge=0, le=10_000, description="Most seeds alive (training, blending, probation "
                            "or fossilized) at once.")
     max_added_params: int = Field(1_000_000, ge=0, description="Most parameters growth may add. A blueprint one "
@@ -374,8 +378,9 @@ class PolicyConfig(Section):
         "seed per layer at a time, preferring blueprints the layer does not hold yet; `replace`: cull a full "
         "layer's weakest live seed for a new choice; `specialize`: replicate the best blueprint into layers of its "
         "kind.")
-    ensemble_size: int = Field(4, ge=2, le=16, description="Seeds `ensemble` germinates together in one layer "
-                               "(at most its free slots; 4 fills a layer of the default `seeds.per_layer`).")
+    ensemble_size: int = Field(2, ge=2, le=16, description="Seeds `ensemble` germinates together in one layer "
+                               "(at most its free slots). Small ensembles leave the seed budget to the layers whose "
+                               "first seeds' verdicts show that width pays there.")
     replace_after: int = Field(100, ge=0, le=10_000_000, description="Steps a live seed must have lived before "
                                "`replace` may cull it.")
     selector: SelectorConfig = Field(default_factory=SelectorConfig, description="Which blueprint to grow.")
