@@ -180,7 +180,8 @@ def test_an_own_loop_checkpoint_loads_into_a_fresh_bias_free_model(tmp_path: Pat
             evaluate=evaluate, blueprint_dirs=[BLUEPRINTS],
             seeds={"targets": ["type:Linear"], "blueprints": ["biased_adapter"], "incubation_steps": 4,
                    "blend_steps": 4, "probation_steps": 4},
-            policy={"trigger": "periodic", "period_steps": 5, "growth_window": [0.0, 0.8]})
+            policy={"trigger": "periodic", "period_steps": 5, "growth_window": [0.0, 0.8],
+                    "merit_ratio": 0.0})  # both layers grow (and get a host bias)
 
     torch.manual_seed(0)
     model = bias_free_mlp((8,), 4)

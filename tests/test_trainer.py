@@ -453,7 +453,9 @@ def test_span_seeds_run_inside_the_compiled_graph(tmp_path: Path, monkeypatch: p
     attribute written and read in the same pass. The MLP of ``recipes/growth-mlp.yaml``, once grown by
     span seeds, runs its steps compiled and ends with exactly the eager run's weights."""
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "growth-mlp.yaml"
-    small = ["data.teacher.n_samples=2000", "trainer.max_steps=600", "telemetry.progress=none"]
+    # one ensemble of four per layer: growth settles early enough in 600 steps for the grown model to compile
+    small = ["data.teacher.n_samples=2000", "trainer.max_steps=600", "telemetry.progress=none",
+             "policy.ensemble_size=4"]
     compiled = _compiled_run(recipe, tmp_path / "compiled", monkeypatch, *small)
     eager = _train(recipe, [f"run.output_dir={tmp_path / 'eager'}", *small])
     assert compiled.run.summary["seeds"] == eager.summary["seeds"] and eager.summary["seeds"]["fossilized"] >= 4

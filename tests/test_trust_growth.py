@@ -112,7 +112,7 @@ def test_the_governor_never_keeps_a_state_whose_validation_is_not_finite(tmp_pat
 def test_a_resumed_run_rolls_back_like_the_uninterrupted_one(tmp_path: Path) -> None:
     torch.manual_seed(2)
     model = TwoLinear()
-    growth = controller(tmp_path, model)
+    growth = controller(tmp_path, model, ensemble_size=4)
     for i in range(10):
         step(growth, i)
     growth.after_validation(evaluate(model))  # snapshot at step 10, then four seeds germinate (the suspects)
@@ -122,10 +122,10 @@ def test_a_resumed_run_rolls_back_like_the_uninterrupted_one(tmp_path: Path) -> 
 
     torch.manual_seed(3)
     fresh = TwoLinear()
-    resumed = controller(tmp_path, fresh)
+    resumed = controller(tmp_path, fresh, ensemble_size=4)
     assert load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=resumed.optimizer, growth=resumed) == {"i": 12}
     assert resumed.governor.snapshot is not None
-    assert len(growth.governor.suspects) == 4 and resumed.governor.suspects == growth.governor.suspects  # dense growth
+    assert len(growth.governor.suspects) == 4 and resumed.governor.suspects == growth.governor.suspects  # an ensemble of 4
     for run in (growth, resumed):  # the same bad update in the uninterrupted run and in the resumed one
         with torch.no_grad():
             run.model.fc1.host.weight.fill_(float("nan"))
@@ -270,7 +270,8 @@ def test_a_resumed_run_measures_the_pass_the_uninterrupted_one_measures(tmp_path
 def test_seeds_judged_together_share_the_evaluation_with_every_seed_on(tmp_path: Path) -> None:
     """Dense growth (the default ``ensemble`` strategy) germinates a layer's seeds together, so their
     verdicts fall on the same step: N seeds cost N + 1 held-out evaluations (one more after each cull,
-    which changes the model), and every verdict of the round compares against the same evaluation."""
+    which changes the model), and every verdict of the round compares against the same evaluation.
+    Four seeds here (``ensemble_size: 4``; the default is 2) so that sharing is what the count shows."""
     torch.manual_seed(0)
     model = TwoLinear()
     calls = []
@@ -281,12 +282,12 @@ def test_seeds_judged_together_share_the_evaluation_with_every_seed_on(tmp_path:
 
     growth = controller(tmp_path, model, judge=counted,
                         lifecycle={"incubation_steps": 5, "blend_steps": 5, "probation_steps": 5},
-                        growth_window=[0.0, 0.1])
+                        growth_window=[0.0, 0.1], ensemble_size=4)
     for i in range(10):
         step(growth, i)
     growth.after_validation(evaluate(model))
     born = [e for e in growth.recorder.events if e["event"] == "germinate"]
-    assert len(born) == 4 and {e["step"] for e in born} == {10}  # a full layer at once, by default
+    assert len(born) == 4 and {e["step"] for e in born} == {10}  # the whole ensemble at once
     calls.clear()
     for i in range(10, 40):
         step(growth, i)
