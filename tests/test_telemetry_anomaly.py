@@ -129,3 +129,12 @@ def test_findings_are_recorded_before_listeners_see_them_and_counted() -> None:
     assert spikes[0][1] is spikes[1][1]
     assert telemetry.metrics is not None
     assert 'esper_anomalies_total{kind="loss_spike"} 1.0' in generate_latest(telemetry.metrics.registry).decode()
+
+
+def test_resident_memory_follows_the_process_through_the_descriptor_it_keeps() -> None:
+    """The figure is read again at each call (procfs regenerates it at offset 0), not the first one kept."""
+    before = resident_memory_bytes()
+    grown = b"\x01" * (64 * MiB)  # written, so resident
+    after = resident_memory_bytes()
+    assert before is not None and after is not None and after - before > 32 * MiB
+    del grown

@@ -685,6 +685,8 @@ def _step_loss(loss: torch.Tensor | float | None) -> torch.Tensor | None:
         if isinstance(loss, bool) or not isinstance(loss, (int, float)):
             raise TypeError(f"after_step(loss): the step's loss as a tensor (or a number), not {type(loss).__name__}")
         return torch.tensor(float(loss))
+    if loss.dim() == 0:  # as it comes from a mean: a reshape would add a view (and an autograd node) per step
+        return loss
     if loss.numel() != 1:
         raise ValueError(f"after_step(loss): the step's loss is one number, not a tensor of shape {tuple(loss.shape)} "
                          "(pass the value you called backward on, e.g. loss.mean())")

@@ -152,6 +152,10 @@ class KasminaLayer(nn.Module):
         self.quiet = True
         """Every slot dormant or fossilized: nothing for the lifecycle clock to advance, so the seed
         manager skips the layer without looking at its slots (a per-step cost of every wrapped layer)."""
+        self.generation = 0
+        """Counts the changes of a slot's state or of the layer's parameters (a seed module joining or
+        leaving, a merge into the host, a restored slot): what is derived from them (the model's
+        parameter count that a run logs) need not be recomputed while it stays the same."""
         self._active: list[tuple[int, nn.Module, bool, str]] = []  # (slot, seed, span, mode)
         self._muting: list[int] = []  # slots inside a ``muted`` context (once per context): left out of the pass
         self._feeder: tuple[KasminaLayer, ...] = ()  # a tuple, so the feeder is not registered as a child
@@ -176,9 +180,13 @@ class KasminaLayer(nn.Module):
         return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.host(x)
         if torch.compiler.is_compiling():
+            y = self.host(x)
             return _seed_path(self, x, y) if _whole_graph else _seed_path_boundary(self, x, y)
+        # Eagerly, the host from the module dict: ``self.host`` is found only by nn.Module.__getattr__,
+        # after a failed ordinary lookup (1.5 us a layer and pass, where a dormant layer should cost
+        # almost nothing over its host).
+        y = self._modules["host"](x)
         if self.idle():
             return y  # dormant: the host alone, no further call
         return _seed_path(self, x, y)
@@ -207,6 +215,7 @@ class KasminaLayer(nn.Module):
         check_transition(slot.state, target)
         slot.state = target
         slot.steps_in_state = 0
+        self.generation += 1
         self._update_quiet()
 
     def _update_quiet(self) -> None:
@@ -269,6 +278,7 @@ class KasminaLayer(nn.Module):
             raise ValueError("only a fossilized seed can be merged into its host")
         seed = self.seeds.pop(str(index))
         slot.merged, slot.params = True, 0
+        self.generation += 1
         self._refresh_active()
         return list(seed.parameters())
 
@@ -298,6 +308,7 @@ class KasminaLayer(nn.Module):
         if seed is not None:
             reference = next(self.host.parameters())
             self.seeds[str(index)] = seed.to(device=reference.device, dtype=reference.dtype)
+        self.generation += 1
         self._refresh_active()
 
     def muted(self, index: int) -> "_Muted":

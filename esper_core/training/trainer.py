@@ -52,6 +52,7 @@ from esper_core.training.models import build_model, count_parameters
 from esper_core.training.recording import RunRecorder, progress_event
 from esper_core.training.saved_recipe import RecipeRecord, load_saved_recipe
 from esper_core.training.setup import seed_everything, select_device
+from esper_core.training.size import ParameterCount
 from esper_core.training.tasks import Task
 
 RESUMABLE_OVERRIDES = ("trainer.max_steps", "checkpoint.", "telemetry.", "distributed.")
@@ -221,6 +222,7 @@ class Trainer:
         self.controller.run_state = (lambda: cpu_copy(run_state.capture(self, checkpoint=False)),
                                      lambda state: run_state.restore(self, state))
         self.manager = self.controller.manager
+        self.parameter_count = ParameterCount(self.model, self.manager)  # logged and reported: counted when seeds change
         compiled = recipe.trainer.compile != "none"  # training steps only: evaluation stays eager
         # One device: steps whose topology is settled and compiled run the model compiled as one
         # graph (WholeGraph), the others run it eagerly. Not the seed-path variant (a graph break at
@@ -329,7 +331,7 @@ class Trainer:
                 if outcome.loss is not None:
                     self.recorder.logged({"step": self.step, "loss": outcome.loss,
                                           "lr": self.optimizer.param_groups[0]["lr"],
-                                          "params": count_parameters(self.model), **self.manager.counts()})
+                                          "params": self.parameter_count(), **self.manager.counts()})
                 if self.step % recipe.trainer.eval_every == 0:
                     if self._validate_and_grow():
                         continue
@@ -457,7 +459,7 @@ class Trainer:
 
     def _report(self, outcome: StepOutcome) -> None:
         self.recorder.notify(progress_event(self.step, self.loaded.recipe.trainer.max_steps, outcome.loss,
-                                            self.task.metric, self.last_val, count_parameters(self.model),
+                                            self.task.metric, self.last_val, self.parameter_count(),
                                             self.manager.counts(), self.started))
 
     def save_checkpoint(self) -> Path:
