@@ -62,7 +62,8 @@ class CullDecision:
 @dataclass
 class LayerEvidence:
     """What one layer's judged seeds measurably bought: their rewards (the selector's unit, metric gain
-    per 1000 added parameters) and the placement scores the layer had when each was germinated."""
+    per 1000 added parameters) and the placement scores the layer had when each was germinated. A layer
+    has an entry only once a seed of it has been judged."""
 
     seeds: int = 0
     reward: float = 0.0
@@ -270,13 +271,12 @@ class GrowthPolicy:
         ranked by ``c * residual``, and one with ``n`` verdicts by the mean of its rewards with that
         prediction counted as ``selector.prior_weight`` more (the selector's pseudo-pulls). Before any
         verdict the ranking is the residual's."""
-        judged = [e for e in self.evidence.values() if e.seeds]
-        if not judged:
+        if not self.evidence:
             return residual
-        scores = sum(e.score for e in judged)
-        predicted = residual * sum(e.reward for e in judged) / scores if scores > 0 else 0.0
+        scores = sum(e.score for e in self.evidence.values())
+        predicted = residual * sum(e.reward for e in self.evidence.values()) / scores if scores > 0 else 0.0
         mine = self.evidence.get(layer)
-        if mine is None or not mine.seeds:
+        if mine is None:
             return predicted
         weight = self.config.selector.prior_weight
         return (weight * predicted + mine.reward) / (weight + mine.seeds)
@@ -284,7 +284,7 @@ class GrowthPolicy:
     def _evidence_json(self, layer: str, waiting: set[str]) -> dict[str, Any]:
         """The verdicts behind a layer's score, for the decision's recorded inputs."""
         e = self.evidence.get(layer)
-        if e is None or not e.seeds:
+        if e is None:
             return {}
         return {"verdicts": e.seeds, "mean_reward": round(e.reward / e.seeds, 6), "waits": layer in waiting}
 
@@ -300,10 +300,9 @@ class GrowthPolicy:
             layer, _, index = key.rpartition("#")
             if not self.seeds[layer].slots[int(index)].state.live:
                 del self.scored[key]
+        judged = set(self.evidence)
         pending = {key.rpartition("#")[0] for key in self.scored}
-        if not pending - {layer for layer, e in self.evidence.items() if e.seeds}:
-            return set()
-        return {layer for layer, e in self.evidence.items() if e.seeds}
+        return judged if pending - judged else set()
 
     def _adopt(self, plan: Plan, out: Decisions, layer: str, where: str, merit: float, inputs: dict[str, Any]) -> None:
         note = f"; {plan.note}" if plan.note else ""
